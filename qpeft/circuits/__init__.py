@@ -1,0 +1,1 @@
+"""Pure math: circuit angles -> exact orthogonal / Stiefel matrices. Imports torch only."""
