@@ -160,6 +160,8 @@ def _cos_sin(angles: torch.Tensor, n: int, layout: str, device: torch.device):
 
 def _apply_last(angles: torch.Tensor, x: torch.Tensor, n: int, layout: str) -> torch.Tensor:
     cos_full, sin_full, partner = _cos_sin(angles, n, layout, x.device)
+    lead = torch.broadcast_shapes(angles.shape[:-1], x.shape[:-1])
+    x = x.expand(lead + (n,))  # also when there are no layers (n = 1)
     for t in range(partner.shape[0]):
         x = x * cos_full[..., t, :] + x.index_select(-1, partner[t]) * sin_full[..., t, :]
     return x

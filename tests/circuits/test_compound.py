@@ -1,0 +1,266 @@
+"""Compound matrices against determinants of minors, algebraic identities, and the RBS-circuit
+statevector (the quantum reading); the QuIC block-size rule against papers.md's table."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qpeft.circuits.compound import (
+    compound,
+    compound_dim,
+    compound_sector_dim,
+    compounds,
+    k_subsets,
+    largest_block_size,
+)
+from qpeft.circuits.givens import GIVENS_LAYOUTS, givens_matrix, givens_num_params, givens_pairs
+from tests.circuits.reference import dense_rbs_circuit, minors_compound, weight_k_restriction
+
+F64 = torch.float64
+
+
+def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def _orthogonal(n: int, seed: int) -> torch.Tensor:
+    return torch.linalg.qr(_rand(n, n, seed=seed))[0]
+
+
+# ---------------------------------------------------------------- against minors
+
+
+@pytest.mark.parametrize("n", range(1, 8))
+def test_equals_minors_reference_all_k(n):
+    a = _rand(2, n, n, seed=n)
+    for k in range(1, n + 1):
+        c = compound(a, k)
+        assert c.shape == (2, math.comb(n, k), math.comb(n, k))
+        torch.testing.assert_close(c, minors_compound(a, k), rtol=0, atol=1e-10)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 7), data=st.data(), seed=st.integers(0, 10**6))
+def test_entry_is_det_of_lexicographic_minor(n, data, seed):
+    k = data.draw(st.integers(1, n))
+    a = _rand(n, n, seed=seed)
+    c = compound(a, k)
+    subs = k_subsets(n, k)
+    r = data.draw(st.integers(0, len(subs) - 1))
+    s = data.draw(st.integers(0, len(subs) - 1))
+    rows, cols = list(subs[r]), list(subs[s])
+    assert float(c[r, s]) == pytest.approx(float(torch.linalg.det(a[rows][:, cols])), abs=1e-10)
+
+
+def test_k_subsets_and_dims():
+    assert k_subsets(4, 2) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    assert k_subsets(4, 2) == sorted(k_subsets(4, 2))
+    for n in range(1, 9):
+        for k in range(1, n + 1):
+            assert compound_dim(n, k) == len(k_subsets(n, k)) == math.comb(n, k)
+
+
+def test_k1_is_a_itself_and_k_n_is_det():
+    a = _rand(3, 5, 5, seed=1)
+    assert compound(a, 1) is a
+    torch.testing.assert_close(compound(a, 5)[..., 0, 0], torch.linalg.det(a), rtol=0, atol=1e-12)
+
+
+def test_compounds_shares_the_recursion():
+    a = _rand(6, 6, seed=3)
+    out = compounds(a, [3, 1, 6, 2])
+    assert list(out) == [1, 2, 3, 6]
+    for k, c in out.items():
+        torch.testing.assert_close(c, compound(a, k), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- identities
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 7), data=st.data(), seed=st.integers(0, 10**6))
+def test_cauchy_binet_and_transpose(n, data, seed):
+    k = data.draw(st.integers(1, n))
+    a, b = _rand(n, n, seed=seed), _rand(n, n, seed=seed + 1)
+    torch.testing.assert_close(
+        compound(a @ b, k), compound(a, k) @ compound(b, k), rtol=0, atol=1e-9
+    )
+    torch.testing.assert_close(compound(a.T, k), compound(a, k).T, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [2, 5, 7, 9])
+def test_orthogonal_gives_orthogonal(n):
+    q = _orthogonal(n, seed=n)
+    for k in range(1, n + 1):
+        c = compound(q, k)
+        eye = torch.eye(c.shape[-1], dtype=F64)
+        torch.testing.assert_close(c @ c.T, eye, rtol=0, atol=1e-10)
+
+
+def test_identity_and_dtype_preserved():
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        eye = torch.eye(6, dtype=dtype)
+        for k in range(1, 7):
+            c = compound(eye, k)
+            assert c.dtype == dtype
+            assert torch.equal(c, torch.eye(math.comb(6, k), dtype=dtype))
+
+
+# ---------------------------------------------------------------- quantum reading
+
+
+@pytest.mark.parametrize("layout", ["pyramid", "brick"])
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_rbs_circuit_weight_k_sector_is_compound(layout, n):
+    """Nearest-neighbour RBS circuits: the 2^n x 2^n unitary restricted to Hamming-weight-k
+    basis states (qubit q set <=> q in S, lexicographic S) equals compound(givens_matrix, k)."""
+    angles = _rand(givens_num_params(n, layout), seed=n)
+    u = dense_rbs_circuit(angles, givens_pairs(n, layout), n)
+    a = givens_matrix(angles, n, layout)
+    for k in range(1, n + 1):
+        torch.testing.assert_close(
+            weight_k_restriction(u, n, k), compound(a, k), rtol=0, atol=1e-10
+        )
+    # the circuit preserves Hamming weight: no amplitude leaks between sectors
+    weight = torch.tensor([bin(i).count("1") for i in range(2**n)])
+    assert torch.all(u[weight[:, None] != weight[None, :]].abs() < 1e-14)
+
+
+@pytest.mark.parametrize("n", [3, 4, 5])
+def test_butterfly_needs_fermionic_sign(n):
+    """Non-adjacent gates: plain RBS differs from the compound for 1 < k < n, the fermionic
+    beam splitter (parity phase over the wires in between) matches it exactly."""
+    angles = _rand(givens_num_params(n, "butterfly"), seed=n) + 0.5
+    pairs = givens_pairs(n, "butterfly")
+    a = givens_matrix(angles, n, "butterfly")
+    u_f = dense_rbs_circuit(angles, pairs, n, fermionic=True)
+    u_plain = dense_rbs_circuit(angles, pairs, n, fermionic=False)
+    for k in range(1, n + 1):
+        torch.testing.assert_close(
+            weight_k_restriction(u_f, n, k), compound(a, k), rtol=0, atol=1e-10
+        )
+    torch.testing.assert_close(weight_k_restriction(u_plain, n, 1), a, rtol=0, atol=1e-10)
+    assert (weight_k_restriction(u_plain, n, 2) - compound(a, 2)).abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("n,k", [(3, 2), (4, 3), (5, 2), (5, 3), (5, 4), (4, 4)])
+def test_gradcheck(n, k):
+    a = _rand(2, n, n, seed=n + k).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: compound(a, k), (a,))
+
+
+def test_gradient_matches_minors_reference():
+    a = _rand(6, 6, seed=11).requires_grad_()
+    w = _rand(20, 20, seed=12)
+    (g_fast,) = torch.autograd.grad((compound(a, 3) * w).sum(), a)
+    (g_ref,) = torch.autograd.grad((minors_compound(a, 3) * w).sum(), a)
+    torch.testing.assert_close(g_fast, g_ref, rtol=0, atol=1e-10)
+
+
+def test_compound_of_givens_circuit_is_differentiable_end_to_end():
+    for layout in GIVENS_LAYOUTS:
+        angles = _rand(givens_num_params(5, layout), seed=4).requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda t, lay=layout: compound(givens_matrix(t, 5, lay), 2), (angles,)
+        )
+
+
+# ---------------------------------------------------------------- block-size rule
+
+
+@pytest.mark.parametrize(
+    "d,N,orders,n,d_comp",
+    [
+        (768, 3, (1, 2), 22, 253),
+        (768, 3, (1, 2, 3), 11, 231),
+        (768, 8, (1, 2), 13, 91),
+        (768, 8, (1, 2, 3), 8, 92),
+        (1024, 1, (1, 2), 44, 990),
+        (4096, 1, (1, 2), 90, 4095),
+        (4096, 1, (1, 2, 3), 29, 4089),
+    ],
+)
+def test_largest_block_size_papers_table(d, N, orders, n, d_comp):
+    b = d // N
+    assert largest_block_size(b, orders) == n
+    assert compound_sector_dim(n, orders) == d_comp <= b
+    assert compound_sector_dim(n + 1, orders) > b
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    b=st.integers(1, 20000),
+    orders=st.sets(st.integers(1, 4), min_size=1, max_size=4),
+)
+def test_largest_block_size_brute_force(b, orders):
+    orders = sorted(orders)
+    n_min = max(2, orders[-1])
+    fits = [n for n in range(n_min, 20001) if sum(math.comb(n, k) for k in orders) <= b]
+    if not fits:
+        with pytest.raises(ValueError, match=f"b={b}"):
+            largest_block_size(b, orders)
+    else:
+        assert largest_block_size(b, orders) == max(fits)
+
+
+def test_largest_block_size_order_one_only():
+    assert largest_block_size(768, [1]) == 768
+    assert largest_block_size(3, {1, 2}) == 2  # 2 + 1 = 3
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_input_raises_value_error():
+    a = _rand(4, 4)
+    with pytest.raises(ValueError, match=r"k must be in \[1, n\] = \[1, 4\], got k=5"):
+        compound(a, 5)
+    with pytest.raises(ValueError, match="k"):
+        compound(a, 0)
+    with pytest.raises(ValueError, match="square"):
+        compound(_rand(3, 4), 2)
+    with pytest.raises(ValueError, match="dtype"):
+        compound(torch.eye(3, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="k"):
+        k_subsets(3, 4)
+    with pytest.raises(ValueError, match="n"):
+        compound_dim(0, 1)
+    with pytest.raises(ValueError, match="b"):
+        largest_block_size(0, [1, 2])
+    with pytest.raises(ValueError, match="non-empty"):
+        largest_block_size(100, [])
+    with pytest.raises(ValueError, match="positive"):
+        largest_block_size(100, [0, 2])
+    with pytest.raises(ValueError, match="repeat"):
+        largest_block_size(100, [2, 2])
+    with pytest.raises(ValueError, match="b=2"):
+        largest_block_size(2, [1, 2])
+    with pytest.raises(ValueError, match="orders"):
+        largest_block_size(100, 2)
+    with pytest.raises(ValueError, match="k must be in"):
+        compound_sector_dim(2, [1, 2, 3])
+
+
+def test_tables_are_exhaustive_permutations():
+    # every (k-1)-minor index used by the recursion is a valid lexicographic rank
+    from qpeft.circuits.compound import _laplace_tables
+
+    for n, k in itertools.product(range(2, 8), range(2, 8)):
+        if k > n:
+            continue
+        col, drop = _laplace_tables(n, k, "cpu")
+        subs = k_subsets(n, k)
+        sub1 = k_subsets(n, k - 1)
+        for j, s in enumerate(subs):
+            for m in range(k):
+                assert col[m, j] == s[m]
+                assert sub1[int(drop[m, j])] == s[:m] + s[m + 1 :]
