@@ -11,3 +11,4 @@ __version__ = "0.1.0"
 __all__ = ["ParameterCount", "count_trainable", "__version__"]
 
 # Each method's package registers itself with peft when imported (one line each).
+from qpeft.tuners.qpa import QPAConfig, QPAModel  # noqa: E402,F401

@@ -1,0 +1,250 @@
+"""QPA's model-wide generator: QNN angles theta + a mapping MLP -> the LoRA factors of every layer.
+
+Pure torch + ``qpeft.circuits`` (no peft): used by the tuner layers and, without any model, by the
+LoRA export. Pipeline (papers.md section 3), for ``m`` target numbers in total:
+
+1. chunking: ``n_ch = ceil(m / n_mlp)`` chunks, ``N = max(1, ceil(log2 n_ch))`` qubits;
+2. ``p = qnn_probabilities(theta)`` (theta: [L, N]), 2**N probabilities, transformed to ``p~``
+   ("centered": ``2**N * p - 1``, mean 0 by construction; "reference": the paper's
+   ``(0.6 tanh(0.1 * 2**(N-1) * p))**0.15`` mean-centred over all 2**N entries);
+3. MLP input per chunk ``i < n_ch``: the N bits of ``i`` as Z eigenvalues (bit b -> 1 - 2b, qubit 0 =
+   least significant bit, first) and ``p~_i`` -> ``n_mlp`` numbers;
+4. flatten, truncate to ``m`` (optionally mean-centre), split per layer into peft-LoRA factors:
+   ``lora_B`` (d_out x r, first d_out*r numbers, row-major) then ``lora_A`` (r x d_in).
+   ``delta_W = (alpha / r) * lora_B @ lora_A``.
+
+Identity at init: with ``output_gain`` a scalar gain, initialised to 0, multiplies every
+``lora_B`` (like LoRA's zero B): delta_W = 0 exactly, the gain gets gradient at once and theta/MLP
+from the first step on. ``output_gain=False`` (the reference preset) starts from a random delta_W.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from qpeft.circuits._checks import check_positive_int
+from qpeft.circuits.statevector import MAX_QUBITS, qnn_num_params, qnn_probabilities
+
+REFERENCE_HIDDEN = (32, 64, 128, 128, 64, 32, 32)
+ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "none")
+PROB_TRANSFORMS = ("centered", "reference")
+
+__all__ = [
+    "ACTIVATIONS",
+    "PROB_TRANSFORMS",
+    "REFERENCE_HIDDEN",
+    "QPAGenerator",
+    "chunking",
+    "generator_num_params",
+    "mlp_num_params",
+    "target_size",
+]
+
+
+def target_size(shapes: Sequence[tuple[int, int]], r: int) -> int:
+    """``m = sum r * (d_out + d_in)``: numbers of the LoRA factors of all ``(d_out, d_in)`` layers.
+    O(#layers)."""
+    check_positive_int("r", r)
+    return sum(r * (int(o) + int(i)) for o, i in shapes)
+
+
+def chunking(m: int, n_mlp: int, n_qubits: int | None = None) -> tuple[int, int]:
+    """``(n_ch, N)``: ``n_ch = ceil(m / n_mlp)`` chunks and the qubit count covering them.
+
+    ``N = max(1, ceil(log2 n_ch))`` unless ``n_qubits`` is given (then ``2**n_qubits`` must cover
+    ``n_ch``). ValueError with the numbers when it cannot, or when N > MAX_QUBITS (memory). O(1)."""
+    check_positive_int("m (target size)", m)
+    check_positive_int("n_mlp", n_mlp)
+    n_ch = -(-m // n_mlp)
+    needed = max(1, math.ceil(math.log2(n_ch))) if n_ch > 1 else 1
+    if n_qubits is None:
+        if needed > MAX_QUBITS:
+            raise ValueError(
+                f"QPA needs N={needed} qubits for m={m:,} target numbers with n_mlp={n_mlp} "
+                f"({n_ch:,} chunks), more than the {MAX_QUBITS} simulated (memory: 2**N "
+                f"amplitudes); use n_mlp >= {-(-m // 2**MAX_QUBITS)}"
+            )
+        return n_ch, needed
+    check_positive_int("n_qubits", n_qubits)
+    if n_qubits > MAX_QUBITS:
+        raise ValueError(
+            f"n_qubits must be in [1, {MAX_QUBITS}] (memory: 2**N amplitudes), got {n_qubits}"
+        )
+    if 2**n_qubits < n_ch:
+        raise ValueError(
+            f"n_qubits={n_qubits} gives 2**{n_qubits}={2**n_qubits} chunks of n_mlp={n_mlp} "
+            f"numbers = {2**n_qubits * n_mlp:,}, but the targeted layers need m={m:,}; use "
+            f"n_qubits >= {needed} or n_mlp >= {-(-m // 2**n_qubits)}"
+        )
+    return n_ch, n_qubits
+
+
+def mlp_num_params(n_qubits: int, hidden: Sequence[int], n_mlp: int) -> int:
+    """Weights + biases of the MLP (N+1) -> hidden... -> n_mlp. O(len(hidden))."""
+    widths = [n_qubits + 1, *hidden, n_mlp]
+    return sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
+
+
+def generator_num_params(
+    n_qubits: int, depth: int, n_mlp: int, hidden: Sequence[int], output_gain: bool
+) -> int:
+    """Trainable numbers of :class:`QPAGenerator`: ``N*L + MLP + (1 if output_gain)``.
+
+    With the reference widths this is the paper's ``N*L + 32*N + 38,400 + 33*n_mlp``. O(1)."""
+    return qnn_num_params(n_qubits, depth) + mlp_num_params(n_qubits, hidden, n_mlp) + int(
+        bool(output_gain)
+    )
+
+
+def _activation(name: str) -> nn.Module | None:
+    if name == "gelu":
+        return nn.GELU()
+    if name == "relu":
+        return nn.ReLU()
+    if name == "silu":
+        return nn.SiLU()
+    if name == "tanh":
+        return nn.Tanh()
+    if name == "none":
+        return None
+    raise ValueError(f"mlp_activation must be one of {ACTIVATIONS}, got {name!r}")
+
+
+class QPAGenerator(nn.Module):
+    """theta [L, N] + MLP (+ zero-initialised gain) generating the LoRA factors of all layers.
+
+    ``shapes``: the ``(d_out, d_in)`` of every targeted layer, in slicing order. ``forward()``
+    returns the flat generated vector [m] (cached: one statevector run and one MLP pass per model
+    forward, see :meth:`invalidate`); :meth:`factors` slices one layer's ``(lora_B, lora_A)``.
+    Cost per generation: O(L*N*2**N) circuit + O(n_ch * (sum of MLP layer sizes)) MLP."""
+
+    def __init__(
+        self,
+        shapes: Sequence[tuple[int, int]],
+        r: int,
+        n_mlp: int,
+        depth: int,
+        n_qubits: int | None = None,
+        hidden: Sequence[int] = REFERENCE_HIDDEN,
+        activation: str = "gelu",
+        prob_transform: str = "centered",
+        center_output: bool = False,
+        output_gain: bool = True,
+        init_seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive_int("r", r)
+        check_positive_int("depth", depth)
+        if not shapes:
+            raise ValueError("QPAGenerator needs at least one target layer shape, got none")
+        for k, width in enumerate(hidden):
+            check_positive_int(f"mlp_hidden[{k}]", width)
+        if prob_transform not in PROB_TRANSFORMS:
+            raise ValueError(f"prob_transform must be one of {PROB_TRANSFORMS}, got {prob_transform!r}")
+        _activation(activation)  # validate early
+        self.shapes = [(int(o), int(i)) for o, i in shapes]
+        self.r = r
+        self.m = target_size(self.shapes, r)
+        self.n_mlp = n_mlp
+        self.n_chunks, self.n_qubits = chunking(self.m, n_mlp, n_qubits)
+        self.depth = depth
+        self.prob_transform = prob_transform
+        self.center_output = center_output
+        offsets, pos = [], 0
+        for o, i in self.shapes:
+            offsets.append(pos)
+            pos += r * (o + i)
+        self.offsets = offsets
+
+        gen = torch.Generator().manual_seed(init_seed) if init_seed is not None else None
+        theta = (torch.rand(depth, self.n_qubits, generator=gen) * 2 - 1) * math.pi
+        self.theta = nn.Parameter(theta)
+        widths = [self.n_qubits + 1, *hidden, n_mlp]
+        layers: list[nn.Module] = []
+        with torch.random.fork_rng(devices=[], enabled=init_seed is not None):
+            if init_seed is not None:
+                torch.manual_seed(init_seed)
+            for k, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+                layers.append(nn.Linear(a, b))
+                act = _activation(activation)
+                if act is not None and k < len(widths) - 2:
+                    layers.append(act)
+        self.mlp = nn.Sequential(*layers)
+        self.gain = nn.Parameter(torch.zeros(1)) if output_gain else None
+        idx = torch.arange(self.n_chunks)
+        bits = (idx.unsqueeze(1) >> torch.arange(self.n_qubits)) & 1
+        self.register_buffer("bits", (1 - 2 * bits).float(), persistent=False)
+        self.n_generations = 0
+        self._clock = 0
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    def num_params(self) -> int:
+        """Trainable numbers, from the construction's count function (tests compare)."""
+        hidden = [m.out_features for m in self.mlp if isinstance(m, nn.Linear)][:-1]
+        return generator_num_params(
+            self.n_qubits, self.depth, self.n_mlp, hidden, self.gain is not None
+        )
+
+    def invalidate(self) -> None:
+        """Start a new model forward: the next :meth:`forward` regenerates. O(1)."""
+        self._clock += 1
+
+    def transformed_probabilities(self) -> torch.Tensor:
+        """``p~`` [2**N] from the circuit (see the module docstring). O(L*N*2**N)."""
+        p = qnn_probabilities(self.theta)
+        n = self.n_qubits
+        if self.prob_transform == "centered":
+            return p * 2**n - 1
+        # the paper's transform; clamp keeps d/dp finite where a probability is exactly 0
+        pt = (0.6 * torch.tanh(0.1 * 2 ** (n - 1) * p)).clamp_min(1e-12) ** 0.15
+        return pt - pt.mean()
+
+    def generate(self) -> torch.Tensor:
+        """The flat generated vector [m] (uncached; the gain is not applied). O(circuit + MLP)."""
+        self.n_generations += 1
+        pt = self.transformed_probabilities()[: self.n_chunks]
+        bits = self.bits.to(device=pt.device, dtype=pt.dtype)
+        out = self.mlp(torch.cat([bits, pt.unsqueeze(1)], dim=1))  # [n_ch, n_mlp]
+        flat = out.reshape(-1)[: self.m]
+        if self.center_output:
+            flat = flat - flat.mean()
+        return flat
+
+    def forward(self) -> torch.Tensor:
+        """Cached :meth:`generate`: recomputed when a parameter changed (version / storage), when
+        grad mode changed, or after :meth:`invalidate` (called at every model forward)."""
+        key = (
+            self._clock,
+            torch.is_grad_enabled(),
+            tuple((p.data_ptr(), p._version) for p in self.parameters()),
+        )
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        flat = self.generate()
+        self._cache = (key, flat)
+        return flat
+
+    def factors(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lora_B [d_out, r], lora_A [r, d_in])`` of layer ``index`` (gain applied to lora_B).
+        O(1) views of the cached vector after the first call of a forward."""
+        if not 0 <= index < len(self.shapes):
+            raise ValueError(f"layer index must be in [0, {len(self.shapes) - 1}], got {index}")
+        flat = self.forward()
+        d_out, d_in = self.shapes[index]
+        start, r = self.offsets[index], self.r
+        lora_b = flat[start : start + d_out * r].view(d_out, r)
+        lora_a = flat[start + d_out * r : start + r * (d_out + d_in)].view(r, d_in)
+        if self.gain is not None:
+            lora_b = lora_b * self.gain
+        return lora_b, lora_a
+
+    def extra_repr(self) -> str:
+        return (
+            f"layers={len(self.shapes)}, m={self.m}, r={self.r}, n_mlp={self.n_mlp}, "
+            f"n_chunks={self.n_chunks}, n_qubits={self.n_qubits}, depth={self.depth}, "
+            f"prob_transform={self.prob_transform!r}, center_output={self.center_output}"
+        )

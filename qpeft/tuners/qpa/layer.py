@@ -1,0 +1,135 @@
+"""QPA tuner layer: adds ``(alpha/r) * lora_B @ lora_A`` with factors sliced from the shared generator.
+
+Where the generator lives (so peft saves, loads, freezes and deletes it like any adapter tensor): in
+the ``qpa_generator`` ModuleDict of the *first* adapted layer of the adapter (the "owner"); every
+layer, owner included, reaches it through a plain-dict reference ``_qpa_shared[adapter]`` that is not
+a registered submodule, so the weights appear once in ``state_dict`` and ``parameters()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from qpeft.tuners._common import layer_kind, matrix_shape, matrix_to_weight
+from qpeft.tuners.qpa.generator import QPAGenerator
+
+
+class QPALayer(nn.Module, BaseTunerLayer):
+    """Wraps an ``nn.Linear``, transformers ``Conv1D`` or ``nn.Conv2d`` (groups=1).
+
+    Forward: ``base(x) + scaling * (dropout(x) @ lora_A.T @ lora_B.T)`` (Conv2d: a conv with
+    ``lora_A`` viewed as [r, in_ch, kh, kw], then a 1x1 conv with ``lora_B``), O(r (d_in + d_out))
+    per token like LoRA; the factors come from one cached generation per model forward."""
+
+    adapter_layer_names = ("qpa_generator",)
+    other_param_names = ("qpa_r", "qpa_scaling", "qpa_index", "qpa_dropout", "_qpa_shared")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.kind = layer_kind(base_layer)
+        self.out_features, self.in_features = matrix_shape(base_layer)
+        self.qpa_generator = nn.ModuleDict({})
+        self.qpa_dropout = nn.ModuleDict({})
+        self.qpa_r: dict[str, int] = {}
+        self.qpa_scaling: dict[str, float] = {}
+        self.qpa_index: dict[str, int] = {}
+        self._qpa_shared: dict[str, QPAGenerator] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def update_layer(self, adapter_name: str, config: Any) -> None:
+        """Record the adapter's rank, scaling and dropout; the generator is attached later by the
+        tuner (:meth:`attach_generator`) once all targeted layers are known. O(1)."""
+        self.qpa_r[adapter_name] = config.r
+        self.qpa_scaling[adapter_name] = config.scaling
+        p = float(config.lora_dropout)
+        self.qpa_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+
+    def attach_generator(
+        self, adapter_name: str, generator: QPAGenerator, index: int, owner: bool
+    ) -> None:
+        """Point this layer at the shared ``generator`` (slot ``index``); the owner registers it."""
+        self._qpa_shared[adapter_name] = generator
+        self.qpa_index[adapter_name] = index
+        if owner:
+            self.qpa_generator[adapter_name] = generator
+
+    def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._qpa_shared[adapter_name].factors(self.qpa_index[adapter_name])
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``scaling * lora_B @ lora_A`` in the base weight's layout and dtype. O(d_out d_in r)."""
+        lora_b, lora_a = self._factors(adapter_name)
+        delta = self.qpa_scaling[adapter_name] * (lora_b @ lora_a)
+        weight = self.get_base_layer().weight
+        return matrix_to_weight(self.get_base_layer(), delta).to(weight.dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the active adapters' delta_W to the base weight (``safe_merge``: check finiteness
+        on a copy first). O(d_out d_in r) per adapter."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self._qpa_shared:
+                continue
+            with torch.no_grad():
+                delta = self.get_delta_weight(name)
+                if safe_merge:
+                    merged = base.weight.data + delta
+                    if not torch.isfinite(merged).all():
+                        raise ValueError(
+                            f"NaNs/infs detected in the merged weights of adapter {name!r}; "
+                            "the adapter seems to be broken"
+                        )
+                    base.weight.data = merged
+                else:
+                    base.weight.data += delta
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract merged adapters' delta_W, last merged first (float round-off only)."""
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self._qpa_shared:
+                with torch.no_grad():
+                    base.weight.data -= self.get_delta_weight(name)
+
+    def _delta_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        lora_b, lora_a = self._factors(adapter_name)
+        scaling = self.qpa_scaling[adapter_name]
+        h = self.qpa_dropout[adapter_name](x).to(lora_a.dtype)
+        if self.kind == "conv2d":
+            base = self.get_base_layer()
+            r = lora_a.shape[0]
+            a = lora_a.view(r, *base.weight.shape[1:])
+            h = F.conv2d(h, a, None, base.stride, base.padding, base.dilation)
+            return F.conv2d(h, lora_b.view(lora_b.shape[0], r, 1, 1)) * scaling
+        return (h @ lora_a.T) @ lora_b.T * scaling
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self.active_adapters:
+            if name not in self._qpa_shared:
+                continue
+            result = result + self._delta_output(x, name).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "qpa." + super().__repr__()
