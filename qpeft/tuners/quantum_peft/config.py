@@ -1,0 +1,210 @@
+"""Configuration of Quantum-PEFT (papers.md §1): ΔW = U·diag(λ)·Vᵀ·scaling with U, V on the
+Stiefel manifold, generated from a few circuit angles by ``qpeft.circuits.stiefel``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft.config import PeftConfig
+
+from qpeft._peft_registry import ensure_peft_type
+
+PARAMETERIZATIONS = ("pauli", "generalized", "lie_exp", "lie_cayley", "lie_taylor")
+LAMBDA_DOMAINS = ("real", "positive", "sign")
+CIRCUIT_DTYPES = ("float32", "float64")
+BIAS_OPTIONS = ("none", "all", "qpeft_only")
+
+
+def is_power_of_two(n: int) -> bool:
+    """True when ``n`` is 2**k for some k >= 0. O(1)."""
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+def resolve_parameterization(
+    parameterization: str, n: int, auto_generalize: bool, where: str = "this layer"
+) -> str:
+    """The Stiefel construction actually used for one side (dimension ``n``) of one layer.
+
+    "pauli" needs ``n`` to be a power of two; for any other ``n`` it becomes "generalized" when
+    ``auto_generalize`` is set, else a ValueError naming ``where``, ``n`` and the fix. Other
+    parameterizations are returned unchanged. O(1)."""
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
+    if parameterization == "pauli" and not is_power_of_two(n):
+        if auto_generalize:
+            return "generalized"
+        raise ValueError(
+            f"{where}: parameterization='pauli' needs a power-of-two dimension, got {n}; use "
+            "parameterization='generalized' (or a lie_* map), or set auto_generalize=True"
+        )
+    return parameterization
+
+
+@dataclass
+class QuantumPEFTConfig(PeftConfig):
+    """Configuration of a Quantum-PEFT adapter (see ``docs/methods/quantum_peft.md``).
+
+    Per adapted layer with weight read as ``d_out x d_in``:
+    ``ΔW = scaling · U[:, :K] · diag(λ_eff) · V[:, :K]ᵀ``, U = stiefel(method_u, angles_u, d_out, K),
+    V = stiefel(method_v, angles_v, d_in, K). Trainable numbers per layer:
+    ``stiefel_num_params(method_u, d_out, K, L) + stiefel_num_params(method_v, d_in, K, L) + K``
+    (+1 gain for ``lambda_domain`` "positive"/"sign"); see :meth:`count_module`.
+
+    Args:
+        r: K, the number of Stiefel columns (rank of ΔW is at most K). 1 <= K <= min(d_out, d_in).
+        intrinsic_rank: K' <= K; hard mask keeping the K' entries of λ with the largest |λ|
+            (ties: lower index), so rank(ΔW) <= K'. None = K.
+        parameterization: "pauli" (RY+CZ circuit, depth L; power-of-two dims), "generalized"
+            (any dim), "lie_exp", "lie_cayley", "lie_taylor" (Lie-algebra maps, NK - K(K+1)/2 each).
+        depth: circuit depth L (>= 1) of the Pauli / generalized circuits.
+        auto_generalize: with "pauli", use "generalized" on a side whose dim is not a power of two
+            (instead of raising).
+        lambda_domain: "real" (λ ∈ ℝ^K, zero at init), "positive" (λ = g·softplus(ρ)), "sign"
+            (λ = g·sign(ρ), straight-through; the paper's O(1) diagonal). The non-real domains
+            carry one real gain g per layer, zero at init, so the default init is the identity.
+        quantize_bits: None or b >= 1: quantize the intrinsic parameters to b bits in the forward
+            (straight-through gradient). Circuit angles: uniform grid of 2**b points on RY's period
+            4π; Lie parameters and λ: symmetric uniform grid on [-max|x|, max|x|].
+        alpha: scaling = alpha / r when set; None (default) gives scaling = 1 (the singular values
+            of ΔW are then exactly |λ|, independent of r).
+        circuit_dtype: "float32" (default, also for bf16/fp16 bases) or "float64".
+        init_weights: True: λ = 0 (identity at init), angles at a seeded generic point. False:
+            random non-zero λ too (for tests).
+        init_seed: seed of the angle initialisation (combined with the module name and side).
+    """
+
+    r: int = field(default=8, metadata={"help": "K: Stiefel columns, rank bound of ΔW"})
+    intrinsic_rank: int | None = field(
+        default=None, metadata={"help": "K' <= K: keep the K' largest |λ| (hard mask); None = K"}
+    )
+    parameterization: str = field(
+        default="pauli", metadata={"help": f"Stiefel construction, one of {PARAMETERIZATIONS}"}
+    )
+    depth: int = field(default=1, metadata={"help": "circuit depth L"})
+    auto_generalize: bool = field(
+        default=True,
+        metadata={"help": "pauli on a non-power-of-two dim: use 'generalized' (True) or raise"},
+    )
+    lambda_domain: str = field(default="real", metadata={"help": f"one of {LAMBDA_DOMAINS}"})
+    quantize_bits: int | None = field(
+        default=None, metadata={"help": "bits per intrinsic parameter (straight-through); None = off"}
+    )
+    alpha: float | None = field(
+        default=None, metadata={"help": "scaling = alpha / r; None = scaling 1"}
+    )
+    circuit_dtype: str = field(default="float32", metadata={"help": f"one of {CIRCUIT_DTYPES}"})
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: identity at init; False: random λ (tests)"}
+    )
+    init_seed: int = field(default=0, metadata={"help": "seed of the angle initialisation"})
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "module names or a regex, as for peft's LoraConfig"}
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "module names or a regex to leave out"}
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "layer indices to adapt"}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "name of the nn.ModuleList holding the layers"}
+    )
+    bias: str = field(default="none", metadata={"help": f"one of {BIAS_OPTIONS}"})
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "extra modules to train and save (e.g. a classifier)"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = ensure_peft_type("quantum_peft")
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self._validate()
+
+    def _validate(self) -> None:
+        def positive_int(name: str, value: object) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"QuantumPEFTConfig.{name} must be an integer >= 1, got {value!r}")
+
+        positive_int("r", self.r)
+        positive_int("depth", self.depth)
+        if self.intrinsic_rank is not None:
+            positive_int("intrinsic_rank", self.intrinsic_rank)
+            if self.intrinsic_rank > self.r:
+                raise ValueError(
+                    f"QuantumPEFTConfig.intrinsic_rank must be in [1, r={self.r}], "
+                    f"got {self.intrinsic_rank}"
+                )
+        if self.quantize_bits is not None:
+            positive_int("quantize_bits", self.quantize_bits)
+            if self.quantize_bits > 24:
+                raise ValueError(
+                    f"QuantumPEFTConfig.quantize_bits must be in [1, 24] or None, got {self.quantize_bits}"
+                )
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise ValueError(
+                f"QuantumPEFTConfig.parameterization must be one of {PARAMETERIZATIONS}, "
+                f"got {self.parameterization!r}"
+            )
+        if self.lambda_domain not in LAMBDA_DOMAINS:
+            raise ValueError(
+                f"QuantumPEFTConfig.lambda_domain must be one of {LAMBDA_DOMAINS}, "
+                f"got {self.lambda_domain!r}"
+            )
+        if self.circuit_dtype not in CIRCUIT_DTYPES:
+            raise ValueError(
+                f"QuantumPEFTConfig.circuit_dtype must be one of {CIRCUIT_DTYPES}, "
+                f"got {self.circuit_dtype!r}"
+            )
+        if self.bias not in BIAS_OPTIONS:
+            raise ValueError(f"QuantumPEFTConfig.bias must be one of {BIAS_OPTIONS}, got {self.bias!r}")
+        if self.alpha is not None and not (
+            isinstance(self.alpha, (int, float)) and self.alpha == self.alpha and self.alpha != 0
+        ):
+            raise ValueError(f"QuantumPEFTConfig.alpha must be a non-zero finite number or None, got {self.alpha!r}")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("layers_to_transform cannot be used when target_modules is a regex str")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("layers_pattern cannot be used when target_modules is a regex str")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern needs layers_to_transform to be set as well")
+
+    @property
+    def scaling(self) -> float:
+        """alpha / r, or 1.0 when alpha is None."""
+        return 1.0 if self.alpha is None else float(self.alpha) / self.r
+
+    def side_methods(self, out_features: int, in_features: int, where: str = "this layer") -> tuple[str, str]:
+        """(method for U, method for V) after :func:`resolve_parameterization`; also checks
+        ``r <= min(out_features, in_features)`` (ValueError naming ``where``, the shape, max r)."""
+        max_r = min(out_features, in_features)
+        if self.r > max_r:
+            raise ValueError(
+                f"{where}: r={self.r} is larger than this layer allows (weight {out_features} x "
+                f"{in_features}, so r <= {max_r}); lower r or leave the module out of target_modules"
+            )
+        method_u = resolve_parameterization(self.parameterization, out_features, self.auto_generalize, where)
+        method_v = resolve_parameterization(self.parameterization, in_features, self.auto_generalize, where)
+        return method_u, method_v
+
+    def num_lambda_params(self) -> int:
+        """K for lambda_domain 'real'; K + 1 (the gain) otherwise."""
+        return self.r + (0 if self.lambda_domain == "real" else 1)
+
+    def count_module(self, out_features: int, in_features: int) -> int:
+        """Trainable numbers of one adapted ``out x in`` layer:
+        ``P_u + P_v + K`` (+1 gain for non-real λ domains). O(1)."""
+        from qpeft.circuits.stiefel import stiefel_num_params
+
+        method_u, method_v = self.side_methods(out_features, in_features)
+        return (
+            stiefel_num_params(method_u, out_features, self.r, self.depth)
+            + stiefel_num_params(method_v, in_features, self.r, self.depth)
+            + self.num_lambda_params()
+        )
+
+    def count_shared(self, module_shapes: dict[str, tuple[int, int]]) -> int:
+        """Quantum-PEFT has no model-wide trainables: 0."""
+        return 0

@@ -1,0 +1,336 @@
+"""Quantum-PEFT adapter layers: ``y = base(x) + scaling · ((x·V) ⊙ λ_eff)·Uᵀ``.
+
+U (d_out x K) and V (d_in x K) have orthonormal columns by construction; they are generated from
+the circuit angles once per layer forward (``qpeft.circuits.stiefel``), in ``circuit_dtype``, then
+cast to the input's dtype. The forward costs like LoRA at rank K plus the generation
+(O(L·n·N·K) for the Pauli circuit); no N x N matrix is ever formed.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from qpeft.circuits.stiefel import stiefel, stiefel_init, stiefel_num_params
+from qpeft.tuners._common import layer_kind, matrix_shape, matrix_to_weight
+
+from .config import QuantumPEFTConfig
+
+# Parameterizations whose parameters are rotation angles (quantized on the circle); the others
+# (Lie-algebra coordinates) are quantized on a symmetric range like λ.
+ANGLE_PARAMETERIZATIONS = ("pauli", "generalized")
+_RY_PERIOD = 4.0 * math.pi  # RY(θ + 2π) = -RY(θ): the gate's period is 4π
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Static description of one adapter on one layer (no tensors)."""
+
+    method_u: str
+    method_v: str
+    out_features: int
+    in_features: int
+    r: int
+    depth: int
+    intrinsic_rank: int | None
+    lambda_domain: str
+    quantize_bits: int | None
+    scaling: float
+    circuit_dtype: torch.dtype
+
+    def num_params(self) -> int:
+        """Trainable numbers of this adapter: P_u + P_v + K (+1 gain). Must equal the config's
+        ``count_module`` and the numel of the layer's tensors (tests check both)."""
+        return (
+            stiefel_num_params(self.method_u, self.out_features, self.r, self.depth)
+            + stiefel_num_params(self.method_v, self.in_features, self.r, self.depth)
+            + self.r
+            + (0 if self.lambda_domain == "real" else 1)
+        )
+
+
+def _straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Forward value exactly ``q`` (``x - x.detach()`` is an exact zero), gradient of the
+    identity w.r.t. ``x``."""
+    return q.detach() + (x - x.detach())
+
+
+def quantize_angles(theta: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round angles to the uniform grid of ``2**bits`` points on RY's period 4π (step 4π/2**bits),
+    straight-through gradient. Values are not wrapped: each result equals, modulo 4π, one of the
+    2**bits codes. Shape preserved, O(numel)."""
+    step = _RY_PERIOD / (2**bits)
+    return _straight_through(theta, torch.round(theta / step) * step)
+
+
+def quantize_symmetric(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Uniform quantizer on [-max|x|, max|x|] with 0 representable (2**bits - 1 levels for
+    bits >= 2; bits == 1 gives ±max|x|), straight-through gradient. Shape preserved, O(numel)."""
+    m = x.detach().abs().amax()
+    if bits == 1:
+        q = torch.where(x >= 0, m, -m)
+    else:
+        step = torch.clamp(m / (2 ** (bits - 1) - 1), min=torch.finfo(x.dtype).tiny)
+        q = torch.round(x / step) * step
+    return _straight_through(x, q)
+
+
+def _seed(init_seed: int, module_name: str, side: str) -> int:
+    """Deterministic 31-bit seed from the config seed, the module's name and the side."""
+    return zlib.crc32(f"{init_seed}:{module_name}:{side}".encode()) & 0x7FFFFFFF
+
+
+class QuantumPEFTLayer(BaseTunerLayer):
+    """Mixin holding the Quantum-PEFT tensors of one adapted layer, keyed by adapter name.
+
+    Per adapter: ``qpeft_angles_u[name]`` [P_u], ``qpeft_angles_v[name]`` [P_v],
+    ``qpeft_lambda[name]`` [K] (λ itself, or ρ for the "positive"/"sign" domains) and, for those
+    domains only, ``qpeft_gain[name]`` [1]."""
+
+    adapter_layer_names = ("qpeft_angles_u", "qpeft_angles_v", "qpeft_lambda", "qpeft_gain")
+    other_param_names = ("qpeft_r", "qpeft_spec")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.qpeft_angles_u = nn.ParameterDict({})
+        self.qpeft_angles_v = nn.ParameterDict({})
+        self.qpeft_lambda = nn.ParameterDict({})
+        self.qpeft_gain = nn.ParameterDict({})
+        self.qpeft_r: dict[str, int] = {}
+        self.qpeft_spec: dict[str, AdapterSpec] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        self.layer_kind = layer_kind(base)
+        self.out_features, self.in_features = matrix_shape(base)
+
+    def update_layer(self, adapter_name: str, config: QuantumPEFTConfig, module_name: str = "") -> None:
+        """Create adapter ``adapter_name`` from ``config`` on this layer. ``module_name`` names the
+        layer in errors and seeds the angle initialisation. Cost: one Stiefel init per side."""
+        where = f"module {module_name!r}" if module_name else f"{type(self.get_base_layer()).__name__}"
+        method_u, method_v = config.side_methods(self.out_features, self.in_features, where)
+        spec = AdapterSpec(
+            method_u=method_u,
+            method_v=method_v,
+            out_features=self.out_features,
+            in_features=self.in_features,
+            r=config.r,
+            depth=config.depth,
+            intrinsic_rank=config.intrinsic_rank,
+            lambda_domain=config.lambda_domain,
+            quantize_bits=config.quantize_bits,
+            scaling=config.scaling,
+            circuit_dtype=getattr(torch, config.circuit_dtype),
+        )
+        k = config.r
+        g_u = torch.Generator().manual_seed(_seed(config.init_seed, module_name, "u"))
+        g_v = torch.Generator().manual_seed(_seed(config.init_seed, module_name, "v"))
+        angles_u = stiefel_init(method_u, self.out_features, k, config.depth, g_u, torch.float32)
+        angles_v = stiefel_init(method_v, self.in_features, k, config.depth, g_v, torch.float32)
+        g_l = torch.Generator().manual_seed(_seed(config.init_seed, module_name, "lambda"))
+        if config.lambda_domain == "real":
+            lam = torch.zeros(k) if config.init_weights else 0.5 * torch.randn(k, generator=g_l)
+        elif config.lambda_domain == "positive":  # softplus(ρ0) = 1
+            lam = torch.full((k,), math.log(math.e - 1.0))
+            if not config.init_weights:
+                lam = lam + 0.3 * torch.randn(k, generator=g_l)
+        else:  # sign: ρ = ±1
+            lam = torch.ones(k)
+            if not config.init_weights:
+                lam = torch.where(torch.rand(k, generator=g_l) < 0.5, -1.0, 1.0)
+        self.qpeft_angles_u[adapter_name] = nn.Parameter(angles_u)
+        self.qpeft_angles_v[adapter_name] = nn.Parameter(angles_v)
+        self.qpeft_lambda[adapter_name] = nn.Parameter(lam)
+        if config.lambda_domain != "real":
+            gain = torch.zeros(1) if config.init_weights else torch.full((1,), 0.5)
+            self.qpeft_gain[adapter_name] = nn.Parameter(gain)
+        self.qpeft_r[adapter_name] = k
+        self.qpeft_spec[adapter_name] = spec
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    # ---- the update ΔW = U diag(λ_eff) Vᵀ ------------------------------------------------------
+
+    def stiefel_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U [d_out, K], V [d_in, K]) with orthonormal columns, in the adapter's circuit dtype.
+        Cost O(L·n·N·K) for Pauli circuits; O(N·K²) for Lie maps; never N x N."""
+        spec = self.qpeft_spec[adapter_name]
+        au = self.qpeft_angles_u[adapter_name].to(spec.circuit_dtype)
+        av = self.qpeft_angles_v[adapter_name].to(spec.circuit_dtype)
+        if spec.quantize_bits is not None:
+            au = self._quantize_params(au, spec.method_u, spec.quantize_bits)
+            av = self._quantize_params(av, spec.method_v, spec.quantize_bits)
+        u = stiefel(spec.method_u, au, spec.out_features, spec.r, spec.depth)
+        v = stiefel(spec.method_v, av, spec.in_features, spec.r, spec.depth)
+        return u, v
+
+    @staticmethod
+    def _quantize_params(p: torch.Tensor, method: str, bits: int) -> torch.Tensor:
+        if method in ANGLE_PARAMETERIZATIONS:
+            return quantize_angles(p, bits)
+        return quantize_symmetric(p, bits)
+
+    def effective_lambda(self, adapter_name: str) -> torch.Tensor:
+        """λ_eff [K] in the circuit dtype: domain map, quantization, intrinsic-rank mask and
+        scaling applied. O(K log K)."""
+        spec = self.qpeft_spec[adapter_name]
+        raw = self.qpeft_lambda[adapter_name].to(spec.circuit_dtype)
+        if spec.quantize_bits is not None and spec.lambda_domain != "sign":
+            raw = quantize_symmetric(raw, spec.quantize_bits)
+        if spec.lambda_domain == "real":
+            lam = raw
+        else:
+            gain = self.qpeft_gain[adapter_name].to(spec.circuit_dtype)
+            if spec.lambda_domain == "positive":
+                lam = gain * F.softplus(raw)
+            else:
+                lam = gain * _straight_through(raw, torch.where(raw >= 0, 1.0, -1.0).to(raw.dtype))
+        if spec.intrinsic_rank is not None and spec.intrinsic_rank < spec.r:
+            order = torch.sort(lam.detach().abs(), descending=True, stable=True).indices
+            mask = torch.zeros_like(lam).scatter(0, order[: spec.intrinsic_rank], 1.0)
+            lam = lam * mask
+        return lam * spec.scaling
+
+    def delta_matrix(self, adapter_name: str) -> torch.Tensor:
+        """ΔW as an ``[out, in]`` matrix in the circuit dtype. O(d_out·d_in·K) — only for merging
+        and tests; the forward never builds it."""
+        u, v = self.stiefel_factors(adapter_name)
+        lam = self.effective_lambda(adapter_name)
+        return (u * lam) @ v.T
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """ΔW laid out like the base layer's weight (Conv1D transposed, Conv2d 4-D), circuit dtype."""
+        return matrix_to_weight(self.get_base_layer(), self.delta_matrix(adapter_name))
+
+    # ---- merge / unmerge (additive, exact up to rounding) ---------------------------------------
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """W <- W + ΔW for each adapter (default: the active ones). ``safe_merge`` checks for
+        non-finite values on a copy first (ValueError naming the adapter)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        for name in adapter_names:
+            if name not in self.qpeft_lambda:
+                continue
+            weight = self.get_base_weight()
+            new_weight = (weight.to(self.qpeft_spec[name].circuit_dtype) + self.get_delta_weight(name))
+            new_weight = new_weight.to(weight.dtype)
+            if safe_merge and not torch.isfinite(new_weight).all():
+                raise ValueError(
+                    f"NaN/inf detected in the merged weights: adapter {name!r} seems to be broken"
+                )
+            self.set_base_weight(new_weight)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """W <- W - ΔW for every merged adapter, last merged first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name not in self.qpeft_lambda:
+                continue
+            weight = self.get_base_weight()
+            new_weight = weight.to(self.qpeft_spec[name].circuit_dtype) - self.get_delta_weight(name)
+            self.set_base_weight(new_weight.to(weight.dtype))
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _forward_with_adapters(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Base output plus every active adapter's low-rank update (three cases: disabled,
+        merged, active)."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name not in self.qpeft_lambda:
+                continue
+            result = result + self._adapter_output(x, name).to(result.dtype)
+        return result
+
+    def _factors_for(self, x: torch.Tensor, adapter_name: str) -> tuple[torch.Tensor, ...]:
+        u, v = self.stiefel_factors(adapter_name)
+        lam = self.effective_lambda(adapter_name)
+        dtype = x.dtype if x.is_floating_point() else u.dtype
+        return u.to(dtype), v.to(dtype), lam.to(dtype)
+
+
+class QuantumPEFTLinear(nn.Module, QuantumPEFTLayer):
+    """Quantum-PEFT on ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2; weight stored [in, out]).
+    Forward: x [..., d_in] -> [..., d_out]; adapter cost O(batch·(d_in + d_out)·K)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: QuantumPEFTConfig,
+                 module_name: str = "", **kwargs: Any) -> None:
+        super().__init__()
+        QuantumPEFTLayer.__init__(self, base_layer, **kwargs)
+        if self.layer_kind not in ("linear", "conv1d"):
+            raise ValueError(f"QuantumPEFTLinear wraps nn.Linear / Conv1D, got {self.layer_kind}")
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_name)
+
+    def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        u, v, lam = self._factors_for(x, adapter_name)
+        return ((x.to(u.dtype) @ v) * lam) @ u.T
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._forward_with_adapters(x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "qpeft." + super().__repr__()
+
+
+class QuantumPEFTConv2d(nn.Module, QuantumPEFTLayer):
+    """Quantum-PEFT on ``nn.Conv2d`` (groups=1): the update is a conv with Vᵀ reshaped to
+    [K, in_ch, kh, kw] (same stride/padding/dilation as the base), a scale by λ, then a 1x1 conv
+    with U. Cost O(batch·H'·W'·K·(in_ch·kh·kw + out_ch)); no unfold."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: QuantumPEFTConfig,
+                 module_name: str = "", **kwargs: Any) -> None:
+        super().__init__()
+        QuantumPEFTLayer.__init__(self, base_layer, **kwargs)
+        if self.layer_kind != "conv2d":
+            raise ValueError(f"QuantumPEFTConv2d wraps nn.Conv2d, got {self.layer_kind}")
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_name)
+
+    def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        u, v, lam = self._factors_for(x, adapter_name)
+        base = self.get_base_layer()
+        kernel = v.T.reshape(v.shape[1], *base.weight.shape[1:])
+        h = base._conv_forward(x.to(u.dtype), kernel, None)
+        h = h * lam[:, None, None]
+        return F.conv2d(h, u[:, :, None, None])
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._forward_with_adapters(x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "qpeft." + super().__repr__()
+
+
+__all__ = [
+    "AdapterSpec",
+    "QuantumPEFTConv2d",
+    "QuantumPEFTLayer",
+    "QuantumPEFTLinear",
+    "quantize_angles",
+    "quantize_symmetric",
+]

@@ -1,0 +1,99 @@
+"""The Quantum-PEFT tuner: peft's ``BaseTuner`` that swaps target layers for Quantum-PEFT layers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+
+from qpeft.tuners._common import layer_kind
+
+from .config import QuantumPEFTConfig
+from .layer import QuantumPEFTConv2d, QuantumPEFTLayer, QuantumPEFTLinear
+
+_ADAPTER_TENSORS = QuantumPEFTLayer.adapter_layer_names
+
+
+class QuantumPEFTModel(BaseTuner):
+    """Quantum-PEFT (Koike-Akino et al., ICLR 2025) as a peft tuner.
+
+    Use through peft: ``get_peft_model(base, QuantumPEFTConfig(r=8, target_modules=[...]))``
+    after ``import qpeft``. Adapted layers: nn.Linear, transformers' Conv1D, nn.Conv2d (groups=1).
+    Default target modules per architecture are LoRA's (e.g. query/value for BERT)."""
+
+    prefix: str = "qpeft_"
+    tuner_layer_cls = QuantumPEFTLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _create_and_replace(
+        self,
+        config: QuantumPEFTConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if current_key is None:
+            raise ValueError("current_key must not be None")
+        if isinstance(target, QuantumPEFTLayer):
+            target.update_layer(adapter_name, config, module_name=current_key)
+            return
+        new_module = self._create_new_module(config, adapter_name, target, current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(
+        config: QuantumPEFTConfig, adapter_name: str, target: nn.Module, module_name: str = ""
+    ) -> nn.Module:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        try:
+            kind = layer_kind(base)
+        except ValueError as err:
+            raise ValueError(f"target module {module_name!r}: {err}") from err
+        cls = QuantumPEFTConv2d if kind == "conv2d" else QuantumPEFTLinear
+        return cls(target, adapter_name, config=config, module_name=module_name)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls,
+        model: nn.Module,
+        config: Any,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """peft's key remapping, then a check that every Quantum-PEFT tensor of the checkpoint
+        has a place of the same shape in ``model``: a checkpoint made for another architecture
+        (other widths, other module names) gets one ValueError naming the module, the shapes
+        and the fix, instead of a size-mismatch error or a silent partial load."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        model_state = model.state_dict()
+        for key, value in remapped.items():
+            parts = key.split(".")
+            hit = [i for i, p in enumerate(parts) if p in _ADAPTER_TENSORS]
+            if not hit:
+                continue
+            module = ".".join(parts[: hit[0]]).removeprefix("base_model.model.")
+            if key not in model_state:
+                raise ValueError(
+                    f"the Quantum-PEFT checkpoint has tensor {parts[hit[0]]!r} for module "
+                    f"{module!r}, which this model has not adapted (or does not have); the "
+                    "adapter was saved for another architecture — load it onto the base model "
+                    "it was trained on"
+                )
+            expected = tuple(model_state[key].shape)
+            if tuple(value.shape) != expected:
+                raise ValueError(
+                    f"the Quantum-PEFT checkpoint does not fit module {module!r}: "
+                    f"{parts[hit[0]]} has shape {tuple(value.shape)} in the checkpoint but "
+                    f"{expected} here (the layer's shape, r, depth or parameterization differ); "
+                    "the adapter was saved for another architecture — load it onto the base "
+                    "model it was trained on"
+                )
+        return remapped
