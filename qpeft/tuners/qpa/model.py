@@ -113,7 +113,9 @@ class QPAModel(BaseTuner):
         ctx = init_empty_weights if low_cpu_mem_usage else nullcontext
         with ctx():
             generator = build_generator(config, shapes)
-        if not low_cpu_mem_usage:
+        if generator.theta.is_meta:  # low_cpu_mem_usage: peft assigns the loaded tensors later
+            generator.to(dtype=dtype)
+        else:
             generator.to(device=weight.device, dtype=dtype)
         for index, (_, module) in enumerate(layers):
             module.attach_generator(adapter_name, generator, index, owner=index == 0)

@@ -1,0 +1,370 @@
+"""QPA beyond the contract: the generator against a slow reference, parameter counts (the paper's
+106,264), one generation per forward, gradients to theta, bad input, and the export entry points."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+import qpeft
+from qpeft import count_trainable
+from qpeft.circuits.statevector import qnn_probabilities
+from qpeft.tuners.qpa import (
+    QPAConfig,
+    QPAGenerator,
+    add_export_lora_parser,
+    chunking,
+    export_lora,
+    generator_num_params,
+    main_export_lora,
+)
+from qpeft.tuners.qpa.generator import REFERENCE_HIDDEN
+from tests.contract import harness as h
+
+
+class Stack(nn.Module):
+    """Four linear layers of mixed shapes (64 -> 48 -> 48 -> 32 -> 10)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(64, 48)
+        self.b = nn.Linear(48, 48)
+        self.c = nn.Linear(48, 32)
+        self.d = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.d(torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))))
+
+
+def stack_model(dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    kw.setdefault("r", 3)
+    kw.setdefault("n_mlp", 100)
+    cfg = QPAConfig(target_modules=["a", "b", "c", "d"], **kw)
+    return get_peft_model(Stack().to(dtype), cfg)
+
+
+# ------------------------------------------------------------------------------------------
+# generation against a slow, obvious reference
+
+
+def _slow_generation(gen: QPAGenerator) -> torch.Tensor:
+    """Chunk by chunk, bit by bit, layer by layer, in float64."""
+    n = gen.n_qubits
+    p = qnn_probabilities(gen.theta.detach().double())
+    if gen.prob_transform == "centered":
+        pt = [2**n * float(p[i]) - 1 for i in range(2**n)]
+    else:
+        raw = [(0.6 * math.tanh(0.1 * 2 ** (n - 1) * float(p[i]))) ** 0.15 for i in range(2**n)]
+        mean = sum(raw) / len(raw)
+        pt = [v - mean for v in raw]
+    rows = []
+    for i in range(gen.n_chunks):
+        bits = [1.0 - 2.0 * ((i >> q) & 1) for q in range(n)]  # qubit 0 (LSB) first
+        x = torch.tensor(bits + [pt[i]], dtype=torch.float64)
+        for module in gen.mlp:
+            if isinstance(module, nn.Linear):
+                x = module.weight.detach().double() @ x + module.bias.detach().double()
+            else:
+                x = module.double()(x)
+        rows.append(x)
+    flat = torch.cat(rows)[: gen.m]
+    if gen.center_output:
+        flat = flat - flat.mean()
+    return flat
+
+
+@pytest.mark.parametrize("kw", [{}, {"preset": "reference"}, {"mlp_activation": "tanh"}])
+def test_generated_delta_weights_match_slow_reference(kw):
+    model = stack_model(torch.float64, output_gain=False, **kw)
+    gen = model.base_model.generator()
+    assert gen.n_chunks == math.ceil(gen.m / 100) and gen.n_qubits == math.ceil(
+        math.log2(gen.n_chunks)
+    )
+    flat = _slow_generation(gen)
+    pos = 0
+    for name in ["a", "b", "c", "d"]:
+        layer = getattr(model.base_model.model, name)
+        d_out, d_in = layer.out_features, layer.in_features
+        lora_b = flat[pos : pos + d_out * 3].view(d_out, 3)
+        lora_a = flat[pos + d_out * 3 : pos + 3 * (d_out + d_in)].view(3, d_in)
+        pos += 3 * (d_out + d_in)
+        want = 2.0 * lora_b @ lora_a  # lora_alpha defaults to 2r: scaling 2
+        torch.testing.assert_close(layer.get_delta_weight("default"), want, atol=1e-10, rtol=0)
+    assert pos == gen.m
+
+
+def test_forward_equals_base_plus_delta():
+    model = stack_model(torch.float64, output_gain=False)
+    x = torch.randn(5, 64, dtype=torch.float64)
+    layer = model.base_model.model.a
+    want = layer.base_layer(x) + x @ layer.get_delta_weight("default").T
+    torch.testing.assert_close(layer(x), want, atol=1e-12, rtol=0)
+
+
+def test_reference_transform_is_mean_centred():
+    gen = QPAGenerator([(50, 40)], r=4, n_mlp=16, depth=8, prob_transform="reference")
+    pt = gen.transformed_probabilities().detach()
+    assert pt.shape == (2**gen.n_qubits,) and abs(float(pt.mean())) < 1e-6
+    gen = QPAGenerator([(50, 40)], r=4, n_mlp=16, depth=8)
+    assert abs(float(gen.transformed_probabilities().detach().mean())) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------
+# counts
+
+
+def test_reference_count_gpt2_lm_head_from_a_config_without_weights():
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    cfg = QPAConfig(preset="reference", r=4, n_mlp=2048, depth=8, target_modules=["lm_head"])
+    count = count_trainable(cfg, GPT2Config(), auto_class=AutoModelForCausalLM)
+    assert count.module_shapes == {"lm_head": (50257, 768)}
+    lora = 4 * (50257 + 768)
+    assert lora == 204_100
+    assert count.total == 106_264
+    n, depth, n_mlp = 7, 8, 2048
+    assert count.total == n * depth + 32 * n + 38_400 + 33 * n_mlp  # papers.md's formula
+    assert f"{100 * count.total / lora:.2f}" == "52.06"
+    # the default (identity-at-init) generator adds exactly its one gain on top
+    cfg_gain = QPAConfig(**{**cfg.to_dict(), "preset": None, "output_gain": True,
+                            "mlp_activation": "none", "peft_type": None})
+    assert count_trainable(cfg_gain, GPT2Config(), auto_class=AutoModelForCausalLM).total == (
+        106_265
+    )
+
+
+@pytest.mark.parametrize("case", sorted(h.TINY_MODELS))
+def test_count_matches_peft(case):
+    c = h.TINY_MODELS[case]
+    cfg = QPAConfig(r=2, n_mlp=64, target_modules=list(c.target_modules),
+                    modules_to_save=list(c.modules_to_save or []) or None)
+    predicted = count_trainable(cfg, h.build_tiny(case))
+    model = get_peft_model(h.build_tiny(case), cfg)
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert predicted.total == trainable
+    gen = model.base_model.generator()
+    assert gen.num_params() == sum(p.numel() for p in gen.parameters()) == predicted.shared
+    assert set(predicted.per_module.values()) == {0}
+
+
+def test_count_below_lora_for_large_layers():
+    from transformers import LlamaConfig
+
+    smol = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, vocab_size=49152)
+    cfg = QPAConfig(r=8, target_modules=["q_proj", "v_proj"])
+    count = count_trainable(cfg, smol)
+    lora = sum(8 * (o + i) for o, i in count.module_shapes.values())
+    assert lora == 460_800  # peft LoRA r=8 on q_proj, v_proj of SmolLM2-135M
+    assert count.total < lora / 4
+    # 64 square 4096 layers: the generator (106,425) is 2.5% of LoRA's 4,194,304
+    shapes = {f"l{k}": (4096, 4096) for k in range(64)}
+    assert cfg.count_shared(shapes) < 0.03 * sum(8 * (o + i) for o, i in shapes.values())
+
+
+def test_generator_num_params_formula():
+    for n in (1, 5, 10):
+        for n_mlp in (1, 64, 2048):
+            assert generator_num_params(n, 8, n_mlp, REFERENCE_HIDDEN, False) == (
+                n * 8 + 32 * n + 38_400 + 33 * n_mlp
+            )
+
+
+# ------------------------------------------------------------------------------------------
+# one generation per forward; gradients
+
+
+def test_one_generation_per_model_forward_and_grad_accumulation():
+    model = stack_model()
+    gen = model.base_model.generator()
+    x = torch.randn(4, 64)
+    start = gen.n_generations
+    model(x)
+    assert gen.n_generations == start + 1  # four layers, one generation
+    with torch.no_grad():
+        model(x)
+    assert gen.n_generations == start + 2
+    # two forwards/backwards before a step (gradient accumulation) must not reuse a freed graph
+    model.train()
+    model(x).sum().backward()
+    g1 = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, 2 * g1[n])
+    assert gen.n_generations == start + 4
+
+
+def test_gain_gets_gradient_at_init_and_theta_after_one_step():
+    model = stack_model()
+    gen = model.base_model.generator()
+    x = torch.randn(8, 64)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(x).pow(2).mean().backward()
+    assert float(gen.gain.grad.abs()) > 0
+    assert torch.count_nonzero(gen.theta.grad) == 0  # like LoRA's A while B = 0
+    opt.step()
+    opt.zero_grad()
+    model(x).pow(2).mean().backward()
+    assert torch.count_nonzero(gen.theta.grad) == gen.theta.numel()
+
+
+@pytest.mark.parametrize("n_qubits", [4, 7, 10])
+def test_gradients_reach_theta_at_depth_8(n_qubits):
+    torch.manual_seed(0)
+    # m = 4 * (256 + 256) = 2048 numbers in 2**n_qubits chunks: every basis state is used
+    gen = QPAGenerator([(256, 256)], r=4, n_mlp=2048 // 2**n_qubits, depth=8, init_seed=1)
+    assert gen.n_qubits == n_qubits and gen.n_chunks == 2**n_qubits
+    with torch.no_grad():
+        gen.gain.fill_(1.0)
+    target = torch.randn(gen.m)
+    lora_b, lora_a = gen.factors(0)
+    loss = (torch.cat([lora_b.reshape(-1), lora_a.reshape(-1)]) * target).sum()
+    loss.backward()
+    grad = gen.theta.grad
+    assert grad.shape == (8, n_qubits)
+    assert torch.isfinite(grad).all()
+    mlp_grad = gen.mlp[0].weight.grad.abs().mean()
+    # every angle gets a gradient, and not a vanishing one relative to the MLP's first layer
+    assert float(grad.abs().min()) > 1e-4 * float(mlp_grad)
+
+
+# ------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_chunking_errors_name_the_numbers():
+    assert chunking(204_100, 2048) == (100, 7)
+    assert chunking(10, 64) == (1, 1)
+    with pytest.raises(ValueError, match=r"n_qubits=3 .*m=204,100.*n_qubits >= 7"):
+        chunking(204_100, 2048, n_qubits=3)
+    with pytest.raises(ValueError, match=r"N=25 qubits .* more than the 24"):
+        chunking(2**24 + 1, 1)
+    with pytest.raises(ValueError, match=r"n_qubits must be in \[1, 24\]"):
+        chunking(10, 1, n_qubits=30)
+    with pytest.raises(ValueError, match="n_mlp"):
+        chunking(10, 0)
+
+
+def test_qubits_that_cannot_cover_the_target_raise_at_wrap_and_count():
+    cfg = QPAConfig(r=4, n_mlp=8, n_qubits=2, target_modules=["a", "b"])
+    with pytest.raises(ValueError, match="n_qubits=2"):
+        get_peft_model(Stack(), cfg)
+    with pytest.raises(ValueError, match="n_qubits=2"):
+        count_trainable(cfg, Stack())
+    big = QPAConfig(r=512, n_mlp=1, target_modules=["lm_head"])  # m = 26.1M > 2**24
+    with pytest.raises(ValueError, match="more than the 24"):
+        big.count_shared({"lm_head": (50257, 768)})
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"r": 0}, "r must be"),
+        ({"n_mlp": -1}, "n_mlp"),
+        ({"depth": 0}, "depth"),
+        ({"mlp_activation": "swish"}, "mlp_activation"),
+        ({"prob_transform": "log"}, "prob_transform"),
+        ({"preset": "paper"}, "preset"),
+        ({"bias": "all"}, "bias"),
+        ({"lora_dropout": 1.5}, "lora_dropout"),
+        ({"mlp_hidden": [32, 0]}, r"mlp_hidden\[1\]"),
+    ],
+)
+def test_bad_config_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        QPAConfig(target_modules=["a"], **kw)
+
+
+def test_unsupported_layer_type_names_itself():
+    class WithEmbedding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+
+    with pytest.raises(ValueError, match="Embedding"):
+        get_peft_model(WithEmbedding(), QPAConfig(target_modules=["emb"]))
+
+
+def test_loading_onto_different_shapes_is_refused(tmp_path):
+    model = stack_model()
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    other = Stack()
+    other.a = nn.Linear(64, 40)
+    other.b = nn.Linear(40, 48)
+    with pytest.raises(ValueError, match="saved for a different set of layers"):
+        PeftModel.from_pretrained(other, tmp_path)
+
+
+def test_export_of_a_non_qpa_adapter_is_refused(tmp_path):
+    lora = get_peft_model(Stack(), LoraConfig(r=2, target_modules=["a"]))
+    lora.save_pretrained(tmp_path / "lora")
+    with pytest.raises(ValueError, match="'LORA' adapter, not a QPA one"):
+        export_lora(tmp_path / "lora", tmp_path / "out")
+    with pytest.raises(ValueError, match="is not a directory"):
+        export_lora(tmp_path / "missing", tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------
+# save/load, export
+
+
+def test_save_load_round_trip_and_low_cpu_mem_usage(tmp_path):
+    model = stack_model()
+    h_x = torch.randn(3, 64)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        model(h_x).pow(2).mean().backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        expected = model(h_x)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "QPA" and [row[0] for row in saved["layout"]] == list("abcd")
+    for low in (False, True):
+        torch.manual_seed(0)
+        loaded = PeftModel.from_pretrained(Stack(), tmp_path, low_cpu_mem_usage=low)
+        with torch.no_grad():
+            assert torch.equal(loaded(h_x), expected)
+        assert not any(p.requires_grad for p in loaded.parameters())  # inference mode
+
+
+def test_export_python_and_cli_entry_points(tmp_path):
+    model = stack_model()
+    with torch.no_grad():
+        model.base_model.generator().gain.fill_(0.5)
+    model.save_pretrained(tmp_path / "qpa")
+    out = export_lora(tmp_path / "qpa", tmp_path / "lora", base_model="my/base")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 3 and cfg["lora_alpha"] == 6
+    assert cfg["base_model_name_or_path"] == "my/base"
+    torch.manual_seed(0)
+    lora = PeftModel.from_pretrained(Stack(), out)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(lora(x), model(x), atol=1e-6, rtol=1e-6)
+    sd = model.base_model.lora_state_dict()
+    assert sorted(sd) == sorted(k for k in sd if k.endswith((".lora_A.weight", ".lora_B.weight")))
+    assert main_export_lora([str(tmp_path / "qpa"), str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "adapter_model.safetensors").is_file()
+    parser = argparse.ArgumentParser()
+    add_export_lora_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["export-lora", "in", "out", "--base-model", "x"])
+    assert (args.adapter_dir, args.out_dir, args.base_model) == ("in", "out", "x")
+
+
+def test_registered_with_peft():
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    assert qpeft.QPAConfig().peft_type.value == "QPA"
+    assert PEFT_TYPE_TO_TUNER_MAPPING[qpeft.QPAConfig().peft_type] is qpeft.QPAModel
