@@ -368,3 +368,59 @@ def test_registered_with_peft():
 
     assert qpeft.QPAConfig().peft_type.value == "QPA"
     assert PEFT_TYPE_TO_TUNER_MAPPING[qpeft.QPAConfig().peft_type] is qpeft.QPAModel
+
+
+# ------------------------------------------------------------------------------------------
+# the closing numbers on the real model (slow: run with -m slow -s)
+
+
+@pytest.mark.slow
+def test_smollm2_q_v_counts_and_generation_time():
+    import time
+
+    from qpeft.assets.models import load_model
+
+    try:
+        base = load_model("smollm2").model
+    except Exception as err:  # the asset package is missing: nothing to measure
+        pytest.skip(f"SmolLM2 not available: {err}")
+    lora = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    n_lora = lora.get_nb_trainable_parameters()[0]
+    assert n_lora == 460_800
+    base = lora.unload()
+    expected = {"default": 106_305, "n_mlp=512": 55_697, "reference": 106_304}
+    configs = {
+        "default": QPAConfig(r=8, target_modules=["q_proj", "v_proj"]),
+        "n_mlp=512": QPAConfig(r=8, n_mlp=512, target_modules=["q_proj", "v_proj"]),
+        "reference": QPAConfig(r=8, preset="reference", target_modules=["q_proj", "v_proj"]),
+    }
+    for name, cfg in configs.items():
+        predicted = count_trainable(cfg, base).total
+        model = get_peft_model(base, cfg)
+        trainable = model.get_nb_trainable_parameters()[0]
+        assert trainable == predicted == expected[name]
+        gen = model.base_model.generator()
+        # one thread: with two, a core taken by another process stalls each parallel region
+        # (~128 ms per generation measured on the shared 2-core machine instead of ~2.3 ms)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for _ in range(3):
+                gen.generate()
+            no_grad, fwd_bwd = [], []
+            for _ in range(20):
+                with torch.no_grad():
+                    t0 = time.perf_counter()
+                    gen.generate()
+                    no_grad.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                gen.generate().square().sum().backward()
+                fwd_bwd.append(time.perf_counter() - t0)
+        finally:
+            torch.set_num_threads(threads)
+        no_grad, fwd_bwd = sorted(no_grad)[10], sorted(fwd_bwd)[10]  # medians
+        print(
+            f"| {name} | {trainable:,} | {100 * trainable / n_lora:.2f} % | {gen.n_qubits} | "
+            f"{gen.n_chunks} | {1e3 * no_grad:.1f} ms | {1e3 * fwd_bwd:.1f} ms |"
+        )
+        base = model.unload()
