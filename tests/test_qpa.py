@@ -68,11 +68,16 @@ def _slow_generation(gen: QPAGenerator) -> torch.Tensor:
     for i in range(gen.n_chunks):
         bits = [1.0 - 2.0 * ((i >> q) & 1) for q in range(n)]  # qubit 0 (LSB) first
         x = torch.tensor(bits + [pt[i]], dtype=torch.float64)
-        for module in gen.mlp:
-            if isinstance(module, nn.Linear):
-                x = module.weight.detach().double() @ x + module.bias.detach().double()
-            else:
-                x = module.double()(x)
+        layers = gen.mlp_layers()
+        for k, (weight, bias) in enumerate(layers):
+            x = weight.detach().double() @ x + bias.detach().double()
+            if k < len(layers) - 1:
+                if gen.activation == "gelu":
+                    x = 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+                elif gen.activation == "tanh":
+                    x = torch.tanh(x)
+                else:
+                    assert gen.activation == "none"
         rows.append(x)
     flat = torch.cat(rows)[: gen.m]
     if gen.center_output:
@@ -231,7 +236,7 @@ def test_gradients_reach_theta_at_depth_8(n_qubits):
     grad = gen.theta.grad
     assert grad.shape == (8, n_qubits)
     assert torch.isfinite(grad).all()
-    mlp_grad = gen.mlp[0].weight.grad.abs().mean()
+    mlp_grad = gen.mlp_weight_0.grad.abs().mean()
     # every angle gets a gradient, and not a vanishing one relative to the MLP's first layer
     assert float(grad.abs().min()) > 1e-4 * float(mlp_grad)
 
@@ -424,3 +429,49 @@ def test_smollm2_q_v_counts_and_generation_time():
             f"{gen.n_chunks} | {1e3 * no_grad:.1f} ms | {1e3 * fwd_bwd:.1f} ms |"
         )
         base = model.unload()
+
+
+@pytest.mark.slow
+def test_save_load_and_export_on_peft_0_20(tmp_path):
+    """peft < 0.21 picks checkpoint tensors by name prefix and re-inserts the adapter name after
+    the ``qpa_`` component; the generator's flat parameter names must round-trip there too."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    target = tmp_path / "peft-0.20.0"
+    pip = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+         "peft==0.20.0"], capture_output=True, text=True, timeout=600,
+    )
+    if pip.returncode != 0:
+        pytest.skip(f"could not install peft==0.20.0: {pip.stderr[-300:]}")
+    script = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(target)!r}); sys.path.insert(0, {str(h.REPO_ROOT)!r})
+        import peft, torch, qpeft
+        assert peft.__version__ == "0.20.0", peft.__version__
+        from peft import PeftModel
+        from qpeft.tuners.qpa import export_lora
+        from tests.contract import harness as h
+        from tests.contract.test_qpa_contract import qpa
+        for case in ["mlp", "gpt2"]:
+            h.check_merge_equivalence(case, qpa(case))
+            h.check_multiple_adapters(case, qpa(case), qpa(case, r=3))
+            model, _ = h.wrap(case, qpa(case))
+            h.train_steps(model, case)
+            expected = h.run(model, case)
+            out = {str(tmp_path)!r} + "/" + case
+            model.save_pretrained(out)
+            assert torch.equal(h.run(PeftModel.from_pretrained(h.build_tiny(case), out), case),
+                               expected)
+            export_lora(out, out + "-lora")
+            lora = PeftModel.from_pretrained(h.build_tiny(case), out + "-lora")
+            torch.testing.assert_close(h.run(lora, case), expected, atol=1e-6, rtol=1e-6)
+            print(case, "ok")
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "gpt2 ok" in proc.stdout

@@ -100,18 +100,19 @@ def generator_num_params(
     )
 
 
-def _activation(name: str) -> nn.Module | None:
-    if name == "gelu":
-        return nn.GELU()
-    if name == "relu":
-        return nn.ReLU()
-    if name == "silu":
-        return nn.SiLU()
-    if name == "tanh":
-        return nn.Tanh()
-    if name == "none":
-        return None
-    raise ValueError(f"mlp_activation must be one of {ACTIVATIONS}, got {name!r}")
+_ACTIVATION_FNS = {
+    "gelu": torch.nn.functional.gelu,
+    "relu": torch.relu,
+    "silu": torch.nn.functional.silu,
+    "tanh": torch.tanh,
+    "none": None,
+}
+
+
+def _activation(name: str):
+    if name not in _ACTIVATION_FNS:
+        raise ValueError(f"mlp_activation must be one of {ACTIVATIONS}, got {name!r}")
+    return _ACTIVATION_FNS[name]
 
 
 class QPAGenerator(nn.Module):
@@ -164,16 +165,18 @@ class QPAGenerator(nn.Module):
         theta = (torch.rand(depth, self.n_qubits, generator=gen) * 2 - 1) * math.pi
         self.theta = nn.Parameter(theta)
         widths = [self.n_qubits + 1, *hidden, n_mlp]
-        layers: list[nn.Module] = []
+        # The MLP's weights are direct parameters ``mlp_weight_k`` [out, in] / ``mlp_bias_k`` (no
+        # nested modules): peft < 0.21 re-inserts the adapter name right after the ``qpa_``
+        # component of a checkpoint key, which only round-trips for one level below it.
+        self.activation = activation
+        self.n_mlp_layers = len(widths) - 1
         with torch.random.fork_rng(devices=[], enabled=init_seed is not None):
             if init_seed is not None:
                 torch.manual_seed(init_seed)
             for k, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
-                layers.append(nn.Linear(a, b))
-                act = _activation(activation)
-                if act is not None and k < len(widths) - 2:
-                    layers.append(act)
-        self.mlp = nn.Sequential(*layers)
+                linear = nn.Linear(a, b)  # nn.Linear's default init, then flattened
+                self.register_parameter(f"mlp_weight_{k}", nn.Parameter(linear.weight.data))
+                self.register_parameter(f"mlp_bias_{k}", nn.Parameter(linear.bias.data))
         self.gain = nn.Parameter(torch.zeros(1)) if output_gain else None
         idx = torch.arange(self.n_chunks)
         bits = (idx.unsqueeze(1) >> torch.arange(self.n_qubits)) & 1
@@ -184,10 +187,27 @@ class QPAGenerator(nn.Module):
 
     def num_params(self) -> int:
         """Trainable numbers, from the construction's count function (tests compare)."""
-        hidden = [m.out_features for m in self.mlp if isinstance(m, nn.Linear)][:-1]
+        hidden = [w.shape[0] for w, _ in self.mlp_layers()][:-1]
         return generator_num_params(
             self.n_qubits, self.depth, self.n_mlp, hidden, self.gain is not None
         )
+
+    def mlp_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``[(weight [out, in], bias [out]), ...]`` of the mapping MLP, input to output."""
+        return [
+            (getattr(self, f"mlp_weight_{k}"), getattr(self, f"mlp_bias_{k}"))
+            for k in range(self.n_mlp_layers)
+        ]
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """The mapping MLP on ``x`` [n, N+1] -> [n, n_mlp]; activation between layers only."""
+        act = _activation(self.activation)
+        layers = self.mlp_layers()
+        for k, (weight, bias) in enumerate(layers):
+            x = torch.nn.functional.linear(x, weight, bias)
+            if act is not None and k < len(layers) - 1:
+                x = act(x)
+        return x
 
     def invalidate(self) -> None:
         """Start a new model forward: the next :meth:`forward` regenerates. O(1)."""
@@ -246,5 +266,7 @@ class QPAGenerator(nn.Module):
         return (
             f"layers={len(self.shapes)}, m={self.m}, r={self.r}, n_mlp={self.n_mlp}, "
             f"n_chunks={self.n_chunks}, n_qubits={self.n_qubits}, depth={self.depth}, "
-            f"prob_transform={self.prob_transform!r}, center_output={self.center_output}"
+            f"mlp={[w.shape[1] for w, _ in self.mlp_layers()] + [self.n_mlp]}, "
+            f"activation={self.activation!r}, prob_transform={self.prob_transform!r}, "
+            f"center_output={self.center_output}, gain={self.gain is not None}"
         )
