@@ -1,0 +1,180 @@
+"""Compare methods on one model/task under the same budget: table, compare.json, Pareto plot.
+
+Runs are sequential, in this process, one per (method, seed): the data split is fixed by the
+first seed (``data_seed``) so the spread over seeds measures the training randomness (adapter
+and head initialisation, data order), not a change of test set. Peak memory is reset before
+each run where the OS allows it (Linux ``/proc/self/clear_refs``), so it is per run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from qpeft.train.finetune import FinetuneSpec, RunError, check_output_dir, load_data, run_finetune
+from qpeft.train.methods import METHOD_OPTIONS, check_method
+from qpeft.train.results import atomic_write_json
+
+COMPARE_NAME = "compare.json"
+PLOT_NAME = "pareto.png"
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per method: params, metric mean ± std (sample std over seeds), time, memory."""
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in runs):
+        rs = [r for r in runs if r["method"] == method]
+        metric, metric_std = _mean_std([r["metric_value"] for r in rs])
+        secs, secs_std = _mean_std([r["train_seconds"] for r in rs])
+        rows.append({
+            "method": method,
+            "trainable_params": rs[0]["trainable_params"],
+            "adapter_params": rs[0]["adapter_params"],
+            "metric": rs[0]["metric"],
+            "mean": metric,
+            "std": metric_std,
+            "train_seconds": secs,
+            "train_seconds_std": secs_std,
+            "peak_memory_mb": max(r["peak_memory_mb"] for r in rs),
+            "seeds": [r["seed"] for r in rs],
+            "values": [r["metric_value"] for r in rs],
+        })
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Plain-text table of :func:`summarise` rows."""
+    if not rows:
+        return "(no runs)"
+    metric = rows[0]["metric"]
+    pct = metric == "accuracy"
+    header = ("method", "trainable", "(adapter)", f"{metric} (mean ± std)", "train s", "peak MB")
+    body = []
+    for r in rows:
+        if pct:
+            m = f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} %"
+        else:
+            m = f"{r['mean']:.3f} ± {r['std']:.3f}"
+        body.append((r["method"], f"{r['trainable_params']:,}", f"{r['adapter_params']:,}", m,
+                     f"{r['train_seconds']:.1f}", f"{r['peak_memory_mb']:.0f}"))
+    table = [header, *body]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(row, widths, strict=False))) for row in table]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """PNG: trainable parameters (log x) vs metric (± std), Pareto front marked. O(#methods^2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    higher_better = rows[0]["metric"] != "perplexity"
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for r in rows:
+        ax.errorbar(r["trainable_params"], r["mean"], yerr=r["std"], fmt="o", capsize=3)
+        ax.annotate(r["method"], (r["trainable_params"], r["mean"]), textcoords="offset points",
+                    xytext=(5, 5), fontsize=9)
+
+    def dominated(a: dict[str, Any]) -> bool:
+        for b in rows:
+            better = b["mean"] >= a["mean"] if higher_better else b["mean"] <= a["mean"]
+            strictly = (b["trainable_params"] < a["trainable_params"]
+                        or (b["mean"] != a["mean"]))
+            if b is not a and b["trainable_params"] <= a["trainable_params"] and better and strictly:
+                return True
+        return False
+
+    front = sorted((r for r in rows if not dominated(r)), key=lambda r: r["trainable_params"])
+    if len(front) > 1:
+        ax.plot([r["trainable_params"] for r in front], [r["mean"] for r in front], "--",
+                color="gray", linewidth=1, label="Pareto front")
+        ax.legend(loc="best", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(rows[0]["metric"] + (" (higher is better)" if higher_better
+                                       else " (lower is better)"))
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def run_compare(base: FinetuneSpec, methods: Sequence[str], seeds: int, output_dir: str,
+                *, overwrite: bool = False, command: list[str] | None = None,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run each method for ``seeds`` seeds (``base.seed``, +1, ...) with ``base``'s budget.
+
+    Method options in ``base.method_options`` are passed to the methods they apply to and
+    skipped for the others. Writes ``output_dir/<method>/seed<s>/`` runs, ``compare.json`` and
+    ``pareto.png``; returns the compare.json content. RunError before any run for bad input.
+    """
+    if not methods:
+        raise RunError("--methods is empty; give a comma-separated list, e.g. lora,quic")
+    for m in methods:
+        try:
+            check_method(m)
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
+    if len(set(methods)) != len(methods):
+        raise RunError(f"--methods lists a method twice: {','.join(methods)}")
+    if seeds < 1:
+        raise RunError(f"--seeds must be >= 1, got {seeds}")
+    out = Path(output_dir)
+    if (out / COMPARE_NAME).exists() and not overwrite:
+        raise RunError(f"--output-dir {str(out)!r} holds a comparison already (compare.json); "
+                       f"pass --overwrite to replace it")
+    specs = []
+    for method in methods:
+        usable = {k: v for k, v in base.method_options.items()
+                  if v is not None and k in METHOD_OPTIONS[method]}
+        for s in range(seeds):
+            spec = dataclasses.replace(
+                base, method=method, method_options=usable, seed=base.seed + s,
+                data_seed=base.seed if base.data_seed is None else base.data_seed,
+                output_dir=str(out / method / f"seed{base.seed + s}"), overwrite=overwrite,
+                resume=False, train=dataclasses.replace(base.train, seed=base.seed + s))
+            from qpeft.train.finetune import validate_spec
+
+            validate_spec(spec)
+            check_output_dir(spec)
+            specs.append(spec)
+    task = load_data(specs[0]) if specs else None
+    runs = []
+    for i, spec in enumerate(specs, 1):
+        log(f"[{i}/{len(specs)}] {spec.method} seed {spec.seed} -> {spec.output_dir}")
+        r = run_finetune(spec, command=command, task_data=task)
+        value = r["metric_value"]
+        shown = f"{100 * value:.2f}%" if r["metric"] == "accuracy" else f"{value:.3f}"
+        log(f"    {r['metric']} {shown}, {r['trainable_params']:,} trainable, "
+            f"{r['train_seconds']:.1f} s, peak {r['peak_memory_mb']:.0f} MB")
+        runs.append({k: r[k] for k in (
+            "method", "seed", "metric", "metric_value", "trainable_params", "adapter_params",
+            "total_params", "train_seconds", "peak_memory_mb", "steps", "method_options")}
+                    | {"output_dir": spec.output_dir})
+    rows = summarise(runs)
+    title = f"{base.model} on {base.task or 'table'}: {len(methods)} methods x {seeds} seed(s)"
+    plot = pareto_plot(rows, out / PLOT_NAME, title)
+    result = {
+        "model": base.model, "task": base.task, "methods": list(methods), "seeds": seeds,
+        "data_seed": specs[0].data_seed, "budget": dataclasses.asdict(base.train),
+        "rows": rows, "runs": runs, "plot": str(plot), "command": command,
+        "table": format_table(rows),
+    }
+    atomic_write_json(result, out / COMPARE_NAME)
+    return result
+

@@ -1,0 +1,407 @@
+"""One fine-tuning run, end to end: validate, load, wrap with peft, train, evaluate, save.
+
+Everything that can be checked is checked before anything is written (method, model, task,
+their compatibility, method options, the output folder, then the data and the model): a bad
+input leaves the output folder as it was. The output folder then holds
+
+- ``run.json``: the run's fingerprint (everything that defines it) and the command;
+- ``checkpoint.pt``: every ``checkpoint_every`` steps (atomic), for ``--resume``;
+- ``adapter/``: the trained adapter in peft format (written to a temporary folder, then renamed);
+- ``results.json``: the measurements (written last, atomically).
+
+Only rank 0 writes under a multi-process launcher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qpeft.train import _testing
+from qpeft.train.data import CausalLMData, ImageData, PreparedData, TextClassificationData
+from qpeft.train.loop import CHECKPOINT_NAME, TrainConfig, TrainResult, evaluate, train
+from qpeft.train.methods import build_peft_config, check_method, resolve_options
+from qpeft.train.results import (
+    RESULTS_NAME,
+    RUN_NAME,
+    atomic_write_json,
+    count_parameters,
+    package_versions,
+    peak_memory_mb,
+    read_json,
+    reset_peak_memory,
+)
+
+MODEL_KINDS: dict[str, str] = {"minilm": "text-classification", "smollm2": "causal-lm",
+                               "efficientnet-lite0": "image-classification"}
+TASK_KINDS: dict[str, str] = {"bbc-news": "text-classification", "tweets": "text-classification",
+                              "shakespeare": "causal-lm", "fashion-mnist": "image-classification"}
+PEFT_TASK_TYPES: dict[str, str | None] = {"text-classification": "SEQ_CLS",
+                                          "causal-lm": "CAUSAL_LM",
+                                          "image-classification": None}
+OWNED_NAMES: tuple[str, ...] = (RUN_NAME, RESULTS_NAME, CHECKPOINT_NAME, "adapter")
+
+
+class RunError(ValueError):
+    """A bad input to a run: one clear message; the CLI prints it and exits with status 2."""
+
+
+@dataclasses.dataclass
+class FinetuneSpec:
+    """Everything that defines a run (the CLI's ``finetune`` options)."""
+
+    method: str
+    model: str
+    task: str | None = None
+    train_file: str | None = None
+    eval_file: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    output_dir: str = "qpeft-run"
+    seed: int = 0
+    data_seed: int | None = None
+    eval_fraction: float = 0.2
+    max_train: int | None = None
+    max_eval: int | None = None
+    max_length: int = 128
+    block_size: int = 128
+    max_blocks: int | None = None
+    max_eval_blocks: int | None = None
+    image_size: int | None = None
+    target_modules: list[str] | None = None
+    method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval_before: bool = False
+    overwrite: bool = False
+    resume: bool = False
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The fields that make two runs the same run (not the output folder, resume flags,
+        progress bars or checkpoint frequency)."""
+        d = dataclasses.asdict(self)
+        for key in ("output_dir", "overwrite", "resume"):
+            d.pop(key)
+        for key in ("progress", "checkpoint_every"):
+            d["train"].pop(key)
+        for key in ("train_file", "eval_file"):
+            if d[key] is not None:
+                d[key] = str(Path(d[key]).resolve())
+        d["method_options"] = resolve_options(self.method, self.method_options)
+        return d
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def model_kind(name: str) -> str:
+    """Task kind a model name serves; RunError listing the valid names otherwise."""
+    kinds = dict(MODEL_KINDS)
+    if _testing.enabled():
+        kinds.update(_testing.TINY_MODELS)
+    if name not in kinds:
+        raise RunError(f"unknown model {name!r}; valid models: {', '.join(MODEL_KINDS)}")
+    return kinds[name]
+
+
+def task_kind(name: str) -> str:
+    """Kind of a task name; RunError listing the valid names otherwise."""
+    kinds = dict(TASK_KINDS)
+    if _testing.enabled():
+        kinds.update(_testing.TINY_TASKS)
+    if name not in kinds:
+        raise RunError(f"unknown task {name!r}; valid tasks: {', '.join(TASK_KINDS)}")
+    return kinds[name]
+
+
+def validate_spec(spec: FinetuneSpec) -> str:
+    """Check names, compatibility and options without loading anything; returns the kind."""
+    try:
+        check_method(spec.method)
+        resolve_options(spec.method, spec.method_options)
+        spec.train.validate()
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+    mkind = model_kind(spec.model)
+    if (spec.task is None) == (spec.train_file is None):
+        raise RunError("give exactly one of --task or --train-file")
+    if spec.train_file is not None:
+        tkind = "text-classification"
+        if spec.eval_file is not None and not Path(spec.eval_file).is_file():
+            raise RunError(f"--eval-file {spec.eval_file!r} does not exist")
+        if not Path(spec.train_file).is_file():
+            raise RunError(f"--train-file {spec.train_file!r} does not exist")
+    else:
+        tkind = task_kind(spec.task)
+    if mkind != tkind:
+        fits = [m for m, k in MODEL_KINDS.items() if k == tkind]
+        raise RunError(f"model {spec.model!r} ({mkind}) cannot run task "
+                       f"{spec.task or spec.train_file!r} ({tkind}); use --model {' or '.join(fits)}")
+    if not 0.0 < spec.eval_fraction < 1.0:
+        raise RunError(f"--eval-fraction must be in (0, 1), got {spec.eval_fraction}")
+    for name in ("max_train", "max_eval", "max_blocks", "max_eval_blocks", "image_size"):
+        v = getattr(spec, name)
+        if v is not None and v < 1:
+            raise RunError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    for name in ("max_length", "block_size"):
+        if getattr(spec, name) < 2:
+            raise RunError(f"--{name.replace('_', '-')} must be >= 2, got {getattr(spec, name)}")
+    return mkind
+
+
+def check_output_dir(spec: FinetuneSpec) -> str:
+    """Decide what to do with the output folder: "new", "resume" or "overwrite".
+
+    RunError when it is not a folder, not writable, or holds another run (or any run, without
+    --resume/--overwrite); nothing is created or removed here.
+    """
+    if spec.overwrite and spec.resume:
+        raise RunError("--overwrite and --resume exclude each other")
+    out = Path(spec.output_dir)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--output-dir {str(out)!r} exists and is not a folder")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise RunError(f"--output-dir {str(out)!r} is not writable ({str(probe)!r} denies writes)")
+    held = [n for n in OWNED_NAMES if (out / n).exists()]
+    if not held:
+        return "new"
+    if spec.overwrite:
+        return "overwrite"
+    previous = None
+    if (out / RUN_NAME).exists():
+        try:
+            previous = read_json(out / RUN_NAME).get("fingerprint")
+        except (OSError, ValueError):
+            previous = None
+    if not spec.resume:
+        what = "a different run" if previous != spec.fingerprint() else "this run already"
+        raise RunError(f"--output-dir {str(out)!r} holds {what} ({', '.join(held)}); "
+                       f"pass --resume to continue it or --overwrite to replace it")
+    if previous != spec.fingerprint():
+        raise RunError(f"--resume: {str(out)!r} holds a different run (its run.json differs "
+                       f"from these options); use another --output-dir or --overwrite")
+    return "resume" if (out / CHECKPOINT_NAME).exists() else "overwrite"
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_model(name: str, num_labels: int | None) -> Any:
+    """A LoadedModel from :mod:`qpeft.assets` (or the tiny test models)."""
+    if _testing.enabled() and name in _testing.TINY_MODELS:
+        return _testing.load_model(name, num_labels=num_labels)
+    from qpeft import assets
+
+    kwargs = {"num_labels": num_labels} if num_labels is not None else {}
+    return assets.load_model(name, **kwargs)
+
+
+def load_data(spec: FinetuneSpec) -> Any:
+    """The TaskData of ``spec`` (a named task, or a user's CSV/JSONL table).
+
+    The split is seeded by ``spec.data_seed`` (default: ``spec.seed``)."""
+    seed = spec.seed if spec.data_seed is None else spec.data_seed
+    if spec.train_file is not None:
+        from qpeft import assets
+
+        return assets.load_table(spec.train_file, text_column=spec.text_column,
+                                 label_column=spec.label_column, eval_file=spec.eval_file,
+                                 seed=seed, eval_fraction=spec.eval_fraction)
+    if _testing.enabled() and spec.task in _testing.TINY_TASKS:
+        return _testing.load_task(spec.task, seed=seed, max_train=spec.max_train,
+                                  max_eval=spec.max_eval)
+    from qpeft import assets
+
+    return assets.load_task(spec.task, seed=seed, eval_fraction=spec.eval_fraction,
+                            max_train=spec.max_train, max_eval=spec.max_eval)
+
+
+def _split_images(part: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(part, dict):
+        return part["images"], part["labels"]
+    if hasattr(part, "images"):
+        return part.images, part.labels
+    images, labels = part
+    return images, labels
+
+
+def prepare_data(spec: FinetuneSpec, loaded: Any, task: Any) -> tuple[PreparedData, PreparedData]:
+    """Tokenize / block / wrap the task's train and eval parts for the loop."""
+    from qpeft.assets import image_batch, lm_blocks
+
+    if task.kind == "text-classification":
+        return (TextClassificationData(task.train, loaded.tokenizer, spec.max_length),
+                TextClassificationData(task.eval, loaded.tokenizer, spec.max_length))
+    if task.kind == "causal-lm":
+        train = lm_blocks(loaded.tokenizer, task.train, spec.block_size, spec.max_blocks)
+        evald = lm_blocks(loaded.tokenizer, task.eval, spec.block_size, spec.max_eval_blocks)
+        return CausalLMData(train), CausalLMData(evald)
+    size = spec.image_size or loaded.image_size or 224
+
+    def transform(x: torch.Tensor) -> torch.Tensor:
+        return image_batch(x, size)
+
+    return (ImageData(*_split_images(task.train), transform),
+            ImageData(*_split_images(task.eval), transform))
+
+
+def wrap_model(spec: FinetuneSpec, loaded: Any) -> tuple[Any, Any]:
+    """``get_peft_model`` of the loaded model with the method's config; returns (model, config)."""
+    import peft
+
+    import qpeft  # noqa: F401  (registers our methods with peft)
+
+    targets = spec.target_modules or loaded.default_target_modules
+    try:
+        config = build_peft_config(spec.method, targets, loaded.modules_to_save,
+                                   task_type=PEFT_TASK_TYPES[loaded.kind],
+                                   options=spec.method_options)
+        model = peft.get_peft_model(loaded.model, config)
+    except ValueError as exc:
+        raise RunError(f"cannot apply {spec.method} to {spec.model}: {exc}") from None
+    return model, config
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _clear_owned(out: Path) -> None:
+    for name in OWNED_NAMES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _save_adapter(model: Any, out: Path) -> None:
+    tmp = out / f".adapter-tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp))
+    final = out / "adapter"
+    if final.exists():
+        old = out / f".adapter-old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def run_finetune(spec: FinetuneSpec, *, command: list[str] | None = None,
+                 task_data: Any | None = None, on_step: Any = None) -> dict[str, Any]:
+    """Run ``spec`` and return the results dict (also written to ``output_dir/results.json``).
+
+    ``task_data``: an already loaded TaskData to reuse (compare runs several methods on one
+    task). RunError for any bad input, raised before anything is written.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    validate_spec(spec)
+    mode = check_output_dir(spec)
+    out = Path(spec.output_dir)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    memory_kind = reset_peak_memory()
+    t_load = time.perf_counter()
+    try:
+        task = task_data if task_data is not None else load_data(spec)
+    except ValueError as exc:  # AssetError is a ValueError
+        raise RunError(str(exc)) from None
+    set_seed(spec.seed)
+    try:
+        loaded = load_model(spec.model, task.num_labels)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+    model, config = wrap_model(spec, loaded)
+    try:
+        train_data, eval_data = prepare_data(spec, loaded, task)
+        if len(train_data) < spec.train.batch_size:
+            raise ValueError(f"the training set has {len(train_data)} examples, fewer than "
+                             f"--batch-size {spec.train.batch_size}")
+        if len(eval_data) == 0:
+            raise ValueError("the evaluation set is empty")
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+    load_seconds = time.perf_counter() - t_load
+
+    fingerprint = spec.fingerprint()
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if mode == "overwrite":
+            _clear_owned(out)
+        if mode != "resume":
+            atomic_write_json({"fingerprint": fingerprint, "command": command or sys.argv},
+                              out / RUN_NAME)
+    accelerator.wait_for_everyone()
+
+    metric_before = None
+    if spec.eval_before and mode != "resume":
+        metric_before, _ = evaluate(model, eval_data, accelerator=accelerator,
+                                    batch_size=spec.train.eval_batch_size,
+                                    progress=spec.train.progress)
+    result: TrainResult = train(model, train_data, eval_data, spec.train, accelerator=accelerator,
+                                checkpoint_dir=out, resume=mode == "resume",
+                                fingerprint=fingerprint, on_step=on_step)
+    unwrapped = accelerator.unwrap_model(model)
+    trainable, total = count_parameters(unwrapped)
+    head = 0
+    for name, p in unwrapped.named_parameters():
+        if p.requires_grad and "modules_to_save" in name:
+            head += p.numel()
+    results = {
+        "method": spec.method,
+        "model": spec.model,
+        "task": spec.task or "table",
+        "train_file": spec.train_file,
+        "seed": spec.seed,
+        "trainable_params": trainable,
+        "adapter_params": trainable - head,
+        "head_params": head,
+        "total_params": total,
+        "metric": result.metric_name,
+        "metric_value": result.metric,
+        result.metric_name: result.metric,
+        "metric_before": metric_before,
+        "eval_loss": result.eval_loss,
+        "final_train_loss": result.losses[-1] if result.losses else None,
+        "train_seconds": result.train_seconds,
+        "load_seconds": load_seconds,
+        "peak_memory_mb": peak_memory_mb(),
+        "peak_memory_kind": memory_kind,
+        "steps": result.steps,
+        "resumed_from_step": result.resumed_from_step,
+        "examples_seen": result.steps * spec.train.batch_size * spec.train.grad_accum,
+        "train_size": len(train_data),
+        "eval_size": len(eval_data),
+        "split": getattr(task, "split", None),
+        "label_names": getattr(task, "label_names", None),
+        "target_modules": list(spec.target_modules or loaded.default_target_modules),
+        "method_options": resolve_options(spec.method, spec.method_options),
+        "peft_config": config.to_dict(),
+        "train_config": dataclasses.asdict(spec.train),
+        "data_config": {k: getattr(spec, k) for k in (
+            "max_length", "block_size", "max_blocks", "max_eval_blocks", "image_size",
+            "max_train", "max_eval", "eval_fraction")},
+        "num_processes": accelerator.num_processes,
+        "device": str(accelerator.device),
+        "torch_threads": torch.get_num_threads(),
+        "versions": package_versions(),
+        "command": command or sys.argv,
+        "losses": result.losses,
+    }
+    if accelerator.is_main_process:
+        _save_adapter(unwrapped, out)
+        atomic_write_json(results, out / RESULTS_NAME)
+    accelerator.wait_for_everyone()
+    return results

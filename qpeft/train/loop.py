@@ -1,0 +1,345 @@
+"""The training loop: Hugging Face Accelerate, AdamW, linear warm-up/decay, exact resume.
+
+Data order is a pure function of ``(seed, epoch)``: micro-batch ``k`` of the run takes rows
+``k mod m`` of the epoch ``k // m`` permutation (``m`` = full micro-batches per epoch; the
+last partial batch is dropped). ``batch_size`` is the *global* micro-batch: under N processes
+(``torchrun --nproc_per_node N``) each rank takes its contiguous ``batch_size / N`` rows of it,
+and DDP averages the gradients, so a 1-process run and an N-process run take the same steps up
+to float rounding. Gradient accumulation is explicit (``no_sync`` on all but the last
+micro-batch) rather than Accelerate's dataloader-driven counter, because the loop owns the
+data order and must resume in the middle of an epoch.
+
+Checkpoints (``checkpoint.pt``, written by rank 0 to a temporary file and ``os.replace``-d into
+place) hold the trainable tensors, optimizer and scheduler states, RNG states, the step and the
+elapsed training time: resuming continues the run exactly where it stopped.
+
+Frozen BatchNorm layers are kept in eval mode while training, so every change a run makes
+lives in the trainable tensors (the adapter), not in running statistics of the base model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qpeft.train.data import Batch, PreparedData, logits_of, loss_and_stats
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Budget and optimisation settings of one run (all recorded in results.json)."""
+
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_steps: int | None = None
+    epochs: float = 1.0
+    eval_batch_size: int = 32
+    checkpoint_every: int = 0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        """ValueError naming the first bad field, its value and the valid range."""
+        for name in ("batch_size", "grad_accum", "eval_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"max_steps must be an integer >= 1, got {self.max_steps!r}")
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise ValueError(f"epochs must be a finite number > 0, got {self.epochs!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 (0: never), got {self.checkpoint_every}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+
+    def total_steps(self, n_train: int) -> int:
+        """Optimizer steps of the run: ``max_steps`` or ``ceil(epochs * (n // batch) / accum)``."""
+        if self.max_steps is not None:
+            return self.max_steps
+        micro_per_epoch = n_train // self.batch_size
+        return max(1, math.ceil(self.epochs * micro_per_epoch / self.grad_accum))
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a run measured: steps done, wall time of training, per-step losses, metrics."""
+
+    steps: int
+    train_seconds: float
+    losses: list[float]
+    metric_name: str
+    metric: float
+    eval_loss: float
+    resumed_from_step: int | None = None
+
+
+def metric_name_of(kind: str) -> str:
+    """"perplexity" for causal-lm, "accuracy" otherwise."""
+    return "perplexity" if kind == "causal-lm" else "accuracy"
+
+
+class EpochOrder:
+    """The seeded per-epoch permutation of ``range(n)``; O(n) per new epoch, cached."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.per_epoch = n // batch_size
+        self._epoch: int | None = None
+        self._perm: list[int] = []
+
+    def micro_batch(self, k: int) -> list[int]:
+        """Indices of global micro-batch ``k`` (0-based over the whole run)."""
+        epoch, pos = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(self.n, generator=g).tolist()
+            self._epoch = epoch
+        return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` (detached clones) of every parameter with ``requires_grad``."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy ships with torch
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` atomically: temporary file in the same folder, fsync, rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _freeze_batchnorm_stats(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            if not any(p.requires_grad for p in module.parameters(recurse=False)):
+                module.eval()
+
+
+def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
+    """LR factor at step s: s/warmup during warm-up, then linear decay to 0 at ``total``."""
+
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def _forward(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    return logits_of(model(*batch.args, **batch.kwargs))
+
+
+def evaluate(model: torch.nn.Module, data: PreparedData, *, accelerator: Any,
+             batch_size: int, progress: bool = True) -> tuple[float, float]:
+    """(metric, mean eval loss) over all of ``data``: accuracy, or perplexity for causal-lm.
+
+    Rank r evaluates rows r, r+N, ...; sums are all-reduced, so the result does not depend on
+    the number of processes. O(len(data)) forward passes.
+    """
+    from tqdm.auto import tqdm
+
+    kind = data.kind
+    rank, world = accelerator.process_index, accelerator.num_processes
+    indices = list(range(rank, len(data), world))
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    num = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    den = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    was_training = model.training
+    model.eval()
+    chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    bar = tqdm(chunks, desc="eval", file=sys.stderr, leave=False,
+               disable=not (progress and accelerator.is_main_process))
+    with torch.no_grad():
+        for chunk in bar:
+            batch = data.batch(chunk).to(accelerator.device)
+            loss, stat, count = loss_and_stats(kind, _forward(model, batch), batch.labels)
+            num += stat.double()
+            den += count.double()
+            loss_sum += loss.double() * count.double()
+    totals = accelerator.reduce(torch.stack([loss_sum, num, den]), reduction="sum")
+    loss_sum, num, den = (float(t) for t in totals)
+    if was_training:
+        model.train()
+    if den == 0:
+        raise ValueError("evaluation set is empty")
+    mean_loss = loss_sum / den
+    if kind == "causal-lm":
+        return math.exp(num / den), mean_loss
+    return num / den, mean_loss
+
+
+def train(
+    model: torch.nn.Module,
+    train_data: PreparedData,
+    eval_data: PreparedData,
+    config: TrainConfig,
+    *,
+    accelerator: Any | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    fingerprint: dict[str, Any] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train the trainable parameters of ``model`` and evaluate it; returns the measurements.
+
+    ``checkpoint_dir``: where ``checkpoint.pt`` goes every ``config.checkpoint_every`` steps;
+    ``resume``: continue from it (ValueError if it is missing or its ``fingerprint`` differs).
+    ``on_step(step, loss)`` runs after each optimizer step (tests interrupt runs with it).
+    Cost: ``total_steps * grad_accum`` forward/backward passes of ``batch_size / N`` rows each.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    config.validate()
+    accelerator = accelerator or Accelerator()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if config.batch_size % world:
+        raise ValueError(
+            f"batch_size ({config.batch_size}) must be divisible by the number of processes "
+            f"({world}): it is the global batch, split evenly across ranks"
+        )
+    n = len(train_data)
+    if n < config.batch_size:
+        raise ValueError(
+            f"the training set has {n} examples, fewer than batch_size={config.batch_size}; "
+            f"lower --batch-size"
+        )
+    if len(eval_data) == 0:
+        raise ValueError("the evaluation set is empty")
+    kind = train_data.kind
+    total = config.total_steps(n)
+    local = config.batch_size // world
+
+    model = accelerator.prepare(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    warmup = int(config.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total))
+    unwrapped = accelerator.unwrap_model(model)
+
+    start_step, elapsed, losses, resumed_from = 0, 0.0, [], None
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    if resume:
+        if ckpt_path is None or not ckpt_path.exists():
+            raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if fingerprint is not None and state.get("fingerprint") != fingerprint:
+            raise ValueError(f"--resume: the checkpoint at {ckpt_path} belongs to a different run")
+        named = dict(unwrapped.named_parameters())
+        missing = set(state["trainable"]) ^ {k for k, p in named.items() if p.requires_grad}
+        if missing:
+            raise ValueError(f"--resume: checkpoint tensors do not match the model: {sorted(missing)[:5]}")
+        with torch.no_grad():
+            for name, tensor in state["trainable"].items():
+                named[name].copy_(tensor)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start_step, elapsed, losses = state["step"], state["train_seconds"], list(state["losses"])
+        resumed_from = start_step
+
+    order = EpochOrder(n, config.batch_size, config.seed)
+    model.train()
+    _freeze_batchnorm_stats(model)
+    bar = tqdm(total=total, initial=start_step, desc="train", file=sys.stderr,
+               disable=not (config.progress and accelerator.is_main_process))
+    t0 = time.perf_counter()
+    for step in range(start_step, total):
+        step_loss = torch.zeros((), device=accelerator.device)
+        for micro in range(config.grad_accum):
+            k = step * config.grad_accum + micro
+            batch = train_data.batch(order.micro_batch(k))
+            batch = batch.rows(rank * local, (rank + 1) * local).to(accelerator.device)
+            sync = micro == config.grad_accum - 1
+            with nullcontext() if sync else accelerator.no_sync(model):
+                loss, _, _ = loss_and_stats(kind, _forward(model, batch), batch.labels)
+                accelerator.backward(loss / config.grad_accum)
+            step_loss += loss.detach() / config.grad_accum
+        if config.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        mean_loss = float(accelerator.reduce(step_loss, reduction="mean"))
+        losses.append(mean_loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        done = step + 1
+        if ckpt_path is not None and config.checkpoint_every and (
+                done % config.checkpoint_every == 0 or done == total):
+            if accelerator.is_main_process:
+                atomic_torch_save({
+                    "step": done,
+                    "trainable": trainable_state(unwrapped),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(),
+                    "train_seconds": elapsed + time.perf_counter() - t0,
+                    "losses": losses,
+                    "fingerprint": fingerprint,
+                }, ckpt_path)
+            accelerator.wait_for_everyone()
+        if on_step is not None:
+            on_step(done, mean_loss)
+    bar.close()
+    elapsed += time.perf_counter() - t0
+    metric, eval_loss = evaluate(model, eval_data, accelerator=accelerator,
+                                 batch_size=config.eval_batch_size, progress=config.progress)
+    return TrainResult(steps=total, train_seconds=elapsed, losses=losses,
+                       metric_name=metric_name_of(kind), metric=metric, eval_loss=eval_loss,
+                       resumed_from_step=resumed_from)
