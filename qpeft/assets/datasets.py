@@ -35,7 +35,7 @@ import math
 import os
 import random
 import struct
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,25 +143,48 @@ def _by_class(labels: Sequence[int]) -> dict[int, list[int]]:
 
 
 def stratified_split(
-    labels: Sequence[int], eval_fraction: float, seed: int
+    labels: Sequence[int],
+    eval_fraction: float,
+    seed: int,
+    groups: Sequence[Hashable] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Split indices ``0..N-1`` into ``(train, eval)`` per class.
 
     ``labels``: length-N ints. The eval side gets ``round(eval_fraction * N)`` indices shared
     over classes by largest remainder, capped so that every class keeps >= 1 training example.
-    Both lists come back in a seeded random order; disjoint; deterministic in ``(labels,
-    eval_fraction, seed)``. O(N log N).
+    ``groups`` (optional, length N): items with equal group keys always land on the same side
+    (used with the text itself as key, so duplicated texts cannot leak from train into eval);
+    the split is then made over groups, stratified by each group's first label, and the sizes
+    above hold in groups rather than rows. Both lists come back in a seeded random order;
+    disjoint; deterministic in the arguments. O(N log N).
     """
     eval_fraction = _check_fraction(eval_fraction)
     seed = _check_seed(seed)
-    groups = _by_class(labels)
-    counts = [len(v) for v in groups.values()]
+    if groups is not None:
+        if len(groups) != len(labels):
+            raise ValueError(
+                f"groups must have one key per label ({len(labels)}), got {len(groups)}"
+            )
+        members: dict[Hashable, list[int]] = {}
+        for i, g in enumerate(groups):
+            members.setdefault(g, []).append(i)
+        keys = list(members)
+        g_train, g_eval = stratified_split([labels[members[k][0]] for k in keys],
+                                           eval_fraction, seed)
+        rng = random.Random(f"qpeft-group-split:{seed}")
+        train = [i for j in g_train for i in members[keys[j]]]
+        evals = [i for j in g_eval for i in members[keys[j]]]
+        rng.shuffle(train)
+        rng.shuffle(evals)
+        return train, evals
+    by_class = _by_class(labels)
+    counts = [len(v) for v in by_class.values()]
     target = math.floor(eval_fraction * len(labels) + 0.5)
     alloc = _largest_remainder(counts, target)
     rng = random.Random(f"qpeft-split:{seed}")
     train: list[int] = []
     evals: list[int] = []
-    for (_, idx), k in zip(groups.items(), alloc, strict=True):
+    for (_, idx), k in zip(by_class.items(), alloc, strict=True):
         idx = list(idx)
         rng.shuffle(idx)
         k = min(k, len(idx) - 1)
@@ -217,10 +240,16 @@ def _split_text_examples(
     extra: dict[str, Any] | None = None,
 ) -> TaskData:
     """Stratified split + optional stratified subsample of a labelled text list."""
-    train_idx, eval_idx = stratified_split(labels, eval_fraction, seed)
+    train_idx, eval_idx = stratified_split(labels, eval_fraction, seed, groups=texts)
+    split = {
+        "strategy": "stratified",
+        "seed": seed,
+        "eval_fraction": eval_fraction,
+        "grouping": "identical texts kept on one side",
+        "duplicate_rows": len(texts) - len(set(texts)),
+    }
     return _finish_text_task(
-        name, texts, labels, ids, label_names, train_idx, eval_idx,
-        split={"strategy": "stratified", "seed": seed, "eval_fraction": eval_fraction},
+        name, texts, labels, ids, label_names, train_idx, eval_idx, split=split,
         seed=seed, max_train=max_train, max_eval=max_eval, extra=extra,
     )
 
