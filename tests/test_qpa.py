@@ -475,3 +475,24 @@ def test_save_load_and_export_on_peft_0_20(tmp_path):
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "gpt2 ok" in proc.stdout
+
+
+def test_half_precision_bases():
+    # bf16 base: the generator is built in float32 and the delta is cast to the layer's dtype
+    model, base_out = h.wrap("mlp", QPAConfig(r=2, n_mlp=64, target_modules=["lin0", "lin1"]),
+                             dtype=torch.bfloat16)
+    assert model.base_model.generator().theta.dtype == torch.float32
+    assert torch.equal(h.run(model, "mlp", torch.bfloat16), base_out)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        model(**h.tiny_inputs("mlp", torch.bfloat16)).float().pow(2).mean().backward()
+        opt.step()
+    out = h.run(model, "mlp", torch.bfloat16)
+    assert not torch.equal(out, base_out)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    # casting the whole wrapped model afterwards: the circuit still runs (in float32)
+    model.half()
+    assert model.base_model.generator().theta.dtype == torch.float16
+    out = h.run(model, "mlp", torch.float16)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()

@@ -214,8 +214,12 @@ class QPAGenerator(nn.Module):
         self._clock += 1
 
     def transformed_probabilities(self) -> torch.Tensor:
-        """``p~`` [2**N] from the circuit (see the module docstring). O(L*N*2**N)."""
-        p = qnn_probabilities(self.theta)
+        """``p~`` [2**N] from the circuit (see the module docstring). O(L*N*2**N).
+        Half-precision angles (a model cast with ``.half()`` after wrapping) run in float32."""
+        theta = self.theta
+        if theta.dtype not in (torch.float32, torch.float64):
+            theta = theta.float()
+        p = qnn_probabilities(theta)
         n = self.n_qubits
         if self.prob_transform == "centered":
             return p * 2**n - 1
@@ -227,8 +231,9 @@ class QPAGenerator(nn.Module):
         """The flat generated vector [m] (uncached; the gain is not applied). O(circuit + MLP)."""
         self.n_generations += 1
         pt = self.transformed_probabilities()[: self.n_chunks]
-        bits = self.bits.to(device=pt.device, dtype=pt.dtype)
-        out = self.mlp(torch.cat([bits, pt.unsqueeze(1)], dim=1))  # [n_ch, n_mlp]
+        dtype = self.mlp_weight_0.dtype
+        bits = self.bits.to(device=pt.device, dtype=dtype)
+        out = self.mlp(torch.cat([bits, pt.to(dtype).unsqueeze(1)], dim=1))  # [n_ch, n_mlp]
         flat = out.reshape(-1)[: self.m]
         if self.center_output:
             flat = flat - flat.mean()
