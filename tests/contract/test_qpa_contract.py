@@ -78,8 +78,7 @@ torch.save((out, merged), {out!r})
 
 
 @pytest.mark.parametrize(
-    "case", ["gpt2", "cnn", pytest.param("bert", marks=pytest.mark.slow),
-             pytest.param("mlp", marks=pytest.mark.slow)],
+    "case", ["gpt2"] + [pytest.param(c, marks=pytest.mark.slow) for c in ("cnn", "bert", "mlp")],
 )
 def test_exported_lora_loads_without_qpeft(case, tmp_path):
     model, base_out = h.wrap(case, qpa(case))
@@ -102,3 +101,20 @@ def test_exported_lora_loads_without_qpeft(case, tmp_path):
     out, merged = torch.load(out_file)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(h.TINY_MODELS))
+def test_exported_lora_matches_in_process(case, tmp_path):
+    """The same export check without a subprocess (fast; every layer kind incl. Conv2d)."""
+    from peft import PeftModel
+
+    model, _ = h.wrap(case, qpa(case))
+    h.train_steps(model, case)
+    expected = h.run(model, case)
+    model.save_pretrained(tmp_path / "qpa")
+    export_lora(tmp_path / "qpa", tmp_path / "lora")
+    lora = PeftModel.from_pretrained(h.build_tiny(case), tmp_path / "lora")
+    assert type(lora.base_model).__name__ == "LoraModel"
+    torch.testing.assert_close(h.run(lora, case), expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(h.run(lora.merge_and_unload(), case), expected, atol=1e-5,
+                               rtol=1e-5)
