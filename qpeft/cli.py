@@ -284,7 +284,9 @@ def _cmd_count(args: argparse.Namespace) -> int:
                           num_labels=args.num_labels, target_modules=args.target_modules,
                           options=_method_options(args))
     if args.json:
-        print(json.dumps(table, indent=2))
+        from qpeft.train.results import _json_default
+
+        print(json.dumps(table, indent=2, default=_json_default))
     else:
         print(table["text"])
     return 0
@@ -310,6 +312,10 @@ SUBCOMMANDS: dict[str, Callable[[Any], None]] = {
     "demo": _add_demo,
     "export-lora": _add_export_lora,
 }
+
+
+# subcommands whose ValueErrors are input errors (exit 2) rather than bugs
+VALUE_ERROR_COMMANDS: set[str] = {"export-lora"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,6 +350,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CLIError, RunError, AssetError) as exc:
         print(f"qpeft: error: {exc}", file=sys.stderr)
         return 2
+    except ValueError as exc:
+        # export-lora's own checks raise ValueError naming the bad argument
+        if args.command in VALUE_ERROR_COMMANDS:
+            print(f"qpeft: error: {exc}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("qpeft: interrupted (continue with --resume if checkpoints were on)",
               file=sys.stderr)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 ENV_FLAG = "QPEFT_TEST_ASSETS"
+DUMP_ENV = "QPEFT_TEST_RANK_DUMP"
 TINY_MODELS: dict[str, str] = {"tiny-bert": "text-classification", "tiny-llama": "causal-lm",
                                "tiny-cnn": "image-classification"}
 TINY_TASKS: dict[str, str] = {"tiny-text": "text-classification", "tiny-lm": "causal-lm",
@@ -150,3 +151,13 @@ def load_task(name: str, *, seed: int = 0, max_train: int | None = None,
                         ["q0", "q1", "q2", "q3"], "accuracy", split)
     raise ValueError(f"unknown tiny task {name!r}")
 
+
+
+def dump_rank_state(model: nn.Module, rank: int) -> None:
+    """With ``QPEFT_TEST_RANK_DUMP=DIR`` (and the test flag), every rank saves its trainable
+    tensors to ``DIR/rank<r>.pt``, so a test can check that data-parallel ranks agree."""
+    folder = os.environ.get(DUMP_ENV)
+    if not (enabled() and folder):
+        return
+    state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save(state, os.path.join(folder, f"rank{rank}.pt"))

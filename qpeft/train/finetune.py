@@ -27,7 +27,7 @@ import torch
 from qpeft.train import _testing
 from qpeft.train.data import CausalLMData, ImageData, PreparedData, TextClassificationData
 from qpeft.train.loop import CHECKPOINT_NAME, TrainConfig, TrainResult, evaluate, train
-from qpeft.train.methods import build_peft_config, check_method, resolve_options
+from qpeft.train.methods import build_peft_config, check_method, config_class, resolve_options
 from qpeft.train.results import (
     RESULTS_NAME,
     RUN_NAME,
@@ -124,6 +124,7 @@ def validate_spec(spec: FinetuneSpec) -> str:
     """Check names, compatibility and options without loading anything; returns the kind."""
     try:
         check_method(spec.method)
+        config_class(spec.method)
         resolve_options(spec.method, spec.method_options)
         spec.train.validate()
     except ValueError as exc:
@@ -169,6 +170,8 @@ def check_output_dir(spec: FinetuneSpec) -> str:
     probe = out
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise RunError(f"--output-dir {str(out)!r} cannot be created: {str(probe)!r} is a file")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise RunError(f"--output-dir {str(out)!r} is not writable ({str(probe)!r} denies writes)")
     held = [n for n in OWNED_NAMES if (out / n).exists()]
@@ -354,6 +357,7 @@ def run_finetune(spec: FinetuneSpec, *, command: list[str] | None = None,
                                 checkpoint_dir=out, resume=mode == "resume",
                                 fingerprint=fingerprint, on_step=on_step)
     unwrapped = accelerator.unwrap_model(model)
+    _testing.dump_rank_state(unwrapped, accelerator.process_index)
     trainable, total = count_parameters(unwrapped)
     head = 0
     for name, p in unwrapped.named_parameters():

@@ -171,7 +171,8 @@ def build_peft_config(
                 f"{cls.__name__} has no field {field!r} for option --{name.replace('_', '-')}"
             )
         kwargs[field] = value
-    if method == "oft" and "rank" in resolved:
+    given = {k for k, v in (options or {}).items() if v is not None}
+    if method == "oft" and "rank" in given and "oft_block_size" not in given:
         kwargs["oft_block_size"] = 0  # peft takes either r or oft_block_size
     kwargs["target_modules"] = list(target_modules) if not isinstance(
         target_modules, str) else target_modules
