@@ -82,8 +82,9 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
                    help="fraction of steps of linear warm-up (then linear decay to 0)")
     g.add_argument("--max-grad-norm", type=float, default=1.0)
     g.add_argument("--eval-batch-size", type=_positive_int, default=32)
-    g.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                   help="write checkpoint.pt every N steps (0: never) for --resume")
+    g.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                   help="write checkpoint.pt every N steps and at the end (0: never), "
+                        "for --resume")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     d = parser.add_argument_group("data")
@@ -330,7 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_ARGV: list[str] | None = None
+
+
 def _command() -> list[str]:
+    """The command as typed: ``qpeft`` + its arguments (recorded in results.json)."""
+    if _ARGV is not None:
+        return ["qpeft", *_ARGV]
     return [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else []
 
 
@@ -343,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from qpeft.assets import AssetError
     from qpeft.train.finetune import RunError
 
+    global _ARGV
+    _ARGV = list(argv) if argv is not None else list(sys.argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -83,6 +83,10 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 # method -> (attribute of the config's module, qualified import path)
+# our methods' packages (imported if ``qpeft`` does not export the config class yet)
+_PACKAGES: dict[str, str] = {"quantum-peft": "qpeft.tuners.quantum_peft",
+                             "quic": "qpeft.tuners.quic", "qpa": "qpeft.tuners.qpa"}
+
 _CONFIG_CLASSES: dict[str, tuple[str, str]] = {
     "lora": ("peft", "LoraConfig"),
     "oft": ("peft", "OFTConfig"),
@@ -109,6 +113,14 @@ def config_class(method: str) -> type:
     module_name, cls_name = _CONFIG_CLASSES[method]
     module = importlib.import_module(module_name)
     cls = getattr(module, cls_name, None)
+    if cls is None and method in _PACKAGES:
+        try:
+            cls = getattr(importlib.import_module(_PACKAGES[method]), cls_name, None)
+        except ImportError as exc:
+            raise ValueError(
+                f"method {method!r} is not available in this install: importing "
+                f"{_PACKAGES[method]} failed ({exc})"
+            ) from None
     if cls is None:
         raise ValueError(
             f"method {method!r} is not available in this install: {module_name}.{cls_name} "

@@ -34,6 +34,7 @@ def test_finetune_writes_results_and_a_loadable_adapter(cli, tmp_path, model, ta
     assert RESULT_KEYS <= res.keys()
     assert res["metric"] == metric and res[metric] == res["metric_value"]
     assert res["steps"] == 2 and len(res["losses"]) == 2
+    assert res["command"][:2] == ["qpeft", "finetune"] and str(out) in res["command"]
     assert 0 < res["trainable_params"] < res["total_params"]
     assert res["versions"]["torch"] and res["versions"]["peft"]
     assert res["peak_memory_mb"] > 0
