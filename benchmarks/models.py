@@ -1,0 +1,184 @@
+"""The models and adapter configurations the benchmarks compare.
+
+Real models (MiniLM, SmolLM2-135M) come from :func:`qpeft.assets.load_model`; ``quick`` runs use
+tiny randomly initialised BERT / Llama models with the same module names, so the smoke test
+exercises exactly the code path of a full run in a second.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+PEFT_METHODS = ("lora", "oft", "boft", "hra")
+QPEFT_METHODS = ("quantum_peft", "quic", "qpa")
+METHODS = PEFT_METHODS + QPEFT_METHODS
+METHOD_LABELS = {
+    "lora": "peft LoRA r=8",
+    "oft": "peft OFT (block 32)",
+    "boft": "peft BOFT (block 8, 1 factor: peft forces 1 on CPU)",
+    "hra": "peft HRA r=8",
+    "quantum_peft": "Quantum-PEFT K=8, L=1",
+    "quic": "QuIC C1⊕C2, N=3",
+    "qpa": "QPA r=8",
+}
+MODEL_KINDS = ("minilm", "smollm2")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a training step needs to know about a model: targets, batch shape, task type."""
+
+    kind: str
+    targets: tuple[str, ...]
+    batch: int
+    seq_len: int
+    task_type: str
+    num_labels: int | None
+
+
+def model_spec(kind: str, quick: bool) -> ModelSpec:
+    """Batch 16 x 128 on MiniLM (query, value), 4 x 128 on SmolLM2 (q_proj, v_proj); quick: 2 x 16."""
+    if kind == "minilm":
+        b, t = (2, 16) if quick else (16, 128)
+        return ModelSpec(kind, ("query", "value"), b, t, "SEQ_CLS", 5)
+    if kind == "smollm2":
+        b, t = (2, 16) if quick else (4, 128)
+        return ModelSpec(kind, ("q_proj", "v_proj"), b, t, "CAUSAL_LM", None)
+    raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
+
+
+def load_base(kind: str, quick: bool) -> nn.Module:
+    """The frozen base model in fp32 eval-free train mode. Quick: a tiny random model with the
+    same architecture family (BERT / Llama) and module names. Cost: ~1 s (cached assets)."""
+    torch.manual_seed(0)
+    if quick:
+        from transformers import (
+            BertConfig,
+            BertForSequenceClassification,
+            LlamaConfig,
+            LlamaForCausalLM,
+        )
+
+        if kind == "minilm":
+            cfg = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, intermediate_size=128, num_labels=5)
+            model = BertForSequenceClassification(cfg)
+        elif kind == "smollm2":
+            cfg = LlamaConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2,
+                              intermediate_size=128, tie_word_embeddings=True)
+            model = LlamaForCausalLM(cfg)
+        else:
+            raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
+    else:
+        from qpeft.assets import load_model
+
+        if kind == "minilm":
+            model = load_model("minilm", num_labels=5).model
+        elif kind == "smollm2":
+            model = load_model("smollm2").model
+        else:
+            raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
+    model.train()
+    for module in model.modules():  # dropout off: identical work for every method
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def make_batch(spec: ModelSpec, vocab_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random token ids (fixed seed) of shape (batch, seq_len) and labels for the task."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (spec.batch, spec.seq_len), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if spec.task_type == "SEQ_CLS":
+        batch["labels"] = torch.randint(0, spec.num_labels or 2, (spec.batch,), generator=g)
+    else:
+        batch["labels"] = ids.clone()
+    return batch
+
+
+def available_methods() -> dict[str, bool]:
+    """Which methods can be built now (the qpeft tuners register when ``import qpeft`` runs)."""
+    import qpeft
+
+    out = {m: True for m in PEFT_METHODS}
+    names = {"quantum_peft": "QuantumPEFTConfig", "quic": "QuICConfig", "qpa": "QPAConfig"}
+    for method, cls in names.items():
+        out[method] = hasattr(qpeft, cls)
+    return out
+
+
+def method_config(method: str, targets: Iterable[str], task_type: str | None) -> Any:
+    """The adapter config of ``method`` on ``targets`` (settings in :data:`METHOD_LABELS`)."""
+    import peft
+
+    targets = list(targets)
+    common: dict[str, Any] = {"target_modules": targets, "task_type": task_type}
+    if method == "lora":
+        return peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, **common)
+    if method == "oft":
+        return peft.OFTConfig(oft_block_size=32, r=0, **common)
+    if method == "boft":
+        return peft.BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=1, boft_dropout=0.0,
+                               **common)
+    if method == "hra":
+        return peft.HRAConfig(r=8, **common)
+    import qpeft
+
+    if method == "quantum_peft":
+        return qpeft.QuantumPEFTConfig(r=8, depth=1, **common)
+    if method == "quic":
+        return qpeft.QuICConfig(num_blocks=3, orders=[1, 2], **common)
+    if method == "qpa":
+        return qpeft.QPAConfig(r=8, **common)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def clone_sharing(model: nn.Module, keep: Callable[[str], bool] = lambda name: True) -> nn.Module:
+    """A deep copy of ``model`` whose parameters/buffers named ``n`` with ``keep(n)`` are the
+    *same* tensors as the original's (no extra memory); the rest are copied. Cost: O(#modules)
+    plus the copied tensors."""
+    memo: dict[int, Any] = {}
+    for name, p in model.named_parameters():
+        if keep(name):
+            memo[id(p)] = p
+    for name, b in model.named_buffers():
+        if keep(name):
+            memo[id(b)] = b
+    return copy.deepcopy(model, memo)
+
+
+def wrap(method: str, base: nn.Module, spec: ModelSpec) -> nn.Module:
+    """``peft.get_peft_model`` of a weight-sharing clone of ``base`` for ``method``."""
+    import peft
+
+    import qpeft  # noqa: F401  (registers the qpeft methods)
+
+    cfg = method_config(method, spec.targets, spec.task_type)
+    return peft.get_peft_model(clone_sharing(base), cfg)
+
+
+def trainable_count(model: nn.Module) -> int:
+    """Number of trainable numbers (requires_grad) in ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def make_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """One optimizer step (zero_grad, forward, loss.backward, AdamW.step) as a closure."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+
+    return step

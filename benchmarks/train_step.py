@@ -1,0 +1,181 @@
+"""Benchmark 1: training step time and peak memory, qpeft methods vs peft methods.
+
+Time: every method wraps a weight-sharing clone of one base model in one process; their
+optimizer steps (zero_grad, forward, backward, AdamW) are interleaved round-robin and the median
+after warm-up is divided by peft LoRA's median from the same rounds.
+
+Memory: a fresh subprocess per method (peak RSS is per process). After the model is loaded and
+wrapped, the RSS is read, the kernel's high-water mark is reset (``/proc/self/clear_refs`` = 5)
+and the steps run; ``peak_rss`` is the high-water mark during the steps, ``step_mem`` = peak_rss
+minus the RSS before the first step (gradients, optimizer state, activations, adapter work).
+glibc is told to serve allocations >= 128 KiB with mmap (``MALLOC_MMAP_THRESHOLD_``) so freed
+tensors leave the RSS at once and the high-water mark follows live tensors.
+
+Run alone: ``python -m benchmarks.train_step [--quick] [--models minilm smollm2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks import _common as C
+from benchmarks import models as M
+
+NAME = "train_step"
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_worker(kind: str, method: str, quick: bool, steps: int) -> dict[str, Any]:
+    """Runs inside the subprocess: load, wrap, reset the RSS high-water mark, run ``steps``
+    optimizer steps, report peak RSS and its increase over the pre-step RSS (MiB)."""
+    C.setup_torch()
+    spec = M.model_spec(kind, quick)
+    base = M.load_base(kind, quick)
+    model = M.wrap(method, base, spec)
+    del base
+    batch = M.make_batch(spec, model.get_base_model().config.vocab_size)
+    step = M.make_step(model, batch)
+    gc.collect()
+    before = _rss_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    for _ in range(steps):
+        step()
+    peak = _rss_kib("VmHWM")
+    return {"rss_before_mib": before / 1024, "peak_rss_mib": peak / 1024,
+            "step_mem_mib": (peak - before) / 1024}
+
+
+def measure_memory(kind: str, method: str, quick: bool) -> dict[str, Any]:
+    """Run :func:`memory_worker` in a fresh interpreter; returns its dict or {'error': ...}."""
+    steps = 2 if quick else 3
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS=str(C.NUM_THREADS))
+    cmd = [sys.executable, "-m", "benchmarks.train_step", "--memory-worker", kind, method,
+           "--steps", str(steps)] + (["--quick"] if quick else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=C.REPO_ROOT, env=env,
+                          timeout=900)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else
+                f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_time(kind: str, methods: list[str], quick: bool) -> dict[str, Any]:
+    """Round-robin step timings of ``methods`` on one model; per-method errors are recorded."""
+    spec = M.model_spec(kind, quick)
+    base = M.load_base(kind, quick)
+    batch = M.make_batch(spec, base.config.vocab_size)
+    out: dict[str, Any] = {}
+    steps = {}
+    for method in methods:
+        try:
+            model = M.wrap(method, base, spec)
+            out[method] = {"trainable": M.trainable_count(model)}
+            steps[method] = M.make_step(model, batch)
+        except Exception as err:  # a method that cannot be built is reported, not fatal
+            out[method] = {"error": f"{type(err).__name__}: {err}"}
+    warmup, repeats = (1, 2) if quick else ((2, 5) if kind == "smollm2" else (3, 10))
+    times = C.round_robin(steps, warmup, repeats)
+    for method, ts in times.items():
+        out[method].update(C.summarize(ts))
+    return out
+
+
+def run(quick: bool = False, out_dir: Path = C.RESULTS_DIR,
+        models: tuple[str, ...] = M.MODEL_KINDS, methods: tuple[str, ...] = M.METHODS,
+        memory: bool = True) -> dict[str, Any]:
+    """Time and memory for every model x method; writes ``train_step.json`` / ``.md``."""
+    C.setup_torch()
+    avail = M.available_methods()
+    use = [m for m in methods if avail.get(m)]
+    result: dict[str, Any] = {"benchmark": NAME, "quick": quick, "machine": C.machine_facts(),
+                              "unavailable": [m for m in methods if not avail.get(m)],
+                              "models": {}}
+    for kind in models:
+        spec = M.model_spec(kind, quick)
+        rows = measure_time(kind, use, quick)
+        gc.collect()
+        if memory:
+            for method in use:
+                if "error" not in rows[method]:
+                    rows[method]["memory"] = measure_memory(kind, method, quick)
+        ref = rows.get("lora", {})
+        ref_mem = ref.get("memory", {})
+        for method, row in rows.items():
+            row["label"] = M.METHOD_LABELS[method]
+            row["time_ratio"] = C.ratio(row.get("median_s"), ref.get("median_s"))
+            mem = row.get("memory", {})
+            row["peak_ratio"] = C.ratio(mem.get("peak_rss_mib"), ref_mem.get("peak_rss_mib"))
+            row["step_mem_ratio"] = C.ratio(mem.get("step_mem_mib"), ref_mem.get("step_mem_mib"))
+        result["models"][kind] = {"targets": list(spec.targets), "batch": spec.batch,
+                                  "seq_len": spec.seq_len, "methods": rows}
+    C.write_result(NAME, result, render(result), out_dir)
+    return result
+
+
+TARGETS = {  # method: (max step ratio to LoRA, max peak-memory ratio to LoRA)
+    "quantum_peft": (1.10, 1.05),
+    "quic": (1.5, None),
+    "qpa": (1.3, None),
+}
+
+
+def render(result: dict[str, Any]) -> str:
+    """Markdown tables, one per model."""
+    parts = []
+    for kind, block in result["models"].items():
+        rows = []
+        for method, row in block["methods"].items():
+            mem = row.get("memory", {})
+            if "error" in row:
+                rows.append([row.get("label", method), "error: " + row["error"][:120],
+                             "-", "-", "-", "-", "-", "-"])
+                continue
+            rows.append([
+                row["label"], row["trainable"], row.get("median_s"), row.get("time_ratio"),
+                mem.get("peak_rss_mib") if "error" not in mem else "error: " + mem["error"][:80],
+                row.get("peak_ratio"), mem.get("step_mem_mib"), row.get("step_mem_ratio"),
+            ])
+        parts.append(
+            f"**{kind}** (targets {', '.join(block['targets'])}; batch {block['batch']} x "
+            f"{block['seq_len']})\n\n" + C.md_table(
+                ["method", "trainable", "step median (s)", "step / LoRA", "peak RSS (MiB)",
+                 "peak / LoRA", "step memory (MiB)", "step mem / LoRA"], rows))
+    if result.get("unavailable"):
+        parts.append("Not measured (method not available in this checkout): "
+                     + ", ".join(result["unavailable"]))
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny random models (smoke test)")
+    p.add_argument("--out", type=Path, default=C.RESULTS_DIR)
+    p.add_argument("--models", nargs="+", default=list(M.MODEL_KINDS), choices=M.MODEL_KINDS)
+    p.add_argument("--methods", nargs="+", default=list(M.METHODS), choices=M.METHODS)
+    p.add_argument("--no-memory", action="store_true", help="skip the per-method subprocesses")
+    p.add_argument("--memory-worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.memory_worker:
+        print(json.dumps(memory_worker(a.memory_worker[0], a.memory_worker[1], a.quick, a.steps)))
+        return
+    result = run(a.quick, a.out, tuple(a.models), tuple(a.methods), not a.no_memory)
+    print(render(result))
+
+
+if __name__ == "__main__":
+    main()
