@@ -21,7 +21,6 @@ from torch import nn
 
 from qpeft.circuits.compound import compounds
 from qpeft.circuits.givens import givens_matrix
-from qpeft.circuits.lie import cayley, expm_orthogonal
 from qpeft.tuners._common import layer_kind, matrix_shape, matrix_to_weight, weight_to_matrix
 
 from .config import BlockPlan, QuICConfig, base_map_num_params
@@ -63,6 +62,9 @@ def base_matrices(
     Cost: O(n³) per matrix (Cayley solve / matrix exp / circuit), O(n²) for free."""
     lead = params.shape[:-1]
     if base_map in ("cayley", "exp"):
+        # imported here so that `import qpeft` never depends on the Lie module's import order
+        from qpeft.circuits.lie import cayley, expm_orthogonal
+
         rows, cols = torch.triu_indices(n, n, 1, device=params.device)
         upper = _fill_upper(params.new_zeros(*lead, n, n), params, rows, cols)
         s = upper - upper.mT
