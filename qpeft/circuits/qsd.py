@@ -1,0 +1,178 @@
+"""Orthogonal circuits on any dimension N: a binary cosine-sine (quantum-Shannon-type) split.
+
+Construction (papers.md section 1, "Any N"; the paper's own construction is unreadable, this is
+qpeft's design).  ``Q_N`` is the ``N x N`` orthogonal matrix
+
+* ``N = 1``: ``Q = [[1]]`` (no parameters);
+* ``N = 2**n`` (n >= 1): the Pauli circuit on n qubits (``qpeft.circuits.pauli``), so the
+  generalized circuit *is* the Pauli circuit when N is a power of two (same angle layout);
+* otherwise ``N = N1 + N2`` with ``N1`` the largest power of two below ``N`` (``N2 < N1``)::
+
+      Q_N = (A1 (+) A2) . CS(phi) . (B1 (+) I_{N2})
+
+  ``A1``, ``B1``: Pauli circuits on ``log2 N1`` qubits (depth L); ``A2 = Q_{N2}`` recursively;
+  ``CS(phi)``: Givens rotations on the row pairs ``(i, N1 + i)``, ``i < N2``, all with the one
+  angle ``phi`` (``x_i -> c x_i - s x_j``, ``x_j -> s x_i + c x_j``, the ``givens.py``
+  convention).  The bottom-right input factor is the identity rather than a second recursive
+  circuit: a second recursive factor per level would make the count grow like ``2**levels``
+  (``O(N)`` for N = 2**m - 1) instead of ``O(L log**2 N)``.
+
+The recursion follows the binary digits of N: one level per 1-bit, so at most ``log2 N`` levels,
+each with two Pauli circuits of ``<= log2 N`` qubits, giving
+``generalized_num_params = O(L log**2 N)`` (e.g. L = 1: N = 768 -> 73, N = 1000 -> 202, N = 997 -> 204).
+
+Angle layout of ``Q_N`` (non power of two): ``[B1 | phi | A1 | A2]``.
+
+Every angle influences the first k columns for every ``k >= 1`` (column 0 passes through B1,
+CS rotates its head into the bottom block, A1 and A2 act on non-zero blocks; an RY or Givens
+generator never annihilates a non-zero vector), so the count does not depend on k and
+``generalized_num_params(n, k, L)`` is exactly the number of angles ``generalized_stiefel``
+consumes.  When ``k <= N1`` the identity input block only meets zero rows and is skipped.
+
+Cost of ``generalized_stiefel``: ``O(L N k log N)`` time, ``O(N k)`` memory (never ``N x N``
+unless ``k = N``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from qpeft.circuits._checks import (
+    check_finite,
+    check_float_dtype,
+    check_in_range,
+    check_last_dim,
+    check_positive_int,
+)
+from qpeft.circuits.pauli import is_power_of_two, pauli_apply, pauli_num_params, pauli_stiefel
+
+__all__ = ["generalized_num_params", "generalized_stiefel", "generalized_apply", "split_sizes"]
+
+
+def split_sizes(n: int) -> tuple[int, int]:
+    """``(N1, N2)`` with ``N1`` the largest power of two ``< n`` and ``N2 = n - N1``.
+
+    Only for ``n >= 3`` not a power of two.  O(1).
+    """
+    check_positive_int("n", n, minimum=3)
+    if is_power_of_two(n):
+        raise ValueError(f"n must not be a power of two to be split, got {n}")
+    n1 = 1 << (n.bit_length() - 1)
+    return n1, n - n1
+
+
+@functools.lru_cache(maxsize=4096)
+def _count(n: int, depth: int) -> int:
+    if n == 1:
+        return 0
+    if is_power_of_two(n):
+        return pauli_num_params(n.bit_length() - 1, depth)
+    n1, n2 = split_sizes(n)
+    return 2 * _count(n1, depth) + 1 + _count(n2, depth)
+
+
+def generalized_num_params(n: int, k: int, depth: int) -> int:
+    """Number of angles of the generalized circuit's first k columns on dimension ``n``.
+
+    Equals ``pauli_num_params(log2 n, depth)`` for a power of two; independent of ``k`` (every
+    factor always influences the output, see the module docstring).  ``O(log n)``.
+    """
+    check_positive_int("n", n)
+    check_in_range("k", k, 1, n)
+    check_positive_int("depth", depth, minimum=0)
+    return _count(n, depth)
+
+
+def _qubits(n: int) -> int:
+    return n.bit_length() - 1
+
+
+def _apply(a: torch.Tensor, n: int, depth: int, x: torch.Tensor) -> torch.Tensor:
+    """``Q_n @ x`` for angles ``a (B, P)`` and ``x (B, n, m)``; O(L n m log**2 n)."""
+    if n == 1:
+        return x
+    if is_power_of_two(n):
+        return pauli_apply(a, _qubits(n), depth, x)
+    n1, n2 = split_sizes(n)
+    p1 = _count(n1, depth)
+    b1, phi, a1, a2 = a[:, :p1], a[:, p1], a[:, p1 + 1 : 2 * p1 + 1], a[:, 2 * p1 + 1 :]
+    top = pauli_apply(b1, _qubits(n1), depth, x[:, :n1])
+    bottom = x[:, n1:]
+    c, s = torch.cos(phi)[:, None, None], torch.sin(phi)[:, None, None]
+    head = top[:, :n2]
+    top = torch.cat((c * head - s * bottom, top[:, n2:]), dim=1)
+    bottom = s * head + c * bottom
+    return torch.cat((pauli_apply(a1, _qubits(n1), depth, top), _apply(a2, n2, depth, bottom)), 1)
+
+
+def _stiefel(a: torch.Tensor, n: int, k: int, depth: int) -> torch.Tensor:
+    """``Q_n[:, :k]`` for angles ``a (B, P)``: ``(B, n, k)``."""
+    if n == 1:
+        return a.new_ones(a.shape[0], 1, 1)
+    if is_power_of_two(n):
+        return pauli_stiefel(a, _qubits(n), depth, k)
+    n1, n2 = split_sizes(n)
+    p1 = _count(n1, depth)
+    b1, phi, a1, a2 = a[:, :p1], a[:, p1], a[:, p1 + 1 : 2 * p1 + 1], a[:, 2 * p1 + 1 :]
+    c, s = torch.cos(phi)[:, None, None], torch.sin(phi)[:, None, None]
+    if k <= n1:  # (B1 (+) I)[:, :k] = [B1[:, :k]; 0]: the identity block meets zeros only
+        top = pauli_stiefel(b1, _qubits(n1), depth, k)
+        head = top[:, :n2]
+        top = torch.cat((c * head, top[:, n2:]), dim=1)
+        bottom = s * head
+    else:
+        full = pauli_stiefel(b1, _qubits(n1), depth, n1)  # (B, n1, n1)
+        bsz = a.shape[0]
+        top = torch.cat((full, full.new_zeros(bsz, n1, k - n1)), dim=2)
+        eye = torch.eye(n2, k - n1, dtype=a.dtype, device=a.device).expand(bsz, n2, k - n1)
+        bottom = torch.cat((full.new_zeros(bsz, n2, n1), eye), dim=2)
+        head = top[:, :n2]
+        top = torch.cat((c * head - s * bottom, top[:, n2:]), dim=1)
+        bottom = s * head + c * bottom
+    return torch.cat((pauli_apply(a1, _qubits(n1), depth, top), _apply(a2, n2, depth, bottom)), 1)
+
+
+def _check(angles: torch.Tensor, n: int, k: int, depth: int) -> None:
+    p = generalized_num_params(n, k, depth)
+    check_float_dtype("angles", angles)
+    check_last_dim("angles", angles, p, f"generalized_num_params({n}, {k}, {depth})")
+    check_finite("angles", angles)
+
+
+def generalized_stiefel(angles: torch.Tensor, n: int, k: int, depth: int) -> torch.Tensor:
+    """First ``k`` columns of the generalized orthogonal circuit ``Q_n`` (any ``n >= 1``).
+
+    Args:
+        angles: ``(..., P)``, ``P = generalized_num_params(n, k, depth)``, float32/float64;
+            leading dimensions batch independent circuits.
+        n: dimension ``N >= 1``; k: ``1 <= k <= n``; depth: Pauli depth ``L >= 0``.
+
+    Returns:
+        ``(..., n, k)`` with orthonormal columns, dtype of ``angles``; identical to
+        ``pauli_stiefel`` when n is a power of two.  ``O(L n k log**2 n)`` time.
+    """
+    _check(angles, n, k, depth)
+    lead = angles.shape[:-1]
+    a = angles.reshape(-1, angles.shape[-1])
+    return _stiefel(a, n, k, depth).reshape(*lead, n, k)
+
+
+def generalized_apply(angles: torch.Tensor, n: int, depth: int, x: torch.Tensor) -> torch.Tensor:
+    """``Q_n @ x`` for ``x (..., n, m)`` with the same leading shape as ``angles (..., P)``.
+
+    ``P = generalized_num_params(n, 1, depth)``.  ``O(L n m log**2 n)`` time.
+    """
+    _check(angles, n, 1, depth)
+    check_float_dtype("x", x)
+    if x.dim() < 2 or x.shape[-2] != n or x.shape[:-2] != angles.shape[:-1]:
+        raise ValueError(
+            f"x must have shape {(*angles.shape[:-1], n, 'm')}, got {tuple(x.shape)}"
+        )
+    if x.dtype != angles.dtype:
+        raise ValueError(f"x dtype {x.dtype} must match angles dtype {angles.dtype}")
+    lead = angles.shape[:-1]
+    a = angles.reshape(-1, angles.shape[-1])
+    y = _apply(a, n, depth, x.reshape(-1, n, x.shape[-1]))
+    return y.reshape(*lead, n, x.shape[-1])
