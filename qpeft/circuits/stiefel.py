@@ -1,0 +1,95 @@
+"""One entry point for the Stiefel factors of Quantum-PEFT: method name -> ``(n, k)`` orthonormal
+columns from a flat parameter vector.
+
+Methods (``STIEFEL_METHODS``):
+
+* ``"pauli"``: RY+CZ circuit on ``log2 n`` qubits (``n`` a power of two), ``n + 2L(n-1)``
+  angles with ``n`` qubits, i.e. ``O(L log n)`` numbers;
+* ``"generalized"``: any ``n`` (binary cosine-sine split, ``O(L log**2 n)`` numbers), equal to
+  ``"pauli"`` for powers of two;
+* ``"lie_exp"`` / ``"lie_cayley"`` / ``"lie_taylor"``: ``exp`` / Cayley / truncated Taylor of a
+  Stiefel-restricted skew generator, ``n k - k(k+1)/2`` numbers (``depth`` unused).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qpeft.circuits._checks import check_in_range, check_positive_int
+from qpeft.circuits.lie import lie_stiefel, lie_stiefel_num_params
+from qpeft.circuits.pauli import is_power_of_two, pauli_num_params, pauli_stiefel
+from qpeft.circuits.qsd import generalized_num_params, generalized_stiefel
+
+__all__ = ["STIEFEL_METHODS", "stiefel_num_params", "stiefel", "stiefel_init"]
+
+STIEFEL_METHODS = ("pauli", "generalized", "lie_exp", "lie_cayley", "lie_taylor")
+_LIE = {"lie_exp": "exp", "lie_cayley": "cayley", "lie_taylor": "taylor"}
+
+
+def _check(method: object, n: int, k: int, depth: int) -> None:
+    if method not in STIEFEL_METHODS:
+        raise ValueError(f"method must be one of {STIEFEL_METHODS}, got {method!r}")
+    check_positive_int("n", n)
+    check_in_range("k", k, 1, n)
+    check_positive_int("depth", depth, minimum=0)
+    if method == "pauli" and not is_power_of_two(n):
+        raise ValueError(
+            f"method 'pauli' needs n a power of two, got n={n}; use method='generalized' "
+            "for any n"
+        )
+
+
+def stiefel_num_params(method: str, n: int, k: int, depth: int) -> int:
+    """Number of parameters of one ``(n, k)`` Stiefel factor under ``method``.  O(log n)."""
+    _check(method, n, k, depth)
+    if method == "pauli":
+        return pauli_num_params(int(math.log2(n)), depth) if n > 1 else 0
+    if method == "generalized":
+        return generalized_num_params(n, k, depth)
+    return lie_stiefel_num_params(n, k)
+
+
+def stiefel(
+    method: str, params: torch.Tensor, n: int, k: int, depth: int, *, taylor_order: int = 8
+) -> torch.Tensor:
+    """``(..., n, k)`` orthonormal columns from ``params (..., P)``.
+
+    ``P = stiefel_num_params(method, n, k, depth)``; leading dimensions batch independent
+    factors; dtype is preserved (float32/float64).  Cost: ``O(L n k log n)`` for the circuits
+    (``log**2 n`` for generalized), ``O(n k**2)`` for the Lie maps; never an ``n x n`` matrix.
+    """
+    _check(method, n, k, depth)
+    if method == "pauli":
+        if n == 1:  # zero qubits: the 1x1 identity, no parameters
+            return generalized_stiefel(params, n, k, depth)
+        return pauli_stiefel(params, int(math.log2(n)), depth, k)
+    if method == "generalized":
+        return generalized_stiefel(params, n, k, depth)
+    return lie_stiefel(params, n, k, method=_LIE[method], taylor_order=taylor_order)
+
+
+def stiefel_init(
+    method: str,
+    n: int,
+    k: int,
+    depth: int,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """A generic random starting point ``(P,)`` for ``stiefel(method, ., n, k, depth)``.
+
+    Circuits: angles i.i.d. uniform on ``(-pi, pi)``.  Lie maps: ``C`` and ``B`` entries
+    i.i.d. ``N(0, 1/n)`` (columns of ``B`` have norm about 1, a rotation of order one radian;
+    generic, away from the degenerate ``B = 0``).  Drawn in float64 on CPU from ``generator``,
+    then cast, so the values do not depend on ``dtype``.
+    """
+    p = stiefel_num_params(method, n, k, depth)
+    if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+    if method in ("pauli", "generalized"):
+        x = (torch.rand(p, generator=generator, dtype=torch.float64) * 2 - 1) * math.pi
+    else:
+        x = torch.randn(p, generator=generator, dtype=torch.float64) / math.sqrt(n)
+    return x.to(dtype)
