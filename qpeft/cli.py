@@ -54,6 +54,19 @@ def _csv_list(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
+def _lr_map(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in _csv_list(text):
+        method, sep, value = item.partition("=")
+        try:
+            out[method.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected METHOD=LR, got {item!r}")
+    return out
+
+
 def add_method_options(parser: argparse.ArgumentParser) -> None:
     """``--rank``, ``--depth``, ``--orders``, ... (default: the method's own default)."""
     group = parser.add_argument_group("method options (each applies to some methods only)")
@@ -202,6 +215,8 @@ def _add_compare(sub: Any) -> None:
                    help="seeds per method (--seed, --seed+1, ...): mean ± std")
     p.add_argument("--output-dir", default="qpeft-compare")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison")
+    p.add_argument("--lr-for", type=_lr_map, default=None, metavar="M=LR,...",
+                   help="per-method learning rates, e.g. qpa=1e-4 (default: --lr for all)")
     add_train_options(p)
     add_method_options(p)
     p.set_defaults(func=_cmd_compare)
@@ -213,6 +228,7 @@ def _compare(args: argparse.Namespace, methods: Sequence[str], seeds: int) -> in
     base = _spec_from_args(args, methods[0] if methods and methods[0] in METHODS else "lora")
     result = run_compare(base, list(methods), seeds, args.output_dir,
                          overwrite=args.overwrite, command=_command(),
+                         lr_for=getattr(args, "lr_for", None),
                          log=lambda s: print(s, flush=True))
     print()
     print(result["table"])

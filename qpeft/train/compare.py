@@ -46,6 +46,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "train_seconds_std": secs_std,
             "peak_memory_mb": max(r["peak_memory_mb"] for r in rs),
             "seeds": [r["seed"] for r in rs],
+            "lr": rs[0]["lr"],
             "values": [r["metric_value"] for r in rs],
         })
     return rows
@@ -116,11 +117,13 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
 
 def run_compare(base: FinetuneSpec, methods: Sequence[str], seeds: int, output_dir: str,
                 *, overwrite: bool = False, command: list[str] | None = None,
+                lr_for: dict[str, float] | None = None,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run each method for ``seeds`` seeds (``base.seed``, +1, ...) with ``base``'s budget.
 
     Method options in ``base.method_options`` are passed to the methods they apply to and
-    skipped for the others. Writes ``output_dir/<method>/seed<s>/`` runs, ``compare.json`` and
+    skipped for the others. ``lr_for``: per-method learning rates replacing ``base.train.lr``
+    (methods differ in the step size they tolerate; recorded per run). Writes ``output_dir/<method>/seed<s>/`` runs, ``compare.json`` and
     ``pareto.png``; returns the compare.json content. RunError before any run for bad input.
     """
     if not methods:
@@ -132,6 +135,11 @@ def run_compare(base: FinetuneSpec, methods: Sequence[str], seeds: int, output_d
             raise RunError(str(exc)) from None
     if len(set(methods)) != len(methods):
         raise RunError(f"--methods lists a method twice: {','.join(methods)}")
+    for m, lr in (lr_for or {}).items():
+        if m not in methods:
+            raise RunError(f"--lr-for names {m!r}, which is not in --methods")
+        if not lr > 0:
+            raise RunError(f"--lr-for {m}={lr}: the learning rate must be > 0")
     if seeds < 1:
         raise RunError(f"--seeds must be >= 1, got {seeds}")
     out = Path(output_dir)
@@ -147,7 +155,9 @@ def run_compare(base: FinetuneSpec, methods: Sequence[str], seeds: int, output_d
                 base, method=method, method_options=usable, seed=base.seed + s,
                 data_seed=base.seed if base.data_seed is None else base.data_seed,
                 output_dir=str(out / method / f"seed{base.seed + s}"), overwrite=overwrite,
-                resume=False, train=dataclasses.replace(base.train, seed=base.seed + s))
+                resume=False, train=dataclasses.replace(
+                    base.train, seed=base.seed + s,
+                    lr=(lr_for or {}).get(method, base.train.lr)))
             from qpeft.train.finetune import validate_spec
 
             validate_spec(spec)
@@ -165,7 +175,7 @@ def run_compare(base: FinetuneSpec, methods: Sequence[str], seeds: int, output_d
         runs.append({k: r[k] for k in (
             "method", "seed", "metric", "metric_value", "trainable_params", "adapter_params",
             "total_params", "train_seconds", "peak_memory_mb", "steps", "method_options")}
-                    | {"output_dir": spec.output_dir})
+                    | {"output_dir": spec.output_dir, "lr": spec.train.lr})
     rows = summarise(runs)
     title = f"{base.model} on {base.task or 'table'}: {len(methods)} methods x {seeds} seed(s)"
     plot = pareto_plot(rows, out / PLOT_NAME, title)

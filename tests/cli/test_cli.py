@@ -192,7 +192,7 @@ def test_compare_table_json_and_plot(cli, tmp_path):
     status, stdout, err = cli("compare", "--model", "tiny-bert", "--task", "tiny-text",
                               "--methods", "lora,hra", "--seeds", "2", "--max-steps", "2",
                               "--batch-size", "8", "--rank", "2", "--no-progress",
-                              "--output-dir", str(out))
+                              "--lr-for", "hra=1e-3", "--output-dir", str(out))
     assert status == 0, err
     cmp = read_json(out / "compare.json")
     assert [r["method"] for r in cmp["rows"]] == ["lora", "hra"]
@@ -204,12 +204,17 @@ def test_compare_table_json_and_plot(cli, tmp_path):
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "lora" in stdout and "hra" in stdout and "pareto.png" in stdout
     assert all(r["method_options"]["rank"] == 2 for r in cmp["runs"])
+    assert [r["lr"] for r in cmp["rows"]] == [2e-3, 1e-3]
     status, _, err = cli("compare", "--model", "tiny-bert", "--task", "tiny-text",
                          "--methods", "lora", "--output-dir", str(out))
     assert status == 2 and "compare.json" in err
     status, _, err = cli("compare", "--model", "tiny-bert", "--task", "tiny-text",
                          "--methods", "lora,zap", "--output-dir", str(tmp_path / "x"))
     assert status == 2 and "unknown method 'zap'" in err
+    status, _, err = cli("compare", "--model", "tiny-bert", "--task", "tiny-text",
+                         "--methods", "lora", "--lr-for", "hra=1e-3",
+                         "--output-dir", str(tmp_path / "y"))
+    assert status == 2 and "not in --methods" in err
 
 
 def test_count_matches_the_wrapped_model(cli):

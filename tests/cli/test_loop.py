@@ -165,3 +165,9 @@ def test_bad_budgets_name_the_field() -> None:
         train(model, tr, ev, TrainConfig(batch_size=500, progress=False))
     with pytest.raises(ValueError, match="blocks must be"):
         CausalLMData(torch.zeros(3, dtype=torch.long))
+
+
+def test_epochs_set_the_number_of_steps() -> None:
+    assert TrainConfig(batch_size=8, epochs=2).total_steps(100) == 24  # 12 full batches/epoch
+    assert TrainConfig(batch_size=8, epochs=2, grad_accum=5).total_steps(100) == 5
+    assert TrainConfig(batch_size=8, epochs=0.5, max_steps=7).total_steps(100) == 7
