@@ -12,4 +12,5 @@ __all__ = ["ParameterCount", "count_trainable", "__version__"]
 
 # Each method's package registers itself with peft when imported (one line each).
 from qpeft.tuners.qpa import QPAConfig, QPAModel  # noqa: E402,F401
+from qpeft.tuners.quantum_peft import QuantumPEFTConfig, QuantumPEFTModel  # noqa: E402,F401
 from qpeft.tuners.quic import QuICConfig, QuICModel  # noqa: E402,F401
