@@ -74,7 +74,7 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
         flag = "--" + spec.name.replace("_", "-")
         typ = str if spec.name == "orders" else spec.type
         group.add_argument(flag, dest=f"opt_{spec.name}", type=typ, default=None,
-                           metavar=spec.metavar, help=spec.help)
+                           metavar=spec.metavar or spec.name.upper(), help=spec.help)
     group.add_argument("--target-modules", type=_csv_list, default=None, metavar="A,B",
                        help="modules to adapt (default: the model's, e.g. query,value for MiniLM)")
 
