@@ -1,0 +1,152 @@
+"""Smoke test of the benchmarks: each runs at toy size and writes the JSON it promises.
+
+No wall-clock assertion anywhere: only structure, exactness of the references the benchmarks
+compare against, and the papers' parameter counts."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import compounds, generation, merged, param_counts, train_step
+from benchmarks import models as M
+from benchmarks.__main__ import main as bench_main
+
+
+def _qpeft_methods() -> tuple[str, ...]:
+    avail = M.available_methods()
+    return tuple(m for m in M.QPEFT_METHODS if avail[m])
+
+
+def test_dense_reference_matches_pauli_stiefel_fp64():
+    from qpeft.circuits.pauli import pauli_num_params, pauli_stiefel
+
+    for n_qubits, depth in ((3, 1), (4, 2), (5, 3)):
+        p = torch.rand(pauli_num_params(n_qubits, depth), dtype=torch.float64) * 6.0
+        got = pauli_stiefel(p, n_qubits, depth, 4)
+        ref = generation.dense_pauli_stiefel(p, n_qubits, depth, 4)
+        assert torch.allclose(got, ref, atol=1e-10, rtol=0)
+
+
+def test_dense_reference_can_fail():
+    """A different angle vector must give a different dense U (the comparison is not vacuous)."""
+    p = torch.rand(generation.qpeft_generator(16, 4, 1)[1], dtype=torch.float64)
+    a = generation.dense_pauli_stiefel(p, 4, 1, 4)
+    b = generation.dense_pauli_stiefel(p + 0.1, 4, 1, 4)
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_minors_compound_matches_fast_compound_fp64():
+    from qpeft.circuits.compound import compound
+
+    a = torch.randn(7, 7, dtype=torch.float64)
+    for k in (1, 2, 3, 4):
+        assert torch.allclose(compounds.minors_compound(a, k), compound(a, k), atol=1e-10)
+    i, j = (0, 2), (1, 5)  # one entry by hand: det of the 2x2 minor
+    sub = a[list(i)][:, list(j)]
+    r = compounds.minors_compound(a, 2)
+    from qpeft.circuits.compound import k_subsets
+
+    s = k_subsets(7, 2)
+    assert math.isclose(float(r[s.index(i), s.index(j)]), float(torch.linalg.det(sub)),
+                        abs_tol=1e-12)
+
+
+def test_compounds_quick(tmp_path):
+    res = compounds.run(quick=True, out_dir=tmp_path)
+    data = json.loads((tmp_path / "compounds.json").read_text())
+    assert data["cases"] == json.loads(json.dumps(res["cases"]))
+    assert [(c["n"], c["k"]) for c in data["cases"]] == list(compounds.QUICK_CASES)
+    for c in data["cases"]:
+        assert c["max_abs_diff_fp32"] < 1e-5
+        assert c["fast_fwd_s"] > 0 and c["minors_fwdbwd_s"] > 0 and c["speedup_fwd"] > 0
+    assert (tmp_path / "compounds.md").read_text().startswith("| n | k |")
+
+
+def test_generation_quick(tmp_path):
+    generation.run(quick=True, out_dir=tmp_path)
+    data = json.loads((tmp_path / "generation.json").read_text())
+    pts = data["points"]
+    assert len(pts) == len(generation.QUICK_SIZES) * len(generation.QUICK_DEPTHS)
+    assert not [p for p in pts if "error" in p], pts
+    for p in pts:
+        assert p["orthonormality_err"] < 1e-5
+        if p["N"] == 16:
+            assert p["method"] == "pauli" and p["max_abs_diff_vs_dense"] < 1e-5
+        else:
+            assert p["method"] == "generalized" and "dense_fwd_s" not in p
+    assert (tmp_path / "generation.png").stat().st_size > 1000
+
+
+def test_train_step_quick(tmp_path):
+    methods = ("lora",) + _qpeft_methods()[:1]
+    train_step.run(quick=True, out_dir=tmp_path, models=("minilm",), methods=methods)
+    data = json.loads((tmp_path / "train_step.json").read_text())
+    rows = data["models"]["minilm"]["methods"]
+    assert set(rows) == set(methods)
+    for method, row in rows.items():
+        assert "error" not in row, (method, row)
+        assert row["trainable"] > 0 and row["n"] >= 1
+        mem = row["memory"]
+        assert "error" not in mem, (method, mem)
+        assert mem["peak_rss_mib"] >= mem["rss_before_mib"] > 0
+    assert rows["lora"]["time_ratio"] == 1.0 and rows["lora"]["peak_ratio"] == 1.0
+    # LoRA r=8 on a 64-wide tiny BERT, query+value in 2 layers, plus the classifier (64*5+5)
+    assert rows["lora"]["trainable"] == 2 * 2 * 8 * (64 + 64) + 64 * 5 + 5
+
+
+def test_merged_quick(tmp_path):
+    methods = ("lora",) + _qpeft_methods()
+    merged.run(quick=True, out_dir=tmp_path, models=("minilm",), methods=methods)
+    data = json.loads((tmp_path / "merged.json").read_text())
+    rows = data["models"]["minilm"]["methods"]
+    for method, row in rows.items():
+        assert "error" not in row, (method, row)
+        assert row["same_modules_as_base"] is True
+        assert row["max_abs_diff_merged_vs_adapter"] < 1e-4
+        assert row["output_changed_vs_base"] > 1e-4  # the adapters were moved off identity
+        assert row["ratio_to_base"] > 0
+
+
+def test_param_counts_match_papers(tmp_path):
+    param_counts.run(out_dir=tmp_path)
+    data = json.loads((tmp_path / "param_counts.json").read_text())
+    by_item = {r["item"]: r for r in data["rows"]}
+    must = {
+        "DeBERTaV3-base C1⊕C2, N=3, query/value (reference n² convention)": 34848,
+        "STS-B C1, N=8 on 24 output.dense + regression head": 1770241,
+        "STS-B C1⊕C2, N=8 on 24 output.dense + regression head": 33217,
+        "LLaMA-7B C1⊕C2, N=4, q_proj/v_proj (reference n²)": 495616,
+        "adapter total, 4096x4096, L=1, K=8": 76,
+        "GPT-2 lm_head r=4, n_mlp=2048, L=8: QPA trainable": 106264,
+    }
+    for item, value in must.items():
+        assert by_item[item]["computed"] == value, by_item[item]
+        assert by_item[item]["match"] is True
+    assert data["matched"] >= 25
+
+
+def test_compare_rule():
+    assert param_counts._compare(34848, 34848) and not param_counts._compare(34849, 34848)
+    assert param_counts._compare(1327104, "1.33M") and not param_counts._compare(393216, "0.35M")
+    assert param_counts._compare("52.06%", "52.06%") and not param_counts._compare("1%", "2%")
+
+
+def test_report_renders(tmp_path):
+    param_counts.run(out_dir=tmp_path)
+    doc = tmp_path / "b.md"
+    bench_main(["report", "--out", str(tmp_path), "--doc", str(doc)])
+    text = doc.read_text()
+    assert "## 5. The papers' parameter counts" in text and "34,848" in text
+    assert "_Not run._" in text  # the other sections were not run in this folder
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_round_robin_rejects_bad_repeats(bad):
+    from benchmarks._common import round_robin
+
+    with pytest.raises(ValueError, match="repeats"):
+        round_robin({"a": lambda: None}, 0, bad)
