@@ -286,7 +286,7 @@ ORTHOGONAL = [
 ]
 
 
-def _train_fp64(model: nn.Module, x: torch.Tensor, steps: int = 5) -> None:
+def _train_fp64(model: nn.Module, x: torch.Tensor, steps: int = 3) -> None:
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.3)
     model.train()
     for _ in range(steps):
