@@ -26,6 +26,8 @@ Parameter layout of ``lie_stiefel``: the ``k(k-1)/2`` strictly-upper entries of 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from qpeft.circuits._checks import (
@@ -152,7 +154,7 @@ def lie_stiefel(
     check_last_dim("params", params, lie_stiefel_num_params(n, k), f"lie_stiefel_num_params({n}, {k})")
     check_finite("params", params)
     lead = params.shape[:-1]
-    p = params.reshape(-1, params.shape[-1])
+    p = params.reshape(math.prod(lead), params.shape[-1])
     c, b = _unpack(p, n, k)
     gram = b.transpose(-1, -2) @ b  # (B, k, k)
     # Balanced T' = diag(I, 1/s) T diag(I, s) = [[C, -s G], [I/s, 0]]; f(T)E = diag(I, s) f(T')E.

@@ -36,6 +36,7 @@ unless ``k = N``).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -155,7 +156,7 @@ def generalized_stiefel(angles: torch.Tensor, n: int, k: int, depth: int) -> tor
     """
     _check(angles, n, k, depth)
     lead = angles.shape[:-1]
-    a = angles.reshape(-1, angles.shape[-1])
+    a = angles.reshape(math.prod(lead), angles.shape[-1])
     return _stiefel(a, n, k, depth).reshape(*lead, n, k)
 
 
@@ -173,6 +174,6 @@ def generalized_apply(angles: torch.Tensor, n: int, depth: int, x: torch.Tensor)
     if x.dtype != angles.dtype:
         raise ValueError(f"x dtype {x.dtype} must match angles dtype {angles.dtype}")
     lead = angles.shape[:-1]
-    a = angles.reshape(-1, angles.shape[-1])
+    a = angles.reshape(math.prod(lead), angles.shape[-1])
     y = _apply(a, n, depth, x.reshape(-1, n, x.shape[-1]))
     return y.reshape(*lead, n, x.shape[-1])
