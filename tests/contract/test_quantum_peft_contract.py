@@ -46,8 +46,13 @@ def test_merge_bf16_loose(case: str) -> None:
     )
 
 
-@pytest.mark.parametrize("case", ["bert", "gpt2", "cnn"])
+@pytest.mark.parametrize(
+    "case",
+    ["gpt2", pytest.param("bert", marks=pytest.mark.slow), pytest.param("cnn", marks=pytest.mark.slow)],
+)
 def test_save_load_in_a_fresh_process(case: str, tmp_path) -> None:
+    """A fresh interpreter each (a few seconds apiece): GPT-2 (Conv1D + generalized 192 side) by
+    default, Linear and Conv2d in the slow suite; in-process round trips of all cases below."""
     h.check_save_load_subprocess(case, config(case), tmp_path)
 
 
@@ -76,3 +81,22 @@ def test_options_keep_the_contract(kw: dict) -> None:
 def test_identity_check_fails_for_the_random_init() -> None:
     with pytest.raises(AssertionError):
         h.check_identity_at_init("mlp", config("mlp", init_weights=False))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_save_load_in_process_bit_for_bit(case: str, tmp_path) -> None:
+    model, _ = h.wrap(case, config(case))
+    h.train_steps(model, case)
+    expected = h.run(model, case)
+    model.save_pretrained(tmp_path / "a")
+    loaded = h.load_in_process(case, tmp_path / "a")
+    assert torch.equal(h.run(loaded, case), expected)
+
+
+def test_merge_check_fails_for_a_wrong_merge(monkeypatch) -> None:
+    from qpeft.tuners.quantum_peft import QuantumPEFTLayer
+
+    original = QuantumPEFTLayer.get_delta_weight
+    monkeypatch.setattr(QuantumPEFTLayer, "get_delta_weight", lambda self, a: 2 * original(self, a))
+    with pytest.raises(AssertionError):
+        h.check_merge_equivalence("mlp", config("mlp"))
