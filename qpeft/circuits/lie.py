@@ -14,7 +14,7 @@ Dense maps on ``(..., n, n)`` skew ``S``: ``cayley`` (``(I - S)(I + S)^-1``), ``
     ``f(S) E = [a; B b]`` with ``[a; b] = f(T) [I; 0]``.
 
 No QR of ``B`` is needed, so ``B = 0`` (or rank-deficient ``B``) has well-defined gradients.
-``T`` is balanced by the similarity ``diag(I, s I)``, ``s = 1 / sqrt(1 + |B|_F**2)`` (a constant
+``T`` is balanced by the similarity ``diag(I, s I)``, ``s = 1 / |B|_F`` (clamped; a constant
 of the computation, detached; the result does not depend on it), which keeps the ``2k x 2k``
 matrix as well scaled as ``S`` itself.  The spectrum of ``T`` is purely imaginary (quadratic
 eigenproblem ``l**2 x - l C x + G x = 0`` with ``C`` skew, ``G >= 0``), so ``I + T`` is always
@@ -158,7 +158,8 @@ def lie_stiefel(
     c, b = _unpack(p, n, k)
     gram = b.transpose(-1, -2) @ b  # (B, k, k)
     # Balanced T' = diag(I, 1/s) T diag(I, s) = [[C, -s G], [I/s, 0]]; f(T)E = diag(I, s) f(T')E.
-    sc = torch.rsqrt(1 + gram.diagonal(dim1=-2, dim2=-1).sum(-1)).detach()[:, None, None]
+    norm_b = gram.diagonal(dim1=-2, dim2=-1).sum(-1).detach().sqrt()
+    sc = 1 / norm_b.clamp(min=1e-20)[:, None, None]
     eye = torch.eye(k, dtype=p.dtype, device=p.device).expand_as(c)
     t = torch.cat(
         (torch.cat((c, -sc * gram), -1), torch.cat((eye / sc, torch.zeros_like(c)), -1)), -2
