@@ -1,0 +1,81 @@
+"""Stiefel dispatch: counts, init and outputs agree with the underlying constructions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qpeft.circuits.lie import lie_stiefel
+from qpeft.circuits.pauli import pauli_num_params, pauli_stiefel
+from qpeft.circuits.qsd import generalized_stiefel
+from qpeft.circuits.stiefel import STIEFEL_METHODS, stiefel, stiefel_init, stiefel_num_params
+
+F64 = torch.float64
+
+
+def test_methods_tuple_is_the_agreed_one():
+    assert STIEFEL_METHODS == ("pauli", "generalized", "lie_exp", "lie_cayley", "lie_taylor")
+
+
+@pytest.mark.parametrize("method", STIEFEL_METHODS)
+@pytest.mark.parametrize("n,k", [(1, 1), (2, 2), (16, 4), (64, 8), (256, 1)])
+def test_init_length_output_shape_and_orthonormality(method, n, k):
+    depth = 2
+    gen = torch.Generator().manual_seed(0)
+    p = stiefel_init(method, n, k, depth, gen, F64)
+    assert p.shape == (stiefel_num_params(method, n, k, depth),)
+    u = stiefel(method, p, n, k, depth)
+    assert u.shape == (n, k) and u.dtype == F64
+    tol = 1e-10 if method != "lie_taylor" else 1e-3  # Taylor is approximate by design
+    assert (u.T @ u - torch.eye(k, dtype=F64)).abs().max().item() < tol
+    u32 = stiefel(method, p.float(), n, k, depth)
+    assert u32.dtype == torch.float32
+    torch.testing.assert_close(u32, u.float(), atol=1e-5, rtol=0)
+
+
+def test_dispatch_routes_to_the_constructions():
+    n, k, depth = 32, 5, 3
+    a = stiefel_init("pauli", n, k, depth, torch.Generator().manual_seed(1), F64)
+    assert stiefel_num_params("pauli", n, k, depth) == pauli_num_params(5, depth)
+    assert torch.equal(stiefel("pauli", a, n, k, depth), pauli_stiefel(a, 5, depth, k))
+    assert torch.equal(stiefel("generalized", a, n, k, depth), pauli_stiefel(a, 5, depth, k))
+    g = stiefel_init("generalized", 100, k, depth, torch.Generator().manual_seed(1), F64)
+    assert torch.equal(stiefel("generalized", g, 100, k, depth), generalized_stiefel(g, 100, k, depth))
+    lp = stiefel_init("lie_exp", n, k, depth, torch.Generator().manual_seed(1), F64)
+    assert lp.numel() == n * k - k * (k + 1) // 2
+    for method, inner in (("lie_exp", "exp"), ("lie_cayley", "cayley"), ("lie_taylor", "taylor")):
+        assert torch.equal(stiefel(method, lp, n, k, depth), lie_stiefel(lp, n, k, inner))
+    assert torch.equal(
+        stiefel("lie_taylor", lp, n, k, depth, taylor_order=3), lie_stiefel(lp, n, k, "taylor", 3)
+    )
+
+
+def test_init_is_seeded_generic_and_in_range():
+    a1 = stiefel_init("generalized", 768, 8, 1, torch.Generator().manual_seed(5), torch.float32)
+    a2 = stiefel_init("generalized", 768, 8, 1, torch.Generator().manual_seed(5), torch.float32)
+    assert torch.equal(a1, a2) and a1.dtype == torch.float32
+    assert a1.abs().max() < math.pi and a1.std() > 0.5  # U(-pi, pi), not a degenerate point
+    b = stiefel_init("lie_exp", 512, 8, 1, torch.Generator().manual_seed(5), F64)
+    assert 0.3 / math.sqrt(512) < b.std() < 3 / math.sqrt(512)
+    # generic: the circuit is far from the trivial embedding [I; 0]
+    u = stiefel("generalized", a1.double(), 768, 8, 1)
+    assert (u - torch.eye(768, 8, dtype=F64)).abs().max() > 0.1
+
+
+def test_bad_input_names_the_argument():
+    with pytest.raises(ValueError, match="generalized"):
+        stiefel_num_params("pauli", 768, 8, 1)
+    with pytest.raises(ValueError, match="n=768"):
+        stiefel("pauli", torch.zeros(10, dtype=F64), 768, 8, 1)
+    with pytest.raises(ValueError, match="method"):
+        stiefel_num_params("householder", 16, 2, 1)
+    with pytest.raises(ValueError, match="k"):
+        stiefel_num_params("lie_exp", 16, 17, 1)
+    with pytest.raises(ValueError, match="depth"):
+        stiefel_num_params("generalized", 16, 2, -1)
+    with pytest.raises(ValueError, match="dtype"):
+        stiefel_init("pauli", 16, 2, 1, None, torch.int64)
+    with pytest.raises(ValueError, match="angles"):
+        stiefel("pauli", torch.zeros(3, dtype=F64), 16, 2, 1)
