@@ -246,8 +246,9 @@ def test_count_from_a_config_file_on_meta(cli, tmp_path):
     assert status == 2 and "does not exist" in err
 
 
-def test_count_qpa_agrees_with_closed_form(cli):
-    status, stdout, err = cli("count", "--model", "tiny-bert", "--method", "qpa", "--json")
+@pytest.mark.parametrize("method", ["quantum-peft", "quic", "qpa"])
+def test_count_our_methods_agrees_with_closed_form(cli, method):
+    status, stdout, err = cli("count", "--model", "tiny-bert", "--method", method, "--json")
     assert status == 0, err
     table = json.loads(stdout)
     assert table["closed_form_total"] == table["total"] > 0

@@ -38,8 +38,8 @@ def _setup(model: str = "tiny-bert", task: str = "tiny-text", method: str = "lor
     return peft_model, train_data, eval_data
 
 
-def _run(config: TrainConfig, **kw):
-    model, tr, ev = _setup(seed=config.seed)
+def _run(config: TrainConfig, method: str = "lora", **kw):
+    model, tr, ev = _setup(seed=config.seed, method=method)
     result = train(model, tr, ev, config, **kw)
     return trainable_state(model), result
 
@@ -50,20 +50,22 @@ def _assert_states_close(a: dict, b: dict, atol: float = 1e-6) -> None:
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
 
 
-def test_interrupted_run_resumed_equals_uninterrupted(tmp_path) -> None:
-    cfg = TrainConfig(batch_size=8, max_steps=6, checkpoint_every=2, progress=False, seed=3)
-    full, full_result = _run(cfg)
+@pytest.mark.parametrize("method", ["lora", "quantum-peft", "quic", "qpa"])
+def test_interrupted_run_resumed_equals_uninterrupted(tmp_path, method) -> None:
+    cfg = TrainConfig(batch_size=8, max_steps=5, checkpoint_every=2, progress=False, seed=3)
+    full, full_result = _run(cfg, method)
 
     def stop(step: int, loss: float) -> None:
         if step == 3:  # checkpoint at 2; step 3 is lost and must be redone
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        _run(cfg, checkpoint_dir=tmp_path, fingerprint={"x": 1}, on_step=stop)
+        _run(cfg, method, checkpoint_dir=tmp_path, fingerprint={"x": 1}, on_step=stop)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["step"] == 2
-    resumed, result = _run(cfg, checkpoint_dir=tmp_path, resume=True, fingerprint={"x": 1})
-    assert result.resumed_from_step == 2 and result.steps == 6
+    resumed, result = _run(cfg, method, checkpoint_dir=tmp_path, resume=True,
+                           fingerprint={"x": 1})
+    assert result.resumed_from_step == 2 and result.steps == 5
     _assert_states_close(full, resumed, atol=0)
     assert result.losses == pytest.approx(full_result.losses, abs=0)
     assert result.metric == full_result.metric
