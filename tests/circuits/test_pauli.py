@@ -204,3 +204,51 @@ def test_bad_angles_name_themselves():
         pauli_apply(good, 3, 1, torch.zeros(7, 2, dtype=F64))
     with pytest.raises(ValueError, match="x"):
         pauli_apply(good, 3, 1, torch.zeros(8, 2, dtype=torch.float32))
+
+
+@pytest.mark.slow
+def test_speed_report_vs_dense_kron():
+    """Prints fwd+bwd ms for N=4096, K=8 (run: pytest -m slow -s -k speed_report)."""
+    import time
+
+    n, k = 12, 8
+    big_n = 2**n
+
+    def tmin(f, reps):
+        f()
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            f()
+            best = min(best, time.perf_counter() - t)
+        return best * 1e3
+
+    def dense_columns(a, depth):
+        # one N x N Kronecker product per RY sub-layer (CZ as a +-1 diagonal), applied to K columns
+        bits = [(torch.arange(big_n) >> q) & 1 for q in range(n)]
+        x, rot, signs = torch.eye(big_n, k), {}, torch.ones(big_n)
+        layers = []
+        for kind, qs, idx in pauli_gates(n, depth):
+            if kind == "cz":
+                if rot:
+                    layers.append((rot, signs))
+                    rot, signs = {}, torch.ones(big_n)
+                signs = signs * (1 - 2 * (bits[qs[0]] & bits[qs[1]])).float()
+            else:
+                rot[qs[0]] = idx
+        layers.append((rot, signs))
+        for rot, signs in layers:
+            m = torch.ones(1, 1)
+            for q in range(n - 1, -1, -1):
+                m = torch.kron(m, ry(a[rot[q]]) if q in rot else torch.eye(2))
+            x = m @ (signs[:, None] * x)
+        return x
+
+    print(f"\nN={big_n} K={k} float32 fwd+bwd, min over repeats, threads={torch.get_num_threads()}")
+    for depth in (1, 2, 4, 8):
+        a = rand_angles(pauli_num_params(n, depth), depth, torch.float32).requires_grad_()
+        torch.testing.assert_close(pauli_stiefel(a, n, depth, k), dense_columns(a, depth), atol=1e-5, rtol=0)
+        fused = tmin(lambda a=a, depth=depth: pauli_stiefel(a, n, depth, k).square().sum().backward(), 10)
+        dense = tmin(lambda a=a, depth=depth: dense_columns(a, depth).square().sum().backward(), 1)
+        print(f"L={depth}: fused {fused:.2f} ms   dense kron {dense:.1f} ms   ratio {dense / fused:.0f}x")
+        assert fused < dense
