@@ -149,25 +149,39 @@ def _cz_signs(size: int) -> torch.Tensor:
     return 1.0 - 2.0 * parity.to(torch.float64)
 
 
-def _group_matrices(angles: torch.Tensor, group: _Group) -> torch.Tensor:
-    """Fused matrices of one group: ``(B, S, 2**size, 2**size)`` from angles ``(B, P)``.
+def _group_matrices(angles: torch.Tensor, groups: tuple[_Group, ...]) -> list[torch.Tensor]:
+    """Fused matrices of every group: a list of ``(B, S, 2**size, 2**size)`` from ``(B, P)``.
 
-    ``kron(RY_{start+size-1}, ..., RY_start) @ diag(cz signs)``; O(S 4**size).
+    ``kron(RY_{start+size-1}, ..., RY_start) @ diag(cz signs)``.  Groups of equal size are built
+    together (one gather and one Kronecker chain per size), O(sum S 4**size).
     """
-    theta = angles[:, group.index.to(angles.device)]  # (B, S, size)
-    c, s = torch.cos(theta / 2), torch.sin(theta / 2)
-    # (B, S, size, 2, 2) rotations [[c, -s], [s, c]]
-    rot = torch.stack((torch.stack((c, -s), -1), torch.stack((s, c), -1)), -2)
-    mat = rot[:, :, group.size - 1]
-    for t in range(group.size - 2, -1, -1):  # most significant qubit is the leading factor
-        r = rot[:, :, t]
-        d = mat.shape[-1]
-        mat = (mat[..., :, None, :, None] * r[..., None, :, None, :]).reshape(
-            *mat.shape[:-2], 2 * d, 2 * d
+    out: list[torch.Tensor | None] = [None] * len(groups)
+    for size in sorted({g.size for g in groups}):
+        members = [i for i, g in enumerate(groups) if g.size == size]
+        index = torch.cat([groups[i].index for i in members]).to(angles.device)  # (R, size)
+        theta = angles[:, index]  # (B, R, size)
+        c, s = torch.cos(theta / 2), torch.sin(theta / 2)
+        # (B, R, 2, 2, size): rotations [[c, -s], [s, c]] per qubit, low qubit first
+        rot = torch.stack((torch.stack((c, -s), 2), torch.stack((s, c), 2)), 2)
+        mat = rot[..., size - 1]
+        for t in range(size - 2, -1, -1):  # most significant qubit is the leading factor
+            d = mat.shape[-1]
+            mat = (mat[..., :, None, :, None] * rot[..., None, :, None, :, t]).reshape(
+                *mat.shape[:-2], 2 * d, 2 * d
+            )
+        signs = torch.cat(
+            [
+                (_cz_signs(size) if groups[i].cz else torch.ones(2**size, dtype=torch.float64))
+                .expand(groups[i].index.shape[0], 2**size)
+                for i in members
+            ]
         )
-    if group.cz:
-        mat = mat * _cz_signs(group.size).to(device=mat.device, dtype=mat.dtype)
-    return mat
+        if not bool((signs == 1).all()):
+            mat = mat * signs.to(device=mat.device, dtype=mat.dtype)[:, None, :]
+        rows = [groups[i].index.shape[0] for i in members]
+        for i, m in zip(members, torch.split(mat, rows, dim=1), strict=True):
+            out[i] = m
+    return out  # type: ignore[return-value]
 
 
 def _apply_group(x: torch.Tensor, mat: torch.Tensor, start: int) -> torch.Tensor:
@@ -183,12 +197,9 @@ def _apply_group(x: torch.Tensor, mat: torch.Tensor, start: int) -> torch.Tensor
 
 
 def _apply_layers(
-    angles: torch.Tensor, x: torch.Tensor, n_qubits: int, depth: int, chunk: int
+    plan: _Plan, even: list[torch.Tensor], odd: list[torch.Tensor], x: torch.Tensor, depth: int
 ) -> torch.Tensor:
     """Apply the L entangling layers (not the first RY layer) to ``x (B, N, m)``."""
-    plan = _plan(n_qubits, depth, chunk)
-    even = [_group_matrices(angles, g) for g in plan.even]
-    odd = [_group_matrices(angles, g) for g in plan.odd]
     for layer in range(depth):
         for g, mats in zip(plan.even, even, strict=True):
             x = _apply_group(x, mats[:, layer], g.start)
@@ -233,11 +244,14 @@ def pauli_stiefel(
     lead = angles.shape[:-1]
     a = angles.reshape(-1, angles.shape[-1])
     plan = _plan(n_qubits, depth, chunk)
+    mats = _group_matrices(a, plan.first + plan.even + plan.odd)
+    nf, ne = len(plan.first), len(plan.even)
+    first, even, odd = mats[:nf], mats[nf : nf + ne], mats[nf + ne :]
     # First RY layer on basis columns e_0..e_{k-1}: (kron of the groups' matrices)[:, :k],
     # built low group first, keeping only the columns that can reach the first k.
     y = a.new_ones(a.shape[0], 1, 1)
-    for g in plan.first:
-        mat = _group_matrices(a, g)[:, 0]  # (B, d, d)
+    for mat in first:
+        mat = mat[:, 0]  # (B, d, d)
         d = mat.shape[-1]
         cols = y.shape[-1]
         need = min(d, -(-k // cols))
@@ -245,7 +259,7 @@ def pauli_stiefel(
         rows = y.shape[-2]
         y = (mat[:, :, None, :, None] * y[:, None, :, None, :]).reshape(-1, d * rows, need * cols)
         y = y[:, :, :k]
-    y = _apply_layers(a, y, n_qubits, depth, chunk)
+    y = _apply_layers(plan, even, odd, y, depth)
     return y.reshape(*lead, big_n, k)
 
 
@@ -282,9 +296,11 @@ def pauli_apply(
     a = angles.expand(*lead, angles.shape[-1]).reshape(-1, angles.shape[-1])
     y = x.expand(*lead, big_n, m).reshape(-1, big_n, m)
     plan = _plan(n_qubits, depth, chunk)
-    for g in plan.first:
-        y = _apply_group(y, _group_matrices(a, g)[:, 0], g.start)
-    y = _apply_layers(a, y, n_qubits, depth, chunk)
+    mats = _group_matrices(a, plan.first + plan.even + plan.odd)
+    nf, ne = len(plan.first), len(plan.even)
+    for g, mat in zip(plan.first, mats[:nf], strict=True):
+        y = _apply_group(y, mat[:, 0], g.start)
+    y = _apply_layers(plan, mats[nf : nf + ne], mats[nf + ne :], y, depth)
     return y.reshape(*lead, big_n, m)
 
 
