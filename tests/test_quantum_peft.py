@@ -383,3 +383,16 @@ def test_adapter_for_another_architecture(tmp_path) -> None:
         PeftModel.from_pretrained(Wrap(nn.Linear(16, 64)), tmp_path / "a")
     # same widths: loads
     PeftModel.from_pretrained(Wrap(nn.Linear(16, 32)), tmp_path / "a")
+
+
+def test_low_cpu_mem_usage_load_and_second_adapter(tmp_path) -> None:
+    model, _ = h.wrap("bert", QuantumPEFTConfig(r=2, target_modules=["query", "value"],
+                                                init_weights=False))
+    expected = h.run(model, "bert")
+    model.save_pretrained(tmp_path / "a")
+    loaded = PeftModel.from_pretrained(h.build_tiny("bert"), tmp_path / "a", low_cpu_mem_usage=True)
+    assert torch.equal(h.run(loaded, "bert"), expected)
+    assert n_trainable(loaded) == 0  # loaded for inference by default
+    loaded.load_adapter(tmp_path / "a", adapter_name="second")
+    loaded.set_adapter("second")
+    assert torch.equal(h.run(loaded, "bert"), expected)
