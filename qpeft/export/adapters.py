@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,9 +281,17 @@ def circuits_from_model(
     return _split(peft_type, records)
 
 
+def _natural(record: CircuitRecord | SkipRecord) -> tuple:
+    """Sort key: module then role, numbers compared as numbers (layer.2 before layer.10)."""
+    parts = re.split(r"(\d+)", f"{record.module}\0{record.role}")
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
+
+
 def _split(peft_type: str, records: list) -> tuple[str, list[CircuitRecord], list[SkipRecord]]:
-    circuits = [r for r in records if isinstance(r, CircuitRecord)]
-    skipped = [r for r in records if isinstance(r, SkipRecord)]
+    """Circuits and skipped parts, each in natural module order (the same from a model and
+    from its checkpoint)."""
+    circuits = sorted((r for r in records if isinstance(r, CircuitRecord)), key=_natural)
+    skipped = sorted((r for r in records if isinstance(r, SkipRecord)), key=_natural)
     return peft_type, circuits, skipped
 
 
