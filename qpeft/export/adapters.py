@@ -159,7 +159,7 @@ def _n_from_count(p: int, base_map: str, layout: str) -> int:
 def quic_records(
     module: str, params: torch.Tensor, n: int, orders: list[int], base_map: str,
     rbs_layout: str, combine: str, num_blocks: int, block_share: bool,
-    block_size: int | None = None, max_qubits: int = DEFAULT_MAX_QUBITS,
+    block_size: int | None = None, max_qubits: int = DEFAULT_MAX_QUBITS, side: str = "output",
 ) -> list[CircuitRecord | SkipRecord]:
     """One circuit per block (or per shared A) of one QuIC module.
 
@@ -196,6 +196,7 @@ def quic_records(
         info: dict[str, Any] = {
             "n": n, "orders": list(orders), "construction": construction,
             "num_adapters_chained": m,
+            "side": side + (": W' = Q W" if side == "output" else ": W' = W Q^T"),
             "blocks": list(range(num_blocks)) if block_share else [i],
             "sectors": {str(k): compound_dim(n, k) for k in orders},
             "reads_as": "restricted to the Hamming-weight-k basis states (qubit q set <=> q in the "
@@ -276,7 +277,7 @@ def circuits_from_model(
             records += quic_records(
                 name, module.quic_params[adapter_name], plan.n, list(plan.orders), st.base_map,
                 st.rbs_layout, st.combine, plan.num_blocks, st.block_share, plan.block_size,
-                max_qubits,
+                max_qubits, st.side,
             )
     return _split(peft_type, records)
 
@@ -417,7 +418,7 @@ def circuits_from_checkpoint(
             n = _n_from_count(int(params.shape[-1]), qc.base_map, qc.rbs_layout)
             records += quic_records(
                 module, params, n, list(qc.orders), qc.base_map, qc.rbs_layout, qc.combine,
-                qc.num_blocks, qc.block_share, None, max_qubits,
+                qc.num_blocks, qc.block_share, None, max_qubits, qc.side,
             )
     else:
         from qpeft.tuners._common import matrix_shape

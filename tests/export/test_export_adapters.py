@@ -205,6 +205,7 @@ def test_quic_block_rows_recorded_from_model(tmp_path):
     model = _wrap(qpeft.QuICConfig(target_modules=["up"], num_blocks=2, base_map="rbs"))
     man = _manifest(export_model_circuits(model, tmp_path / "o"))
     assert [e["block_rows"] for e in man["circuits"]] == [[[0, 12]], [[12, 24]]]
+    assert man["circuits"][0]["side"] == "output: W' = Q W"
 
 
 def test_quic_without_circuit_form_is_skipped(tmp_path):
