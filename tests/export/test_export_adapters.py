@@ -338,3 +338,16 @@ print("ok")
                          timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().endswith("ok")
+
+
+def test_report_summarizes_an_export(tmp_path, capsys):
+    from qpeft.export.report import main, summarize
+
+    model = _wrap(qpeft.QuICConfig(target_modules=["up"], num_blocks=2, base_map="rbs",
+                                   init_weights=False))
+    out = export_model_circuits(model, tmp_path / "o")
+    text = summarize(out, transpile=True)
+    assert "QUIC, 2 circuit(s), 0 skipped" in text
+    assert "2 x block: 4 qubits, depth 5, gates {'rbs': 6}; rbs expanded: depth" in text
+    assert "transpiled: 12 cx" in text  # two CZ (= CX up to 1q gates) per RBS
+    assert main([str(out)]) == 0 and "2 x block" in capsys.readouterr().out
