@@ -29,7 +29,7 @@ TASK_CHOICES = ("bbc-news", "tweets", "shakespeare", "fashion-mnist")
 DEMO = {
     "model": "minilm", "task": "bbc-news", "methods": ("quantum-peft", "lora", "quic"),
     "max_train": 480, "max_eval": 200, "max_length": 96, "batch_size": 16, "max_steps": 30,
-    "lr": 3e-3, "output_dir": "qpeft-demo",
+    "lr": 3e-3, "output_dir": "runs/demo",
 }
 
 
@@ -168,7 +168,7 @@ def _add_finetune(sub: Any) -> None:
                      help="evaluation table (default: a fixed, seeded, stratified split)")
     src.add_argument("--text-column", default="text")
     src.add_argument("--label-column", default="label")
-    p.add_argument("--output-dir", default="qpeft-run", help="where results and adapter go")
+    p.add_argument("--output-dir", default="runs/finetune", help="where results and adapter go")
     p.add_argument("--overwrite", action="store_true", help="replace a run in --output-dir")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --output-dir from its last checkpoint")
@@ -213,7 +213,7 @@ def _add_compare(sub: Any) -> None:
                    help=f"comma-separated, from: {', '.join(METHODS)}")
     p.add_argument("--seeds", type=_positive_int, default=1,
                    help="seeds per method (--seed, --seed+1, ...): mean ± std")
-    p.add_argument("--output-dir", default="qpeft-compare")
+    p.add_argument("--output-dir", default="runs/compare")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison")
     p.add_argument("--lr-for", type=_lr_map, default=None, metavar="M=LR,...",
                    help="per-method learning rates, e.g. qpa=1e-4 (default: --lr for all)")
@@ -223,8 +223,11 @@ def _add_compare(sub: Any) -> None:
 
 
 def _compare(args: argparse.Namespace, methods: Sequence[str], seeds: int) -> int:
+    import time
+
     from qpeft.train.compare import run_compare
 
+    start = time.perf_counter()
     base = _spec_from_args(args, methods[0] if methods and methods[0] in METHODS else "lora")
     result = run_compare(base, list(methods), seeds, args.output_dir,
                          overwrite=args.overwrite, command=_command(),
@@ -235,6 +238,7 @@ def _compare(args: argparse.Namespace, methods: Sequence[str], seeds: int) -> in
     print()
     print(f"compare.json: {Path(args.output_dir) / 'compare.json'}")
     print(f"plot: {result['plot']}")
+    print(f"total wall time: {time.perf_counter() - start:.0f} s")
     return 0
 
 

@@ -64,7 +64,7 @@ class FinetuneSpec:
     eval_file: str | None = None
     text_column: str = "text"
     label_column: str = "label"
-    output_dir: str = "qpeft-run"
+    output_dir: str = "runs/finetune"
     seed: int = 0
     data_seed: int | None = None
     eval_fraction: float = 0.2
