@@ -367,8 +367,8 @@ def _meta_shapes(config: dict[str, Any], base_model: Any) -> Any:
             return model_from_config(path, auto)
         cfg = transformers.AutoConfig.from_pretrained(str(source))
         return model_from_config(cfg, auto)
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError):
+        return None  # not a readable transformers model: fall back to inferring the sizes
 
 
 def _infer_dim(p: int, k: int, depth: int, parameterization: str, auto_generalize: bool,
