@@ -3,7 +3,7 @@
 The file uses ``stdgates.inc`` (``ry``, ``z``, ``h``, ``cz``, ``cx``), the ``ctrl @`` /
 ``negctrl @`` modifiers for controlled gates, and, when the circuit has RBS gates, one gate
 definition ``rbs(theta) a, b`` in those standard gates (see ``qpeft.export.ir``).  Angles are
-written with ``repr`` (17 significant digits: the float64 value round-trips exactly).
+written with ``repr`` (the shortest decimal that round-trips the float64 value exactly).
 """
 
 from __future__ import annotations

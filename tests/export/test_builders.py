@@ -238,7 +238,7 @@ def test_qasm_text_is_plain_openqasm3():
     assert text.startswith("// line one\n// line two\nOPENQASM 3.0;\ninclude \"stdgates.inc\";")
     assert "negctrl @ ry(" in text and "ctrl @ " in text
     assert "gate rbs" not in text  # only files with RBS gates define it
-    # angles are written with 17 significant digits: float64 round trips exactly
+    # angles are written with repr: the float64 value round-trips exactly
     ry = [g.param for g in c.gates if g.name == "ry"]
     assert all(repr(float(p)) in text for p in ry)
 
