@@ -176,7 +176,7 @@ def _group_matrices(angles: torch.Tensor, groups: tuple[_Group, ...]) -> list[to
                 for i in members
             ]
         )
-        if not bool((signs == 1).all()):
+        if any(groups[i].cz for i in members):  # static: no data-dependent branch
             mat = mat * signs.to(device=mat.device, dtype=mat.dtype)[:, None, :]
         rows = [groups[i].index.shape[0] for i in members]
         for i, m in zip(members, torch.split(mat, rows, dim=1), strict=True):
