@@ -79,3 +79,13 @@ def test_bad_input_names_the_argument():
         stiefel_init("pauli", 16, 2, 1, None, torch.int64)
     with pytest.raises(ValueError, match="angles"):
         stiefel("pauli", torch.zeros(3, dtype=F64), 16, 2, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,n", [("pauli", 256), ("generalized", 100), ("lie_exp", 64), ("lie_cayley", 64)])
+def test_torch_compile_matches_eager(method, n):
+    p = stiefel_init(method, n, 4, 2, torch.Generator().manual_seed(0), torch.float32).requires_grad_()
+    u = torch.compile(lambda t: stiefel(method, t, n, 4, 2))(p)
+    u.sum().backward()
+    torch.testing.assert_close(u, stiefel(method, p, n, 4, 2), atol=1e-5, rtol=0)
+    assert torch.isfinite(p.grad).all()
