@@ -9,9 +9,10 @@ Three layer kinds are supported by every method:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 LayerKind = Literal["linear", "conv1d", "conv2d"]
@@ -75,3 +76,49 @@ def matrix_to_weight(base_layer: nn.Module, matrix: torch.Tensor) -> torch.Tenso
     if kind == "conv1d":
         return matrix.T.contiguous()
     return matrix.reshape(base_layer.weight.shape)
+
+
+class QpeftTuner(BaseTuner):
+    """What qpeft's three tuners share: peft's ``_create_and_replace`` step.
+
+    A subclass sets peft's ``prefix`` / ``tuner_layer_cls`` / ``target_module_mapping`` and
+    ``method_label`` (used in errors), and implements :meth:`_new_layer` (wrap a plain layer) and
+    :meth:`_update_layer` (add an adapter to a layer that is already ours)."""
+
+    method_label: str = "qpeft"
+
+    def _new_layer(self, target: nn.Module, adapter_name: str, config: Any, module_name: str) -> nn.Module:
+        raise NotImplementedError
+
+    def _update_layer(self, target: nn.Module, adapter_name: str, config: Any, module_name: str) -> None:
+        raise NotImplementedError
+
+    def _create_and_replace(
+        self,
+        config: Any,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if current_key is None:
+            raise ValueError("current_key must not be None")
+        try:
+            if isinstance(target, self.tuner_layer_cls):
+                self._update_layer(target, adapter_name, config, current_key)
+                return
+            if isinstance(target, BaseTunerLayer):
+                raise ValueError(
+                    f"{type(target).__name__} is another peft method's layer; {self.method_label} "
+                    "wraps plain nn.Linear, Conv1D and nn.Conv2d modules"
+                )
+            layer_kind(target)
+            new_module = self._new_layer(target, adapter_name, config, current_key)
+        except ValueError as err:
+            raise ValueError(f"{self.method_label} cannot adapt module {current_key!r}: {err}") from err
+        if adapter_name not in self.active_adapters:
+            # an additional adapter is not trainable until set_adapter() selects it
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)

@@ -6,12 +6,11 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.integrations import init_empty_weights
 from torch import nn
 
-from qpeft.tuners._common import layer_kind
+from qpeft.tuners._common import QpeftTuner
 from qpeft.tuners.qpa.config import QPAConfig
 from qpeft.tuners.qpa.generator import QPAGenerator
 from qpeft.tuners.qpa.layer import QPALayer
@@ -34,7 +33,7 @@ def build_generator(config: QPAConfig, shapes: list[tuple[int, int]]) -> QPAGene
     )
 
 
-class QPAModel(BaseTuner):
+class QPAModel(QpeftTuner):
     """Quantum Parameter Adaptation as a peft tuner (``qpeft.QPAConfig``, prefix ``qpa_``).
 
     After peft injects a :class:`QPALayer` into every targeted module, :meth:`inject_adapter`
@@ -44,31 +43,16 @@ class QPAModel(BaseTuner):
     MLP once, shared by every layer (and kept in the autograd graph of that forward)."""
 
     prefix: str = "qpa_"
+    method_label = "QPA"
     tuner_layer_cls = QPALayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
     uses_shared_state: bool = True
 
-    def _create_and_replace(
-        self,
-        config: QPAConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        **kwargs: Any,
-    ) -> None:
-        if isinstance(target, QPALayer):
-            target.update_layer(adapter_name, config)
-            return
-        try:
-            layer_kind(target)
-        except ValueError as err:
-            raise ValueError(f"target module {current_key!r}: {err}") from err
-        new_module = QPALayer(target, adapter_name, config)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+    def _update_layer(self, target: nn.Module, adapter_name: str, config: Any, module_name: str) -> None:
+        target.update_layer(adapter_name, config)
+
+    def _new_layer(self, target: nn.Module, adapter_name: str, config: Any, module_name: str) -> nn.Module:
+        return QPALayer(target, adapter_name, config)
 
     def _generators(self) -> dict[str, QPAGenerator]:
         gens = self.__dict__.get("_qpa_gens")

@@ -5,19 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from qpeft.tuners._common import layer_kind
+from qpeft.tuners._common import QpeftTuner, layer_kind
 
-from .config import QuantumPEFTConfig
 from .layer import QuantumPEFTConv2d, QuantumPEFTLayer, QuantumPEFTLinear
 
 _ADAPTER_TENSORS = QuantumPEFTLayer.adapter_layer_names
 
 
-class QuantumPEFTModel(BaseTuner):
+class QuantumPEFTModel(QpeftTuner):
     """Quantum-PEFT (Koike-Akino et al., ICLR 2025) as a peft tuner.
 
     Use through peft: ``get_peft_model(base, QuantumPEFTConfig(r=8, target_modules=[...]))``
@@ -25,39 +23,15 @@ class QuantumPEFTModel(BaseTuner):
     Default target modules per architecture are LoRA's (e.g. query/value for BERT)."""
 
     prefix: str = "qpeft_"
+    method_label = "Quantum-PEFT"
     tuner_layer_cls = QuantumPEFTLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-    def _create_and_replace(
-        self,
-        config: QuantumPEFTConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        **optional_kwargs: Any,
-    ) -> None:
-        if current_key is None:
-            raise ValueError("current_key must not be None")
-        if isinstance(target, QuantumPEFTLayer):
-            target.update_layer(adapter_name, config, module_name=current_key)
-            return
-        new_module = self._create_new_module(config, adapter_name, target, current_key)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+    def _update_layer(self, target: nn.Module, adapter_name: str, config: Any, module_name: str) -> None:
+        target.update_layer(adapter_name, config, module_name=module_name)
 
-    @staticmethod
-    def _create_new_module(
-        config: QuantumPEFTConfig, adapter_name: str, target: nn.Module, module_name: str = ""
-    ) -> nn.Module:
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        try:
-            kind = layer_kind(base)
-        except ValueError as err:
-            raise ValueError(f"target module {module_name!r}: {err}") from err
-        cls = QuantumPEFTConv2d if kind == "conv2d" else QuantumPEFTLinear
+    def _new_layer(self, target: nn.Module, adapter_name: str, config: Any, module_name: str) -> nn.Module:
+        cls = QuantumPEFTConv2d if layer_kind(target) == "conv2d" else QuantumPEFTLinear
         return cls(target, adapter_name, config=config, module_name=module_name)
 
     @classmethod
