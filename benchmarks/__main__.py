@@ -28,7 +28,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--doc", type=Path, default=None,
                    help="markdown page to write (default docs/benchmarks.md; with --quick and "
                         "no --doc: <out>/benchmarks.md, so toy numbers never overwrite the docs)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default $QPEFT_BENCH_THREADS or 2); 1 on a loaded machine")
     a = p.parse_args(argv)
+    if a.threads:
+        os.environ["QPEFT_BENCH_THREADS"] = str(a.threads)
     doc = a.doc or (a.out / "benchmarks.md" if a.quick else C.DOC_PATH)
     C.setup_torch()
     t0 = time.perf_counter()

@@ -22,11 +22,17 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOC_PATH = REPO_ROOT / "docs" / "benchmarks.md"
-NUM_THREADS = 2
+NUM_THREADS = 2  # the figures assume 2 cores; override with QPEFT_BENCH_THREADS / --threads
 
 
-def setup_torch(threads: int = NUM_THREADS) -> None:
-    """Fix the thread count (the figures assume 2 cores) and the offline flags. O(1)."""
+def bench_threads() -> int:
+    """Torch threads for every benchmark process: ``$QPEFT_BENCH_THREADS`` or 2."""
+    return int(os.environ.get("QPEFT_BENCH_THREADS", NUM_THREADS))
+
+
+def setup_torch(threads: int | None = None) -> None:
+    """Fix the thread count (default :func:`bench_threads`) and the offline flags. O(1)."""
+    threads = threads or bench_threads()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -51,6 +57,7 @@ def machine_facts() -> dict[str, Any]:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average_1min": round(os.getloadavg()[0], 1),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -80,7 +80,7 @@ def bench_model(kind: str, methods: list[str], quick: bool) -> dict[str, Any]:
             fns[method] = (lambda m: (lambda: _logits(m, batch)))(merged)
         except Exception as err:
             rows[method] = {"error": f"{type(err).__name__}: {err}"}
-    warmup, repeats = (1, 2) if quick else ((1, 5) if kind == "smollm2" else (2, 10))
+    warmup, repeats = (1, 2) if quick else ((1, 3) if kind == "smollm2" else (2, 7))
     times = C.round_robin(fns, warmup, repeats)
     base_t = C.summarize(times.pop("base"))
     for method, ts in times.items():

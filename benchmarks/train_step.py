@@ -60,8 +60,8 @@ def memory_worker(kind: str, method: str, quick: bool, steps: int) -> dict[str, 
 
 def measure_memory(kind: str, method: str, quick: bool) -> dict[str, Any]:
     """Run :func:`memory_worker` in a fresh interpreter; returns its dict or {'error': ...}."""
-    steps = 2 if quick else 3
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS=str(C.NUM_THREADS))
+    steps = 2 if quick else (2 if kind == "smollm2" else 3)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS=str(C.bench_threads()))
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--memory-worker", kind, method,
            "--steps", str(steps)] + (["--quick"] if quick else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=C.REPO_ROOT, env=env,
@@ -86,7 +86,7 @@ def measure_time(kind: str, methods: list[str], quick: bool) -> dict[str, Any]:
             steps[method] = M.make_step(model, batch)
         except Exception as err:  # a method that cannot be built is reported, not fatal
             out[method] = {"error": f"{type(err).__name__}: {err}"}
-    warmup, repeats = (1, 2) if quick else ((2, 5) if kind == "smollm2" else (3, 10))
+    warmup, repeats = (1, 2) if quick else ((1, 3) if kind == "smollm2" else (2, 7))
     times = C.round_robin(steps, warmup, repeats)
     for method, ts in times.items():
         out[method].update(C.summarize(ts))
