@@ -326,17 +326,24 @@ def _add_export_lora(sub: Any) -> None:
 
 # ----------------------------------------------------------------------------- main
 
+def _add_export_circuits(sub: Any) -> None:
+    from qpeft.export import add_export_circuits_parser
+
+    add_export_circuits_parser(sub)
+
+
 SUBCOMMANDS: dict[str, Callable[[Any], None]] = {
     "finetune": _add_finetune,
     "compare": _add_compare,
     "count": _add_count,
     "demo": _add_demo,
     "export-lora": _add_export_lora,
+    "export-circuits": _add_export_circuits,
 }
 
 
 # subcommands whose ValueErrors are input errors (exit 2) rather than bugs
-VALUE_ERROR_COMMANDS: set[str] = {"export-lora"}
+VALUE_ERROR_COMMANDS: set[str] = {"export-lora", "export-circuits"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -379,8 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CLIError, RunError, AssetError) as exc:
         print(f"qpeft: error: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:
-        # export-lora's own checks raise ValueError naming the bad argument
+    except (ValueError, ImportError) as exc:
+        # the export commands' own checks raise ValueError naming the bad argument, or
+        # ImportError saying which optional extra to install (qiskit for QPY output)
         if args.command in VALUE_ERROR_COMMANDS:
             print(f"qpeft: error: {exc}", file=sys.stderr)
             return 2

@@ -351,3 +351,20 @@ def test_report_summarizes_an_export(tmp_path, capsys):
     assert "2 x block: 4 qubits, depth 5, gates {'rbs': 6}; rbs expanded: depth" in text
     assert "transpiled: 12 cx" in text  # two CZ (= CX up to 1q gates) per RBS
     assert main([str(out)]) == 0 and "2 x block" in capsys.readouterr().out
+
+
+def test_qpeft_command_exports_and_refuses_lora(tmp_path, capsys):
+    """`qpeft export-circuits` through the real CLI: exit 0 with the files, exit 2 with one
+    clear line for an adapter that has no circuit form."""
+    from qpeft.cli import main
+
+    model = _wrap(qpeft.QPAConfig(target_modules=["up"], r=2, n_mlp=8, depth=2, init_seed=0))
+    model.save_pretrained(tmp_path / "a")
+    assert main(["export-circuits", str(tmp_path / "a"), str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "manifest.json").is_file()
+    torch.manual_seed(0)
+    get_peft_model(MLP(), LoraConfig(target_modules=["up"], r=2)).save_pretrained(tmp_path / "l")
+    capsys.readouterr()
+    assert main(["export-circuits", str(tmp_path / "l"), str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qpeft: error:") and "no circuit form" in err
