@@ -160,15 +160,28 @@ class QuantumPEFTLayer(BaseTunerLayer):
 
     # ---- the update ΔW = U diag(λ_eff) Vᵀ ------------------------------------------------------
 
-    def stiefel_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(U [d_out, K], V [d_in, K]) with orthonormal columns, in the adapter's circuit dtype.
-        Cost O(L·n·N·K) for Pauli circuits; O(N·K²) for Lie maps; never N x N."""
+    def circuit_params(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (angles_u, angles_v) the circuits consume: cast to the circuit dtype and, when the
+        adapter quantizes, snapped to its grid (straight-through). O(P_u + P_v)."""
         spec = self.qpeft_spec[adapter_name]
         au = self.qpeft_angles_u[adapter_name].to(spec.circuit_dtype)
         av = self.qpeft_angles_v[adapter_name].to(spec.circuit_dtype)
         if spec.quantize_bits is not None:
             au = self._quantize_params(au, spec.method_u, spec.quantize_bits)
             av = self._quantize_params(av, spec.method_v, spec.quantize_bits)
+        return au, av
+
+    def stiefel_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U [d_out, K], V [d_in, K]) with orthonormal columns, in the adapter's circuit dtype.
+        Cost O(L·n·N·K) for Pauli circuits; O(N·K²) for Lie maps; never N x N.
+
+        Inside a model forward, :class:`QuantumPEFTModel` has already produced the factors of all
+        same-shaped layers in one batched circuit call and left them in ``_qpeft_factors``."""
+        cached = self.__dict__.get("_qpeft_factors", {}).get(adapter_name)
+        if cached is not None:
+            return cached
+        spec = self.qpeft_spec[adapter_name]
+        au, av = self.circuit_params(adapter_name)
         u = stiefel(spec.method_u, au, spec.out_features, spec.r, spec.depth)
         v = stiefel(spec.method_v, av, spec.in_features, spec.r, spec.depth)
         return u, v
@@ -203,6 +216,7 @@ class QuantumPEFTLayer(BaseTunerLayer):
     def delta_matrix(self, adapter_name: str) -> torch.Tensor:
         """ΔW as an ``[out, in]`` matrix in the circuit dtype. O(d_out·d_in·K) — only for merging
         and tests; the forward never builds it."""
+        self.__dict__.pop("_qpeft_factors", None)  # merging never reuses a forward's factors
         u, v = self.stiefel_factors(adapter_name)
         lam = self.effective_lambda(adapter_name)
         return (u * lam) @ v.T
