@@ -62,6 +62,7 @@ def _check_skew(name: str, s: torch.Tensor) -> None:
     _check_square(name, s)
     if torch.compiler.is_compiling() or s.numel() == 0:
         return
+    s = s.detach()
     scale = max(1.0, float(s.abs().max()))
     err = float((s + s.transpose(-1, -2)).abs().max())
     tol = 100 * torch.finfo(s.dtype).eps * scale

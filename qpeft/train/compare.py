@@ -81,6 +81,7 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     higher_better = rows[0]["metric"] != "perplexity"
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
@@ -104,6 +105,7 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
                 color="gray", linewidth=1, label="Pareto front")
         ax.legend(loc="best", fontsize=8)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: no overlaps
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel(rows[0]["metric"] + (" (higher is better)" if higher_better
                                        else " (lower is better)"))
