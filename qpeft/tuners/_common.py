@@ -9,6 +9,7 @@ Three layer kinds are supported by every method:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -122,3 +123,63 @@ class QpeftTuner(BaseTuner):
             # an additional adapter is not trainable until set_adapter() selects it
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+
+class WeightMergeLayer(BaseTunerLayer):
+    """``merge`` / ``unmerge`` for a tuner layer whose adapter maps the base weight W to a new W
+    (additive: W + ΔW; multiplicative: Q·W). peft's merge contract: adapters merge in the order
+    given and unmerge last-first; ``safe_merge`` refuses non-finite results before writing.
+
+    A layer implements :meth:`_owns_adapter`, :meth:`_merged_weight` and :meth:`_unmerged_weight`."""
+
+    def _owns_adapter(self, adapter_name: str) -> bool:
+        raise NotImplementedError
+
+    def _merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _read_base_weight(self) -> torch.Tensor:
+        # get_base_weight handles quantized bases (peft >= 0.21); older peft: the plain tensor
+        if hasattr(BaseTunerLayer, "get_base_weight"):
+            return self.get_base_weight()
+        return self.get_base_layer().weight.data
+
+    def _write_base_weight(self, weight: torch.Tensor) -> None:
+        if hasattr(BaseTunerLayer, "set_base_weight"):
+            self.set_base_weight(weight)
+        else:
+            self.get_base_layer().weight.data = weight
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold each adapter (default: the active ones) into the base weight."""
+        from peft.tuners.tuners_utils import check_adapters_to_merge
+
+        for name in check_adapters_to_merge(self, adapter_names):
+            if not self._owns_adapter(name):
+                continue
+            with torch.no_grad():
+                weight = self._read_base_weight()
+                new_weight = self._merged_weight(name, weight)
+                if safe_merge and not torch.isfinite(new_weight).all():
+                    raise ValueError(
+                        f"NaN/inf in the merged weights: adapter {name!r} seems to be broken; "
+                        "nothing was merged into this layer"
+                    )
+                self._write_base_weight(new_weight.to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo every merged adapter, last merged first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if not self._owns_adapter(name):
+                continue
+            with torch.no_grad():
+                weight = self._read_base_weight()
+                self._write_base_weight(self._unmerged_weight(name, weight).to(weight.dtype))

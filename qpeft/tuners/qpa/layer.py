@@ -12,14 +12,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from qpeft.tuners._common import layer_kind, matrix_shape, matrix_to_weight
+from qpeft.tuners._common import WeightMergeLayer, layer_kind, matrix_shape, matrix_to_weight
 from qpeft.tuners.qpa.generator import QPAGenerator
 
 
-class QPALayer(nn.Module, BaseTunerLayer):
+class QPALayer(nn.Module, WeightMergeLayer):
     """Wraps an ``nn.Linear``, transformers ``Conv1D`` or ``nn.Conv2d`` (groups=1).
 
     Forward: ``base(x) + scaling * (dropout(x) @ lora_A.T @ lora_B.T)`` (Conv2d: a conv with
@@ -72,38 +71,16 @@ class QPALayer(nn.Module, BaseTunerLayer):
         weight = self.get_base_layer().weight
         return matrix_to_weight(self.get_base_layer(), delta).to(weight.dtype)
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add the active adapters' delta_W to the base weight (``safe_merge``: check finiteness
-        on a copy first). O(d_out d_in r) per adapter."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        if not adapter_names:
-            return
-        base = self.get_base_layer()
-        for name in adapter_names:
-            if name not in self._qpa_shared:
-                continue
-            with torch.no_grad():
-                delta = self.get_delta_weight(name)
-                if safe_merge:
-                    merged = base.weight.data + delta
-                    if not torch.isfinite(merged).all():
-                        raise ValueError(
-                            f"NaNs/infs detected in the merged weights of adapter {name!r}; "
-                            "the adapter seems to be broken"
-                        )
-                    base.weight.data = merged
-                else:
-                    base.weight.data += delta
-            self.merged_adapters.append(name)
+    def _owns_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in self._qpa_shared
 
-    def unmerge(self) -> None:
-        """Subtract merged adapters' delta_W, last merged first (float round-off only)."""
-        base = self.get_base_layer()
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name in self._qpa_shared:
-                with torch.no_grad():
-                    base.weight.data -= self.get_delta_weight(name)
+    def _merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """W + ΔW. O(d_out d_in r)."""
+        return weight + self.get_delta_weight(adapter_name)
+
+    def _unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """W − ΔW (float round-off only)."""
+        return weight - self.get_delta_weight(adapter_name)
 
     def _delta_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         lora_b, lora_a = self._factors(adapter_name)

@@ -9,18 +9,16 @@ cast to the input's dtype. The forward costs like LoRA at rank K plus the genera
 from __future__ import annotations
 
 import math
-import warnings
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from qpeft.circuits.stiefel import stiefel, stiefel_init, stiefel_num_params
-from qpeft.tuners._common import layer_kind, matrix_shape, matrix_to_weight
+from qpeft.tuners._common import WeightMergeLayer, layer_kind, matrix_shape, matrix_to_weight
 
 from .config import QuantumPEFTConfig
 
@@ -88,7 +86,7 @@ def _seed(init_seed: int, module_name: str, side: str) -> int:
     return zlib.crc32(f"{init_seed}:{module_name}:{side}".encode()) & 0x7FFFFFFF
 
 
-class QuantumPEFTLayer(BaseTunerLayer):
+class QuantumPEFTLayer(WeightMergeLayer):
     """Mixin holding the Quantum-PEFT tensors of one adapted layer, keyed by adapter name.
 
     Per adapter: ``qpeft_angles_u[name]`` [P_u], ``qpeft_angles_v[name]`` [P_v],
@@ -227,37 +225,16 @@ class QuantumPEFTLayer(BaseTunerLayer):
 
     # ---- merge / unmerge (additive, exact up to rounding) ---------------------------------------
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """W <- W + ΔW for each adapter (default: the active ones). ``safe_merge`` checks for
-        non-finite values on a copy first (ValueError naming the adapter)."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        if not adapter_names:
-            return
-        for name in adapter_names:
-            if name not in self.qpeft_lambda:
-                continue
-            weight = self.get_base_weight()
-            new_weight = (weight.to(self.qpeft_spec[name].circuit_dtype) + self.get_delta_weight(name))
-            new_weight = new_weight.to(weight.dtype)
-            if safe_merge and not torch.isfinite(new_weight).all():
-                raise ValueError(
-                    f"NaN/inf detected in the merged weights: adapter {name!r} seems to be broken"
-                )
-            self.set_base_weight(new_weight)
-            self.merged_adapters.append(name)
+    def _owns_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in self.qpeft_lambda
 
-    def unmerge(self) -> None:
-        """W <- W - ΔW for every merged adapter, last merged first."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-            return
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name not in self.qpeft_lambda:
-                continue
-            weight = self.get_base_weight()
-            new_weight = weight.to(self.qpeft_spec[name].circuit_dtype) - self.get_delta_weight(name)
-            self.set_base_weight(new_weight.to(weight.dtype))
+    def _merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """W + ΔW, computed in the circuit dtype."""
+        return weight.to(self.qpeft_spec[adapter_name].circuit_dtype) + self.get_delta_weight(adapter_name)
+
+    def _unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """W − ΔW (exact up to rounding)."""
+        return weight.to(self.qpeft_spec[adapter_name].circuit_dtype) - self.get_delta_weight(adapter_name)
 
     # ---- forward ---------------------------------------------------------------------------------
 

@@ -10,18 +10,22 @@ block-wise inverses (``base_map="free"`` / ``combine="sum"``).
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from qpeft.circuits.compound import compounds
 from qpeft.circuits.givens import givens_matrix
-from qpeft.tuners._common import layer_kind, matrix_shape, matrix_to_weight, weight_to_matrix
+from qpeft.tuners._common import (
+    WeightMergeLayer,
+    layer_kind,
+    matrix_shape,
+    matrix_to_weight,
+    weight_to_matrix,
+)
 
 from .config import BlockPlan, QuICConfig, base_map_num_params
 
@@ -111,7 +115,7 @@ def block_delta(v: torch.Tensor, mats: list[torch.Tensor], plan: BlockPlan) -> t
     return F.pad(delta, (0, plan.leftover))
 
 
-class QuICLayer(BaseTunerLayer):
+class QuICLayer(WeightMergeLayer):
     """Mixin holding QuIC adapters of one base layer (peft's per-adapter containers)."""
 
     adapter_layer_names = ("quic_params",)
@@ -210,49 +214,20 @@ class QuICLayer(BaseTunerLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """W' − W in the base weight's layout (additive view of the multiplicative update)."""
-        weight = self._base_weight()
+        weight = self._read_base_weight()
         return (self._rotate_weight(weight, adapter_name) - weight).to(weight.dtype)
 
     # ---- merge / unmerge ------------------------------------------------------------------------
-    def _base_weight(self) -> torch.Tensor:
-        if hasattr(self, "get_base_weight"):
-            return self.get_base_weight()
-        return self.get_base_layer().weight.data
+    def _owns_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in self.quic_params
 
-    def _set_base_weight(self, weight: torch.Tensor) -> None:
-        if hasattr(self, "set_base_weight"):
-            self.set_base_weight(weight)
-        else:
-            self.get_base_layer().weight.data = weight
+    def _merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """W ← Q·W (output side) or W ← W·Qᵀ (input side), Q folded in once."""
+        return self._rotate_weight(weight, adapter_name)
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Fold the adapters into W once: W ← Q·W (output side) or W ← W·Qᵀ (input side)."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        for name in adapter_names:
-            if name not in self.quic_params:
-                continue
-            with torch.no_grad():
-                weight = self._base_weight()
-                new = self._rotate_weight(weight, name)
-                if safe_merge and not torch.isfinite(new).all():
-                    raise ValueError(
-                        f"NaNs detected in the merged weights; the adapter {name!r} seems broken"
-                    )
-                self._set_base_weight(new.to(weight.dtype))
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        """Undo merges in reverse order with Qᵀ (orthogonal variants) or block-wise inverses."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-            return
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name not in self.quic_params:
-                continue
-            with torch.no_grad():
-                weight = self._base_weight()
-                self._set_base_weight(self._rotate_weight(weight, name, inverse=True).to(weight.dtype))
+    def _unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """Qᵀ (orthogonal variants) or block-wise inverses undo the merge."""
+        return self._rotate_weight(weight, adapter_name, inverse=True)
 
     # ---- forward ------------------------------------------------------------------------------
     def _keep(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
