@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from qpeft.assets import TaskData
+
 ENV_FLAG = "QPEFT_TEST_ASSETS"
 DUMP_ENV = "QPEFT_TEST_RANK_DUMP"
 TINY_MODELS: dict[str, str] = {"tiny-bert": "text-classification", "tiny-llama": "causal-lm",
@@ -40,20 +42,6 @@ class TinyModel:
     default_target_modules: list[str]
     modules_to_save: list[str] | None
     image_size: int | None = None
-
-
-@dataclasses.dataclass
-class TinyTask:
-    """Same fields as ``qpeft.assets.TaskData``."""
-
-    name: str
-    kind: str
-    train: Any
-    eval: Any
-    num_labels: int | None
-    label_names: list[str] | None
-    metric: str
-    split: dict[str, Any]
 
 
 def tokenizer() -> Any:
@@ -114,7 +102,7 @@ def load_model(name: str, *, num_labels: int | None = None) -> TinyModel:
 
 
 def load_task(name: str, *, seed: int = 0, max_train: int | None = None,
-              max_eval: int | None = None) -> TinyTask:
+              max_eval: int | None = None) -> TaskData:
     """A deterministic synthetic task: class-keyed words, a repeating word grammar, or
     bright-quadrant images."""
     g = torch.Generator().manual_seed(1234 + seed)
@@ -128,7 +116,7 @@ def load_task(name: str, *, seed: int = 0, max_train: int | None = None,
                 words = torch.randint(0, 10, (8,), generator=g) + 10 * lab
                 out.append({"text": " ".join(_WORDS[i] for i in words.tolist()), "label": lab})
             return out
-        return TinyTask(name, "text-classification", make(n_train), make(n_eval), 3,
+        return TaskData(name, "text-classification", make(n_train), make(n_eval), 3,
                         ["a", "b", "c"], "accuracy", split)
     if name == "tiny-lm":
         def docs(n: int) -> list[str]:
@@ -137,7 +125,7 @@ def load_task(name: str, *, seed: int = 0, max_train: int | None = None,
                 start = int(torch.randint(0, 40, (1,), generator=g))
                 out.append(" ".join(_WORDS[(start + 3 * i) % 40] for i in range(40)))
             return out
-        return TinyTask(name, "causal-lm", docs(max(1, n_train // 4)), docs(max(1, n_eval // 4)),
+        return TaskData(name, "causal-lm", docs(max(1, n_train // 4)), docs(max(1, n_eval // 4)),
                         None, None, "perplexity", split)
     if name == "tiny-images":
         def images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +135,7 @@ def load_task(name: str, *, seed: int = 0, max_train: int | None = None,
                 r, c = divmod(lab, 2)
                 x[i, 0, 4 * r:4 * r + 4, 4 * c:4 * c + 4] += 180
             return x, labels
-        return TinyTask(name, "image-classification", images(n_train), images(n_eval), 4,
+        return TaskData(name, "image-classification", images(n_train), images(n_eval), 4,
                         ["q0", "q1", "q2", "q3"], "accuracy", split)
     raise ValueError(f"unknown tiny task {name!r}")
 
