@@ -126,11 +126,15 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _rng_state() -> dict[str, Any]:
+    """Every RNG the loop touches, as plain tensors / ints / tuples, so the checkpoint loads with
+    ``torch.load(weights_only=True)`` (no pickled objects, no code run on load)."""
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos),
+                          int(has_gauss), float(cached))
     except ImportError:  # pragma: no cover - numpy ships with torch
         pass
     if torch.cuda.is_available():
@@ -144,7 +148,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -277,7 +282,7 @@ def train(
     if resume:
         if ckpt_path is None or not ckpt_path.exists():
             raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if fingerprint is not None and state.get("fingerprint") != fingerprint:
             raise ValueError(f"--resume: the checkpoint at {ckpt_path} belongs to a different run")
         named = dict(unwrapped.named_parameters())

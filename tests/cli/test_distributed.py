@@ -37,9 +37,9 @@ def test_two_cpu_processes_match_one(tmp_path: Path) -> None:
                           "--output-dir", str(tmp_path / "two")], env=_env(tmp_path / "d2"),
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    r0 = torch.load(tmp_path / "d2/rank0.pt")
-    r1 = torch.load(tmp_path / "d2/rank1.pt")
-    single = torch.load(tmp_path / "d1/rank0.pt")
+    r0 = torch.load(tmp_path / "d2/rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "d2/rank1.pt", weights_only=True)
+    single = torch.load(tmp_path / "d1/rank0.pt", weights_only=True)
     assert r0.keys() == r1.keys() == single.keys()
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k

@@ -61,7 +61,7 @@ def test_interrupted_run_resumed_equals_uninterrupted(tmp_path, method) -> None:
 
     with pytest.raises(Interrupt):
         _run(cfg, method, checkpoint_dir=tmp_path, fingerprint={"x": 1}, on_step=stop)
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["step"] == 2
     resumed, result = _run(cfg, method, checkpoint_dir=tmp_path, resume=True,
                            fingerprint={"x": 1})

@@ -257,7 +257,7 @@ def check_save_load_subprocess(name: str, config, tmp_path: Path) -> None:
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    loaded = torch.load(out_file)
+    loaded = torch.load(out_file, weights_only=True)
     assert torch.equal(loaded, expected), f"max diff {(loaded - expected).abs().max():.3e}"
 
 

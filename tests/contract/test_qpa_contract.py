@@ -98,7 +98,7 @@ def test_exported_lora_loads_without_qpeft(case, tmp_path):
         env=env, cwd=tmp_path, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out, merged = torch.load(out_file)
+    out, merged = torch.load(out_file, weights_only=True)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
 
