@@ -126,11 +126,24 @@ class QpeftTuner(BaseTuner):
 
 
 class WeightMergeLayer(BaseTunerLayer):
-    """``merge`` / ``unmerge`` for a tuner layer whose adapter maps the base weight W to a new W
-    (additive: W + ΔW; multiplicative: Q·W). peft's merge contract: adapters merge in the order
-    given and unmerge last-first; ``safe_merge`` refuses non-finite results before writing.
+    """What qpeft's three tuner layers share: the base-layer bookkeeping peft expects
+    (:meth:`_init_base_layer`) and ``merge`` / ``unmerge`` for an adapter that maps the base
+    weight W to a new W (additive: W + ΔW; multiplicative: Q·W). peft's merge contract: adapters
+    merge in the order given and unmerge last-first; ``safe_merge`` refuses non-finite results
+    before writing.
 
     A layer implements :meth:`_owns_adapter`, :meth:`_merged_weight` and :meth:`_unmerged_weight`."""
+
+    def _init_base_layer(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        """Wrap ``base_layer``: nothing merged, adapters enabled; ``kind`` and the weight's
+        ``(out_features, in_features)`` read once (ValueError for unsupported layers)."""
+        self.base_layer = base_layer
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        self.kind = layer_kind(base)
+        self.out_features, self.in_features = matrix_shape(base)
 
     def _owns_adapter(self, adapter_name: str) -> bool:
         raise NotImplementedError

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qpeft.tuners._common import WeightMergeLayer, layer_kind, matrix_shape, matrix_to_weight
+from qpeft.tuners._common import WeightMergeLayer, matrix_to_weight
 from qpeft.tuners.qpa.generator import QPAGenerator
 
 
@@ -30,17 +30,13 @@ class QPALayer(nn.Module, WeightMergeLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any) -> None:
         super().__init__()
-        self.base_layer = base_layer
-        self.kind = layer_kind(base_layer)
-        self.out_features, self.in_features = matrix_shape(base_layer)
+        self._init_base_layer(base_layer)
         self.qpa_generator = nn.ModuleDict({})
         self.qpa_dropout = nn.ModuleDict({})
         self.qpa_r: dict[str, int] = {}
         self.qpa_scaling: dict[str, float] = {}
         self.qpa_index: dict[str, int] = {}
         self._qpa_shared: dict[str, QPAGenerator] = {}
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qpeft.circuits.stiefel import stiefel, stiefel_init, stiefel_num_params
-from qpeft.tuners._common import WeightMergeLayer, layer_kind, matrix_shape, matrix_to_weight
+from qpeft.tuners._common import WeightMergeLayer, matrix_to_weight
 
 from .config import QuantumPEFTConfig
 
@@ -97,19 +97,13 @@ class QuantumPEFTLayer(WeightMergeLayer):
     other_param_names = ("qpeft_r", "qpeft_spec")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        self.base_layer = base_layer
+        self._init_base_layer(base_layer, **kwargs)
         self.qpeft_angles_u = nn.ParameterDict({})
         self.qpeft_angles_v = nn.ParameterDict({})
         self.qpeft_lambda = nn.ParameterDict({})
         self.qpeft_gain = nn.ParameterDict({})
         self.qpeft_r: dict[str, int] = {}
         self.qpeft_spec: dict[str, AdapterSpec] = {}
-        self._disable_adapters = False
-        self.merged_adapters = []
-        self.kwargs = kwargs
-        base = self.get_base_layer()
-        self.layer_kind = layer_kind(base)
-        self.out_features, self.in_features = matrix_shape(base)
 
     def update_layer(self, adapter_name: str, config: QuantumPEFTConfig, module_name: str = "") -> None:
         """Create adapter ``adapter_name`` from ``config`` on this layer. ``module_name`` names the
@@ -272,8 +266,8 @@ class QuantumPEFTLinear(nn.Module, QuantumPEFTLayer):
                  module_name: str = "", **kwargs: Any) -> None:
         super().__init__()
         QuantumPEFTLayer.__init__(self, base_layer, **kwargs)
-        if self.layer_kind not in ("linear", "conv1d"):
-            raise ValueError(f"QuantumPEFTLinear wraps nn.Linear / Conv1D, got {self.layer_kind}")
+        if self.kind not in ("linear", "conv1d"):
+            raise ValueError(f"QuantumPEFTLinear wraps nn.Linear / Conv1D, got {self.kind}")
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_name)
 
@@ -297,8 +291,8 @@ class QuantumPEFTConv2d(nn.Module, QuantumPEFTLayer):
                  module_name: str = "", **kwargs: Any) -> None:
         super().__init__()
         QuantumPEFTLayer.__init__(self, base_layer, **kwargs)
-        if self.layer_kind != "conv2d":
-            raise ValueError(f"QuantumPEFTConv2d wraps nn.Conv2d, got {self.layer_kind}")
+        if self.kind != "conv2d":
+            raise ValueError(f"QuantumPEFTConv2d wraps nn.Conv2d, got {self.kind}")
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_name)
 

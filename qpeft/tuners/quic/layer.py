@@ -21,8 +21,6 @@ from qpeft.circuits.compound import compounds
 from qpeft.circuits.givens import givens_matrix
 from qpeft.tuners._common import (
     WeightMergeLayer,
-    layer_kind,
-    matrix_shape,
     matrix_to_weight,
     weight_to_matrix,
 )
@@ -122,16 +120,10 @@ class QuICLayer(WeightMergeLayer):
     other_param_names = ("quic_plan", "quic_settings")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        self.base_layer = base_layer
+        self._init_base_layer(base_layer, **kwargs)
         self.quic_params = nn.ParameterDict({})
         self.quic_plan: dict[str, BlockPlan] = {}
         self.quic_settings: dict[str, QuICSettings] = {}
-        self._disable_adapters = False
-        self.merged_adapters = []
-        self.kwargs = kwargs
-        base = self.get_base_layer()
-        self.kind = layer_kind(base)
-        self.out_features, self.in_features = matrix_shape(base)
 
     # ---- construction -----------------------------------------------------------------------
     def update_layer(self, adapter_name: str, config: QuICConfig, **kwargs: Any) -> None:
