@@ -60,6 +60,25 @@ class ParameterCount:
         return "\n".join(lines)
 
 
+def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The dict in a transformers ``config.json`` (or the one inside folder ``path``); ValueError
+    naming the file if it is missing, not JSON, or has no ``model_type``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(f"model config file {str(path)!r} does not exist")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"model config file {str(path)!r} is not valid JSON: {err}") from err
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise ValueError(
+            f"model config file {str(path)!r} has no 'model_type': not a transformers config"
+        )
+    return raw
+
+
 def model_from_config(model_config: Any, auto_class: Any = None) -> nn.Module:
     """Instantiate a transformers model on the meta device (no memory, no weights).
 
@@ -68,19 +87,11 @@ def model_from_config(model_config: Any, auto_class: Any = None) -> nn.Module:
     from transformers import AutoConfig, AutoModel, PretrainedConfig
 
     if isinstance(model_config, (str, os.PathLike)):
-        path = Path(model_config)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise ValueError(f"model config file {str(path)!r} does not exist")
-        try:
-            model_config = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"model config file {str(path)!r} is not valid JSON: {err}") from err
+        model_config = read_model_config(model_config)
     if isinstance(model_config, dict):
         model_config = dict(model_config)
         if "model_type" not in model_config:
-            raise ValueError("model config has no 'model_type'; it is not a transformers config")
+            raise ValueError("model config has no 'model_type': not a transformers config")
         model_config = AutoConfig.for_model(model_config.pop("model_type"), **model_config)
     if not isinstance(model_config, PretrainedConfig):
         raise ValueError(f"expected a transformers config, got {type(model_config).__name__}")

@@ -8,8 +8,6 @@ to each construction) is computed too and must agree; a disagreement is reported
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,28 +81,20 @@ def count_for_cli(method: str, *, model: str | None = None, config_file: str | N
         raise RunError(str(exc)) from None
     modules_to_save = None
     if config_file is not None:
-        path = Path(config_file)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise RunError(f"--config-file {config_file!r} does not exist")
         try:
-            raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RunError(f"--config-file {config_file!r} is not valid JSON: {exc}") from None
-        if not isinstance(raw, dict) or "model_type" not in raw:
-            raise RunError(f"--config-file {config_file!r} has no 'model_type': "
-                           f"not a transformers config")
+            raw = qpeft.counting.read_model_config(config_file)
+        except ValueError as exc:
+            raise RunError(f"--config-file: {exc}") from None
         auto, task_type = _auto_class(raw)
         targets = target_modules or CONFIG_DEFAULT_TARGETS.get(raw["model_type"])
         if not targets:
             raise RunError(f"no default target modules for model_type {raw['model_type']!r}; "
                            f"pass --target-modules")
         try:
-            base = qpeft.counting.model_from_config(str(path), auto)
+            base = qpeft.counting.model_from_config(raw, auto)
         except (ValueError, KeyError) as exc:
             raise RunError(f"--config-file {config_file!r}: {exc}") from None
-        source = str(path)
+        source = str(config_file)
     else:
         from accelerate.utils import set_seed
 

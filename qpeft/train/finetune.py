@@ -100,24 +100,21 @@ class FinetuneSpec:
 # ----------------------------------------------------------------------------- validation
 
 
+def _kind_of(what: str, name: str, known: dict[str, str], tiny: dict[str, str]) -> str:
+    kinds = {**known, **tiny} if _testing.enabled() else dict(known)
+    if name not in kinds:
+        raise RunError(f"unknown {what} {name!r}; valid {what}s: {', '.join(known)}")
+    return kinds[name]
+
+
 def model_kind(name: str) -> str:
     """Task kind a model name serves; RunError listing the valid names otherwise."""
-    kinds = dict(MODEL_KINDS)
-    if _testing.enabled():
-        kinds.update(_testing.TINY_MODELS)
-    if name not in kinds:
-        raise RunError(f"unknown model {name!r}; valid models: {', '.join(MODEL_KINDS)}")
-    return kinds[name]
+    return _kind_of("model", name, dict(MODEL_KINDS), _testing.TINY_MODELS)
 
 
 def task_kind(name: str) -> str:
     """Kind of a task name; RunError listing the valid names otherwise."""
-    kinds = dict(TASK_KINDS)
-    if _testing.enabled():
-        kinds.update(_testing.TINY_TASKS)
-    if name not in kinds:
-        raise RunError(f"unknown task {name!r}; valid tasks: {', '.join(TASK_KINDS)}")
-    return kinds[name]
+    return _kind_of("task", name, dict(TASK_KINDS), _testing.TINY_TASKS)
 
 
 def validate_spec(spec: FinetuneSpec) -> str:
