@@ -170,8 +170,10 @@ class QuantumPEFTLayer(WeightMergeLayer):
         Inside a model forward, :class:`QuantumPEFTModel` has already produced the factors of all
         same-shaped layers in one batched circuit call and left them in ``_qpeft_factors``."""
         cached = self.__dict__.get("_qpeft_factors", {}).get(adapter_name)
-        if cached is not None:
-            return cached
+        return cached if cached is not None else self._generate_factors(adapter_name)
+
+    def _generate_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, V) of this layer alone, from the current angles (never a forward's cache)."""
         spec = self.qpeft_spec[adapter_name]
         au, av = self.circuit_params(adapter_name)
         u = stiefel(spec.method_u, au, spec.out_features, spec.r, spec.depth)
@@ -208,8 +210,7 @@ class QuantumPEFTLayer(WeightMergeLayer):
     def delta_matrix(self, adapter_name: str) -> torch.Tensor:
         """ΔW as an ``[out, in]`` matrix in the circuit dtype. O(d_out·d_in·K) — only for merging
         and tests; the forward never builds it."""
-        self.__dict__.pop("_qpeft_factors", None)  # merging never reuses a forward's factors
-        u, v = self.stiefel_factors(adapter_name)
+        u, v = self._generate_factors(adapter_name)  # merging never reuses a forward's factors
         lam = self.effective_lambda(adapter_name)
         return (u * lam) @ v.T
 

@@ -34,11 +34,11 @@ class QuantumPEFTModel(QpeftTuner):
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         if self.__dict__.get("_qpeft_hooks") is None:
             self.__dict__["_qpeft_hooks"] = (
-                model.register_forward_pre_hook(self._generate_factors),
+                model.register_forward_pre_hook(self._batch_factors),
                 model.register_forward_hook(self._drop_factors),
             )
 
-    def _generate_factors(self, module: nn.Module, args: Any) -> None:
+    def _batch_factors(self, module: nn.Module, args: Any) -> None:
         """Forward pre-hook: U and V of every active adapter of every layer, grouped by
         (parameterization, N, K, depth, dtype, device) and generated with one batched
         ``stiefel`` call per group — a few circuit calls per forward instead of two per layer
