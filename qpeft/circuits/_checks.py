@@ -50,3 +50,9 @@ def check_last_dim(name: str, tensor: torch.Tensor, expected: int, what: str) ->
     if tensor.dim() == 0 or tensor.shape[-1] != expected:
         got = tuple(tensor.shape)
         raise ValueError(f"{name} must have last dimension {expected} ({what}), got shape {got}")
+
+
+def check_choice(name: str, value: object, choices: tuple | list) -> None:
+    """Raise ValueError unless ``value`` is one of ``choices`` (listed in the message)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

@@ -38,6 +38,7 @@ import functools
 import torch
 
 from qpeft.circuits._checks import (
+    check_choice,
     check_finite,
     check_float_dtype,
     check_last_dim,
@@ -57,8 +58,7 @@ __all__ = [
 
 
 def _check_layout(layout: object) -> str:
-    if layout not in GIVENS_LAYOUTS:
-        raise ValueError(f"layout must be one of {GIVENS_LAYOUTS}, got {layout!r}")
+    check_choice("layout", layout, GIVENS_LAYOUTS)
     return layout  # type: ignore[return-value]
 
 

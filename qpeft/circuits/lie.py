@@ -31,6 +31,7 @@ import math
 import torch
 
 from qpeft.circuits._checks import (
+    check_choice,
     check_finite,
     check_float_dtype,
     check_in_range,
@@ -148,8 +149,7 @@ def lie_stiefel(
     """
     check_positive_int("n", n)
     check_in_range("k", k, 1, n)
-    if method not in LIE_METHODS:
-        raise ValueError(f"method must be one of {LIE_METHODS}, got {method!r}")
+    check_choice("method", method, LIE_METHODS)
     check_positive_int("taylor_order", taylor_order)
     check_float_dtype("params", params)
     check_last_dim("params", params, lie_stiefel_num_params(n, k), f"lie_stiefel_num_params({n}, {k})")

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from qpeft.circuits._checks import check_in_range, check_positive_int
+from qpeft.circuits._checks import check_choice, check_in_range, check_positive_int
 from qpeft.circuits.lie import lie_stiefel, lie_stiefel_num_params
 from qpeft.circuits.pauli import is_power_of_two, pauli_num_params, pauli_stiefel
 from qpeft.circuits.qsd import generalized_num_params, generalized_stiefel
@@ -29,8 +29,7 @@ _LIE = {"lie_exp": "exp", "lie_cayley": "cayley", "lie_taylor": "taylor"}
 
 
 def _check(method: object, n: int, k: int, depth: int) -> None:
-    if method not in STIEFEL_METHODS:
-        raise ValueError(f"method must be one of {STIEFEL_METHODS}, got {method!r}")
+    check_choice("method", method, STIEFEL_METHODS)
     check_positive_int("n", n)
     check_in_range("k", k, 1, n)
     check_positive_int("depth", depth, minimum=0)

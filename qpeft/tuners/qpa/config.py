@@ -8,7 +8,7 @@ from typing import Any
 from peft.config import PeftConfig
 
 from qpeft._peft_registry import ensure_peft_type
-from qpeft.circuits._checks import check_positive_int
+from qpeft.circuits._checks import check_choice, check_positive_int
 from qpeft.tuners.qpa.generator import (
     ACTIVATIONS,
     PROB_TRANSFORMS,
@@ -102,14 +102,8 @@ class QPAConfig(PeftConfig):
         self.mlp_hidden = [int(w) for w in self.mlp_hidden]
         for k, width in enumerate(self.mlp_hidden):
             check_positive_int(f"mlp_hidden[{k}]", width)
-        if self.mlp_activation not in ACTIVATIONS:
-            raise ValueError(
-                f"mlp_activation must be one of {ACTIVATIONS}, got {self.mlp_activation!r}"
-            )
-        if self.prob_transform not in PROB_TRANSFORMS:
-            raise ValueError(
-                f"prob_transform must be one of {PROB_TRANSFORMS}, got {self.prob_transform!r}"
-            )
+        check_choice("mlp_activation", self.mlp_activation, ACTIVATIONS)
+        check_choice("prob_transform", self.prob_transform, PROB_TRANSFORMS)
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.bias != "none":

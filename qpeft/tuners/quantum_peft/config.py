@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from peft.config import PeftConfig
 
 from qpeft._peft_registry import ensure_peft_type
+from qpeft.circuits._checks import check_choice
 
 PARAMETERIZATIONS = ("pauli", "generalized", "lie_exp", "lie_cayley", "lie_taylor")
 LAMBDA_DOMAINS = ("real", "positive", "sign")
@@ -143,23 +144,10 @@ class QuantumPEFTConfig(PeftConfig):
                 raise ValueError(
                     f"QuantumPEFTConfig.quantize_bits must be in [1, 24] or None, got {self.quantize_bits}"
                 )
-        if self.parameterization not in PARAMETERIZATIONS:
-            raise ValueError(
-                f"QuantumPEFTConfig.parameterization must be one of {PARAMETERIZATIONS}, "
-                f"got {self.parameterization!r}"
-            )
-        if self.lambda_domain not in LAMBDA_DOMAINS:
-            raise ValueError(
-                f"QuantumPEFTConfig.lambda_domain must be one of {LAMBDA_DOMAINS}, "
-                f"got {self.lambda_domain!r}"
-            )
-        if self.circuit_dtype not in CIRCUIT_DTYPES:
-            raise ValueError(
-                f"QuantumPEFTConfig.circuit_dtype must be one of {CIRCUIT_DTYPES}, "
-                f"got {self.circuit_dtype!r}"
-            )
-        if self.bias not in BIAS_OPTIONS:
-            raise ValueError(f"QuantumPEFTConfig.bias must be one of {BIAS_OPTIONS}, got {self.bias!r}")
+        check_choice("QuantumPEFTConfig.parameterization", self.parameterization, PARAMETERIZATIONS)
+        check_choice("QuantumPEFTConfig.lambda_domain", self.lambda_domain, LAMBDA_DOMAINS)
+        check_choice("QuantumPEFTConfig.circuit_dtype", self.circuit_dtype, CIRCUIT_DTYPES)
+        check_choice("QuantumPEFTConfig.bias", self.bias, BIAS_OPTIONS)
         if self.alpha is not None and not (
             isinstance(self.alpha, (int, float)) and self.alpha == self.alpha and self.alpha != 0
         ):

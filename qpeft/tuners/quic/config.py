@@ -17,7 +17,7 @@ from typing import Any, Literal
 from peft.config import PeftConfig
 
 from qpeft._peft_registry import ensure_peft_type
-from qpeft.circuits._checks import check_positive_int
+from qpeft.circuits._checks import check_choice, check_positive_int
 from qpeft.circuits.compound import compound_dim, largest_block_size
 from qpeft.circuits.givens import GIVENS_LAYOUTS, givens_num_params
 
@@ -215,15 +215,11 @@ class QuICConfig(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
         check_positive_int("num_blocks", self.num_blocks)
         self.orders = list(check_orders(self.orders))
-        if self.base_map not in BASE_MAPS:
-            raise ValueError(f"base_map must be one of {BASE_MAPS}, got {self.base_map!r}")
-        if self.rbs_layout not in GIVENS_LAYOUTS:
-            raise ValueError(f"rbs_layout must be one of {GIVENS_LAYOUTS}, got {self.rbs_layout!r}")
-        if self.side not in SIDES:
-            raise ValueError(f"side must be one of {SIDES}, got {self.side!r}")
+        check_choice("base_map", self.base_map, BASE_MAPS)
+        check_choice("rbs_layout", self.rbs_layout, GIVENS_LAYOUTS)
+        check_choice("side", self.side, SIDES)
         check_positive_int("num_adapters", self.num_adapters)
-        if self.combine not in COMBINES:
-            raise ValueError(f"combine must be one of {COMBINES}, got {self.combine!r}")
+        check_choice("combine", self.combine, COMBINES)
         p = self.module_dropout
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
             raise ValueError(f"module_dropout must be a float in [0, 1), got {p!r}")
