@@ -16,7 +16,8 @@ where the (k-1)-minors are entries of C_{k-1}(a).  With index tables precomputed
 after C_{k-1}, instead of O(C(n,k)^2 k^3) for batched determinants.  From C(n,k) >= 512 the same
 expansion is taken along the first column instead, which turns the big gathers into
 contiguous slices (``_next_order_sliced``; faster when memory-bound).  k = 2 is the closed form
-a[i,p] a[j,q] - a[i,q] a[j,p]; k = n is det(a) (1 x 1).
+a[i,p] a[j,q] - a[i,q] a[j,p] with a hand-written backward (``_SecondCompound``: the first
+step of every recursion, and QuIC's most used order); k = n is det(a) (1 x 1).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -87,6 +89,90 @@ def _check_matrix(a: object) -> int:
 
 
 _SLICED_FROM_DIM = 512  # C(n,k) from which slicing beats gathers (measured, 1 thread)
+_CHUNK_ELEMENTS = 1 << 18  # per-chunk temporaries of the order-2 kernels (1 MiB in float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _pair_tables(n: int, device: str) -> tuple[torch.Tensor, ...]:
+    """Index tables of the 2-subsets (p, q), p < q, of {0..n-1} in lexicographic order:
+    first [C], second [C], flat p*n+q [C], flat q*n+p [C], and over the n x n grid the
+    rank of pair {p, q} [n*n] with sign +1 above the diagonal, -1 below, 0 on it [n*n]
+    (the antisymmetric embedding of a C(n,2)-vector as an n x n matrix)."""
+    first, second = torch.triu_indices(n, n, 1)
+    pairs = torch.arange(first.numel())
+    rank = torch.zeros(n, n, dtype=torch.long)
+    rank[first, second] = pairs
+    rank[second, first] = pairs
+    sign = torch.zeros(n, n)
+    sign[first, second] = 1.0
+    sign[second, first] = -1.0
+    dev = torch.device(device)
+    tables = (first, second, first * n + second, second * n + first, rank.flatten(), sign.flatten())
+    return tuple(t.to(dev) for t in tables)
+
+
+def _row_chunks(rows: int, n: int) -> Iterator[slice]:
+    """Slices of at most _CHUNK_ELEMENTS / n^2 rows: the [rows, n, n] temporaries of the
+    order-2 kernels stay small (fresh multi-MiB buffers cost page faults every call)."""
+    step = max(1, _CHUNK_ELEMENTS // (n * n))
+    return (slice(s, s + step) for s in range(0, rows, step))
+
+
+def _second_compound_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows a[i, :] and a[j, :] for every pair i < j: two [B*C, n] tensors (a: [B, n, n])."""
+    n = a.shape[-1]
+    first, second = _pair_tables(n, str(a.device))[:2]
+    return a.index_select(-2, first).reshape(-1, n), a.index_select(-2, second).reshape(-1, n)
+
+
+class _SecondCompound(torch.autograd.Function):
+    """C_2(a) for a [B, n, n], forward and backward written by hand.
+
+    Row I = (i, j) of C_2(a) is the upper triangle of the antisymmetric n x n matrix
+    r0 r1^T - r1 r0^T with r0 = a[i, :], r1 = a[j, :]: an outer product and two gathers per
+    row.  Backward: for the output gradient G, let G_I be row I embedded as an antisymmetric
+    n x n matrix; <G_I, row I> = r0^T G_I r1, so grad r0 = G_I conj(r1) and
+    grad r1 = -G_I conj(r0), added back into rows i and j of a.  O(C(n,2) n^2) time each way,
+    in row chunks.  (Autograd through the sliced expansion records O(n) nodes per call and
+    its backward costs ~5x the forward; this one ~2x.)  The backward is built from
+    differentiable ops, so double backward works."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a)
+        n = a.shape[-1]
+        upper, lower = _pair_tables(n, str(a.device))[2:4]
+        r0, r1 = _second_compound_rows(a)
+        out = a.new_empty(r0.shape[0], upper.numel())
+        for rows in _row_chunks(r0.shape[0], n):
+            outer = (r0[rows, :, None] * r1[rows, None, :]).view(-1, n * n)
+            torch.sub(outer.index_select(-1, upper), outer.index_select(-1, lower), out=out[rows])
+        return out.view(a.shape[0], -1, upper.numel())
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (a,) = ctx.saved_tensors
+        n = a.shape[-1]
+        first, second, _, _, rank, sign = _pair_tables(n, str(a.device))
+        r0, r1 = _second_compound_rows(a)
+        flat = grad.reshape(-1, grad.shape[-1])
+        sign = sign.to(grad.dtype)
+        g0, g1 = [], []
+        for rows in _row_chunks(flat.shape[0], n):
+            # gathers on 2-D views: on 3-D ones they are ~4x slower
+            g_hat = (flat[rows].index_select(-1, rank) * sign).view(-1, n, n)
+            g0.append((g_hat * r1[rows, None, :].conj()).sum(-1))
+            g1.append((g_hat * r0[rows, None, :].conj()).sum(-1))
+        g0 = torch.cat(g0).view(a.shape[0], -1, n)
+        g1 = torch.cat(g1).view(a.shape[0], -1, n)
+        return torch.zeros_like(a).index_add(-2, first, g0).index_add(-2, second, -g1)
+
+
+def _second_compound(a: torch.Tensor) -> torch.Tensor:
+    """C_2(a) for a [..., n, n], n >= 2: [..., C(n,2), C(n,2)] through _SecondCompound."""
+    n = a.shape[-1]
+    out = _SecondCompound.apply(a.reshape(-1, n, n))
+    return out.reshape(*a.shape[:-2], *out.shape[-2:])
 
 
 def _next_order_sliced(a: torch.Tensor, prev: torch.Tensor, k: int) -> torch.Tensor:
@@ -96,8 +182,8 @@ def _next_order_sliced(a: torch.Tensor, prev: torch.Tensor, k: int) -> torch.Ten
     In lexicographic order the J with a given j_0 are contiguous, and their J' are the
     (k-1)-subsets of {j_0+1..n-1}: a contiguous suffix of C_{k-1}'s columns.  So every block
     is a broadcast product of slices, no C(n,k)^2-sized gathers (memory-bound at large n:
-    about 4x faster than gathers at n = 90, k = 2).  For k = 2 this is the closed form
-    a[i,p] a[j,q] - a[i,q] a[j,p].  O(C(n,k)^2 k) time, O(n k) Python steps.
+    about 4x faster than gathers at n = 90).  Used for k >= 3 (k = 2 has its own kernel).
+    O(C(n,k)^2 k) time, O(n k) Python steps.
     """
     n = a.shape[-1]
     col, drop = _laplace_tables(n, k, str(a.device))
@@ -116,8 +202,11 @@ def _next_order_sliced(a: torch.Tensor, prev: torch.Tensor, k: int) -> torch.Ten
 
 
 def _next_order(a: torch.Tensor, prev: torch.Tensor, k: int) -> torch.Tensor:
-    """C_k(a) from C_{k-1}(a) by first-row Laplace expansion: O(C(n,k)^2 k)."""
+    """C_k(a) from C_{k-1}(a) by first-row Laplace expansion: O(C(n,k)^2 k) (k = 2: the
+    closed form, ``_SecondCompound``)."""
     n = a.shape[-1]
+    if k == 2:
+        return _second_compound(a)
     col, drop = _laplace_tables(n, k, str(a.device))
     if math.comb(n, k) >= _SLICED_FROM_DIM:
         return _next_order_sliced(a, prev, k)
@@ -170,10 +259,9 @@ def compound(a: torch.Tensor, k: int) -> torch.Tensor:
     lexicographic k-subset order (``k_subsets(n, k)``).
 
     Batched over leading dimensions, differentiable, dtype-preserving.  k = 1 returns ``a``
-    itself; k = 2 closed-form 2x2 minors (index gathers, or contiguous slices once
-    C(n,2) >= 512); 3 <= k < n Laplace expansion on C_{k-1}: O(sum_{j<=k} C(n,j)^2 j) time and
-    O(C(n,k)^2) memory; k = n det(a) as a 1 x 1 matrix.  k > n: ValueError.  Measured on this
-    2-core CPU (1 thread, float32, forward): n=44,k=2 1.4 ms; n=90,k=2 0.14 s; n=29,k=3 0.17 s.
+    itself; k = 2 closed-form 2x2 minors with a hand-written backward; 3 <= k < n Laplace
+    expansion on C_{k-1}: O(sum_{j<=k} C(n,j)^2 j) time and O(C(n,k)^2) memory; k = n det(a) as
+    a 1 x 1 matrix.  k > n: ValueError.  Timings: ``python -m benchmarks compounds``.
     """
     n = _check_matrix(a)
     _check_order(n, k)

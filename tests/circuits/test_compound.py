@@ -167,6 +167,35 @@ def test_gradient_matches_minors_reference():
     torch.testing.assert_close(g_fast, g_ref, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("chunk", [None, 1])
+@pytest.mark.parametrize("n", [2, 3, 9])
+def test_order_two_kernel_gradcheck_and_gradgradcheck(n, chunk, monkeypatch):
+    """The hand-written order-2 backward, in one chunk and with one row per chunk; its
+    backward is differentiable too (double backward)."""
+    if chunk is not None:
+        monkeypatch.setattr(sys.modules["qpeft.circuits.compound"], "_CHUNK_ELEMENTS", chunk)
+    a = _rand(2, n, n, seed=n).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: compound(a, 2), (a,))
+    assert torch.autograd.gradgradcheck(lambda a: compound(a, 2), (a,))
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_gradcheck_complex(k):
+    a = torch.complex(_rand(4, 4, seed=1), _rand(4, 4, seed=2)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: compound(a, k), (a,))
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_order_two_gradient_matches_minors_reference(chunk, monkeypatch):
+    if chunk is not None:
+        monkeypatch.setattr(sys.modules["qpeft.circuits.compound"], "_CHUNK_ELEMENTS", chunk)
+    a = _rand(3, 12, 12, seed=21).requires_grad_()
+    w = _rand(3, 66, 66, seed=22)
+    (g_fast,) = torch.autograd.grad((compound(a, 2) * w).sum(), a)
+    (g_ref,) = torch.autograd.grad((minors_compound(a, 2) * w).sum(), a)
+    torch.testing.assert_close(g_fast, g_ref, rtol=0, atol=1e-10)
+
+
 def test_compound_of_givens_circuit_is_differentiable_end_to_end():
     for layout in GIVENS_LAYOUTS:
         angles = _rand(givens_num_params(5, layout), seed=4).requires_grad_()
@@ -269,7 +298,7 @@ def test_tables_are_exhaustive_permutations():
 
 @pytest.mark.parametrize("n", [32, 33, 40])
 def test_order_two_both_code_paths_match_minors(n):
-    # k = 2 switches from C^2-sized gathers to contiguous column slices at n = 33 (C >= 512)
+    # k = 2 at sizes that span several row chunks of the order-2 kernel (C = 496..780)
     a = _rand(n, n, seed=n).requires_grad_()
     w = _rand(math.comb(n, 2), math.comb(n, 2), seed=n + 1)
     fast, ref = compound(a, 2), minors_compound(a, 2)
@@ -281,25 +310,10 @@ def test_order_two_both_code_paths_match_minors(n):
 
 @pytest.mark.parametrize("n", range(2, 8))
 def test_all_orders_with_sliced_order_two_forced(n, monkeypatch):
-    # higher orders built on the sliced C_2 path (forced on at small n)
+    # orders >= 3 through the sliced expansion (forced on at small n)
     # (qpeft.circuits.compound, the attribute, is the function: fetch the module itself)
     mod = sys.modules[compound.__module__]
     monkeypatch.setattr(mod, "_SLICED_FROM_DIM", 1)
     a = _rand(n, n, seed=n + 40)
     for k in range(2, n + 1):
         torch.testing.assert_close(compound(a, k), minors_compound(a, k), rtol=0, atol=1e-10)
-
-
-# ---------------------------------------------------------------- speed (slow; prints a table)
-
-
-def _best_time(fn, reps: int) -> float:
-    import time
-
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
