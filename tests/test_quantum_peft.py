@@ -431,5 +431,5 @@ def test_one_batched_circuit_call_per_shape_per_forward(monkeypatch) -> None:
         if p.grad is not None:
             torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-5)
     assert all(
-        "_qpeft_factors" not in m.__dict__ for m in model.modules()
+        "_qpeft_generated" not in m.__dict__ for m in model.modules()
     ), "factors must not outlive the forward"

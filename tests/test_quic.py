@@ -23,8 +23,8 @@ from qpeft.counting import count_trainable
 from qpeft.tuners.quic import (
     QuICConfig,
     QuICModule,
-    block_delta,
     block_plan,
+    block_rotate,
     count_reference,
     quic_free_count,
     quic_reference_count,
@@ -259,8 +259,9 @@ def test_forward_and_merge_equal_the_dense_rotated_weight(kind, side):
 @given(d=st.integers(4, 60), n_blocks=st.integers(1, 3),
        orders=st.sets(st.integers(1, 3), min_size=1, max_size=3), shared=st.booleans(),
        seed=st.integers(0, 2**16))
-def test_block_delta_is_q_minus_identity(d, n_blocks, orders, shared, seed):
-    """block_delta(v) == (Q - I) v for arbitrary (non-orthogonal) block matrices."""
+def test_block_rotate_is_q(d, n_blocks, orders, shared, seed):
+    """block_rotate(v) == Q v, and Q (v - f) + f about a point f, for arbitrary
+    (non-orthogonal) block matrices."""
     try:
         plan = block_plan(d, n_blocks, sorted(orders))
     except ValueError:
@@ -273,7 +274,9 @@ def test_block_delta_is_q_minus_identity(d, n_blocks, orders, shared, seed):
               for i in range(n_blocks)]
     q = torch.block_diag(*blocks, torch.eye(plan.leftover, dtype=torch.float64))
     v = torch.randn(3, 2, d, generator=gen, dtype=torch.float64)
-    torch.testing.assert_close(block_delta(v, mats, plan), v @ q.T - v, atol=1e-10, rtol=0)
+    f = torch.randn(d, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(block_rotate(v, mats, plan), v @ q.T, atol=1e-10, rtol=0)
+    torch.testing.assert_close(block_rotate(v, mats, plan, f), (v - f) @ q.T + f, atol=1e-10, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,3 +486,41 @@ def test_minilm_identity_training_merge_and_counts():
         active = model(**batch).logits
         merged = model.merge_and_unload()
         torch.testing.assert_close(merged(**batch).logits, active, atol=1e-4, rtol=1e-4)
+
+
+def test_one_batched_compound_call_per_plan_per_forward(monkeypatch) -> None:
+    """A model forward generates the block matrices of all layers with the same plan in one
+    call, with the same outputs and gradients as layer-by-layer generation; the batch does not
+    outlive the forward, and merging never uses it."""
+    import qpeft.tuners.quic.model as model_mod
+
+    calls: list[int] = []
+    real = model_mod.compound_blocks
+
+    def spy(params, plan, settings):
+        calls.append(params.shape[0])
+        return real(params, plan, settings)
+
+    monkeypatch.setattr(model_mod, "compound_blocks", spy)
+    config = QuICConfig(target_modules=["query", "value"], num_blocks=2, init_weights=False)
+    model = get_peft_model(h.build_tiny("bert"), config)
+    out = model(**h.tiny_inputs("bert")).logits
+    assert calls == [4]  # 2 layers x (query, value), all 32 wide: one call for all
+    out.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert len(grads) == 4  # every adapter gets a gradient
+    assert all("_qpeft_generated" not in m.__dict__ for m in model.modules())
+
+    unbatched = get_peft_model(h.build_tiny("bert"), config)
+    for hook in unbatched.base_model.__dict__.pop("_qpeft_hooks"):
+        hook.remove()
+    out2 = unbatched(**h.tiny_inputs("bert")).logits
+    torch.testing.assert_close(out2, out, atol=1e-6, rtol=1e-6)
+    out2.sum().backward()
+    for name, p in unbatched.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-5)
+
+    calls.clear()
+    model.merge_and_unload()
+    assert calls == []  # merging generates per layer (block_matrices), not through the batch

@@ -10,6 +10,7 @@ Three layer kinds are supported by every method:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Hashable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -79,14 +80,77 @@ def matrix_to_weight(base_layer: nn.Module, matrix: torch.Tensor) -> torch.Tenso
     return matrix.reshape(base_layer.weight.shape)
 
 
+_GENERATED = "_qpeft_generated"  # a layer's per-forward cache: {adapter: [output per request]}
+
+
 class QpeftTuner(BaseTuner):
-    """What qpeft's three tuners share: peft's ``_create_and_replace`` step.
+    """What qpeft's three tuners share: peft's ``_create_and_replace`` step, and optionally one
+    batched generation per model forward.
 
     A subclass sets peft's ``prefix`` / ``tuner_layer_cls`` / ``target_module_mapping`` and
     ``method_label`` (used in errors), and implements :meth:`_new_layer` (wrap a plain layer) and
-    :meth:`_update_layer` (add an adapter to a layer that is already ours)."""
+    :meth:`_update_layer` (add an adapter to a layer that is already ours).
+
+    Batched generation: a tuner whose layers build small matrices from their parameters every
+    forward (circuits, compounds) implements :meth:`_batch_requests` and
+    :meth:`_batch_generate`. A forward pre-hook on the model then collects every active
+    adapter's requests, stacks those with the same group key and generates each group in one
+    call (per-call overhead dominates at these sizes: dozens of layers, each a few small ops);
+    the outputs wait in each layer's cache (:meth:`WeightMergeLayer.generated`) until the
+    forward ends."""
 
     method_label: str = "qpeft"
+    batch_generation: bool = False
+
+    def _batch_requests(self, layer: Any, adapter_name: str) -> list[tuple[Hashable, torch.Tensor]]:
+        """(group key, parameters) for each thing ``adapter_name`` of ``layer`` generates per
+        forward. Parameters with the same key must have the same shape."""
+        raise NotImplementedError
+
+    def _batch_generate(self, key: Hashable, params: torch.Tensor) -> Sequence[Any]:
+        """Outputs for the stacked parameters [G, ...] of one group: item i for request i."""
+        raise NotImplementedError
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        if self.batch_generation and self.__dict__.get("_qpeft_hooks") is None:
+            self.__dict__["_qpeft_hooks"] = (
+                model.register_forward_pre_hook(self._generate_batched),
+                model.register_forward_hook(self._drop_generated),
+            )
+
+    def _adapter_layers(self) -> list[Any]:
+        return [m for m in self.model.modules() if isinstance(m, self.tuner_layer_cls)]
+
+    def _generate_batched(self, module: nn.Module, args: Any) -> None:
+        """Forward pre-hook: generate every active adapter's requests, one call per group."""
+        groups: dict[Hashable, list[tuple[list[Any], int, torch.Tensor]]] = {}
+        for layer in self._adapter_layers():
+            cache = layer.__dict__[_GENERATED] = {}
+            if layer.disable_adapters or layer.merged:
+                continue
+            for name in layer.active_adapters:
+                if not layer._owns_adapter(name):
+                    continue
+                requests = self._batch_requests(layer, name)
+                slots = cache[name] = [None] * len(requests)
+                for i, (key, params) in enumerate(requests):
+                    groups.setdefault(key, []).append((slots, i, params))
+        for key, items in groups.items():
+            outputs = self._batch_generate(key, torch.stack([params for *_, params in items]))
+            for (slots, i, _), out in zip(items, outputs, strict=True):
+                slots[i] = out
+
+    def _drop_generated(self, module: nn.Module, args: Any, output: Any) -> None:
+        """Forward hook: forget this forward's outputs (the autograd graph keeps what it needs)."""
+        for layer in self._adapter_layers():
+            layer.__dict__.pop(_GENERATED, None)
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any):
+        for hook in self.__dict__.pop("_qpeft_hooks", None) or ():
+            hook.remove()
+        self._drop_generated(self.model, (), None)
+        return super()._unload_and_optionally_merge(*args, **kwargs)
 
     def _new_layer(self, target: nn.Module, adapter_name: str, config: Any, module_name: str) -> nn.Module:
         raise NotImplementedError
@@ -147,6 +211,11 @@ class WeightMergeLayer(BaseTunerLayer):
 
     def _owns_adapter(self, adapter_name: str) -> bool:
         raise NotImplementedError
+
+    def generated(self, adapter_name: str) -> list[Any] | None:
+        """This forward's batched outputs for ``adapter_name`` (see :class:`QpeftTuner`), or
+        None outside a model forward (then the layer generates its own)."""
+        return self.__dict__.get(_GENERATED, {}).get(adapter_name)
 
     def _merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -168,9 +168,9 @@ class QuantumPEFTLayer(WeightMergeLayer):
         Cost O(L·n·N·K) for Pauli circuits; O(N·K²) for Lie maps; never N x N.
 
         Inside a model forward, :class:`QuantumPEFTModel` has already produced the factors of all
-        same-shaped layers in one batched circuit call and left them in ``_qpeft_factors``."""
-        cached = self.__dict__.get("_qpeft_factors", {}).get(adapter_name)
-        return cached if cached is not None else self._generate_factors(adapter_name)
+        same-shaped layers in one batched circuit call (:meth:`generated`)."""
+        cached = self.generated(adapter_name)
+        return tuple(cached) if cached is not None else self._generate_factors(adapter_name)
 
     def _generate_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, V) of this layer alone, from the current angles (never a forward's cache)."""

@@ -29,56 +29,20 @@ class QuantumPEFTModel(QpeftTuner):
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     # ---- one batched circuit call per group of same-shaped factors, per model forward ----------
+    batch_generation = True
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
-        if self.__dict__.get("_qpeft_hooks") is None:
-            self.__dict__["_qpeft_hooks"] = (
-                model.register_forward_pre_hook(self._batch_factors),
-                model.register_forward_hook(self._drop_factors),
-            )
+    def _batch_requests(self, layer: QuantumPEFTLayer, adapter_name: str) -> list[tuple[tuple, torch.Tensor]]:
+        """U and V, grouped by (parameterization, N, K, depth, dtype, device): a few circuit calls
+        per forward instead of two per layer."""
+        spec = layer.qpeft_spec[adapter_name]
+        au, av = layer.circuit_params(adapter_name)
+        return [((method, n, spec.r, spec.depth, params.dtype, params.device), params)
+                for method, n, params in ((spec.method_u, spec.out_features, au),
+                                          (spec.method_v, spec.in_features, av))]
 
-    def _batch_factors(self, module: nn.Module, args: Any) -> None:
-        """Forward pre-hook: U and V of every active adapter of every layer, grouped by
-        (parameterization, N, K, depth, dtype, device) and generated with one batched
-        ``stiefel`` call per group — a few circuit calls per forward instead of two per layer
-        (per-call overhead dominates at these sizes). Results wait in each layer's cache
-        until the forward ends."""
-        groups: dict[tuple, list[tuple[QuantumPEFTLayer, str, int, torch.Tensor]]] = {}
-        layers = [m for m in self.model.modules() if isinstance(m, QuantumPEFTLayer)]
-        for layer in layers:
-            layer.__dict__["_qpeft_factors"] = {}
-            if layer.disable_adapters or layer.merged:
-                continue
-            for name in layer.active_adapters:
-                if name not in layer.qpeft_spec:
-                    continue
-                spec = layer.qpeft_spec[name]
-                au, av = layer.circuit_params(name)
-                for side, method, n, params in ((0, spec.method_u, spec.out_features, au),
-                                                (1, spec.method_v, spec.in_features, av)):
-                    key = (method, n, spec.r, spec.depth, params.dtype, params.device)
-                    groups.setdefault(key, []).append((layer, name, side, params))
-        factors: dict[tuple[QuantumPEFTLayer, str], list[torch.Tensor]] = {}
-        for (method, n, r, depth, _, _), items in groups.items():
-            generated = stiefel(method, torch.stack([params for *_, params in items]), n, r, depth)
-            for (layer, name, side, _), mat in zip(items, generated, strict=True):
-                factors.setdefault((layer, name), [mat, mat])[side] = mat
-        for (layer, name), (u, v) in factors.items():
-            layer.__dict__["_qpeft_factors"][name] = (u, v)
-
-    def _drop_factors(self, module: nn.Module, args: Any, output: Any) -> None:
-        """Forward hook: forget this forward's factors (the autograd graph keeps what it needs)."""
-        for m in self.model.modules():
-            if isinstance(m, QuantumPEFTLayer):
-                m.__dict__.pop("_qpeft_factors", None)
-
-    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any):
-        hooks = self.__dict__.pop("_qpeft_hooks", None)
-        for hook in hooks or ():
-            hook.remove()
-        self._drop_factors(self.model, (), None)
-        return super()._unload_and_optionally_merge(*args, **kwargs)
+    def _batch_generate(self, key: tuple, params: torch.Tensor) -> torch.Tensor:
+        method, n, r, depth = key[:4]
+        return stiefel(method, params, n, r, depth)
 
     def _update_layer(self, target: nn.Module, adapter_name: str, config: Any, module_name: str) -> None:
         target.update_layer(adapter_name, config, module_name=module_name)

@@ -13,7 +13,7 @@ from .config import (
     quic_free_count,
     quic_reference_count,
 )
-from .layer import QuICLayer, QuICModule, base_matrices, block_delta
+from .layer import QuICLayer, QuICModule, base_matrices, block_rotate
 from .model import QuICModel
 
 _peft_registry.register("quic", QuICConfig, QuICModel, "quic_")
@@ -26,7 +26,7 @@ __all__ = [
     "QuICModule",
     "base_map_num_params",
     "base_matrices",
-    "block_delta",
+    "block_rotate",
     "block_plan",
     "count_reference",
     "quic_free_count",

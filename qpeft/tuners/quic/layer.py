@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qpeft.circuits.compound import compounds
@@ -89,28 +88,56 @@ def _fill_upper(
     return flat.reshape(zeros.shape)
 
 
-def block_delta(v: torch.Tensor, mats: list[torch.Tensor], plan: BlockPlan) -> torch.Tensor:
-    """``Q·v - v`` for every vector in ``v`` [..., d], Q = ⊕_blocks (⊕_k mats[k]_i ⊕ I_pad) ⊕ I.
+def compound_blocks(params: torch.Tensor, plan: BlockPlan, settings: QuICSettings) -> list[torch.Tensor]:
+    """Per order k in ``plan.orders``, the blocks' matrices [..., N_A, C(n,k), C(n,k)] from
+    parameters [..., m, N_A, P] (m chained adapters; leading dims batch several layers).
+
+    product: C_k(A_m ··· A_1) = C_k(A_m) ··· C_k(A_1) (Cauchy–Binet), so chained adapters
+    cost one compound. sum: (1/m) Σ_j C_k(A_j). Cost: O(m·N_A·n³) for the base matrices plus
+    the circuits core's compound cost."""
+    a = base_matrices(params, plan.n, settings.base_map, settings.rbs_layout)  # [..., m, N_A, n, n]
+    if settings.combine == "product" or settings.num_adapters == 1:
+        factors = a.unbind(-4)
+        prod = factors[0]
+        for factor in factors[1:]:
+            prod = factor @ prod
+        return list(compounds(prod, plan.orders).values())
+    return [c.mean(dim=-4) for c in compounds(a, plan.orders).values()]
+
+
+def block_rotate(
+    v: torch.Tensor, mats: list[torch.Tensor], plan: BlockPlan, fixed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``Q·v`` for every vector in ``v`` [..., d], Q = ⊕_blocks (⊕_k mats[k]_i ⊕ I_pad) ⊕ I;
+    with ``fixed`` [d] (a layer's bias): ``Q·(v − fixed) + fixed``, the rotation about that point.
 
     ``mats[j]``: [N_A, c_j, c_j] with N_A ∈ {1, N} (1 = shared by all blocks),
-    c_j = plan.dims[j]. Returns [..., d], exactly zero where Q is the identity. Cost per vector:
-    O(N · Σ_j c_j²); no d x d matrix."""
+    c_j = plan.dims[j]. One batched matmul per order (``fixed`` folded into it as a per-block
+    shift) and one concatenation; no d x d matrix. Cost per vector: O(N · Σ_j c_j²)."""
     n_blk, b = plan.num_blocks, plan.block_size
-    lead = v.shape[:-1]
-    head = v[..., : n_blk * b].reshape(*lead, n_blk, b)
+    flat = v.reshape(-1, plan.d)
+    sizes = [*plan.dims, plan.pad] if plan.pad else list(plan.dims)
+    # split (not slices): its backward is one concatenation instead of a zero-filled
+    # full-size gradient per slice
+    segs = flat[:, : n_blk * b].unflatten(-1, (n_blk, b)).split(sizes, dim=-1)  # [T, N, c_j]
+    if fixed is not None:
+        fixed_segs = fixed.to(v.dtype)[: n_blk * b].view(n_blk, b).split(sizes, dim=-1)
     parts = []
-    offset = 0
-    for mat, c in zip(mats, plan.dims, strict=True):
-        seg = head[..., offset : offset + c]
-        if mat.shape[0] == 1:
-            out = torch.matmul(seg, mat[0].mT)
+    for j, (mat, seg) in enumerate(zip(mats, segs, strict=False)):
+        mat = mat.expand(n_blk, *mat.shape[1:])
+        if fixed is None:
+            out = torch.bmm(seg.transpose(0, 1), mat.mT)  # [N, T, c]
         else:
-            out = torch.einsum("nij,...nj->...ni", mat, seg)
-        parts.append(out - seg)
-        offset += c
-    delta = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-    delta = F.pad(delta, (0, plan.pad)).reshape(*lead, n_blk * b)
-    return F.pad(delta, (0, plan.leftover))
+            f = fixed_segs[j]
+            shift = f - (mat @ f[..., None])[..., 0]  # (I − M) f: [N, c]
+            out = torch.baddbmm(shift[:, None, :], seg.transpose(0, 1), mat.mT)
+        parts.append(out.transpose(0, 1))
+    if plan.pad:
+        parts.append(segs[-1])
+    rotated = torch.cat(parts, dim=-1).flatten(-2)
+    if plan.leftover:
+        rotated = torch.cat([rotated, flat[:, n_blk * b :]], dim=-1)
+    return rotated.view(*v.shape[:-1], plan.d)
 
 
 class QuICLayer(WeightMergeLayer):
@@ -156,22 +183,20 @@ class QuICLayer(WeightMergeLayer):
     def block_matrices(
         self, adapter_name: str, dtype: torch.dtype | None = None
     ) -> list[torch.Tensor]:
-        """Per order k (in ``plan.orders``), the blocks' matrices [N_A, C(n,k), C(n,k)].
-
-        product: C_k(A_m ··· A_1) = C_k(A_m) ··· C_k(A_1) (Cauchy–Binet), so chained adapters
-        cost one compound. sum: (1/m) Σ_j C_k(A_j). Cost: O(m·N_A·n³) for the base matrices
-        plus the circuits core's compound cost."""
+        """Per order k (in ``plan.orders``), the blocks' matrices [N_A, C(n,k), C(n,k)], always
+        generated afresh from the current parameters (merging, inspection). Cost: see
+        :func:`compound_blocks`."""
         params = self.quic_params[adapter_name]
         dtype = dtype or _compute_dtype(params.dtype)
-        plan = self.quic_plan[adapter_name]
-        st = self.quic_settings[adapter_name]
-        a = base_matrices(params.to(dtype), plan.n, st.base_map, st.rbs_layout)  # [m, N_A, n, n]
-        if st.combine == "product" or st.num_adapters == 1:
-            prod = a[0]
-            for j in range(1, st.num_adapters):
-                prod = a[j] @ prod
-            return list(compounds(prod, plan.orders).values())
-        return [c.mean(dim=0) for c in compounds(a, plan.orders).values()]
+        return compound_blocks(
+            params.to(dtype), self.quic_plan[adapter_name], self.quic_settings[adapter_name]
+        )
+
+    def forward_matrices(self, adapter_name: str) -> list[torch.Tensor]:
+        """:meth:`block_matrices` for the forward: inside a model forward :class:`QuICModel`
+        has already generated those of all layers with the same plan in one batched call."""
+        cached = self.generated(adapter_name)
+        return cached[0] if cached is not None else self.block_matrices(adapter_name)
 
     def _inverse(self, adapter_name: str, mats: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.quic_settings[adapter_name].orthogonal:
@@ -184,7 +209,7 @@ class QuICLayer(WeightMergeLayer):
         mats = self.block_matrices(adapter_name, dtype)
         plan = self.quic_plan[adapter_name]
         eye = torch.eye(plan.d, dtype=mats[0].dtype, device=mats[0].device)
-        return (eye + block_delta(eye, mats, plan)).T
+        return block_rotate(eye, mats, plan).T
 
     def _rotate_weight(
         self, weight: torch.Tensor, adapter_name: str, inverse: bool = False
@@ -198,10 +223,9 @@ class QuICLayer(WeightMergeLayer):
         plan = self.quic_plan[adapter_name]
         mat = weight_to_matrix(base, weight).to(mats[0].dtype)
         if self.quic_settings[adapter_name].side == "output":
-            cols = mat.T  # columns of W are the vectors Q acts on
-            new = (cols + block_delta(cols, mats, plan)).T
+            new = block_rotate(mat.T, mats, plan).T  # columns of W are the vectors Q acts on
         else:
-            new = mat + block_delta(mat, mats, plan)  # (W Qᵀ) rows = Q · rows of W
+            new = block_rotate(mat, mats, plan)  # (W Qᵀ) rows = Q · rows of W
         return matrix_to_weight(base, new)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -222,52 +246,50 @@ class QuICLayer(WeightMergeLayer):
         return self._rotate_weight(weight, adapter_name, inverse=True)
 
     # ---- forward ------------------------------------------------------------------------------
-    def _keep(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
-        """Module dropout: a 0/1 scalar (skip the whole adapter with probability p), or None."""
+    def _kept(self, name: str) -> bool:
+        """Module dropout: False (skip the whole adapter this step) with probability p."""
         p = self.quic_settings[name].module_dropout
-        if not (self.training and p > 0.0):
-            return None
-        return (torch.rand((), device=like.device) >= p).to(like.dtype)
+        return not (self.training and p > 0.0) or bool(torch.rand(()) >= p)
 
-    def _delta(self, name: str, v: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        mats = self.block_matrices(name)
+    def _rotate(
+        self, name: str, v: torch.Tensor, transpose: bool = False, fixed: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Q·v (Qᵀ·v with ``transpose``; about the point ``fixed`` if given) in the compute dtype."""
+        mats = self.forward_matrices(name)
         if transpose:
             mats = [m.mT for m in mats]
-        d = block_delta(v.to(mats[0].dtype), mats, self.quic_plan[name])
-        keep = self._keep(name, d)
-        return d if keep is None else d * keep
+        return block_rotate(v.to(mats[0].dtype), mats, self.quic_plan[name], fixed)
 
     def _forward_adapted(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any):
         base = self.get_base_layer()
-        ins = [a for a in active if self.quic_settings[a].side == "input"]
-        outs = [a for a in active if self.quic_settings[a].side == "output"]
+        kept = [a for a in active if self._kept(a)]
+        ins = [a for a in kept if self.quic_settings[a].side == "input"]
+        outs = [a for a in kept if self.quic_settings[a].side == "output"]
         if ins and self.kind == "conv2d":
             # Q acts on the flattened (in_ch·kh·kw) side: rotate the weight block-wise instead.
             weight = base.weight
             for name in ins:
-                rotated = self._rotate_weight(weight, name)
-                keep = self._keep(name, rotated)
-                weight = rotated if keep is None else weight + keep * (rotated - weight)
-            weight = weight.to(base.weight.dtype)
-            result = base._conv_forward(x, weight, base.bias)
+                weight = self._rotate_weight(weight, name)
+            result = base._conv_forward(x, weight.to(base.weight.dtype), base.bias)
         elif ins:
             # forward of W·Qᵀ is W·(Qᵀx); later merges multiply on the right, so apply in reverse
             for name in reversed(ins):
-                x = x + self._delta(name, x, transpose=True).to(x.dtype)
+                x = self._rotate(name, x, transpose=True).to(x.dtype)
             result = base(x, *args, **kwargs)
         else:
             result = base(x, *args, **kwargs)
         if not outs:
             return result
         y = result.movedim(1, -1) if self.kind == "conv2d" else result
-        cur = y if base.bias is None else y - base.bias.to(y.dtype)  # bias-free output
-        total = None
-        for name in outs:
-            d = self._delta(name, cur)
-            cur = cur.to(d.dtype) + d
-            total = d if total is None else total + d
-        y = y + total.to(y.dtype)
-        return y.movedim(-1, 1) if self.kind == "conv2d" else y
+        for name in outs:  # W' = Q_m···Q_1·W: rotate the bias-free output, keep the bias
+            y = self._rotate(name, y, fixed=base.bias)
+        y = y.to(result.dtype)
+        if self.kind != "conv2d":
+            return y
+        # back to the base output's memory layout: a channels-last result would send the next
+        # convolution down another kernel (other rounding)
+        y = y.movedim(-1, 1)
+        return y.contiguous() if result.is_contiguous() else y
 
 
 class QuICModule(nn.Module, QuICLayer):
