@@ -111,6 +111,15 @@ def summarize(times: Sequence[float]) -> dict[str, float]:
     }
 
 
+def paired_ratio(times: Sequence[float], ref_times: Sequence[float]) -> float | None:
+    """Median over rounds of times[r] / ref_times[r]: for round-robin timings, where both
+    were measured within one round, this cancels the machine's drift between rounds (the
+    ratio of the two medians does not). None when either list is empty."""
+    if not times or not ref_times:
+        return None
+    return statistics.median(t / r for t, r in zip(times, ref_times, strict=True))
+
+
 def ratio(x: float | None, ref: float | None) -> float | None:
     """x / ref, or None when either is missing or ref is 0."""
     if x is None or ref is None or ref == 0:

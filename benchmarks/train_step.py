@@ -86,10 +86,12 @@ def measure_time(kind: str, methods: list[str], quick: bool) -> dict[str, Any]:
             steps[method] = M.make_step(model, batch)
         except Exception as err:  # a method that cannot be built is reported, not fatal
             out[method] = {"error": f"{type(err).__name__}: {err}"}
-    warmup, repeats = (1, 2) if quick else ((1, 3) if kind == "smollm2" else (2, 7))
+    warmup, repeats = (1, 2) if quick else ((1, 4) if kind == "smollm2" else (2, 11))
     times = C.round_robin(steps, warmup, repeats)
     for method, ts in times.items():
         out[method].update(C.summarize(ts))
+        for ref in ("lora", "oft"):  # per-round ratios: the round-to-round drift cancels
+            out[method][f"{ref}_paired_ratio"] = C.paired_ratio(ts, times.get(ref, []))
     return out
 
 
@@ -115,7 +117,8 @@ def run(quick: bool = False, out_dir: Path = C.RESULTS_DIR,
         ref_mem = ref.get("memory", {})
         for method, row in rows.items():
             row["label"] = M.METHOD_LABELS[method]
-            row["time_ratio"] = C.ratio(row.get("median_s"), ref.get("median_s"))
+            row["time_ratio"] = row.get("lora_paired_ratio")
+            row["ratio_of_medians"] = C.ratio(row.get("median_s"), ref.get("median_s"))
             mem = row.get("memory", {})
             row["peak_ratio"] = C.ratio(mem.get("peak_rss_mib"), ref_mem.get("peak_rss_mib"))
             row["step_mem_ratio"] = C.ratio(mem.get("step_mem_mib"), ref_mem.get("step_mem_mib"))
@@ -141,21 +144,25 @@ def render(result: dict[str, Any]) -> str:
             mem = row.get("memory", {})
             if "error" in row:
                 rows.append([row.get("label", method), "error: " + row["error"][:120],
-                             "-", "-", "-", "-", "-", "-"])
+                             "-", "-", "-", "-", "-", "-", "-"])
                 continue
             rows.append([
                 row["label"], row["trainable"], row.get("median_s"), row.get("time_ratio"),
+                row.get("oft_paired_ratio"),
                 mem.get("peak_rss_mib") if "error" not in mem else "error: " + mem["error"][:80],
                 row.get("peak_ratio"), mem.get("step_mem_mib"), row.get("step_mem_ratio"),
             ])
         parts.append(
             f"**{kind}** (targets {', '.join(block['targets'])}; batch {block['batch']} x "
             f"{block['seq_len']})\n\n" + C.md_table(
-                ["method", "trainable", "step median (s)", "step / LoRA", "peak RSS (MiB)",
+                ["method", "trainable", "step median (s)", "step / LoRA", "step / OFT",
+                 "peak RSS (MiB)",
                  "peak / LoRA", "step memory (MiB)", "step mem / LoRA"], rows))
     if result.get("unavailable"):
         parts.append("Not measured (method not available in this checkout): "
                      + ", ".join(result["unavailable"]))
+    parts.append("Step ratios are medians of per-round ratios: each round runs every method "
+                 "once, interleaved, so a method and its reference are timed moments apart.")
     return "\n\n".join(parts)
 
 

@@ -150,3 +150,15 @@ def test_round_robin_rejects_bad_repeats(bad):
 
     with pytest.raises(ValueError, match="repeats"):
         round_robin({"a": lambda: None}, 0, bad)
+
+
+def test_paired_ratio_cancels_drift_between_rounds():
+    from benchmarks._common import paired_ratio, ratio
+
+    # the machine slows down 3x over the rounds; the method is always 2x its reference
+    ref = [1.0, 1.5, 3.0, 3.0]
+    method = [2.0, 3.0, 6.0, 6.0]
+    assert paired_ratio(method, ref) == 2.0
+    assert paired_ratio([], ref) is None
+    # drift in the other direction inside one round shows in the ratio of medians instead
+    assert ratio(2.0, 3.0) != paired_ratio([2.0, 4.0, 2.0], [3.0, 2.0, 1.0])
