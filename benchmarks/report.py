@@ -125,7 +125,7 @@ def write_doc(out_dir: Path = C.RESULTS_DIR, doc: Path = C.DOC_PATH,
         "## Reproduce",
         "```",
         "make bench                      # = .venv/bin/python -m benchmarks all (2 threads)",
-        "python -m benchmarks all --threads 1   # how the numbers below were taken (see Findings)",
+        "python -m benchmarks all --threads 1   # 1 thread (each table's machine facts say which)",
         "python -m benchmarks all --quick   # toy sizes, ~1-3 minutes (what the smoke test runs)",
     ]
     lines += [f"{cmd}   # one benchmark alone" for _, _, _, cmd in SECTIONS]
