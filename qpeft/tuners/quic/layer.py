@@ -186,11 +186,17 @@ class QuICLayer(WeightMergeLayer):
         """Per order k (in ``plan.orders``), the blocks' matrices [N_A, C(n,k), C(n,k)], always
         generated afresh from the current parameters (merging, inspection). Cost: see
         :func:`compound_blocks`."""
-        params = self.quic_params[adapter_name]
-        dtype = dtype or _compute_dtype(params.dtype)
         return compound_blocks(
-            params.to(dtype), self.quic_plan[adapter_name], self.quic_settings[adapter_name]
+            self.generator_params(adapter_name, dtype),
+            self.quic_plan[adapter_name],
+            self.quic_settings[adapter_name],
         )
+
+    def generator_params(self, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The parameters [m, N_A, P] as the generation consumes them: in ``dtype``, by default
+        float32 / float64 (half-precision parameters are evaluated in float32)."""
+        params = self.quic_params[adapter_name]
+        return params.to(dtype or _compute_dtype(params.dtype))
 
     def forward_matrices(self, adapter_name: str) -> list[torch.Tensor]:
         """:meth:`block_matrices` for the forward: inside a model forward :class:`QuICModel`
@@ -212,14 +218,11 @@ class QuICLayer(WeightMergeLayer):
         return block_rotate(eye, mats, plan).T
 
     def _rotate_weight(
-        self, weight: torch.Tensor, adapter_name: str, inverse: bool = False
+        self, weight: torch.Tensor, adapter_name: str, mats: list[torch.Tensor]
     ) -> torch.Tensor:
-        """Weight (base layout) -> Q·W (output side) or W·Qᵀ (input side); ``inverse`` undoes it
-        with Qᵀ (orthogonal) or block-wise inverses. Returns the compute dtype. O(d_out·d_in·n)."""
+        """Weight (base layout) -> Q·W (output side) or W·Qᵀ (input side), Q given by its block
+        matrices ``mats``. Returns the compute dtype. O(d_out·d_in·n)."""
         base = self.get_base_layer()
-        mats = self.block_matrices(adapter_name)
-        if inverse:
-            mats = self._inverse(adapter_name, mats)
         plan = self.quic_plan[adapter_name]
         mat = weight_to_matrix(base, weight).to(mats[0].dtype)
         if self.quic_settings[adapter_name].side == "output":
@@ -231,7 +234,8 @@ class QuICLayer(WeightMergeLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """W' − W in the base weight's layout (additive view of the multiplicative update)."""
         weight = self._read_base_weight()
-        return (self._rotate_weight(weight, adapter_name) - weight).to(weight.dtype)
+        rotated = self._rotate_weight(weight, adapter_name, self.block_matrices(adapter_name))
+        return (rotated - weight).to(weight.dtype)
 
     # ---- merge / unmerge ------------------------------------------------------------------------
     def _owns_adapter(self, adapter_name: str) -> bool:
@@ -239,11 +243,12 @@ class QuICLayer(WeightMergeLayer):
 
     def _merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         """W ← Q·W (output side) or W ← W·Qᵀ (input side), Q folded in once."""
-        return self._rotate_weight(weight, adapter_name)
+        return self._rotate_weight(weight, adapter_name, self.block_matrices(adapter_name))
 
     def _unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         """Qᵀ (orthogonal variants) or block-wise inverses undo the merge."""
-        return self._rotate_weight(weight, adapter_name, inverse=True)
+        inverse = self._inverse(adapter_name, self.block_matrices(adapter_name))
+        return self._rotate_weight(weight, adapter_name, inverse)
 
     # ---- forward ------------------------------------------------------------------------------
     def _kept(self, name: str) -> bool:
@@ -269,7 +274,7 @@ class QuICLayer(WeightMergeLayer):
             # Q acts on the flattened (in_ch·kh·kw) side: rotate the weight block-wise instead.
             weight = base.weight
             for name in ins:
-                weight = self._rotate_weight(weight, name)
+                weight = self._rotate_weight(weight, name, self.forward_matrices(name))
             result = base._conv_forward(x, weight.to(base.weight.dtype), base.bias)
         elif ins:
             # forward of W·Qᵀ is W·(Qᵀx); later merges multiply on the right, so apply in reverse

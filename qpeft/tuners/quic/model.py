@@ -10,7 +10,7 @@ from torch import nn
 
 from qpeft.tuners._common import QpeftTuner
 
-from .layer import QuICLayer, QuICModule, _compute_dtype, compound_blocks
+from .layer import QuICLayer, QuICModule, compound_blocks
 
 
 class QuICModel(QpeftTuner):
@@ -30,8 +30,7 @@ class QuICModel(QpeftTuner):
     def _batch_requests(self, layer: QuICLayer, adapter_name: str) -> list[tuple[tuple, torch.Tensor]]:
         """The adapter's parameters, grouped by (block plan, settings, dtype, device): one
         base-map + compound call per group and forward instead of one per layer."""
-        params = layer.quic_params[adapter_name]
-        params = params.to(_compute_dtype(params.dtype))
+        params = layer.generator_params(adapter_name)
         key = (layer.quic_plan[adapter_name], layer.quic_settings[adapter_name], params.dtype,
                params.device, tuple(params.shape))
         return [(key, params)]
