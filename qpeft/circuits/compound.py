@@ -22,7 +22,6 @@ step of every recursion, and QuIC's most used order); k = n is det(a) (1 x 1).
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,6 +29,7 @@ from typing import Any
 
 import torch
 
+from qpeft.circuits._cache import tensor_table_cache
 from qpeft.circuits._checks import check_positive_int
 
 __all__ = [
@@ -64,7 +64,7 @@ def k_subsets(n: int, k: int) -> list[tuple[int, ...]]:
     return list(itertools.combinations(range(n), k))
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_table_cache(maxsize=64)
 def _laplace_tables(n: int, k: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """For each k-subset J (lexicographic) and m < k: col[m, J] = J[m] and
     drop[m, J] = index of J without J[m] among the (k-1)-subsets.  Shapes [k, C(n,k)]."""
@@ -92,7 +92,7 @@ _SLICED_FROM_DIM = 512  # C(n,k) from which slicing beats gathers (measured, 1 t
 _CHUNK_ELEMENTS = 1 << 18  # per-chunk temporaries of the order-2 kernels (1 MiB in float32)
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_table_cache(maxsize=64)
 def _pair_tables(n: int, device: str) -> tuple[torch.Tensor, ...]:
     """Index tables of the 2-subsets (p, q), p < q, of {0..n-1} in lexicographic order:
     first [C], second [C], flat p*n+q [C], flat q*n+p [C], and over the n x n grid the

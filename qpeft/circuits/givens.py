@@ -37,6 +37,7 @@ import functools
 
 import torch
 
+from qpeft.circuits._cache import tensor_table_cache
 from qpeft.circuits._checks import (
     check_choice,
     check_finite,
@@ -111,7 +112,7 @@ def givens_num_params(n: int, layout: str) -> int:
     return sum(len(layer) for layer in _pairs_cached(n, layout))
 
 
-@functools.lru_cache(maxsize=256)
+@tensor_table_cache(maxsize=256)
 def _tables(n: int, layout: str, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-layer gather tables for the vectorised update x <- x * C + x[partner] * S.
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qpeft.circuits._cache import tensor_table_cache
 from qpeft.circuits._checks import (
     check_finite,
     check_float_dtype,
@@ -139,7 +140,7 @@ def _plan(n_qubits: int, depth: int, chunk: int) -> _Plan:
     return _Plan(first, even, odd)
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_table_cache(maxsize=64)
 def _cz_signs(size: int) -> torch.Tensor:
     """+-1 diagonal of CZ on local pairs (0,1),(2,3),... of ``size`` qubits, float64 (2**size,)."""
     i = torch.arange(2**size)

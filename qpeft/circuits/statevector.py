@@ -18,10 +18,9 @@ memory is why :data:`MAX_QUBITS` caps ``n``.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from qpeft.circuits._cache import tensor_table_cache
 from qpeft.circuits._checks import (
     check_finite,
     check_float_dtype,
@@ -49,7 +48,7 @@ def qnn_num_params(n_qubits: int, depth: int) -> int:
     return n_qubits * depth
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_table_cache(maxsize=64)
 def _ladder_gather_index(n_qubits: int) -> torch.Tensor:
     # new[j] = old[f^{-1}(j)] where f = f_{n-2} o ... o f_0 and each f_q (CNOT q -> q+1) is an
     # involution on basis indices, so f^{-1} = f_0 o f_1 o ... o f_{n-2}: apply f_{n-2} first.
