@@ -186,16 +186,31 @@ def test_generator_num_params_formula():
 # one generation per forward; gradients
 
 
-def test_one_generation_per_model_forward_and_grad_accumulation():
-    model = stack_model()
-    gen = model.base_model.generator()
-    x = torch.randn(4, 64)
-    start = gen.n_generations
-    model(x)
-    assert gen.n_generations == start + 1  # four layers, one generation
+@pytest.mark.parametrize("center_output", [False, True])
+def test_each_layer_generates_its_own_slice_of_the_full_vector(center_output):
+    # each layer runs the output layer on its own chunks only (chunk boundaries fall inside
+    # layers here: n_mlp = 100); the slices must be the full generation's, centring included
+    gen = QPAGenerator([(16, 24), (40, 8), (8, 8), (33, 17)], r=3, n_mlp=100, depth=2,
+                       hidden=(5, 7), center_output=center_output, init_seed=3).double()
     with torch.no_grad():
-        model(x)
-    assert gen.n_generations == start + 2
+        gen.gain.fill_(0.7)
+    flat = gen.generate()
+    if center_output:
+        torch.testing.assert_close(flat.mean(), torch.zeros((), dtype=flat.dtype), atol=1e-12, rtol=0)
+    for index, ((d_out, d_in), start) in enumerate(zip(gen.shapes, gen.offsets, strict=True)):
+        lora_b, lora_a = gen.factors(index)
+        span = flat[start : start + 3 * (d_out + d_in)]
+        torch.testing.assert_close(lora_b, 0.7 * span[: 3 * d_out].view(d_out, 3), atol=1e-12, rtol=0)
+        torch.testing.assert_close(lora_a, span[3 * d_out :].view(3, d_in), atol=1e-12, rtol=0)
+    for (b1, a1), index in zip(gen.all_factors(), range(4), strict=True):
+        b2, a2 = gen.factors(index)
+        torch.testing.assert_close(b1, b2, atol=1e-12, rtol=0)
+        torch.testing.assert_close(a1, a2, atol=1e-12, rtol=0)
+
+
+def test_gradient_accumulation_over_two_forwards():
+    model = stack_model()
+    x = torch.randn(4, 64)
     # two forwards/backwards before a step (gradient accumulation) must not reuse a freed graph
     model.train()
     model(x).sum().backward()
@@ -204,7 +219,6 @@ def test_one_generation_per_model_forward_and_grad_accumulation():
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, 2 * g1[n])
-    assert gen.n_generations == start + 4
 
 
 def test_gain_gets_gradient_at_init_and_theta_after_one_step():

@@ -10,7 +10,8 @@ Three layer kinds are supported by every method:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Hashable, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -80,77 +81,70 @@ def matrix_to_weight(base_layer: nn.Module, matrix: torch.Tensor) -> torch.Tenso
     return matrix.reshape(base_layer.weight.shape)
 
 
-_GENERATED = "_qpeft_generated"  # a layer's per-forward cache: {adapter: [output per request]}
+BASE_ROWS = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 
 
 class QpeftTuner(BaseTuner):
-    """What qpeft's three tuners share: peft's ``_create_and_replace`` step, and optionally one
-    batched generation per model forward.
+    """What qpeft's three tuners share: peft's ``_create_and_replace`` step, and peft's
+    mixed-adapter batches (``model(x, adapter_names=[...])``).
 
     A subclass sets peft's ``prefix`` / ``tuner_layer_cls`` / ``target_module_mapping`` and
     ``method_label`` (used in errors), and implements :meth:`_new_layer` (wrap a plain layer) and
     :meth:`_update_layer` (add an adapter to a layer that is already ours).
 
-    Batched generation: a tuner whose layers build small matrices from their parameters every
-    forward (circuits, compounds) implements :meth:`_batch_requests` and
-    :meth:`_batch_generate`. A forward pre-hook on the model then collects every active
-    adapter's requests, stacks those with the same group key and generates each group in one
-    call (per-call overhead dominates at these sizes: dozens of layers, each a few small ops);
-    the outputs wait in each layer's cache (:meth:`WeightMergeLayer.generated`) until the
-    forward ends."""
+    Execution model: every layer computes its output from its own parameters inside its own
+    forward (circuits, compounds and QPA slices are generated there, never cached across
+    layers or forwards), so gradient checkpointing, FSDP's per-layer unsharding,
+    ``torch.compile`` and per-row adapter routing see an ordinary module."""
 
     method_label: str = "qpeft"
-    batch_generation: bool = False
-
-    def _batch_requests(self, layer: Any, adapter_name: str) -> list[tuple[Hashable, torch.Tensor]]:
-        """(group key, parameters) for each thing ``adapter_name`` of ``layer`` generates per
-        forward. Parameters with the same key must have the same shape."""
-        raise NotImplementedError
-
-    def _batch_generate(self, key: Hashable, params: torch.Tensor) -> Sequence[Any]:
-        """Outputs for the stacked parameters [G, ...] of one group: item i for request i."""
-        raise NotImplementedError
-
-    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
-        if self.batch_generation and self.__dict__.get("_qpeft_hooks") is None:
-            self.__dict__["_qpeft_hooks"] = (
-                model.register_forward_pre_hook(self._generate_batched),
-                model.register_forward_hook(self._drop_generated),
-            )
 
     def _adapter_layers(self) -> list[Any]:
         return [m for m in self.model.modules() if isinstance(m, self.tuner_layer_cls)]
 
-    def _generate_batched(self, module: nn.Module, args: Any) -> None:
-        """Forward pre-hook: generate every active adapter's requests, one call per group."""
-        groups: dict[Hashable, list[tuple[list[Any], int, torch.Tensor]]] = {}
-        for layer in self._adapter_layers():
-            cache = layer.__dict__[_GENERATED] = {}
-            if layer.disable_adapters or layer.merged:
-                continue
-            for name in layer.active_adapters:
-                if not layer._owns_adapter(name):
-                    continue
-                requests = self._batch_requests(layer, name)
-                slots = cache[name] = [None] * len(requests)
-                for i, (key, params) in enumerate(requests):
-                    groups.setdefault(key, []).append((slots, i, params))
-        for key, items in groups.items():
-            outputs = self._batch_generate(key, torch.stack([params for *_, params in items]))
-            for (slots, i, _), out in zip(items, outputs, strict=True):
-                slots[i] = out
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """peft's mixed-adapter batch: ``adapter_names[i]`` names the adapter (or ``"__base__"``)
+        that row ``i`` of the batch goes through. peft calls this around ``PeftModel.forward`` /
+        ``generate``; it hands the list to every adapted layer (and ``modules_to_save`` copy)
+        through a forward pre-hook, as peft does for LoRA. Inference only."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        if not isinstance(adapter_names, (list, tuple)):
+            raise TypeError(
+                f"adapter_names must be a list of adapter names (one per row), got "
+                f"{type(adapter_names).__name__}"
+            )
+        known = set(self.peft_config)
+        unknown = {n for n in adapter_names if n != BASE_ROWS} - known
+        if unknown:
+            raise ValueError(
+                f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))} "
+                f"(this model has {sorted(known)}; use {BASE_ROWS!r} for the base model)"
+            )
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:  # generate() repeats each row num_beams times
+            adapter_names = [n for n in adapter_names for _ in range(num_beams)]
+        from peft.utils.other import AuxiliaryTrainingWrapper
 
-    def _drop_generated(self, module: nn.Module, args: Any, output: Any) -> None:
-        """Forward hook: forget this forward's outputs (the autograd graph keeps what it needs)."""
-        for layer in self._adapter_layers():
-            layer.__dict__.pop(_GENERATED, None)
+        def inject(module: nn.Module, args: Any, kw: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+            kw["adapter_names"] = list(adapter_names)
+            return args, kw
 
-    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any):
-        for hook in self.__dict__.pop("_qpeft_hooks", None) or ():
-            hook.remove()
-        self._drop_generated(self.model, (), None)
-        return super()._unload_and_optionally_merge(*args, **kwargs)
+        handles = [
+            module.register_forward_pre_hook(inject, with_kwargs=True)
+            for module in self.model.modules()
+            if isinstance(module, (self.tuner_layer_cls, AuxiliaryTrainingWrapper))
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _new_layer(self, target: nn.Module, adapter_name: str, config: Any, module_name: str) -> nn.Module:
         raise NotImplementedError
@@ -212,10 +206,65 @@ class WeightMergeLayer(BaseTunerLayer):
     def _owns_adapter(self, adapter_name: str) -> bool:
         raise NotImplementedError
 
-    def generated(self, adapter_name: str) -> list[Any] | None:
-        """This forward's batched outputs for ``adapter_name`` (see :class:`QpeftTuner`), or
-        None outside a model forward (then the layer generates its own)."""
-        return self.__dict__.get(_GENERATED, {}).get(adapter_name)
+    # ---- forward: the three peft cases, plus mixed-adapter batches -----------------------------
+    def _forward_active(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Output with the adapters ``active`` (all owned by this layer, in order) applied."""
+        raise NotImplementedError
+
+    def _apply_one(
+        self, x: torch.Tensor, base_out: torch.Tensor, adapter_name: str, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """Output of adapter ``adapter_name`` alone on rows ``x``, given the base layer's output
+        ``base_out`` on the same rows (mixed-adapter batches)."""
+        raise NotImplementedError
+
+    def _forward_dispatch(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """peft's layer forward: adapters disabled (unmerging first), a mixed-adapter batch,
+        merged (the base layer alone) or the active adapters."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            self._check_mixed_batch(x, adapter_names)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = [name for name in self.active_adapters if self._owns_adapter(name)]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        return self._forward_active(x, active, *args, **kwargs)
+
+    def _check_mixed_batch(self, x: torch.Tensor, adapter_names: Sequence[str]) -> None:
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(x)} respectively."
+            )
+        if self.merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call "
+                "`unmerge_adapter` first."
+            )
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, adapter_names: Sequence[str], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """Row i through adapter ``adapter_names[i]`` alone (``"__base__"``, or an adapter this
+        layer does not have: the base layer). One base call for the batch, then one adapter call
+        per distinct adapter on its rows."""
+        result = self.base_layer(x, *args, **kwargs)
+        for name in dict.fromkeys(adapter_names):
+            if name == BASE_ROWS or not self._owns_adapter(name):
+                continue
+            rows = torch.tensor(
+                [i for i, n in enumerate(adapter_names) if n == name], device=x.device
+            )
+            out = self._apply_one(x[rows], result[rows], name, *args, **kwargs)
+            result = result.index_copy(0, rows, out.to(result.dtype))
+        return result
 
     def _merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

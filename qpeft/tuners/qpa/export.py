@@ -35,9 +35,10 @@ def lora_tensors(generator: QPAGenerator, layout: Sequence[Sequence[Any]]) -> di
         )
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        generator.invalidate()
-        for index, (name, kind, d_out, _d_in, weight_shape) in enumerate(layout):
-            lora_b, lora_a = generator.factors(index)
+        factors = generator.all_factors()
+        for (name, kind, d_out, _d_in, weight_shape), (lora_b, lora_a) in zip(
+            layout, factors, strict=True
+        ):
             lora_b = lora_b.detach().float().cpu().contiguous()
             lora_a = lora_a.detach().float().cpu().contiguous()
             if kind == "conv2d":

@@ -119,9 +119,11 @@ class QPAGenerator(nn.Module):
     """theta [L, N] + MLP (+ zero-initialised gain) generating the LoRA factors of all layers.
 
     ``shapes``: the ``(d_out, d_in)`` of every targeted layer, in slicing order. ``forward()``
-    returns the flat generated vector [m] (cached: one statevector run and one MLP pass per model
-    forward, see :meth:`invalidate`); :meth:`factors` slices one layer's ``(lora_B, lora_A)``.
-    Cost per generation: O(L*N*2**N) circuit + O(n_ch * (sum of MLP layer sizes)) MLP."""
+    returns the flat generated vector [m]; :meth:`factors` generates one layer's
+    ``(lora_B, lora_A)`` alone: the circuit and the MLP's hidden layers for every chunk (small),
+    the MLP's wide output layer only for the chunks that hold the layer's numbers. So each
+    adapted layer generates its own factors inside its own forward, with nothing cached.
+    Cost of a full generation: O(L*N*2**N) circuit + O(n_ch * (sum of MLP layer sizes)) MLP."""
 
     def __init__(
         self,
@@ -181,9 +183,6 @@ class QPAGenerator(nn.Module):
         idx = torch.arange(self.n_chunks)
         bits = (idx.unsqueeze(1) >> torch.arange(self.n_qubits)) & 1
         self.register_buffer("bits", (1 - 2 * bits).float(), persistent=False)
-        self.n_generations = 0
-        self._clock = 0
-        self._cache: tuple[tuple, torch.Tensor] | None = None
 
     def num_params(self) -> int:
         """Trainable numbers, from the construction's count function (tests compare)."""
@@ -201,17 +200,17 @@ class QPAGenerator(nn.Module):
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """The mapping MLP on ``x`` [n, N+1] -> [n, n_mlp]; activation between layers only."""
+        weight, bias = self.mlp_layers()[-1]
+        return torch.nn.functional.linear(self._hidden(x), weight, bias)
+
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP up to (not including) its output layer: [n, N+1] -> [n, last hidden width]."""
         act = _activation(self.activation)
-        layers = self.mlp_layers()
-        for k, (weight, bias) in enumerate(layers):
+        for weight, bias in self.mlp_layers()[:-1]:
             x = torch.nn.functional.linear(x, weight, bias)
-            if act is not None and k < len(layers) - 1:
+            if act is not None:
                 x = act(x)
         return x
-
-    def invalidate(self) -> None:
-        """Start a new model forward: the next :meth:`forward` regenerates. O(1)."""
-        self._clock += 1
 
     def transformed_probabilities(self) -> torch.Tensor:
         """``p~`` [2**N] from the circuit (see the module docstring). O(L*N*2**N).
@@ -227,45 +226,70 @@ class QPAGenerator(nn.Module):
         pt = (0.6 * torch.tanh(0.1 * 2 ** (n - 1) * p)).clamp_min(1e-12) ** 0.15
         return pt - pt.mean()
 
-    def generate(self) -> torch.Tensor:
-        """The flat generated vector [m] (uncached; the gain is not applied). O(circuit + MLP)."""
-        self.n_generations += 1
+    def _chunk_hidden(self) -> torch.Tensor:
+        """Last hidden activations of every chunk [n_ch, h]: circuit, transform, MLP body."""
         pt = self.transformed_probabilities()[: self.n_chunks]
         dtype = self.mlp_weight_0.dtype
         bits = self.bits.to(device=pt.device, dtype=dtype)
-        out = self.mlp(torch.cat([bits, pt.to(dtype).unsqueeze(1)], dim=1))  # [n_ch, n_mlp]
-        flat = out.reshape(-1)[: self.m]
+        return self._hidden(torch.cat([bits, pt.to(dtype).unsqueeze(1)], dim=1))
+
+    def _output_mean(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Mean of the m generated numbers from the hidden activations alone: the output layer
+        is affine, so the sum over a chunk's outputs is ``h · Σ_j W_j + Σ_j b_j``. O(n_ch · h)."""
+        weight, bias = self.mlp_layers()[-1]
+        full = self.n_chunks - 1
+        rest = self.m - full * self.n_mlp  # outputs used from the last chunk (1..n_mlp)
+        total = hidden[:full].sum(0) @ weight.sum(0) + full * bias.sum()
+        total = total + hidden[full] @ weight[:rest].sum(0) + bias[:rest].sum()
+        return total / self.m
+
+    def _generate_span(self, start: int, stop: int) -> torch.Tensor:
+        """Generated numbers ``[start, stop)`` of the flat vector (centred when configured, gain
+        not applied): the output layer runs on the chunks holding them only."""
+        hidden = self._chunk_hidden()
+        first, last = start // self.n_mlp, (stop - 1) // self.n_mlp + 1
+        weight, bias = self.mlp_layers()[-1]
+        rows = torch.nn.functional.linear(hidden[first:last], weight, bias).reshape(-1)
+        offset = first * self.n_mlp
+        flat = rows[start - offset : stop - offset]
         if self.center_output:
-            flat = flat - flat.mean()
+            flat = flat - self._output_mean(hidden)
         return flat
+
+    def generate(self) -> torch.Tensor:
+        """The flat generated vector [m] (the gain is not applied). O(circuit + MLP)."""
+        return self._generate_span(0, self.m)
 
     def forward(self) -> torch.Tensor:
-        """Cached :meth:`generate`: recomputed when a parameter changed (version / storage), when
-        grad mode changed, or after :meth:`invalidate` (called at every model forward)."""
-        key = (
-            self._clock,
-            torch.is_grad_enabled(),
-            tuple((p.data_ptr(), p._version) for p in self.parameters()),
-        )
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
-        flat = self.generate()
-        self._cache = (key, flat)
-        return flat
+        """:meth:`generate` (the whole vector: merging all layers, export, inspection)."""
+        return self.generate()
 
-    def factors(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(lora_B [d_out, r], lora_A [r, d_in])`` of layer ``index`` (gain applied to lora_B).
-        O(1) views of the cached vector after the first call of a forward."""
-        if not 0 <= index < len(self.shapes):
-            raise ValueError(f"layer index must be in [0, {len(self.shapes) - 1}], got {index}")
-        flat = self.forward()
+    def _split(self, flat: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lora_B, lora_A)`` of layer ``index`` from its ``r·(d_out + d_in)`` numbers."""
         d_out, d_in = self.shapes[index]
-        start, r = self.offsets[index], self.r
-        lora_b = flat[start : start + d_out * r].view(d_out, r)
-        lora_a = flat[start + d_out * r : start + r * (d_out + d_in)].view(r, d_in)
+        lora_b = flat[: d_out * self.r].view(d_out, self.r)
+        lora_a = flat[d_out * self.r :].view(self.r, d_in)
         if self.gain is not None:
             lora_b = lora_b * self.gain
         return lora_b, lora_a
+
+    def factors(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lora_B [d_out, r], lora_A [r, d_in])`` of layer ``index`` (gain applied to lora_B),
+        generated for this layer alone (see the class docstring). O(circuit + MLP body +
+        output layer on ⌈r(d_out + d_in) / n_mlp⌉ + 1 chunks)."""
+        if not 0 <= index < len(self.shapes):
+            raise ValueError(f"layer index must be in [0, {len(self.shapes) - 1}], got {index}")
+        d_out, d_in = self.shapes[index]
+        start = self.offsets[index]
+        return self._split(self._generate_span(start, start + self.r * (d_out + d_in)), index)
+
+    def all_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`factors` of every layer from one full generation (export, merging all)."""
+        flat = self.generate()
+        return [
+            self._split(flat[start : start + self.r * (o + i)], index)
+            for index, ((o, i), start) in enumerate(zip(self.shapes, self.offsets, strict=True))
+        ]
 
     def extra_repr(self) -> str:
         return (

@@ -1,9 +1,11 @@
 """QPA tuner layer: adds ``(alpha/r) * lora_B @ lora_A`` with factors sliced from the shared generator.
 
-Where the generator lives (so peft saves, loads, freezes and deletes it like any adapter tensor): in
-the ``qpa_generator`` ModuleDict of the *first* adapted layer of the adapter (the "owner"); every
-layer, owner included, reaches it through a plain-dict reference ``_qpa_shared[adapter]`` that is not
-a registered submodule, so the weights appear once in ``state_dict`` and ``parameters()``.
+Where the generator lives: in the ``qpa_generator`` ModuleDict of the tuner (:class:`QPAModel`),
+outside every layer, so peft saves, loads and freezes it like a model-level adapter tensor and a
+wrapper that shards per block (FSDP) keeps it with the root, unsharded during every layer's
+forward and backward. Each layer reaches it through a plain-dict reference
+``_qpa_shared[adapter]`` (not a registered submodule) and generates its own slice of the factors
+inside its own forward.
 """
 
 from __future__ import annotations
@@ -23,15 +25,14 @@ class QPALayer(nn.Module, WeightMergeLayer):
 
     Forward: ``base(x) + scaling * (dropout(x) @ lora_A.T @ lora_B.T)`` (Conv2d: a conv with
     ``lora_A`` viewed as [r, in_ch, kh, kw], then a 1x1 conv with ``lora_B``), O(r (d_in + d_out))
-    per token like LoRA; the factors come from one cached generation per model forward."""
+    per token like LoRA; the layer's factors are generated in its forward (:meth:`QPAGenerator.factors`)."""
 
-    adapter_layer_names = ("qpa_generator",)
+    adapter_layer_names = ()
     other_param_names = ("qpa_r", "qpa_scaling", "qpa_index", "qpa_dropout", "_qpa_shared")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any) -> None:
         super().__init__()
         self._init_base_layer(base_layer)
-        self.qpa_generator = nn.ModuleDict({})
         self.qpa_dropout = nn.ModuleDict({})
         self.qpa_r: dict[str, int] = {}
         self.qpa_scaling: dict[str, float] = {}
@@ -48,14 +49,10 @@ class QPALayer(nn.Module, WeightMergeLayer):
         p = float(config.lora_dropout)
         self.qpa_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
 
-    def attach_generator(
-        self, adapter_name: str, generator: QPAGenerator, index: int, owner: bool
-    ) -> None:
-        """Point this layer at the shared ``generator`` (slot ``index``); the owner registers it."""
+    def attach_generator(self, adapter_name: str, generator: QPAGenerator, index: int) -> None:
+        """Point this layer at the shared ``generator`` (its slot ``index``)."""
         self._qpa_shared[adapter_name] = generator
         self.qpa_index[adapter_name] = index
-        if owner:
-            self.qpa_generator[adapter_name] = generator
 
     def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self._qpa_shared[adapter_name].factors(self.qpa_index[adapter_name])
@@ -90,19 +87,18 @@ class QPALayer(nn.Module, WeightMergeLayer):
             return F.conv2d(h, lora_b.view(lora_b.shape[0], r, 1, 1)) * scaling
         return (h @ lora_a.T) @ lora_b.T * scaling
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+    def _forward_active(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        for name in self.active_adapters:
-            if name not in self._qpa_shared:
-                continue
+        for name in active:
             result = result + self._delta_output(x, name).to(result.dtype)
         return result
+
+    def _apply_one(self, x: torch.Tensor, base_out: torch.Tensor, adapter_name: str,
+                   *args: Any, **kwargs: Any) -> torch.Tensor:
+        return base_out + self._delta_output(x, adapter_name).to(base_out.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._forward_dispatch(x, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "qpa." + super().__repr__()

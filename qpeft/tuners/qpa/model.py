@@ -37,10 +37,10 @@ class QPAModel(QpeftTuner):
     """Quantum Parameter Adaptation as a peft tuner (``qpeft.QPAConfig``, prefix ``qpa_``).
 
     After peft injects a :class:`QPALayer` into every targeted module, :meth:`inject_adapter`
-    builds one :class:`QPAGenerator` for all of them (slicing order = module order), registers it on
-    the first adapted layer and records the layout in ``config.layout``. A forward pre-hook on the
-    wrapped model invalidates the generators' cache, so each model forward runs the circuit and the
-    MLP once, shared by every layer (and kept in the autograd graph of that forward)."""
+    builds one :class:`QPAGenerator` for all of them (slicing order = module order), registers it
+    in this tuner's ``qpa_generator`` ModuleDict (checkpoint key ``base_model.qpa_generator.*``)
+    and records the layout in ``config.layout``. Each layer generates its own slice of the
+    factors in its forward (no cache across layers or forwards)."""
 
     prefix: str = "qpa_"
     method_label = "QPA"
@@ -54,16 +54,14 @@ class QPAModel(QpeftTuner):
     def _new_layer(self, target: nn.Module, adapter_name: str, config: Any, module_name: str) -> nn.Module:
         return QPALayer(target, adapter_name, config)
 
-    def _generators(self) -> dict[str, QPAGenerator]:
-        gens = self.__dict__.get("_qpa_gens")
+    def _generators(self) -> nn.ModuleDict:
+        """The ``qpa_generator`` ModuleDict of this tuner, created on first use (peft builds the
+        tuner through ``BaseTuner.__init__``, which injects before a subclass could add it)."""
+        gens = self._modules.get("qpa_generator")
         if gens is None:
-            gens = {}
-            self.__dict__["_qpa_gens"] = gens
+            gens = nn.ModuleDict()
+            self.add_module("qpa_generator", gens)
         return gens
-
-    def _new_forward(self, module: nn.Module, args: Any) -> None:
-        for gen in self._generators().values():
-            gen.invalidate()
 
     def inject_adapter(
         self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any
@@ -93,7 +91,9 @@ class QPAModel(QpeftTuner):
         config.layout = layout
         shapes = [(o, i) for _, _, o, i, _ in layout]
         weight = layers[0][1].get_base_layer().weight
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        # the base's float dtype, as peft creates LoRA factors; _cast_adapter_dtype upcasts
+        # half precision unless autocast_adapter_dtype=False
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         ctx = init_empty_weights if low_cpu_mem_usage else nullcontext
         with ctx():
             generator = build_generator(config, shapes)
@@ -102,30 +102,58 @@ class QPAModel(QpeftTuner):
         else:
             generator.to(device=weight.device, dtype=dtype)
         for index, (_, module) in enumerate(layers):
-            module.attach_generator(adapter_name, generator, index, owner=index == 0)
+            module.attach_generator(adapter_name, generator, index)
         trainable = adapter_name in self.active_adapters and not config.inference_mode
         generator.requires_grad_(trainable)
         self._generators()[adapter_name] = generator
-        if self.__dict__.get("_qpa_hook") is None:
-            self.__dict__["_qpa_hook"] = model.register_forward_pre_hook(self._new_forward)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """peft's rule for the generator too: float16 / bfloat16 become float32 unless
+        ``autocast_adapter_dtype=False``."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        generator = self._generators()[adapter_name] if adapter_name in self._generators() else None
+        if autocast_adapter_dtype and generator is not None:
+            if generator.theta.dtype in (torch.float16, torch.bfloat16):
+                generator.float()
+
+    def set_adapter(self, adapter_name: str | list[str], *args: Any, **kwargs: Any) -> None:
+        """peft's ``set_adapter``; the generators (outside the layers) follow: only the active
+        adapters' train, none with ``inference_mode=True``."""
+        super().set_adapter(adapter_name, *args, **kwargs)
+        inference_mode = bool(kwargs.get("inference_mode", args[0] if args else False))
+        active = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name, generator in self._generators().items():
+            generator.requires_grad_(name in active and not inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self._generators().pop(adapter_name, None)
+        if adapter_name in self._generators():
+            del self._generators()[adapter_name]
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any):
         model = super()._unload_and_optionally_merge(*args, **kwargs)
-        hook = self.__dict__.pop("_qpa_hook", None)
-        if hook is not None:
-            hook.remove()
         self._generators().clear()
         return model
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Checkpoints of qpeft <= 0.1 kept the generator on the first adapted layer
+        (``...<layer>.qpa_generator.theta``); it lives on the tuner now."""
+        moved = {}
+        for key, value in state_dict.items():
+            head, sep, rest = key.partition(".qpa_generator.")
+            if sep and head not in ("base_model", ""):
+                key = "base_model.qpa_generator." + rest
+            moved[key] = value
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, moved)
 
     def generator(self, adapter_name: str = "default") -> QPAGenerator:
         """The shared generator of ``adapter_name`` (ValueError naming the known adapters)."""
         gens = self._generators()
         if adapter_name not in gens:
-            raise ValueError(f"no QPA adapter named {adapter_name!r}; known: {sorted(gens)}")
+            raise ValueError(f"no QPA adapter named {adapter_name!r}; known: {sorted(gens.keys())}")
         return gens[adapter_name]
 
     def lora_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:

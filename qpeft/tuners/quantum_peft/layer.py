@@ -164,16 +164,9 @@ class QuantumPEFTLayer(WeightMergeLayer):
         return au, av
 
     def stiefel_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(U [d_out, K], V [d_in, K]) with orthonormal columns, in the adapter's circuit dtype.
-        Cost O(L·n·N·K) for Pauli circuits; O(N·K²) for Lie maps; never N x N.
-
-        Inside a model forward, :class:`QuantumPEFTModel` has already produced the factors of all
-        same-shaped layers in one batched circuit call (:meth:`generated`)."""
-        cached = self.generated(adapter_name)
-        return tuple(cached) if cached is not None else self._generate_factors(adapter_name)
-
-    def _generate_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(U, V) of this layer alone, from the current angles (never a forward's cache)."""
+        """(U [d_out, K], V [d_in, K]) with orthonormal columns, in the adapter's circuit dtype,
+        generated from the current angles. Cost O(L·n·N·K) for Pauli circuits; O(N·K²) for Lie
+        maps; never N x N."""
         spec = self.qpeft_spec[adapter_name]
         au, av = self.circuit_params(adapter_name)
         u = stiefel(spec.method_u, au, spec.out_features, spec.r, spec.depth)
@@ -210,7 +203,7 @@ class QuantumPEFTLayer(WeightMergeLayer):
     def delta_matrix(self, adapter_name: str) -> torch.Tensor:
         """ΔW as an ``[out, in]`` matrix in the circuit dtype. O(d_out·d_in·K) — only for merging
         and tests; the forward never builds it."""
-        u, v = self._generate_factors(adapter_name)  # merging never reuses a forward's factors
+        u, v = self.stiefel_factors(adapter_name)
         lam = self.effective_lambda(adapter_name)
         return (u * lam) @ v.T
 
@@ -236,21 +229,16 @@ class QuantumPEFTLayer(WeightMergeLayer):
     def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         raise NotImplementedError
 
-    def _forward_with_adapters(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Base output plus every active adapter's low-rank update (three cases: disabled,
-        merged, active)."""
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
+    def _forward_active(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Base output plus every active adapter's low-rank update."""
         result = self.base_layer(x, *args, **kwargs)
-        for name in self.active_adapters:
-            if name not in self.qpeft_lambda:
-                continue
+        for name in active:
             result = result + self._adapter_output(x, name).to(result.dtype)
         return result
+
+    def _apply_one(self, x: torch.Tensor, base_out: torch.Tensor, adapter_name: str,
+                   *args: Any, **kwargs: Any) -> torch.Tensor:
+        return base_out + self._adapter_output(x, adapter_name).to(base_out.dtype)
 
     def _factors_for(self, x: torch.Tensor, adapter_name: str) -> tuple[torch.Tensor, ...]:
         u, v = self.stiefel_factors(adapter_name)
@@ -277,7 +265,7 @@ class QuantumPEFTLinear(nn.Module, QuantumPEFTLayer):
         return ((x.to(u.dtype) @ v) * lam) @ u.T
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self._forward_with_adapters(x, *args, **kwargs)
+        return self._forward_dispatch(x, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "qpeft." + super().__repr__()
@@ -306,7 +294,7 @@ class QuantumPEFTConv2d(nn.Module, QuantumPEFTLayer):
         return F.conv2d(h, u[:, :, None, None])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self._forward_with_adapters(x, *args, **kwargs)
+        return self._forward_dispatch(x, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "qpeft." + super().__repr__()

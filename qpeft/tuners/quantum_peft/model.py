@@ -8,7 +8,6 @@ import torch
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from qpeft.circuits.stiefel import stiefel
 from qpeft.tuners._common import QpeftTuner, layer_kind
 
 from .layer import QuantumPEFTConv2d, QuantumPEFTLayer, QuantumPEFTLinear
@@ -27,22 +26,6 @@ class QuantumPEFTModel(QpeftTuner):
     method_label = "Quantum-PEFT"
     tuner_layer_cls = QuantumPEFTLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-
-    # ---- one batched circuit call per group of same-shaped factors, per model forward ----------
-    batch_generation = True
-
-    def _batch_requests(self, layer: QuantumPEFTLayer, adapter_name: str) -> list[tuple[tuple, torch.Tensor]]:
-        """U and V, grouped by (parameterization, N, K, depth, dtype, device): a few circuit calls
-        per forward instead of two per layer."""
-        spec = layer.qpeft_spec[adapter_name]
-        au, av = layer.circuit_params(adapter_name)
-        return [((method, n, spec.r, spec.depth, params.dtype, params.device), params)
-                for method, n, params in ((spec.method_u, spec.out_features, au),
-                                          (spec.method_v, spec.in_features, av))]
-
-    def _batch_generate(self, key: tuple, params: torch.Tensor) -> torch.Tensor:
-        method, n, r, depth = key[:4]
-        return stiefel(method, params, n, r, depth)
 
     def _update_layer(self, target: nn.Module, adapter_name: str, config: Any, module_name: str) -> None:
         target.update_layer(adapter_name, config, module_name=module_name)

@@ -183,8 +183,8 @@ class QuICLayer(WeightMergeLayer):
     def block_matrices(
         self, adapter_name: str, dtype: torch.dtype | None = None
     ) -> list[torch.Tensor]:
-        """Per order k (in ``plan.orders``), the blocks' matrices [N_A, C(n,k), C(n,k)], always
-        generated afresh from the current parameters (merging, inspection). Cost: see
+        """Per order k (in ``plan.orders``), the blocks' matrices [N_A, C(n,k), C(n,k)],
+        generated from the current parameters (every forward and merge). Cost: see
         :func:`compound_blocks`."""
         return compound_blocks(
             self.generator_params(adapter_name, dtype),
@@ -197,12 +197,6 @@ class QuICLayer(WeightMergeLayer):
         float32 / float64 (half-precision parameters are evaluated in float32)."""
         params = self.quic_params[adapter_name]
         return params.to(dtype or _compute_dtype(params.dtype))
-
-    def forward_matrices(self, adapter_name: str) -> list[torch.Tensor]:
-        """:meth:`block_matrices` for the forward: inside a model forward :class:`QuICModel`
-        has already generated those of all layers with the same plan in one batched call."""
-        cached = self.generated(adapter_name)
-        return cached[0] if cached is not None else self.block_matrices(adapter_name)
 
     def _inverse(self, adapter_name: str, mats: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.quic_settings[adapter_name].orthogonal:
@@ -260,12 +254,20 @@ class QuICLayer(WeightMergeLayer):
         self, name: str, v: torch.Tensor, transpose: bool = False, fixed: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Q·v (Qᵀ·v with ``transpose``; about the point ``fixed`` if given) in the compute dtype."""
-        mats = self.forward_matrices(name)
+        mats = self.block_matrices(name)
         if transpose:
             mats = [m.mT for m in mats]
         return block_rotate(v.to(mats[0].dtype), mats, self.quic_plan[name], fixed)
 
-    def _forward_adapted(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any):
+    def _apply_one(self, x: torch.Tensor, base_out: torch.Tensor, adapter_name: str,
+                   *args: Any, **kwargs: Any) -> torch.Tensor:
+        """One adapter on rows ``x`` (module dropout does not apply: inference only). An
+        output-side Q rotates the base output; an input-side Q needs the base layer again."""
+        if self.quic_settings[adapter_name].side == "input":
+            return self._forward_active(x, [adapter_name], *args, **kwargs)
+        return self._rotate_output(base_out, [adapter_name])
+
+    def _forward_active(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
         kept = [a for a in active if self._kept(a)]
         ins = [a for a in kept if self.quic_settings[a].side == "input"]
@@ -274,7 +276,7 @@ class QuICLayer(WeightMergeLayer):
             # Q acts on the flattened (in_ch·kh·kw) side: rotate the weight block-wise instead.
             weight = base.weight
             for name in ins:
-                weight = self._rotate_weight(weight, name, self.forward_matrices(name))
+                weight = self._rotate_weight(weight, name, self.block_matrices(name))
             result = base._conv_forward(x, weight.to(base.weight.dtype), base.bias)
         elif ins:
             # forward of W·Qᵀ is W·(Qᵀx); later merges multiply on the right, so apply in reverse
@@ -285,8 +287,13 @@ class QuICLayer(WeightMergeLayer):
             result = base(x, *args, **kwargs)
         if not outs:
             return result
+        return self._rotate_output(result, outs)
+
+    def _rotate_output(self, result: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """The base layer's output ``result`` rotated by the output-side adapters ``names``."""
+        base = self.get_base_layer()
         y = result.movedim(1, -1) if self.kind == "conv2d" else result
-        for name in outs:  # W' = Q_m···Q_1·W: rotate the bias-free output, keep the bias
+        for name in names:  # W' = Q_m···Q_1·W: rotate the bias-free output, keep the bias
             y = self._rotate(name, y, fixed=base.bias)
         y = y.to(result.dtype)
         if self.kind != "conv2d":
@@ -307,16 +314,7 @@ class QuICModule(nn.Module, QuICLayer):
         self.update_layer(adapter_name, config)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        active = [a for a in self.active_adapters if a in self.quic_params]
-        if not active:
-            return self.base_layer(x, *args, **kwargs)
-        return self._forward_adapted(x, active, *args, **kwargs)
+        return self._forward_dispatch(x, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "quic." + super().__repr__()
