@@ -1,0 +1,55 @@
+"""A tiny random LLaMA and one non-identity config per method: the model the ecosystem tests
+(gradient checkpointing, compile, FSDP / DDP, mixed-adapter batches) run on. Fixed seeds, so
+every process builds the same base model."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import qpeft
+
+TARGETS = ["q_proj", "v_proj"]
+VOCAB = 64
+
+
+def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+    """A 2-layer LLaMA, hidden 32 (q_proj 32x32, v_proj 16x32 with 2 KV heads), eval mode."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def method_config(method: str, seed: int = 0):
+    """A config of ``method`` whose adapter is not the identity (so gradients reach every
+    adapter tensor and a wrong routing shows in the outputs)."""
+    if method == "lora":
+        return LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False)
+    if method == "quantum-peft":
+        return qpeft.QuantumPEFTConfig(r=4, target_modules=TARGETS, init_weights=False,
+                                       init_seed=seed)
+    if method == "quic":
+        return qpeft.QuICConfig(target_modules=TARGETS, num_blocks=2, init_weights=False)
+    if method == "qpa":
+        return qpeft.QPAConfig(r=4, target_modules=TARGETS, n_mlp=64, mlp_hidden=[16],
+                               output_gain=False, init_seed=seed + 1)
+    raise ValueError(method)
+
+
+METHODS = ["lora", "quantum-peft", "quic", "qpa"]
+QPEFT_METHODS = METHODS[1:]
+
+
+def batch(rows: int = 3, length: int = 10, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (rows, length), generator=g)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def adapter_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()
+            if p.requires_grad and p.grad is not None}

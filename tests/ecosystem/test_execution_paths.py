@@ -1,0 +1,163 @@
+"""Issue 14: every method trains the same under the machinery LLM fine-tuning runs on —
+gradient checkpointing (both modes), torch.compile, training after an eval pass under
+``torch.inference_mode()`` — with peft LoRA run on the same path as the control."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from .llm import METHODS, QPEFT_METHODS, adapter_grads, batch, method_config, tiny_llama
+
+
+def _loss_and_grads(model, inputs, run=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and adapter gradients of ``model``, its forward run through ``run`` (default: itself)."""
+    model.zero_grad(set_to_none=True)
+    loss = (run if run is not None else model)(**inputs).loss
+    loss.backward()
+    return loss.detach(), adapter_grads(model)
+
+
+def _assert_same(ref, got, tol=1e-5) -> None:
+    (loss_ref, grads_ref), (loss, grads) = ref, got
+    torch.testing.assert_close(loss, loss_ref, atol=tol, rtol=tol)
+    assert grads.keys() == grads_ref.keys() and grads, "every adapter tensor gets a gradient"
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=tol, rtol=tol, msg=name)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("method", METHODS)
+def test_gradient_checkpointing_matches_the_plain_run(method: str, reentrant: bool) -> None:
+    inputs = batch()
+    model = get_peft_model(tiny_llama(), method_config(method))
+    model.train()
+    plain = _loss_and_grads(model, inputs)
+    # what TRL's SFTTrainer and HF's Trainer do with gradient_checkpointing=True
+    model.base_model.model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.enable_input_require_grads()
+    assert model.base_model.model.is_gradient_checkpointing
+    _assert_same(plain, _loss_and_grads(model, inputs))
+    # and again: a second step reuses nothing from the first
+    _assert_same(plain, _loss_and_grads(model, inputs))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_torch_compile_matches_eager(method: str) -> None:
+    inputs = batch()
+    model = get_peft_model(tiny_llama(), method_config(method))
+    model.train()
+    eager = _loss_and_grads(model, inputs)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
+    _assert_same(eager, _loss_and_grads(model, inputs, run=compiled))
+
+
+def _clear_circuit_tables() -> None:
+    """Forget the memoised index tables, so the eval pass below is the first to build them."""
+    import importlib
+
+    compound, givens, pauli, statevector = (
+        importlib.import_module(f"qpeft.circuits.{name}")
+        for name in ("compound", "givens", "pauli", "statevector"))
+    for table in (compound._laplace_tables, compound._pair_tables, givens._tables,
+                  pauli._cz_signs, statevector._ladder_gather_index):
+        table.cache_clear()
+
+
+@pytest.mark.parametrize("variant", ["quantum-peft", "quic", "quic-rbs", "quic-k3", "qpa"])
+def test_training_after_an_inference_mode_eval_pass(variant: str) -> None:
+    import qpeft
+
+    config = (qpeft.QuICConfig(target_modules=["q_proj", "v_proj"], base_map="rbs",
+                               init_weights=False) if variant == "quic-rbs"
+              else qpeft.QuICConfig(target_modules=["q_proj", "v_proj"], orders=[1, 2, 3],
+                                    num_blocks=1, init_weights=False) if variant == "quic-k3"
+              else method_config(variant))
+    inputs = batch()
+    reference = get_peft_model(tiny_llama(), config)
+    reference.train()
+    expected = _loss_and_grads(reference, inputs)
+
+    _clear_circuit_tables()
+    model = get_peft_model(tiny_llama(), config)
+    model.eval()
+    with torch.inference_mode():
+        model(**inputs)
+    model.train()
+    _assert_same(expected, _loss_and_grads(model, inputs))
+
+
+# ---- mixed-adapter batches ----------------------------------------------------------------------
+
+def _two_adapter_model(method: str):
+    model = get_peft_model(tiny_llama(), method_config(method, seed=0), adapter_name="a")
+    model.add_adapter("b", method_config(method, seed=5))
+    if method == "quic":  # a second QuIC adapter that rotates the other side
+        model.delete_adapter("b")
+        import qpeft
+
+        model.add_adapter("b", qpeft.QuICConfig(target_modules=["q_proj", "v_proj"],
+                                                num_blocks=2, side="input", init_weights=False))
+    return model.eval()
+
+
+def _row_by_row(model, ids: torch.Tensor, names: list[str]) -> torch.Tensor:
+    rows = []
+    for row, name in zip(ids, names, strict=True):
+        if name == "__base__":
+            with model.disable_adapter():
+                rows.append(model(input_ids=row[None]).logits)
+        else:
+            model.set_adapter(name)
+            rows.append(model(input_ids=row[None]).logits)
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_mixed_adapter_batch_routes_each_row_to_its_adapter(method: str) -> None:
+    model = _two_adapter_model(method)
+    ids = batch(rows=6)["input_ids"]
+    names = ["a", "b", "__base__", "b", "a", "__base__"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        expected = _row_by_row(model, ids, names)
+        model.set_adapter("a")
+        only_a = model(input_ids=ids).logits
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
+    # the adapters really differ, so a batch that ignored the routing would fail above
+    assert (only_a[1] - expected[1]).abs().max() > 1e-3
+    assert (only_a[2] - expected[2]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method", QPEFT_METHODS)
+def test_mixed_adapter_batch_refusals(method: str) -> None:
+    model = _two_adapter_model(method)
+    ids = batch(rows=2)["input_ids"]
+    with pytest.raises(ValueError, match="non-existing adapter"):
+        model(input_ids=ids, adapter_names=["a", "typo"])
+    with pytest.raises(ValueError, match="Length of `adapter_names`"):
+        model(input_ids=ids, adapter_names=["a"])
+    model.train()
+    with pytest.raises(ValueError, match="training mode"):
+        model(input_ids=ids, adapter_names=["a", "b"])
+    model.eval()
+    model.set_adapter("a")
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="merged adapters"):
+        model(input_ids=ids, adapter_names=["a", "b"])
+
+
+@pytest.mark.parametrize("method", QPEFT_METHODS)
+def test_mixed_adapter_batch_in_generate(method: str) -> None:
+    model = _two_adapter_model(method)
+    ids = batch(rows=2, length=5)["input_ids"]
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        mixed = model.generate(input_ids=ids, adapter_names=["b", "__base__"], **kwargs)
+        model.set_adapter("b")
+        first = model.generate(input_ids=ids[:1], **kwargs)
+        with model.disable_adapter():
+            second = model.generate(input_ids=ids[1:], **kwargs)
+    assert torch.equal(mixed, torch.cat([first, second]))
