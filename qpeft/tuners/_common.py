@@ -10,9 +10,9 @@ Three layer kinds are supported by every method:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -81,6 +81,8 @@ def matrix_to_weight(base_layer: nn.Module, matrix: torch.Tensor) -> torch.Tenso
     return matrix.reshape(base_layer.weight.shape)
 
 
+T = TypeVar("T")
+_ALWAYS_KEPT = 1 << 16  # numbers of generated matrices kept for evaluation whatever the layer size
 BASE_ROWS = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 
 
@@ -206,6 +208,33 @@ class WeightMergeLayer(BaseTunerLayer):
     def _owns_adapter(self, adapter_name: str) -> bool:
         raise NotImplementedError
 
+    # ---- generation outside autograd: reuse while the parameters are unchanged -----------------
+    def _generated(self, slot: str, params: Sequence[torch.Tensor], build: Callable[[], T]) -> T:
+        """``build()`` — the small matrices a forward consumes, generated from ``params``.
+
+        When autograd cannot need them (``no_grad`` / ``inference_mode`` or frozen parameters:
+        evaluation, ``generate()``, serving mixed batches), the last result is reused while the
+        parameters hold the same values (compared by value, not storage or version counters,
+        which ``.data`` writes and FSDP's unsharding bypass), so decoding does not rerun the
+        circuits for every token. Results larger than an eighth of the base weight are not
+        kept (those below 64k numbers always are). Training always builds afresh: every
+        forward is self-contained."""
+        if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or (
+                torch.compiler.is_compiling()):
+            return build()
+        cache = self.__dict__.setdefault("_qpeft_eval_cache", {})
+        hit = cache.get(slot)
+        if hit is not None and _same_values(hit[0], params):
+            return hit[1]
+        value = build()
+        if _numel(value) <= max(self.get_base_layer().weight.numel() // 8, _ALWAYS_KEPT):
+            with torch.inference_mode(False):  # a copy usable outside inference mode too
+                snapshot = [p.detach().clone() for p in params]
+            cache[slot] = (snapshot, value)
+        else:
+            cache.pop(slot, None)
+        return value
+
     # ---- forward: the three peft cases, plus mixed-adapter batches -----------------------------
     def _forward_active(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Output with the adapters ``active`` (all owned by this layer, in order) applied."""
@@ -314,3 +343,18 @@ class WeightMergeLayer(BaseTunerLayer):
             with torch.no_grad():
                 weight = self._read_base_weight()
                 self._write_base_weight(self._unmerged_weight(name, weight).to(weight.dtype))
+
+
+def _same_values(snapshot: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> bool:
+    return len(snapshot) == len(params) and all(
+        a.dtype == b.dtype and a.device == b.device and a.shape == b.shape and torch.equal(a, b)
+        for a, b in zip(snapshot, params, strict=True)
+    )
+
+
+def _numel(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel()
+    if isinstance(value, (list, tuple)):
+        return sum(_numel(v) for v in value)
+    return 0

@@ -161,3 +161,41 @@ def test_mixed_adapter_batch_in_generate(method: str) -> None:
         with model.disable_adapter():
             second = model.generate(input_ids=ids[1:], **kwargs)
     assert torch.equal(mixed, torch.cat([first, second]))
+
+
+# ---- generation outside autograd ---------------------------------------------------------------
+
+@pytest.mark.parametrize("method", QPEFT_METHODS)
+def test_eval_reuses_generation_only_while_parameters_hold_the_same_values(method: str) -> None:
+    """Decoding must not rerun the circuits per token, and must never serve stale factors:
+    a write through ``.data`` (no version bump) is seen; training always regenerates."""
+    from qpeft.tuners._common import WeightMergeLayer
+
+    model = get_peft_model(tiny_llama(), method_config(method)).eval()
+    layers = [m for m in model.modules() if isinstance(m, WeightMergeLayer)]
+    builds = []
+    for layer in layers:
+        real = layer._generated.__func__
+
+        def counting(self, slot, params, build, real=real):
+            return real(self, slot, params, lambda: (builds.append(1), build())[1])
+
+        layer._generated = counting.__get__(layer)
+    ids = batch()["input_ids"]
+    with torch.no_grad():
+        first = model(input_ids=ids).logits
+        built = len(builds)
+        assert built == len(layers)
+        again = model(input_ids=ids).logits
+        assert len(builds) == built, "the second no-grad forward reuses every layer's factors"
+        torch.testing.assert_close(again, first, atol=0, rtol=0)
+        param = next(p for p in model.parameters() if p.requires_grad)
+        param.data.add_(0.5)  # bypasses the version counter
+        changed = model(input_ids=ids).logits
+        assert len(builds) > built
+        assert (changed - first).abs().max() > 1e-4
+    model.train()
+    before = len(builds)
+    model(input_ids=ids).logits.sum().backward()
+    model(input_ids=ids).logits.sum().backward()
+    assert len(builds) == before + 2 * len(layers), "training regenerates in every forward"

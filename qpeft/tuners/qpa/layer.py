@@ -55,7 +55,10 @@ class QPALayer(nn.Module, WeightMergeLayer):
         self.qpa_index[adapter_name] = index
 
     def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._qpa_shared[adapter_name].factors(self.qpa_index[adapter_name])
+        generator = self._qpa_shared[adapter_name]
+        index = self.qpa_index[adapter_name]
+        return self._generated(adapter_name, list(generator.parameters()),
+                               lambda: generator.factors(index))
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``scaling * lora_B @ lora_A`` in the base weight's layout and dtype. O(d_out d_in r)."""

@@ -240,9 +240,18 @@ class QuantumPEFTLayer(WeightMergeLayer):
                    *args: Any, **kwargs: Any) -> torch.Tensor:
         return base_out + self._adapter_output(x, adapter_name).to(base_out.dtype)
 
+    def adapter_params(self, adapter_name: str) -> list[torch.Tensor]:
+        """The adapter's trainable tensors (angles, λ, gain), what its factors depend on."""
+        tensors = [self.qpeft_angles_u[adapter_name], self.qpeft_angles_v[adapter_name],
+                   self.qpeft_lambda[adapter_name]]
+        if adapter_name in self.qpeft_gain:
+            tensors.append(self.qpeft_gain[adapter_name])
+        return tensors
+
     def _factors_for(self, x: torch.Tensor, adapter_name: str) -> tuple[torch.Tensor, ...]:
-        u, v = self.stiefel_factors(adapter_name)
-        lam = self.effective_lambda(adapter_name)
+        u, v, lam = self._generated(
+            adapter_name, self.adapter_params(adapter_name),
+            lambda: (*self.stiefel_factors(adapter_name), self.effective_lambda(adapter_name)))
         dtype = x.dtype if x.is_floating_point() else u.dtype
         return u.to(dtype), v.to(dtype), lam.to(dtype)
 

@@ -198,6 +198,12 @@ class QuICLayer(WeightMergeLayer):
         params = self.quic_params[adapter_name]
         return params.to(dtype or _compute_dtype(params.dtype))
 
+    def forward_matrices(self, adapter_name: str) -> list[torch.Tensor]:
+        """:meth:`block_matrices` for a forward (reused outside autograd while the parameters
+        are unchanged, see :meth:`WeightMergeLayer._generated`)."""
+        return self._generated(adapter_name, [self.quic_params[adapter_name]],
+                               lambda: self.block_matrices(adapter_name))
+
     def _inverse(self, adapter_name: str, mats: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.quic_settings[adapter_name].orthogonal:
             return [m.mT for m in mats]
@@ -254,7 +260,7 @@ class QuICLayer(WeightMergeLayer):
         self, name: str, v: torch.Tensor, transpose: bool = False, fixed: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Q·v (Qᵀ·v with ``transpose``; about the point ``fixed`` if given) in the compute dtype."""
-        mats = self.block_matrices(name)
+        mats = self.forward_matrices(name)
         if transpose:
             mats = [m.mT for m in mats]
         return block_rotate(v.to(mats[0].dtype), mats, self.quic_plan[name], fixed)
@@ -276,7 +282,7 @@ class QuICLayer(WeightMergeLayer):
             # Q acts on the flattened (in_ch·kh·kw) side: rotate the weight block-wise instead.
             weight = base.weight
             for name in ins:
-                weight = self._rotate_weight(weight, name, self.block_matrices(name))
+                weight = self._rotate_weight(weight, name, self.forward_matrices(name))
             result = base._conv_forward(x, weight.to(base.weight.dtype), base.bias)
         elif ins:
             # forward of W·Qᵀ is W·(Qᵀx); later merges multiply on the right, so apply in reverse
