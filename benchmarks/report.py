@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _common as C
-from benchmarks import compounds, generation, merged, param_counts, train_step
+from benchmarks import compounds, generation, merged, mixed_batch, param_counts, train_step
 
 SECTIONS = (
     ("train_step", train_step, "1. Training step and peak memory",
@@ -23,6 +23,8 @@ SECTIONS = (
      "python -m benchmarks.merged"),
     ("param_counts", param_counts, "5. The papers' parameter counts",
      "python -m benchmarks.param_counts"),
+    ("mixed_batch", mixed_batch, "6. Mixed-adapter batches: 8 adapters served in one batch",
+     "python -m benchmarks.mixed_batch"),
 )
 
 

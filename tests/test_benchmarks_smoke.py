@@ -111,6 +111,18 @@ def test_merged_quick(tmp_path):
         assert row["ratio_to_base"] > 0
 
 
+def test_mixed_batch_quick(tmp_path):
+    from benchmarks import mixed_batch
+
+    mixed_batch.run(quick=True, out_dir=tmp_path)
+    data = json.loads((tmp_path / "mixed_batch.json").read_text())
+    assert set(data["methods"]) == set(mixed_batch.METHODS) and data["adapters"] == 8
+    for method, row in data["methods"].items():
+        assert row["max_abs_diff_vs_rows"] < 1e-5, method  # each row got its own adapter
+        assert row["mixed_over_single"] > 0 and row["mixed_over_lora_mixed"] > 0
+    assert data["methods"]["lora"]["mixed_over_lora_mixed"] == 1.0
+
+
 def test_param_counts_match_papers(tmp_path):
     param_counts.run(out_dir=tmp_path)
     data = json.loads((tmp_path / "param_counts.json").read_text())
