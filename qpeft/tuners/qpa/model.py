@@ -79,9 +79,13 @@ class QPAModel(QpeftTuner):
         layout = []
         for name, module in layers:
             base = module.get_base_layer()
-            layout.append(
-                [name, module.kind, module.out_features, module.in_features, list(base.weight.shape)]
+            # a quantized linear stores a packed weight: record the matrix shape it stands for
+            weight_shape = (
+                [module.out_features, module.in_features]
+                if module.kind == "linear"
+                else list(base.weight.shape)
             )
+            layout.append([name, module.kind, module.out_features, module.in_features, weight_shape])
         if config.layout is not None and [list(x) for x in config.layout] != layout:
             raise ValueError(
                 f"adapter {adapter_name!r} was saved for a different set of layers: its config "
