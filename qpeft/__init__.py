@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from qpeft.counting import ParameterCount, count_trainable
+from qpeft.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict
 
 # Importing each method's package registers it with peft (qpeft/_peft_registry.py).
 from qpeft.tuners.qpa import QPAConfig, QPAModel
@@ -25,6 +26,8 @@ __all__ = [
     "QuantumPEFTModel",
     "count_trainable",
     "example_configs",
+    "hotswap_adapter",
+    "hotswap_adapter_from_state_dict",
     "__version__",
 ]
 

@@ -39,6 +39,11 @@ class ParameterCount:
         """Trainable numbers of the adapter alone (no classifier head)."""
         return sum(self.per_module.values()) + self.shared
 
+    def lora_equivalent(self, r: int) -> int:
+        """Trainables of peft's LoRA at rank ``r`` on the same modules (no bias, no head):
+        ``r * sum(out + in)``. The yardstick the adapters are compared with."""
+        return sum(int(r) * (o + i) for o, i in self.module_shapes.values())
+
     @property
     def total(self) -> int:
         return self.adapter_total + sum(self.modules_to_save.values())
@@ -141,3 +146,13 @@ def count_trainable(config: Any, model_or_config: Any, auto_class: Any = None) -
             if name == wanted or name.endswith("." + wanted):
                 result.modules_to_save[name] = sum(p.numel() for p in module.parameters())
     return result
+
+
+def lora_trainable(config: Any, model_or_config: Any, r: int | None = None,
+                   auto_class: Any = None) -> int:
+    """Trainables of peft's LoRA at rank ``r`` (default ``config.r``, else 8) on the modules
+    ``config`` targets in ``model_or_config`` (as :func:`count_trainable`; no bias, no head).
+    QPA generates exactly this many numbers; its default sizing keeps its generator at or below
+    half of it. O(module names)."""
+    rank = r if r is not None else getattr(config, "r", None) or 8
+    return count_trainable(config, model_or_config, auto_class).lora_equivalent(rank)

@@ -5,6 +5,11 @@ Three layer kinds are supported by every method:
 - ``nn.Linear``: weight is ``[out, in]``.
 - transformers' ``Conv1D`` (GPT-2, ``fan_in_fan_out``): weight is stored transposed, ``[in, out]``.
 - ``nn.Conv2d``: weight ``[out_ch, in_ch/groups, kh, kw]`` reads as ``[out_ch, in_ch*kh*kw]`` (groups == 1).
+
+Quantized bases (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, subclasses of ``nn.Linear``) are
+"linear" layers whose stored weight is packed (4-bit: ``[out*in/2, 1]`` bytes): their shape comes
+from ``in_features`` / ``out_features``, and merging goes through peft's quantization backend
+(dequantize -> merge -> requantize, :meth:`WeightMergeLayer._read_base_weight`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ from typing import Any, Literal, TypeVar
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
+
+try:  # peft >= 0.21: one object per quantized layer that dequantizes / requantizes its weight
+    from peft.utils.quantization_utils import resolve_quantization_backend
+except ImportError:  # pragma: no cover - older peft: quantized bases cannot be merged into
+    resolve_quantization_backend = None
 
 LayerKind = Literal["linear", "conv1d", "conv2d"]
 
@@ -48,8 +58,14 @@ def layer_kind(base_layer: nn.Module) -> LayerKind:
 def matrix_shape(base_layer: nn.Module) -> tuple[int, int]:
     """``(out_features, in_features)`` of the weight read as a matrix (Conv2d: in = in_ch*kh*kw).
 
-    Reads ``weight.ds_shape`` when present (DeepSpeed ZeRO-3 partitions the real tensor)."""
+    Linear layers: their ``out_features`` / ``in_features`` (a quantized layer's stored weight is
+    packed and has another shape). Otherwise reads ``weight.ds_shape`` when present (DeepSpeed
+    ZeRO-3 partitions the real tensor)."""
     kind = layer_kind(base_layer)
+    if kind == "linear":
+        out_f, in_f = getattr(base_layer, "out_features", None), getattr(base_layer, "in_features", None)
+        if isinstance(out_f, int) and isinstance(in_f, int):
+            return out_f, in_f
     weight = base_layer.weight
     shape = tuple(getattr(weight, "ds_shape", weight.shape))
     if kind == "linear":
@@ -204,6 +220,11 @@ class WeightMergeLayer(BaseTunerLayer):
         base = self.get_base_layer()
         self.kind = layer_kind(base)
         self.out_features, self.in_features = matrix_shape(base)
+        # None for a float base; bitsandbytes 4-/8-bit: peft's backend that dequantizes and
+        # requantizes the stored weight (merge, unmerge, delta weights)
+        self.quantization_backend = (
+            resolve_quantization_backend(base, **kwargs) if resolve_quantization_backend else None
+        )
 
     def _owns_adapter(self, adapter_name: str) -> bool:
         raise NotImplementedError
@@ -301,13 +322,39 @@ class WeightMergeLayer(BaseTunerLayer):
     def _unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _check_weight_access(self) -> None:
+        """ValueError unless the base weight can be read as floats and written back: a float
+        weight, or a quantized one whose peft backend dequantizes and requantizes."""
+        backend = self.quantization_backend
+        if backend is not None and not backend.supports_merge:
+            raise ValueError(
+                f"the base layer is quantized with {backend.backend_name or 'a backend'} that "
+                "cannot be dequantized, so adapters cannot be merged into it; keep the adapter "
+                "unmerged, or load the base model unquantized to merge"
+            )
+        weight = self.get_base_layer().weight
+        if backend is None and not (weight.is_floating_point() or weight.is_complex()):
+            raise ValueError(
+                f"the base layer ({type(self.get_base_layer()).__name__}) stores a {weight.dtype} "
+                "weight that qpeft cannot dequantize (bitsandbytes needs peft >= 0.21); keep the "
+                "adapter unmerged, or load the base model unquantized to merge"
+            )
+
     def _read_base_weight(self) -> torch.Tensor:
-        # get_base_weight handles quantized bases (peft >= 0.21); older peft: the plain tensor
-        if hasattr(BaseTunerLayer, "get_base_weight"):
-            return self.get_base_weight()
-        return self.get_base_layer().weight.data
+        """The base weight as floats in its stored layout (a quantized weight dequantized,
+        peft's ``get_base_weight``): a fresh tensor for quantized bases, the parameter's data
+        otherwise."""
+        self._check_weight_access()
+        weight = self.get_base_layer().weight
+        # a quantized layer can still hold floats (bitsandbytes' has_fp16_weights=True, which
+        # quantizes on the fly): nothing to dequantize, and peft's backend would fail on it
+        if weight.is_floating_point() or not hasattr(BaseTunerLayer, "get_base_weight"):
+            return weight.data
+        return self.get_base_weight()
 
     def _write_base_weight(self, weight: torch.Tensor) -> None:
+        """Store ``weight`` (floats) as the base weight; quantized bases requantize it."""
+        self._check_weight_access()
         if hasattr(BaseTunerLayer, "set_base_weight"):
             self.set_base_weight(weight)
         else:

@@ -13,12 +13,19 @@ from qpeft.tuners.qpa.generator import (
     ACTIVATIONS,
     PROB_TRANSFORMS,
     REFERENCE_HIDDEN,
+    QPAGenerator,
     chunking,
     generator_num_params,
     target_size,
 )
 
 PRESETS = ("reference",)
+#: the paper's chunk size, kept by ``preset="reference"``
+REFERENCE_N_MLP = 2048
+#: the sizing rule's candidates (see :meth:`QPAConfig.resolve_sizes`): MLP hidden widths, from
+#: the paper's down to one narrow layer, and chunk sizes, largest first
+SIZING_HIDDEN: list[list[int]] = [list(REFERENCE_HIDDEN), [32, 32], [16, 16], [8]]
+SIZING_N_MLP: list[int] = [2048, 1024, 512, 256, 128, 64, 32, 16]
 
 
 @dataclass
@@ -38,14 +45,19 @@ class QPAConfig(PeftConfig):
         default=None, metadata={"help": "LoRA alpha; None -> 2*r (the paper's choice)"}
     )
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
-    n_mlp: int = field(default=2048, metadata={"help": "numbers generated per chunk (MLP output)"})
+    n_mlp: int | None = field(
+        default=None,
+        metadata={"help": "numbers generated per chunk (MLP output); None -> the sizing rule "
+                  "(at most half of LoRA r's count; 2048 for preset='reference')"},
+    )
     n_qubits: int | None = field(
         default=None, metadata={"help": "qubits N; None -> ceil(log2(ceil(m / n_mlp))), at least 1"}
     )
     depth: int = field(default=8, metadata={"help": "QNN depth L (RY layer + CNOT ladder)"})
-    mlp_hidden: list[int] = field(
-        default_factory=lambda: list(REFERENCE_HIDDEN),
-        metadata={"help": "hidden widths of the mapping MLP (N+1) -> ... -> n_mlp"},
+    mlp_hidden: list[int] | None = field(
+        default=None,
+        metadata={"help": "hidden widths of the mapping MLP (N+1) -> ... -> n_mlp; None -> the "
+                  "sizing rule (the paper's widths where they fit)"},
     )
     mlp_activation: str = field(default="gelu", metadata={"help": f"one of {ACTIVATIONS}"})
     prob_transform: str = field(default="centered", metadata={"help": f"one of {PROB_TRANSFORMS}"})
@@ -90,18 +102,22 @@ class QPAConfig(PeftConfig):
             if self.preset not in PRESETS:
                 raise ValueError(f"preset must be one of {PRESETS} or None, got {self.preset!r}")
             self.mlp_hidden = list(REFERENCE_HIDDEN)
+            if self.n_mlp is None:
+                self.n_mlp = REFERENCE_N_MLP
             self.mlp_activation = "none"
             self.prob_transform = "reference"
             self.center_output = True
             self.output_gain = False
         check_positive_int("r", self.r)
-        check_positive_int("n_mlp", self.n_mlp)
+        if self.n_mlp is not None:
+            check_positive_int("n_mlp", self.n_mlp)
         check_positive_int("depth", self.depth)
         if self.n_qubits is not None:
             check_positive_int("n_qubits", self.n_qubits)
-        self.mlp_hidden = [int(w) for w in self.mlp_hidden]
-        for k, width in enumerate(self.mlp_hidden):
-            check_positive_int(f"mlp_hidden[{k}]", width)
+        if self.mlp_hidden is not None:
+            self.mlp_hidden = [int(w) for w in self.mlp_hidden]
+            for k, width in enumerate(self.mlp_hidden):
+                check_positive_int(f"mlp_hidden[{k}]", width)
         check_choice("mlp_activation", self.mlp_activation, ACTIVATIONS)
         check_choice("prob_transform", self.prob_transform, PROB_TRANSFORMS)
         if not 0.0 <= float(self.lora_dropout) < 1.0:
@@ -124,6 +140,38 @@ class QPAConfig(PeftConfig):
         """``lora_alpha``, with the ``2 r`` default resolved."""
         return float(2 * self.r if self.lora_alpha is None else self.lora_alpha)
 
+    def lora_count(self, module_shapes: dict[str, tuple[int, int]]) -> int:
+        """Trainables of peft's LoRA at this ``r`` on layers of these ``(d_out, d_in)`` shapes
+        (no bias): ``m = r * sum(d_out + d_in)``, which is also how many numbers QPA generates."""
+        return target_size(list(module_shapes.values()), self.r) if module_shapes else 0
+
+    def resolve_sizes(self, shapes: list[tuple[int, int]]) -> tuple[int, list[int]]:
+        """``(n_mlp, mlp_hidden)`` of the generator for layers of these ``(d_out, d_in)``
+        shapes: the configured values, and for those left None the sizing rule.
+
+        Sizing rule: with ``m = r * sum(d_out + d_in)`` (LoRA r's count on the same layers),
+        take the first candidate, in the order of :data:`SIZING_HIDDEN` (outer) and
+        :data:`SIZING_N_MLP` (inner, largest first), whose generator trains at most ``m / 2``
+        numbers (and whose chunks fit ``n_qubits`` when that is set). Where none does (only
+        for a few hundred target numbers), the last candidate, the smallest. O(#candidates)."""
+        m = target_size(shapes, self.r)
+        hidden_options = [self.mlp_hidden] if self.mlp_hidden is not None else SIZING_HIDDEN
+        n_mlp_options = [self.n_mlp] if self.n_mlp is not None else SIZING_N_MLP
+        candidate = None
+        for hidden in hidden_options:
+            for n_mlp in n_mlp_options:
+                try:
+                    _, n_qubits = chunking(m, n_mlp, self.n_qubits)
+                except ValueError:
+                    continue
+                candidate = (int(n_mlp), [int(w) for w in hidden])
+                count = generator_num_params(n_qubits, self.depth, n_mlp, hidden, self.output_gain)
+                if 2 * count <= m:
+                    return candidate
+        if candidate is None:  # every candidate fails chunking: let it raise its message
+            chunking(m, n_mlp_options[-1], self.n_qubits)
+        return candidate
+
     def count_module(self, out_features: int, in_features: int) -> int:
         """Per-layer trainables: 0 (everything lives in the one shared generator)."""
         return 0
@@ -133,8 +181,27 @@ class QPAConfig(PeftConfig):
         ``N*L + MLP(N+1 -> hidden -> n_mlp) + gain`` with N from the chunking. O(#layers)."""
         if not module_shapes:
             return 0
-        m = target_size(list(module_shapes.values()), self.r)
-        _, n_qubits = chunking(m, self.n_mlp, self.n_qubits)
-        return generator_num_params(
-            n_qubits, self.depth, self.n_mlp, self.mlp_hidden, self.output_gain
-        )
+        shapes = list(module_shapes.values())
+        m = target_size(shapes, self.r)
+        n_mlp, hidden = self.resolve_sizes(shapes)
+        _, n_qubits = chunking(m, n_mlp, self.n_qubits)
+        return generator_num_params(n_qubits, self.depth, n_mlp, hidden, self.output_gain)
+
+
+def build_generator(config: QPAConfig, shapes: list[tuple[int, int]]) -> QPAGenerator:
+    """The generator ``config`` describes for layers of these ``(d_out, d_in)`` shapes (sizes
+    left None in the config resolved by its sizing rule, :meth:`QPAConfig.resolve_sizes`)."""
+    n_mlp, hidden = config.resolve_sizes(shapes)
+    return QPAGenerator(
+        shapes,
+        r=config.r,
+        n_mlp=n_mlp,
+        depth=config.depth,
+        n_qubits=config.n_qubits,
+        hidden=hidden,
+        activation=config.mlp_activation,
+        prob_transform=config.prob_transform,
+        center_output=config.center_output,
+        output_gain=config.output_gain,
+        init_seed=config.init_seed,
+    )

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from qpeft.tuners.qpa.config import QPAConfig, build_generator
 from qpeft.tuners.qpa.generator import QPAGenerator
 
 __all__ = ["add_export_lora_parser", "export_lora", "lora_tensors", "main_export_lora"]
@@ -79,9 +80,6 @@ def _read_qpa_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, torc
 
 
 def _generator_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Tensor]):
-    from qpeft.tuners.qpa.config import QPAConfig
-    from qpeft.tuners.qpa.model import build_generator
-
     known = set(QPAConfig.__dataclass_fields__)
     qpa_config = QPAConfig(**{k: v for k, v in config.items() if k in known and k != "peft_type"})
     shapes = [(int(o), int(i)) for _, _, o, i, _ in qpa_config.layout]

@@ -61,22 +61,24 @@ class QPALayer(nn.Module, WeightMergeLayer):
                                lambda: generator.factors(index))
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``scaling * lora_B @ lora_A`` in the base weight's layout and dtype. O(d_out d_in r)."""
+        """``scaling * lora_B @ lora_A`` in the base weight's layout and dtype (a quantized
+        base's integer storage is no dtype for it: then the generator's). O(d_out d_in r)."""
         lora_b, lora_a = self._factors(adapter_name)
         delta = self.qpa_scaling[adapter_name] * (lora_b @ lora_a)
         weight = self.get_base_layer().weight
-        return matrix_to_weight(self.get_base_layer(), delta).to(weight.dtype)
+        dtype = weight.dtype if weight.is_floating_point() else delta.dtype
+        return matrix_to_weight(self.get_base_layer(), delta).to(dtype)
 
     def _owns_adapter(self, adapter_name: str) -> bool:
         return adapter_name in self._qpa_shared
 
     def _merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         """W + ΔW. O(d_out d_in r)."""
-        return weight + self.get_delta_weight(adapter_name)
+        return weight + self.get_delta_weight(adapter_name).to(weight.dtype)
 
     def _unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         """W − ΔW (float round-off only)."""
-        return weight - self.get_delta_weight(adapter_name)
+        return weight - self.get_delta_weight(adapter_name).to(weight.dtype)
 
     def _delta_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         lora_b, lora_a = self._factors(adapter_name)

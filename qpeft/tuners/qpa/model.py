@@ -11,26 +11,12 @@ from peft.utils.integrations import init_empty_weights
 from torch import nn
 
 from qpeft.tuners._common import QpeftTuner
-from qpeft.tuners.qpa.config import QPAConfig
+from qpeft.tuners.qpa.config import QPAConfig, build_generator
+from qpeft.tuners.qpa.export import lora_tensors
 from qpeft.tuners.qpa.generator import QPAGenerator
 from qpeft.tuners.qpa.layer import QPALayer
 
-
-def build_generator(config: QPAConfig, shapes: list[tuple[int, int]]) -> QPAGenerator:
-    """The generator ``config`` describes for layers of these ``(d_out, d_in)`` shapes."""
-    return QPAGenerator(
-        shapes,
-        r=config.r,
-        n_mlp=config.n_mlp,
-        depth=config.depth,
-        n_qubits=config.n_qubits,
-        hidden=config.mlp_hidden,
-        activation=config.mlp_activation,
-        prob_transform=config.prob_transform,
-        center_output=config.center_output,
-        output_gain=config.output_gain,
-        init_seed=config.init_seed,
-    )
+__all__ = ["QPAModel", "build_generator"]  # build_generator lives in config.py (no import cycle)
 
 
 class QPAModel(QpeftTuner):
@@ -79,9 +65,13 @@ class QPAModel(QpeftTuner):
         layout = []
         for name, module in layers:
             base = module.get_base_layer()
-            layout.append(
-                [name, module.kind, module.out_features, module.in_features, list(base.weight.shape)]
+            # a quantized linear stores a packed weight: record the matrix shape it stands for
+            weight_shape = (
+                [module.out_features, module.in_features]
+                if module.kind == "linear"
+                else list(base.weight.shape)
             )
+            layout.append([name, module.kind, module.out_features, module.in_features, weight_shape])
         if config.layout is not None and [list(x) for x in config.layout] != layout:
             raise ValueError(
                 f"adapter {adapter_name!r} was saved for a different set of layers: its config "
@@ -90,6 +80,9 @@ class QPAModel(QpeftTuner):
             )
         config.layout = layout
         shapes = [(o, i) for _, _, o, i, _ in layout]
+        # the sizes the rule chose are written into the config: a saved adapter reloads the
+        # same generator even if the rule changes
+        config.n_mlp, config.mlp_hidden = config.resolve_sizes(shapes)
         weight = layers[0][1].get_base_layer().weight
         # the base's float dtype, as peft creates LoRA factors; _cast_adapter_dtype upcasts
         # half precision unless autocast_adapter_dtype=False
@@ -159,7 +152,5 @@ class QPAModel(QpeftTuner):
     def lora_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
         """The generated factors as a plain peft LoRA state dict (keys
         ``base_model.model.<layer>.lora_A.weight`` / ``.lora_B.weight``), detached, fp32."""
-        from qpeft.tuners.qpa.export import lora_tensors
-
         config: QPAConfig = self.peft_config[adapter_name]
         return lora_tensors(self.generator(adapter_name), config.layout)
