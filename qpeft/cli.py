@@ -23,6 +23,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MODEL_CHOICES = ("minilm", "smollm2", "efficientnet-lite0")
+MODEL_HELP = (f"one of: {', '.join(MODEL_CHOICES)}; or a local transformers folder "
+              "(config.json + weights), a .gguf file, or a hub id (needs HF_HUB_OFFLINE=0 and "
+              "a reachable hub, or the model in the local hub cache)")
 TASK_CHOICES = ("bbc-news", "tweets", "shakespeare", "fashion-mnist")
 
 # `qpeft demo`: MiniLM on BBC News, Quantum-PEFT vs LoRA and QuIC, a few minutes on 2 cores.
@@ -79,7 +82,8 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, dest=f"opt_{spec.name}", type=typ, default=None,
                            metavar=spec.metavar or spec.name.upper(), help=spec.help)
     group.add_argument("--target-modules", type=_csv_list, default=None, metavar="A,B",
-                       help="modules to adapt (default: the model's, e.g. query,value for MiniLM)")
+                       help="modules to adapt (default: the bundled model's, else peft's default "
+                            "for the architecture, e.g. q_proj,v_proj for LLaMA, c_attn for GPT-2)")
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +114,8 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
                    help="subsample the evaluation set")
     d.add_argument("--eval-fraction", type=float, default=0.2,
                    help="held-out fraction when a split is made")
-    d.add_argument("--max-length", type=_positive_int, default=128, help="text: tokens per example")
+    d.add_argument("--max-length", type=_positive_int, default=128,
+                   help="text and instruction data: tokens per example (prompt + completion)")
     d.add_argument("--block-size", type=_positive_int, default=128, help="causal LM: tokens per block")
     d.add_argument("--max-blocks", type=_positive_int, default=None,
                    help="causal LM: at most this many training blocks")
@@ -120,6 +125,17 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
                    help="images: side in pixels (EfficientNet default 224)")
     d.add_argument("--eval-before", action="store_true",
                    help="also evaluate the untrained model (metric_before in results.json)")
+    d.add_argument("--packing", action="store_true",
+                   help="instruction data: pack examples into rows of --max-length tokens")
+    d.add_argument("--eval-generate", type=int, default=0, metavar="N",
+                   help="instruction data: exact match of greedy completions on N held-out "
+                        "prompts (exact_match in results.json)")
+    d.add_argument("--skip-bad-records", action="store_true",
+                   help="instruction data: skip bad records (counted in results.json) instead "
+                        "of stopping at the first one")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward (transformers models; "
+                        "non-reentrant): less memory, more compute")
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -147,7 +163,9 @@ def _spec_from_args(args: argparse.Namespace, method: str) -> Any:
         block_size=args.block_size, max_blocks=args.max_blocks,
         max_eval_blocks=args.max_eval_blocks, image_size=args.image_size,
         target_modules=args.target_modules, method_options=_method_options(args), train=train,
-        eval_before=args.eval_before, overwrite=getattr(args, "overwrite", False),
+        eval_before=args.eval_before, packing=args.packing, eval_generate=args.eval_generate,
+        skip_bad_records=args.skip_bad_records,
+        gradient_checkpointing=args.gradient_checkpointing, overwrite=getattr(args, "overwrite", False),
         resume=getattr(args, "resume", False))
 
 
@@ -161,16 +179,8 @@ def _add_finetune(sub: Any) -> None:
                     "OUTPUT_DIR/results.json and the adapter (peft format) in OUTPUT_DIR/adapter/.")
     p.add_argument("--method", required=True, metavar="METHOD",
                    help=f"one of: {', '.join(METHODS)}")
-    p.add_argument("--model", required=True, metavar="MODEL",
-                   help=f"one of: {', '.join(MODEL_CHOICES)}")
-    src = p.add_argument_group("data source (one of)")
-    src.add_argument("--task", default=None, metavar="TASK",
-                     help=f"one of: {', '.join(TASK_CHOICES)}")
-    src.add_argument("--train-file", default=None, help="your own .csv/.tsv/.jsonl table")
-    src.add_argument("--eval-file", default=None,
-                     help="evaluation table (default: a fixed, seeded, stratified split)")
-    src.add_argument("--text-column", default="text")
-    src.add_argument("--label-column", default="label")
+    p.add_argument("--model", required=True, metavar="MODEL", help=MODEL_HELP)
+    _add_data_source(p)
     p.add_argument("--output-dir", default="runs/finetune", help="where results and adapter go")
     p.add_argument("--overwrite", action="store_true", help="replace a run in --output-dir")
     p.add_argument("--resume", action="store_true",
@@ -178,6 +188,21 @@ def _add_finetune(sub: Any) -> None:
     add_train_options(p)
     add_method_options(p)
     p.set_defaults(func=_cmd_finetune)
+
+
+def _add_data_source(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("data source (one of)")
+    src.add_argument("--task", default=None, metavar="TASK",
+                     help=f"one of: {', '.join(TASK_CHOICES)}")
+    src.add_argument("--train-file", default=None,
+                     help="your own data: a .csv/.tsv/.jsonl classification table (text and "
+                          "label columns), or causal-LM .jsonl records with prompt/completion, "
+                          "messages (chat) or text fields")
+    src.add_argument("--eval-file", default=None,
+                     help="evaluation data in the same form (default: a fixed, seeded split "
+                          "of --train-file)")
+    src.add_argument("--text-column", default="text")
+    src.add_argument("--label-column", default="label")
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
@@ -190,9 +215,15 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if _is_main_process():
         value = results["metric_value"]
         shown = f"{100 * value:.2f}%" if results["metric"] == "accuracy" else f"{value:.3f}"
+        extra = ""
+        if results.get("exact_match") is not None:
+            extra += (f" | exact match {100 * results['exact_match']:.1f}% of "
+                      f"{results['eval_generate']}")
+        if results.get("skipped_records"):
+            extra += f" | skipped {results['skipped_records']} bad records"
         print(f"{results['method']} on {results['model']}/{results['task']}: "
-              f"{results['metric']} {shown} | {results['trainable_params']:,} trainable of "
-              f"{results['total_params']:,} | {results['steps']} steps in "
+              f"{results['metric']} {shown}{extra} | {results['trainable_params']:,} trainable "
+              f"of {results['total_params']:,} | {results['steps']} steps in "
               f"{results['train_seconds']:.1f} s | peak {results['peak_memory_mb']:.0f} MB")
         print(f"results: {Path(spec.output_dir) / 'results.json'}")
         print(f"adapter: {Path(spec.output_dir) / 'adapter'}")
@@ -208,10 +239,8 @@ def _add_compare(sub: Any) -> None:
         description="Run METHODS one after the other on MODEL/TASK with the same budget and "
                     "seeds; print a table (params, metric ± std, time, memory), write "
                     "OUTPUT_DIR/compare.json and OUTPUT_DIR/pareto.png.")
-    p.add_argument("--model", required=True, metavar="MODEL",
-                   help=f"one of: {', '.join(MODEL_CHOICES)}")
-    p.add_argument("--task", required=True, metavar="TASK",
-                   help=f"one of: {', '.join(TASK_CHOICES)}")
+    p.add_argument("--model", required=True, metavar="MODEL", help=MODEL_HELP)
+    _add_data_source(p)
     p.add_argument("--methods", required=True, type=_csv_list, metavar="A,B,C",
                    help=f"comma-separated, from: {', '.join(METHODS)}")
     p.add_argument("--seeds", type=_positive_int, default=1,
@@ -246,6 +275,8 @@ def _compare(args: argparse.Namespace, methods: Sequence[str], seeds: int) -> in
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    if args.task is None and args.train_file is None:
+        raise CLIError("give --task (one of: " + ", ".join(TASK_CHOICES) + ") or --train-file")
     return _compare(args, args.methods, args.seeds)
 
 
@@ -290,10 +321,13 @@ def _add_count(sub: Any) -> None:
     p.add_argument("--method", required=True, metavar="METHOD",
                    help=f"one of: {', '.join(METHODS)}")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", metavar="MODEL", help=f"one of: {', '.join(MODEL_CHOICES)}")
+    src.add_argument("--model", metavar="MODEL", help=MODEL_HELP + " (no weights are loaded "
+                     "for a folder or hub id: its config is built on the meta device)")
     src.add_argument("--config-file", help="a transformers config.json (model need not be installed)")
     p.add_argument("--num-labels", type=_positive_int, default=None,
-                   help="classifier size for classification models (MiniLM default 5)")
+                   help="classifier size: MiniLM default 5; for a folder / GGUF / hub model it "
+                        "counts a sequence-classification head of this size (default: the head "
+                        "its config names)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_method_options(p)
     p.set_defaults(func=_cmd_count)

@@ -130,6 +130,15 @@ def _load_minilm(num_labels: int, dtype: torch.dtype) -> LoadedModel:
     )
 
 
+def _drop_gguf_quantizer(model: nn.Module) -> None:
+    """The GGUF quantizer stays attached after dequantisation (the weights are plain fp32
+    ``nn.Linear`` by then) and blocks ``save_pretrained`` and peft; detach it."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def _cache_ok(folder: Path) -> bool:
     return (folder / _CACHE_MARKER).is_file() and (folder / "config.json").is_file()
 
@@ -152,11 +161,7 @@ def convert_smollm2(target: Path) -> Path:
                 str(src), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
             )
             tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF)
-        # The GGUF quantizer stays attached after dequantisation and blocks save_pretrained.
-        model.hf_quantizer = None
-        model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        _drop_gguf_quantizer(model)
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         marker = {

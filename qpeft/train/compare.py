@@ -28,6 +28,11 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, std
 
 
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.fmean(known) if known else None
+
+
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per method: params, metric mean ± std (sample std over seeds), time, memory."""
     rows = []
@@ -47,26 +52,38 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "peak_memory_mb": max(r["peak_memory_mb"] for r in rs),
             "seeds": [r["seed"] for r in rs],
             "lr": rs[0]["lr"],
+            "gradient_checkpointing": rs[0].get("gradient_checkpointing", False),
+            "exact_match": _mean_or_none([r.get("exact_match") for r in rs]),
             "values": [r["metric_value"] for r in rs],
         })
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Plain-text table of :func:`summarise` rows."""
+    """Plain-text table of :func:`summarise` rows. An ``exact match`` column appears when the
+    runs measured it (``--eval-generate``), a ``grad ckpt`` column when any run used gradient
+    checkpointing (its time and memory are not comparable with runs without)."""
     if not rows:
         return "(no runs)"
     metric = rows[0]["metric"]
     pct = metric == "accuracy"
-    header = ("method", "trainable", "(adapter)", f"{metric} (mean ± std)", "train s", "peak MB")
+    em = any(r.get("exact_match") is not None for r in rows)
+    ckpt = any(r.get("gradient_checkpointing") for r in rows)
+    header = ("method", "trainable", "(adapter)", f"{metric} (mean ± std)",
+              *(("exact match",) if em else ()), "train s", "peak MB",
+              *(("grad ckpt",) if ckpt else ()))
     body = []
     for r in rows:
         if pct:
             m = f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} %"
         else:
             m = f"{r['mean']:.3f} ± {r['std']:.3f}"
+        extra = ()
+        if em:
+            extra = ("-" if r.get("exact_match") is None else f"{100 * r['exact_match']:.1f} %",)
         body.append((r["method"], f"{r['trainable_params']:,}", f"{r['adapter_params']:,}", m,
-                     f"{r['train_seconds']:.1f}", f"{r['peak_memory_mb']:.0f}"))
+                     *extra, f"{r['train_seconds']:.1f}", f"{r['peak_memory_mb']:.0f}",
+                     *(("yes" if r.get("gradient_checkpointing") else "no",) if ckpt else ())))
     table = [header, *body]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
@@ -176,13 +193,19 @@ def run_compare(base: FinetuneSpec, methods: Sequence[str], seeds: int, output_d
             f"{r['train_seconds']:.1f} s, peak {r['peak_memory_mb']:.0f} MB")
         runs.append({k: r[k] for k in (
             "method", "seed", "metric", "metric_value", "trainable_params", "adapter_params",
-            "total_params", "train_seconds", "peak_memory_mb", "steps", "method_options")}
+            "total_params", "train_seconds", "peak_memory_mb", "steps", "method_options",
+            "exact_match", "gradient_checkpointing", "skipped_records")}
                     | {"output_dir": spec.output_dir, "lr": spec.train.lr})
     rows = summarise(runs)
-    title = f"{base.model} on {base.task or 'table'}: {len(methods)} methods x {seeds} seed(s)"
+    from qpeft.train.finetune import model_source
+
+    data_name = base.task or Path(base.train_file or "table").name
+    title = (f"{model_source(base.model).label} on {data_name}: {len(methods)} methods x "
+             f"{seeds} seed(s)")
     plot = pareto_plot(rows, out / PLOT_NAME, title)
     result = {
-        "model": base.model, "task": base.task, "methods": list(methods), "seeds": seeds,
+        "model": base.model, "task": base.task, "train_file": base.train_file,
+        "gradient_checkpointing": base.gradient_checkpointing, "methods": list(methods), "seeds": seeds,
         "data_seed": specs[0].data_seed, "budget": dataclasses.asdict(base.train),
         "rows": rows, "runs": runs, "plot": str(plot), "command": command,
         "table": format_table(rows),

@@ -1,8 +1,9 @@
 """``qpeft count``: the trainable-parameter table of a method on a model, without training.
 
-The table comes from the wrapped model itself (``get_peft_model`` on the installed model, or on
-a transformers config instantiated on the meta device: no weights, no memory), grouped by the
-adapted module. For qpeft's own methods, ``qpeft.count_trainable`` (the closed-form counts next
+The table comes from the wrapped model itself (``get_peft_model`` on a bundled model, or on a
+transformers config instantiated on the meta device: no weights, no memory — for a
+``--config-file``, a local model folder, a ``.gguf`` file or a hub id), grouped by the adapted
+module. Default target modules of non-bundled models are peft's per-architecture LoRA defaults. For qpeft's own methods, ``qpeft.count_trainable`` (the closed-form counts next
 to each construction) is computed too and must agree; a disagreement is reported, not hidden.
 """
 
@@ -14,18 +15,16 @@ import torch
 
 from qpeft.train.methods import build_peft_config, check_method
 
-# model_type -> default target modules for config files of models that are not installed
-CONFIG_DEFAULT_TARGETS: dict[str, list[str]] = {
-    "bert": ["query", "value"], "roberta": ["query", "value"], "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
-    "gemma": ["q_proj", "v_proj"], "phi3": ["qkv_proj"], "t5": ["q", "v"],
-}
 
-
-def _auto_class(config: dict[str, Any]) -> tuple[Any, str | None]:
+def _auto_class(config: Any, num_labels: int | None = None) -> tuple[Any, str | None]:
+    """(Auto class, peft task type) for a config: sequence classification when ``num_labels``
+    is given, else the head its ``architectures`` name (none: the bare model)."""
     import transformers
 
-    archs = config.get("architectures") or []
+    if num_labels is not None:
+        return transformers.AutoModelForSequenceClassification, "SEQ_CLS"
+    archs = (config.get("architectures") if isinstance(config, dict)
+             else getattr(config, "architectures", None)) or []
     for arch in archs:
         if arch.endswith("ForCausalLM"):
             return transformers.AutoModelForCausalLM, "CAUSAL_LM"
@@ -80,21 +79,42 @@ def count_for_cli(method: str, *, model: str | None = None, config_file: str | N
     except ValueError as exc:
         raise RunError(str(exc)) from None
     modules_to_save = None
-    if config_file is not None:
+    source_kind = "bundled"
+    if model is not None:
+        from qpeft.train.finetune import model_source
+
+        source_kind = model_source(model).kind
+    if config_file is not None or source_kind != "bundled":
+        from qpeft.assets.sources import default_target_modules, read_source_config
+
         try:
-            raw = qpeft.counting.read_model_config(config_file)
+            if config_file is not None:
+                raw: Any = qpeft.counting.read_model_config(config_file)
+                model_type = raw["model_type"]
+                source = str(config_file)
+            else:
+                raw = read_source_config(model_source(model))
+                model_type = raw.model_type
+                source = model
         except ValueError as exc:
-            raise RunError(f"--config-file: {exc}") from None
-        auto, task_type = _auto_class(raw)
-        targets = target_modules or CONFIG_DEFAULT_TARGETS.get(raw["model_type"])
+            raise RunError(f"--config-file: {exc}" if config_file else str(exc)) from None
+        auto, task_type = _auto_class(raw, num_labels)
+        if num_labels is not None:
+            if isinstance(raw, dict):
+                raw = {**raw, "num_labels": num_labels}
+                raw.pop("id2label", None)
+                raw.pop("label2id", None)
+            else:
+                raw.num_labels = num_labels
+        targets = target_modules or default_target_modules(model_type)
         if not targets:
-            raise RunError(f"no default target modules for model_type {raw['model_type']!r}; "
-                           f"pass --target-modules")
+            raise RunError(f"peft has no default target modules for model_type "
+                           f"{model_type!r}; pass --target-modules")
         try:
             base = qpeft.counting.model_from_config(raw, auto)
         except (ValueError, KeyError) as exc:
-            raise RunError(f"--config-file {config_file!r}: {exc}") from None
-        source = str(config_file)
+            raise RunError(f"{source!r}: cannot build {auto.__name__} from its config: "
+                           f"{exc}") from None
     else:
         from accelerate.utils import set_seed
 

@@ -143,16 +143,17 @@ def loss_and_stats(kind: str, logits: torch.Tensor, labels: torch.Tensor
 
     classification: logits ``[B, C]``, labels ``[B]`` -> (mean CE, #correct, B).
     causal-lm: logits ``[B, T, V]``, labels ``[B, T]`` -> (mean next-token NLL, summed NLL,
-    B (T-1)). O(B T V).
+    number of predicted tokens). Labels ``-100`` (prompt tokens and padding of SFT data) are not
+    predicted: they count neither in the loss nor in the token count. O(B T V).
     """
     if kind == "causal-lm":
         shift_logits = logits[:, :-1].float()
         shift_labels = labels[:, 1:]
         nll = torch.nn.functional.cross_entropy(
             shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-            reduction="sum")
-        count = torch.tensor(float(shift_labels.numel()), device=logits.device)
-        return nll / count, nll.detach(), count
+            ignore_index=-100, reduction="sum")
+        count = (shift_labels != -100).sum().to(torch.float32)
+        return nll / count.clamp_min(1.0), nll.detach(), count
     loss = torch.nn.functional.cross_entropy(logits.float(), labels)
     correct = (logits.argmax(dim=-1) == labels).sum().float()
     return loss, correct, torch.tensor(float(labels.numel()), device=logits.device)

@@ -10,6 +10,12 @@ input leaves the output folder as it was. The output folder then holds
 - ``results.json``: the measurements (written last, atomically).
 
 Only rank 0 writes under a multi-process launcher.
+
+``spec.model`` is a bundled name, a local transformers folder, a ``.gguf`` file or a hub id
+(:mod:`qpeft.assets.sources`); the model's head follows the data (sequence classification for
+labelled text, causal LM for text / instruction data). Instruction data (JSONL with
+``prompt``/``completion``, ``messages`` or ``text``) trains with the loss on completion tokens
+only (:mod:`qpeft.train.sft`).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from typing import Any
 
 import torch
 
-from qpeft.train import _testing
+from qpeft.assets.sft import SFTRecord, jsonl_kind, load_sft
+from qpeft.assets.sources import ModelSource, read_source_config, resolve_model_source
 from qpeft.train.data import CausalLMData, ImageData, PreparedData, TextClassificationData
 from qpeft.train.loop import CHECKPOINT_NAME, TrainConfig, TrainResult, evaluate, train
 from qpeft.train.methods import build_peft_config, check_method, config_class, resolve_options
@@ -38,6 +45,7 @@ from qpeft.train.results import (
     read_json,
     reset_peak_memory,
 )
+from qpeft.train.sft import SFTData, exact_match
 
 MODEL_KINDS: dict[str, str] = {"minilm": "text-classification", "smollm2": "causal-lm",
                                "efficientnet-lite0": "image-classification"}
@@ -79,6 +87,10 @@ class FinetuneSpec:
     method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval_before: bool = False
+    packing: bool = False
+    eval_generate: int = 0
+    skip_bad_records: bool = False
+    gradient_checkpointing: bool = False
     overwrite: bool = False
     resume: bool = False
 
@@ -93,6 +105,10 @@ class FinetuneSpec:
         for key in ("train_file", "eval_file"):
             if d[key] is not None:
                 d[key] = str(Path(d[key]).resolve())
+        try:
+            d["model"] = resolve_model_source(self.model).location
+        except ValueError:
+            pass
         d["method_options"] = resolve_options(self.method, self.method_options)
         return d
 
@@ -100,25 +116,59 @@ class FinetuneSpec:
 # ----------------------------------------------------------------------------- validation
 
 
-def _kind_of(what: str, name: str, known: dict[str, str], tiny: dict[str, str]) -> str:
-    kinds = {**known, **tiny} if _testing.enabled() else dict(known)
-    if name not in kinds:
+def _kind_of(what: str, name: str, known: dict[str, str]) -> str:
+    if name not in known:
         raise RunError(f"unknown {what} {name!r}; valid {what}s: {', '.join(known)}")
-    return kinds[name]
+    return known[name]
 
 
-def model_kind(name: str) -> str:
-    """Task kind a model name serves; RunError listing the valid names otherwise."""
-    return _kind_of("model", name, dict(MODEL_KINDS), _testing.TINY_MODELS)
+def model_source(name: str) -> ModelSource:
+    """Where ``--model`` points (bundled name, folder, GGUF file, hub id); RunError if nowhere."""
+    try:
+        return resolve_model_source(name)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+
+
+def model_kind(name: str) -> str | None:
+    """Task kind a bundled model serves; None for a folder / GGUF / hub model (its head follows
+    the data). RunError for a path that does not exist."""
+    source = model_source(name)
+    return MODEL_KINDS[name] if source.kind == "bundled" else None
 
 
 def task_kind(name: str) -> str:
     """Kind of a task name; RunError listing the valid names otherwise."""
-    return _kind_of("task", name, dict(TASK_KINDS), _testing.TINY_TASKS)
+    return _kind_of("task", name, dict(TASK_KINDS))
+
+
+def data_kind(spec: FinetuneSpec) -> str:
+    """Kind of ``spec``'s data: the task's, or of the ``--train-file`` (a JSONL file without the
+    label column is causal-LM data; CSV/TSV and labelled JSONL are classification tables)."""
+    if spec.train_file is None:
+        return task_kind(spec.task)
+    try:
+        return jsonl_kind(spec.train_file, spec.label_column)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+
+
+def _check_model_readable(source: ModelSource) -> None:
+    """Read a folder's config.json, or a hub id's config (fails fast offline)."""
+    try:
+        if source.kind == "folder":
+            import qpeft.counting
+
+            qpeft.counting.read_model_config(source.location)
+        elif source.kind == "hub":
+            read_source_config(source)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
 
 
 def validate_spec(spec: FinetuneSpec) -> str:
-    """Check names, compatibility and options without loading anything; returns the kind."""
+    """Check names, compatibility and options before anything heavy is loaded (a folder's
+    config.json and a JSONL file's fields are read); returns the data kind."""
     try:
         check_method(spec.method)
         config_class(spec.method)
@@ -126,21 +176,36 @@ def validate_spec(spec: FinetuneSpec) -> str:
         spec.train.validate()
     except ValueError as exc:
         raise RunError(str(exc)) from None
-    mkind = model_kind(spec.model)
+    source = model_source(spec.model)
+    mkind = MODEL_KINDS[spec.model] if source.kind == "bundled" else None
     if (spec.task is None) == (spec.train_file is None):
         raise RunError("give exactly one of --task or --train-file")
     if spec.train_file is not None:
-        tkind = "text-classification"
         if spec.eval_file is not None and not Path(spec.eval_file).is_file():
             raise RunError(f"--eval-file {spec.eval_file!r} does not exist")
         if not Path(spec.train_file).is_file():
             raise RunError(f"--train-file {spec.train_file!r} does not exist")
-    else:
-        tkind = task_kind(spec.task)
-    if mkind != tkind:
+    tkind = data_kind(spec)
+    if mkind is not None and mkind != tkind:
         fits = [m for m, k in MODEL_KINDS.items() if k == tkind]
         raise RunError(f"model {spec.model!r} ({mkind}) cannot run task "
-                       f"{spec.task or spec.train_file!r} ({tkind}); use --model {' or '.join(fits)}")
+                       f"{spec.task or spec.train_file!r} ({tkind}); use --model "
+                       f"{' or '.join(fits)}" + ("" if tkind == "image-classification"
+                                                 else ", or a model folder"))
+    if mkind is None and tkind == "image-classification":
+        raise RunError(f"a model given by path or hub id ({spec.model!r}) runs text data only; "
+                       "for images use --model efficientnet-lite0")
+    sft = spec.train_file is not None and tkind == "causal-lm"
+    for flag, on in (("--packing", spec.packing), ("--eval-generate", spec.eval_generate),
+                     ("--skip-bad-records", spec.skip_bad_records)):
+        if on and not sft:
+            raise RunError(f"{flag} applies to causal-LM JSONL data (--train-file with "
+                           "prompt/completion, messages or text records)")
+    if spec.eval_generate < 0:
+        raise RunError(f"--eval-generate must be >= 0, got {spec.eval_generate}")
+    if spec.gradient_checkpointing and spec.model == "efficientnet-lite0":
+        raise RunError("--gradient-checkpointing needs a transformers model; "
+                       "efficientnet-lite0 does not support it")
     if not 0.0 < spec.eval_fraction < 1.0:
         raise RunError(f"--eval-fraction must be in (0, 1), got {spec.eval_fraction}")
     for name in ("max_train", "max_eval", "max_blocks", "max_eval_blocks", "image_size"):
@@ -150,7 +215,8 @@ def validate_spec(spec: FinetuneSpec) -> str:
     for name in ("max_length", "block_size"):
         if getattr(spec, name) < 2:
             raise RunError(f"--{name.replace('_', '-')} must be >= 2, got {getattr(spec, name)}")
-    return mkind
+    _check_model_readable(source)
+    return tkind
 
 
 def check_output_dir(spec: FinetuneSpec) -> str:
@@ -195,34 +261,44 @@ def check_output_dir(spec: FinetuneSpec) -> str:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_model(name: str, num_labels: int | None) -> Any:
-    """A LoadedModel from :mod:`qpeft.assets` (or the tiny test models)."""
-    if _testing.enabled() and name in _testing.TINY_MODELS:
-        return _testing.load_model(name, num_labels=num_labels)
+def load_model(name: str, num_labels: int | None, kind: str | None = None) -> Any:
+    """A LoadedModel: a bundled one (:func:`qpeft.assets.load_model`), or a folder / GGUF file /
+    hub id loaded with the head ``kind`` of data needs (:mod:`qpeft.assets.sources`)."""
     from qpeft import assets
+    from qpeft.assets.sources import load_model_source
 
-    kwargs = {"num_labels": num_labels} if num_labels is not None else {}
-    return assets.load_model(name, **kwargs)
+    source = resolve_model_source(name)
+    if source.kind == "bundled":
+        kwargs = {"num_labels": num_labels} if num_labels is not None else {}
+        return assets.load_model(name, **kwargs)
+    if kind is None:
+        raise ValueError(f"model {name!r}: the data kind is needed to choose its head")
+    return load_model_source(source, kind=kind, num_labels=num_labels)
 
 
 def load_data(spec: FinetuneSpec) -> Any:
-    """The TaskData of ``spec`` (a named task, or a user's CSV/JSONL table).
+    """The TaskData of ``spec`` (a named task, a user's CSV/JSONL table, or causal-LM JSONL).
 
     The split is seeded by ``spec.data_seed`` (default: ``spec.seed``)."""
     seed = spec.seed if spec.data_seed is None else spec.data_seed
-    if spec.train_file is not None:
-        from qpeft import assets
+    from qpeft import assets
 
+    if spec.train_file is not None:
+        if jsonl_kind(spec.train_file, spec.label_column) == "causal-lm":
+            return load_sft(spec.train_file, eval_file=spec.eval_file, seed=seed,
+                            eval_fraction=spec.eval_fraction,
+                            skip_bad_records=spec.skip_bad_records,
+                            max_train=spec.max_train, max_eval=spec.max_eval)
         return assets.load_table(spec.train_file, text_column=spec.text_column,
                                  label_column=spec.label_column, eval_file=spec.eval_file,
                                  seed=seed, eval_fraction=spec.eval_fraction)
-    if _testing.enabled() and spec.task in _testing.TINY_TASKS:
-        return _testing.load_task(spec.task, seed=seed, max_train=spec.max_train,
-                                  max_eval=spec.max_eval)
-    from qpeft import assets
-
     return assets.load_task(spec.task, seed=seed, eval_fraction=spec.eval_fraction,
                             max_train=spec.max_train, max_eval=spec.max_eval)
+
+
+def is_sft(task: Any) -> bool:
+    """True when ``task`` holds SFT records (causal-LM JSONL) rather than text chunks."""
+    return task.kind == "causal-lm" and bool(task.train) and isinstance(task.train[0], SFTRecord)
 
 
 def _split_images(part: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,6 +317,11 @@ def prepare_data(spec: FinetuneSpec, loaded: Any, task: Any) -> tuple[PreparedDa
     if task.kind == "text-classification":
         return (TextClassificationData(task.train, loaded.tokenizer, spec.max_length),
                 TextClassificationData(task.eval, loaded.tokenizer, spec.max_length))
+    if is_sft(task):
+        return (SFTData(task.train, loaded.tokenizer, spec.max_length, packing=spec.packing,
+                        skip_bad_records=spec.skip_bad_records),
+                SFTData(task.eval, loaded.tokenizer, spec.max_length,
+                        skip_bad_records=spec.skip_bad_records))
     if task.kind == "causal-lm":
         train = lm_blocks(loaded.tokenizer, task.train, spec.block_size, spec.max_blocks)
         evald = lm_blocks(loaded.tokenizer, task.eval, spec.block_size, spec.max_eval_blocks)
@@ -261,6 +342,11 @@ def wrap_model(spec: FinetuneSpec, loaded: Any) -> tuple[Any, Any]:
     import qpeft  # noqa: F401  (registers our methods with peft)
 
     targets = spec.target_modules or loaded.default_target_modules
+    if not targets:
+        model_type = getattr(getattr(loaded.model, "config", None), "model_type", "?")
+        raise RunError(f"peft has no default target modules for {spec.model!r} (model_type "
+                       f"{model_type!r}); pass --target-modules, e.g. --target-modules "
+                       "q_proj,v_proj")
     try:
         config = build_peft_config(spec.method, targets, loaded.modules_to_save,
                                    task_type=PEFT_TASK_TYPES[loaded.kind],
@@ -272,6 +358,21 @@ def wrap_model(spec: FinetuneSpec, loaded: Any) -> tuple[Any, Any]:
 
 
 # ----------------------------------------------------------------------------- the run
+
+
+def enable_gradient_checkpointing(model: Any, name: str) -> None:
+    """Turn on the transformers model's non-reentrant activation checkpointing (recompute each
+    layer's activations in the backward: less memory, about one more forward of compute).
+
+    Non-reentrant checkpointing passes gradients to the adapter's parameters inside a layer even
+    when the layer's inputs do not require grad, so peft's ``enable_input_require_grads`` hook
+    (needed with reentrant checkpointing and frozen embeddings) is not needed here.
+    RunError when the model has no such support."""
+    if not (getattr(model, "supports_gradient_checkpointing", False)
+            and hasattr(model, "gradient_checkpointing_enable")):
+        raise RunError(f"--gradient-checkpointing: model {name!r} does not support gradient "
+                       "checkpointing (it needs a transformers model that does)")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _clear_owned(out: Path) -> None:
@@ -308,7 +409,7 @@ def run_finetune(spec: FinetuneSpec, *, command: list[str] | None = None,
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    validate_spec(spec)
+    kind = validate_spec(spec)
     mode = check_output_dir(spec)
     out = Path(spec.output_dir)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -320,12 +421,17 @@ def run_finetune(spec: FinetuneSpec, *, command: list[str] | None = None,
         raise RunError(str(exc)) from None
     set_seed(spec.seed)
     try:
-        loaded = load_model(spec.model, task.num_labels)
+        loaded = load_model(spec.model, task.num_labels, kind)
     except ValueError as exc:
         raise RunError(str(exc)) from None
+    if spec.gradient_checkpointing:
+        enable_gradient_checkpointing(loaded.model, spec.model)
     model, config = wrap_model(spec, loaded)
     try:
         train_data, eval_data = prepare_data(spec, loaded, task)
+        if spec.eval_generate and not eval_data.generation_examples(1):
+            raise ValueError("--eval-generate needs held-out prompt/completion or messages "
+                             "records; the evaluation data are plain text")
         if len(train_data) < spec.train.batch_size:
             raise ValueError(f"the training set has {len(train_data)} examples, fewer than "
                              f"--batch-size {spec.train.batch_size}")
@@ -354,15 +460,23 @@ def run_finetune(spec: FinetuneSpec, *, command: list[str] | None = None,
                                 checkpoint_dir=out, resume=mode == "resume",
                                 fingerprint=fingerprint, on_step=on_step)
     unwrapped = accelerator.unwrap_model(model)
-    _testing.dump_rank_state(unwrapped, accelerator.process_index)
+    generation = None
+    if spec.eval_generate:
+        generation = exact_match(unwrapped, loaded.tokenizer,
+                                 eval_data.generation_examples(spec.eval_generate),
+                                 device=accelerator.device)
     trainable, total = count_parameters(unwrapped)
     head = 0
     for name, p in unwrapped.named_parameters():
         if p.requires_grad and "modules_to_save" in name:
             head += p.numel()
+    skipped = list(getattr(task, "split", {}).get("skipped", []))
+    for part in (train_data, eval_data):
+        skipped += getattr(part, "skipped", [])
     results = {
         "method": spec.method,
         "model": spec.model,
+        "model_source": dataclasses.asdict(model_source(spec.model)),
         "task": spec.task or "table",
         "train_file": spec.train_file,
         "seed": spec.seed,
@@ -375,6 +489,14 @@ def run_finetune(spec: FinetuneSpec, *, command: list[str] | None = None,
         result.metric_name: result.metric,
         "metric_before": metric_before,
         "eval_loss": result.eval_loss,
+        "exact_match": None if generation is None else generation["exact_match"],
+        "eval_generate": 0 if generation is None else generation["count"],
+        "generations": None if generation is None else generation["generations"],
+        "gradient_checkpointing": spec.gradient_checkpointing,
+        "skipped_records": len(skipped),
+        "skipped": skipped,
+        "truncated_completions": getattr(train_data, "truncated", 0)
+        + getattr(eval_data, "truncated", 0),
         "final_train_loss": result.losses[-1] if result.losses else None,
         "train_seconds": result.train_seconds,
         "load_seconds": load_seconds,
@@ -393,7 +515,7 @@ def run_finetune(spec: FinetuneSpec, *, command: list[str] | None = None,
         "train_config": dataclasses.asdict(spec.train),
         "data_config": {k: getattr(spec, k) for k in (
             "max_length", "block_size", "max_blocks", "max_eval_blocks", "image_size",
-            "max_train", "max_eval", "eval_fraction")},
+            "max_train", "max_eval", "eval_fraction", "packing", "skip_bad_records")},
         "num_processes": accelerator.num_processes,
         "device": str(accelerator.device),
         "torch_threads": torch.get_num_threads(),
