@@ -126,11 +126,11 @@ def _hub_guard(source: ModelSource, load: Any) -> Any:
         if source.kind == "hub":
             if hub_offline():
                 raise AssetError(
-                    f"--model {source.location!r} is not a bundled model "
-                    f"({', '.join(MODEL_NAMES)}), a local folder or a .gguf file, so it was "
-                    "taken as a hub id, but the Hugging Face hub is offline (HF_HUB_OFFLINE=1) "
-                    "and the model is not in the local hub cache; set HF_HUB_OFFLINE=0 where "
-                    "the hub is reachable, or pass a local folder"
+                    f"unknown model {source.location!r}: not a bundled model "
+                    f"({', '.join(MODEL_NAMES)}), a local folder or a .gguf file, and as a hub "
+                    "id it cannot be fetched: the Hugging Face hub is offline "
+                    "(HF_HUB_OFFLINE=1) and the model is not in the local hub cache; set "
+                    "HF_HUB_OFFLINE=0 where the hub is reachable, or pass a local folder"
                 ) from None
             raise AssetError(
                 f"--model {source.location!r}: could not load it from the Hugging Face hub: "

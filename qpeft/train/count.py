@@ -115,6 +115,11 @@ def count_for_cli(method: str, *, model: str | None = None, config_file: str | N
         except (ValueError, KeyError) as exc:
             raise RunError(f"{source!r}: cannot build {auto.__name__} from its config: "
                            f"{exc}") from None
+        if task_type == "SEQ_CLS":  # the fresh head trains in full, as in finetune
+            from qpeft.assets.sources import HEAD_NAMES
+
+            names = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
+            modules_to_save = [h for h in HEAD_NAMES if h in names] or None
     else:
         from accelerate.utils import set_seed
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import TINY_TEXT, read_json
+from tests.cli.conftest import read_json
 
 RESULT_KEYS = {"method", "model", "task", "seed", "trainable_params", "total_params", "metric",
                "metric_value", "train_seconds", "peak_memory_mb", "steps", "versions", "command",
@@ -21,14 +21,15 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
             if p.is_file()}
 
 
-@pytest.mark.parametrize("model,task,metric", [("tiny-bert", "tiny-text", "accuracy"),
-                                               ("tiny-llama", "tiny-lm", "perplexity"),
-                                               ("tiny-cnn", "tiny-images", "accuracy")])
-def test_finetune_writes_results_and_a_loadable_adapter(cli, tmp_path, model, task, metric):
+@pytest.mark.parametrize("model,data,metric", [("bert", "table", "accuracy"),
+                                               ("llama", "sft", "perplexity"),
+                                               ("llama", "text", "perplexity")])
+def test_finetune_writes_results_and_a_loadable_adapter(cli, tmp_path, assets, model, data,
+                                                        metric):
     out = tmp_path / "run"
-    status, stdout, _ = cli("finetune", "--method", "lora", "--model", model, "--task", task,
-                            "--max-steps", "2", "--batch-size", "4", "--block-size", "16",
-                            "--no-progress", "--output-dir", str(out))
+    status, stdout, _ = cli("finetune", "--method", "lora", "--model", assets[model],
+                            "--train-file", assets[data], "--max-steps", "2", "--batch-size",
+                            "4", "--max-length", "32", "--no-progress", "--output-dir", out)
     assert status == 0, stdout
     res = read_json(out / "results.json")
     assert RESULT_KEYS <= res.keys()
@@ -38,34 +39,41 @@ def test_finetune_writes_results_and_a_loadable_adapter(cli, tmp_path, model, ta
     assert 0 < res["trainable_params"] < res["total_params"]
     assert res["versions"]["torch"] and res["versions"]["peft"]
     assert res["peak_memory_mb"] > 0
+    assert res["model_source"] == {"kind": "folder", "location": str(assets[model].resolve())}
+    # peft's per-architecture defaults
+    assert res["target_modules"] == (["query", "value"] if model == "bert"
+                                     else ["q_proj", "v_proj"])
     assert (out / "adapter" / "adapter_config.json").exists()
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert metric in stdout
-    # the adapter reloads through peft and reproduces the trainable tensors
+    # the adapter reloads through peft onto the same folder and holds the trainable tensors
     import peft
+    import transformers
     from safetensors.torch import load_file
 
-    from qpeft.train import _testing
-
-    base = _testing.load_model(model, num_labels={"tiny-text": 3, "tiny-images": 4}.get(task))
-    reloaded = peft.PeftModel.from_pretrained(base.model, str(out / "adapter"))
+    if model == "bert":
+        base = transformers.AutoModelForSequenceClassification.from_pretrained(
+            assets[model], num_labels=3)
+    else:
+        base = transformers.AutoModelForCausalLM.from_pretrained(assets[model])
+    reloaded = peft.PeftModel.from_pretrained(base, str(out / "adapter"))
     saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     n_loaded = sum(p.numel() for n, p in reloaded.named_parameters()
                    if "lora_" in n or "modules_to_save" in n)
     assert n_loaded == res["trainable_params"] == sum(t.numel() for t in saved.values())
 
 
-def test_same_seed_same_result_and_no_run_dir_clash(cli, tmp_path):
-    args = ["finetune", "--method", "lora", *TINY_TEXT, "--max-steps", "3"]
+def test_same_seed_same_result_and_no_run_dir_clash(cli, tmp_path, tiny_text):
+    args = ["finetune", "--method", "lora", *tiny_text, "--max-steps", "3"]
     assert cli(*args, "--output-dir", str(tmp_path / "a"))[0] == 0
     assert cli(*args, "--output-dir", str(tmp_path / "b"))[0] == 0
     a, b = read_json(tmp_path / "a/results.json"), read_json(tmp_path / "b/results.json")
     assert a["losses"] == b["losses"] and a["metric_value"] == b["metric_value"]
 
 
-def test_existing_run_is_refused_then_overwritten_or_resumed(cli, tmp_path):
+def test_existing_run_is_refused_then_overwritten_or_resumed(cli, tmp_path, tiny_text):
     out = tmp_path / "run"
-    args = ["finetune", "--method", "lora", *TINY_TEXT, "--max-steps", "4",
+    args = ["finetune", "--method", "lora", *tiny_text, "--max-steps", "4",
             "--checkpoint-every", "2", "--output-dir", str(out)]
     assert cli(*args)[0] == 0
     before = _snapshot(out)
@@ -85,10 +93,10 @@ def test_existing_run_is_refused_then_overwritten_or_resumed(cli, tmp_path):
     assert read_json(out / "results.json")["steps"] == 5
 
 
-def test_cli_resume_after_interruption_matches_uninterrupted(cli, tmp_path, monkeypatch):
+def test_cli_resume_after_interruption_matches_uninterrupted(cli, tmp_path, tiny_text, monkeypatch):
     import qpeft.train.finetune as ft
 
-    args = ["finetune", "--method", "lora", *TINY_TEXT, "--max-steps", "5",
+    args = ["finetune", "--method", "lora", *tiny_text, "--max-steps", "5",
             "--checkpoint-every", "2"]
     assert cli(*args, "--output-dir", str(tmp_path / "full"))[0] == 0
     real = ft.train
@@ -117,20 +125,32 @@ def test_cli_resume_after_interruption_matches_uninterrupted(cli, tmp_path, monk
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--method", "lorax", *TINY_TEXT], "unknown method 'lorax'; valid methods: quantum-peft"),
-    (["--method", "lora", "--model", "gpt9", "--task", "tiny-text"], "unknown model 'gpt9'"),
-    (["--method", "lora", "--model", "tiny-bert", "--task", "imdb"], "unknown task 'imdb'"),
-    (["--method", "lora", "--model", "minilm", "--task", "shakespeare"],
-     "model 'minilm' (text-classification) cannot run task 'shakespeare' (causal-lm)"),
-    (["--method", "lora", *TINY_TEXT, "--depth", "3"], "--depth does not apply to method 'lora'"),
-    (["--method", "lora", "--model", "tiny-bert"], "give --task"),
-    (["--method", "lora", *TINY_TEXT, "--batch-size", "512"], "fewer than --batch-size 512"),
-    (["--method", "oft", *TINY_TEXT, "--rank", "3", "--oft-block-size", "8"],
+    (["--method", "lorax"], "unknown method 'lorax'; valid methods: quantum-peft"),
+    (["--method", "lora", "--depth", "3"], "--depth does not apply to method 'lora'"),
+    (["--method", "lora", "--batch-size", "512"], "fewer than --batch-size 512"),
+    (["--method", "oft", "--rank", "3", "--oft-block-size", "8"],
      "invalid options for method 'oft'"),
+    (["--method", "lora", "--packing"], "--packing applies to causal-LM JSONL data"),
+    (["--method", "lora", "--eval-generate", "2"], "--eval-generate applies to causal-LM"),
 ])
-def test_bad_input_exits_2_and_writes_nothing(cli, tmp_path, argv, message):
+def test_bad_input_exits_2_and_writes_nothing(cli, tmp_path, tiny_text, argv, message):
     out = tmp_path / "out"
-    status, stdout, err = cli("finetune", *argv, "--output-dir", str(out))
+    status, stdout, err = cli("finetune", *tiny_text, *argv, "--output-dir", str(out))
+    assert status == 2
+    assert message in err and err.startswith("qpeft: error: ") and err.count("\n") == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "gpt9", "--task", "bbc-news"], "unknown model 'gpt9'"),
+    (["--model", "minilm", "--task", "imdb"], "unknown task 'imdb'"),
+    (["--model", "minilm"], "give --task"),
+    (["--model", "minilm", "--task", "shakespeare"],
+     "model 'minilm' (text-classification) cannot run task 'shakespeare' (causal-lm)"),
+])
+def test_bad_names_exit_2_and_write_nothing(cli, tmp_path, argv, message):
+    out = tmp_path / "out"
+    status, stdout, err = cli("finetune", "--method", "lora", *argv, "--output-dir", str(out))
     assert status == 2
     assert message in err and err.startswith("qpeft: error: ") and err.count("\n") == 1
     assert not out.exists()
@@ -146,21 +166,21 @@ def _table(path: Path, rows: list[tuple[str, str]], header=("text", "label")) ->
     ([], ("text", "label"), "empty"),
     ([("w1 w2", "a"), ("w3 w4", "a"), ("w5", "a")], ("text", "label"), "class"),
 ])
-def test_bad_tables_exit_2(cli, tmp_path, rows, header, message):
+def test_bad_tables_exit_2(cli, tmp_path, assets, rows, header, message):
     table = _table(tmp_path / "t.csv", rows, header)
     out = tmp_path / "out"
-    status, _, err = cli("finetune", "--method", "lora", "--model", "tiny-bert", "--train-file",
+    status, _, err = cli("finetune", "--method", "lora", "--model", assets["bert"], "--train-file",
                          str(table), "--output-dir", str(out), "--no-progress")
     assert status == 2 and message in err, err
     assert not out.exists()
 
 
-def test_user_table_trains(cli, tmp_path):
+def test_user_table_trains(cli, tmp_path, assets):
     rows = [(" ".join(f"w{(i * 7 + j) % 10 + 10 * (i % 2)}" for j in range(5)), "ab"[i % 2])
             for i in range(40)]
     table = _table(tmp_path / "t.csv", rows)
     out = tmp_path / "out"
-    status, stdout, err = cli("finetune", "--method", "lora", "--model", "tiny-bert",
+    status, stdout, err = cli("finetune", "--method", "lora", "--model", assets["bert"],
                               "--train-file", str(table), "--max-steps", "2", "--batch-size",
                               "8", "--output-dir", str(out), "--no-progress")
     assert status == 0, err
@@ -169,27 +189,28 @@ def test_user_table_trains(cli, tmp_path):
     assert res["train_size"] + res["eval_size"] == 40
 
 
-def test_missing_train_file_and_unwritable_output(cli, tmp_path, monkeypatch):
-    status, _, err = cli("finetune", "--method", "lora", "--model", "tiny-bert", "--train-file",
+def test_missing_train_file_and_unwritable_output(cli, tmp_path, tiny_text, monkeypatch):
+    status, _, err = cli("finetune", "--method", "lora", "--model", tiny_text[1], "--train-file",
                          str(tmp_path / "nope.csv"), "--output-dir", str(tmp_path / "o"))
     assert status == 2 and "does not exist" in err
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    status, _, err = cli("finetune", "--method", "lora", *TINY_TEXT,
+    status, _, err = cli("finetune", "--method", "lora", *tiny_text,
                          "--output-dir", str(blocker / "sub"))
     assert status == 2 and "is a file" in err
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path)
                         else real_access(p, mode))  # root ignores permission bits
-    status, _, err = cli("finetune", "--method", "lora", *TINY_TEXT,
+    status, _, err = cli("finetune", "--method", "lora", *tiny_text,
                          "--output-dir", str(tmp_path / "new"))
     assert status == 2 and "not writable" in err
     assert not (tmp_path / "new").exists()
 
 
-def test_compare_table_json_and_plot(cli, tmp_path):
+def test_compare_table_json_and_plot(cli, tmp_path, tiny_text):
     out = tmp_path / "cmp"
-    status, stdout, err = cli("compare", "--model", "tiny-bert", "--task", "tiny-text",
+    data = tiny_text[:4]
+    status, stdout, err = cli("compare", *data,
                               "--methods", "lora,hra", "--seeds", "2", "--max-steps", "2",
                               "--batch-size", "8", "--rank", "2", "--no-progress",
                               "--lr-for", "hra=1e-3", "--output-dir", str(out))
@@ -205,25 +226,21 @@ def test_compare_table_json_and_plot(cli, tmp_path):
     assert "lora" in stdout and "hra" in stdout and "pareto.png" in stdout
     assert all(r["method_options"]["rank"] == 2 for r in cmp["runs"])
     assert [r["lr"] for r in cmp["rows"]] == [2e-3, 1e-3]
-    status, _, err = cli("compare", "--model", "tiny-bert", "--task", "tiny-text",
-                         "--methods", "lora", "--output-dir", str(out))
+    status, _, err = cli("compare", *data, "--methods", "lora", "--output-dir", str(out))
     assert status == 2 and "compare.json" in err
-    status, _, err = cli("compare", "--model", "tiny-bert", "--task", "tiny-text",
-                         "--methods", "lora,zap", "--output-dir", str(tmp_path / "x"))
+    status, _, err = cli("compare", *data, "--methods", "lora,zap", "--output-dir", str(tmp_path / "x"))
     assert status == 2 and "unknown method 'zap'" in err
-    status, _, err = cli("compare", "--model", "tiny-bert", "--task", "tiny-text",
-                         "--methods", "lora", "--lr-for", "hra=1e-3",
+    status, _, err = cli("compare", *data, "--methods", "lora", "--lr-for", "hra=1e-3",
                          "--output-dir", str(tmp_path / "y"))
     assert status == 2 and "not in --methods" in err
 
 
-def test_count_matches_the_wrapped_model(cli):
-    status, stdout, _ = cli("count", "--model", "tiny-bert", "--method", "lora", "--rank", "2",
-                            "--json")
+def test_count_matches_the_wrapped_model(cli, assets):
+    status, stdout, _ = cli("count", "--model", assets["bert"], "--method", "lora", "--rank",
+                            "2", "--num-labels", "5", "--json")
     assert status == 0
     table = json.loads(stdout)
-    # lora r=2 on query/value (32x32) of 2 layers: 4 modules x 2*(32+32); head 32*3+3 (5 labels
-    # by default for text classification)
+    # lora r=2 on query/value (32x32) of 2 layers: 4 modules x 2*(32+32); a 5-label head
     assert table["per_module"] and all(v == 2 * 64 for v in table["per_module"].values())
     assert len(table["per_module"]) == 4
     assert table["modules_to_save"] == {"classifier": 32 * 5 + 5}
@@ -247,8 +264,9 @@ def test_count_from_a_config_file_on_meta(cli, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["quantum-peft", "quic", "qpa"])
-def test_count_our_methods_agrees_with_closed_form(cli, method):
-    status, stdout, err = cli("count", "--model", "tiny-bert", "--method", method, "--json")
+def test_count_our_methods_agrees_with_closed_form(cli, assets, method):
+    status, stdout, err = cli("count", "--model", assets["bert"], "--method", method,
+                              "--num-labels", "5", "--json")
     assert status == 0, err
     table = json.loads(stdout)
     assert table["closed_form_total"] == table["total"] > 0

@@ -1,5 +1,6 @@
-"""Data-parallel runs: `torchrun --nproc_per_node 2 -m qpeft finetune` on CPU (gloo) ends with
-the same adapter on both ranks, equal to a 1-process run with the same global batch."""
+"""Data-parallel runs: `torchrun --nproc_per_node 2` of `qpeft finetune` on CPU (gloo), on a
+tiny BERT folder and a table file, ends with the same adapter on both ranks, equal to a
+1-process run with the same global batch."""
 
 from __future__ import annotations
 
@@ -12,29 +13,34 @@ from pathlib import Path
 import pytest
 import torch
 
-ARGS = ["finetune", "--method", "lora", "--model", "tiny-bert", "--task", "tiny-text",
-        "--max-steps", "5", "--batch-size", "8", "--grad-accum", "2", "--checkpoint-every", "2",
-        "--no-progress"]
+WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def _env(dump: Path) -> dict[str, str]:
-    env = dict(os.environ, QPEFT_TEST_ASSETS="1", QPEFT_TEST_RANK_DUMP=str(dump),
-               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return env
+def _args(assets: dict[str, Path]) -> list[str]:
+    return ["finetune", "--method", "lora", "--model", str(assets["bert"]), "--train-file",
+            str(assets["table"]), "--max-steps", "5", "--batch-size", "8", "--grad-accum", "2",
+            "--checkpoint-every", "2", "--no-progress"]
+
+
+def _env() -> dict[str, str]:
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
 @pytest.mark.slow
-def test_two_cpu_processes_match_one(tmp_path: Path) -> None:
+def test_two_cpu_processes_match_one(tmp_path: Path, assets: dict[str, Path]) -> None:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert torchrun, "torchrun is installed with torch"
     (tmp_path / "d1").mkdir()
     (tmp_path / "d2").mkdir()
-    one = subprocess.run([sys.executable, "-m", "qpeft", *ARGS, "--output-dir",
-                          str(tmp_path / "one")], env=_env(tmp_path / "d1"),
+    args = _args(assets)
+    one = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "d1"), *args,
+                          "--output-dir", str(tmp_path / "one")], env=_env(),
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "qpeft", *ARGS,
-                          "--output-dir", str(tmp_path / "two")], env=_env(tmp_path / "d2"),
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", str(WORKER), str(tmp_path / "d2"),
+                          *args, "--output-dir", str(tmp_path / "two")], env=_env(),
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     r0 = torch.load(tmp_path / "d2/rank0.pt", weights_only=True)

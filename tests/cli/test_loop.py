@@ -9,9 +9,9 @@ import pytest
 import torch
 from accelerate.utils import set_seed
 
-from qpeft.train import _testing
+from qpeft.assets import LoadedModel
 from qpeft.train.data import CausalLMData, loss_and_stats
-from qpeft.train.finetune import FinetuneSpec, prepare_data, wrap_model
+from qpeft.train.finetune import FinetuneSpec, load_data, load_model, prepare_data, wrap_model
 from qpeft.train.loop import (
     EpochOrder,
     TrainConfig,
@@ -20,21 +20,39 @@ from qpeft.train.loop import (
     train,
     trainable_state,
 )
+from tests.cli import tiny
+
+_ASSETS: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def _tiny_assets(assets) -> None:
+    _ASSETS.update(assets)
 
 
 class Interrupt(Exception):
     pass
 
 
-def _setup(model: str = "tiny-bert", task: str = "tiny-text", method: str = "lora",
+def _setup(model: str = "bert", data: str = "table", method: str = "lora",
            seed: int = 0, **options):
-    spec = FinetuneSpec(method=method, model=model, task=task, block_size=16,
-                        method_options=options)
-    data = _testing.load_task(task, seed=0)
-    set_seed(seed)
-    loaded = _testing.load_model(model, num_labels=data.num_labels)
+    """A wrapped tiny model and its prepared data: ``model`` a folder of the ``assets`` fixture
+    (or ``"cnn"``: a tiny CNN on 8x8 images), ``data`` one of its files."""
+    if model == "cnn":
+        spec = FinetuneSpec(method=method, model="efficientnet-lite0", task="fashion-mnist",
+                            method_options=options)
+        task = tiny.image_task()
+        set_seed(seed)
+        loaded = LoadedModel(tiny.TinyCNN(4), None, "tiny-cnn", "image-classification",
+                             ["_expand_conv", "_project_conv"], ["_fc"], image_size=8)
+    else:
+        spec = FinetuneSpec(method=method, model=str(_ASSETS[model]),
+                            train_file=str(_ASSETS[data]), max_length=32, method_options=options)
+        task = load_data(spec)
+        set_seed(seed)
+        loaded = load_model(spec.model, task.num_labels, task.kind)
     peft_model, _ = wrap_model(spec, loaded)
-    train_data, eval_data = prepare_data(spec, loaded, data)
+    train_data, eval_data = prepare_data(spec, loaded, task)
     return peft_model, train_data, eval_data
 
 
@@ -107,7 +125,7 @@ def test_gradient_accumulation_equals_the_larger_batch() -> None:
 
 
 def test_frozen_batchnorm_statistics_do_not_change() -> None:
-    model, tr, ev = _setup("tiny-cnn", "tiny-images")
+    model, tr, ev = _setup("cnn")
     bn = model.base_model.model._bn0
     mean = bn.running_mean.clone()
     train(model, tr, ev, TrainConfig(batch_size=8, max_steps=2, progress=False))
@@ -133,18 +151,34 @@ def test_linear_schedule_shape() -> None:
     assert all(x >= y for x, y in zip(values[4:], values[5:], strict=False))
 
 
-def test_perplexity_matches_a_direct_computation() -> None:
+def test_perplexity_is_over_completion_tokens_only(tmp_path) -> None:
+    # prompts and completions of varying lengths: rows are padded differently in each batch
+    import random
+
+    rng = random.Random(0)
+    words = tiny.WORDS
+    records = [{"prompt": " ".join(rng.choice(words) for _ in range(rng.randint(1, 6))),
+                "completion": " ".join(rng.choice(words) for _ in range(rng.randint(1, 6)))}
+               for _ in range(40)]
+    _ASSETS["varied"] = tiny.write_jsonl(tmp_path / "varied.jsonl", records)
     from accelerate import Accelerator
 
-    model, tr, ev = _setup("tiny-llama", "tiny-lm")
+    model, tr, ev = _setup("llama", "varied")
     ppl, mean_loss = evaluate(model, ev, accelerator=Accelerator(cpu=True), batch_size=3,
                               progress=False)
+    tok = tiny.tokenizer()
     nll, count = 0.0, 0
     with torch.no_grad():
-        for row in ev.blocks:
-            logits = model(input_ids=row[None]).logits[0]
-            nll += float(torch.nn.functional.cross_entropy(logits[:-1], row[1:], reduction="sum"))
-            count += row.numel() - 1
+        for ex in ev.examples:  # one example at a time, no padding, no -100 bookkeeping
+            prompt, completion = ex.prompt_ids, ex.completion_ids
+            assert completion[-1] == tok.eos_token_id
+            ids = torch.tensor([prompt + completion])
+            logits = model(input_ids=ids).logits[0].double()
+            # completion token j is predicted at position len(prompt) + j - 1
+            pred = logits[len(prompt) - 1:len(prompt) - 1 + len(completion)]
+            nll += float(torch.nn.functional.cross_entropy(pred, torch.tensor(completion),
+                                                           reduction="sum"))
+            count += len(completion)
     assert mean_loss == pytest.approx(nll / count, rel=1e-5)
     assert ppl == pytest.approx(math.exp(nll / count), rel=1e-5)
 
