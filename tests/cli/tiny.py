@@ -141,3 +141,53 @@ def image_task(n_train: int = 96, n_eval: int = 32, seed: int = 0) -> Any:
 
     return TaskData("quadrants", "image-classification", images(n_train), images(n_eval), 4,
                     ["q0", "q1", "q2", "q3"], "accuracy", {"strategy": "synthetic"})
+
+
+def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
+    """A random 2-layer LLaMA (hidden 32) as an fp32 GGUF file, with a GPT-2-style BPE
+    tokenizer over the letters a-z (merge ``a b``) in its metadata, written with ``gguf``."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    tokens = ["<s>", "</s>", "<unk>", *letters, "Ġ", "ab"]
+    vocab, hidden, ffn, layers = len(tokens), 32, 64, 2
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(64)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(hidden // 2)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 2] + [1] * (vocab - 3))
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_merges(["a b"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(2)
+
+    def weight(name: str, *shape: int) -> None:
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.05).astype(np.float32))
+
+    weight("token_embd.weight", vocab, hidden)
+    weight("output.weight", vocab, hidden)
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    for i in range(layers):
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            weight(f"blk.{i}.{name}.weight", hidden, hidden)
+        weight(f"blk.{i}.ffn_gate.weight", ffn, hidden)
+        weight(f"blk.{i}.ffn_up.weight", ffn, hidden)
+        weight(f"blk.{i}.ffn_down.weight", hidden, ffn)
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
