@@ -404,14 +404,16 @@ def test_gradient_checkpointing_refused_without_support(cli, tmp_path):
     assert status == 2 and "does not support it" in err
 
 
-@pytest.mark.xfail(strict=False, reason="qpeft's methods under gradient checkpointing are being "
-                                        "fixed by issue 14 (CheckpointError on this branch)")
-def test_gradient_checkpointing_with_quantum_peft(cli, tmp_path, assets):
-    args = ["--method", "quantum-peft", "--model", assets["llama"], "--train-file",
-            assets["sft"], "--max-steps", "3", "--batch-size", "8", "--no-progress"]
+@pytest.mark.parametrize("method", ["quantum-peft", "quic", "qpa"])
+def test_gradient_checkpointing_with_our_methods(cli, tmp_path, assets, method):
+    args = ["--method", method, "--model", assets["llama"], "--train-file", assets["sft"],
+            "--max-steps", "3", "--batch-size", "8", "--no-progress"]
     assert cli("finetune", *args, "--output-dir", tmp_path / "plain")[0] == 0
-    assert cli("finetune", *args, "--gradient-checkpointing", "--output-dir",
-               tmp_path / "ckpt")[0] == 0
+    status, _, err = cli("finetune", *args, "--gradient-checkpointing", "--output-dir",
+                         tmp_path / "ckpt")
+    assert status == 0, err
     plain = read_json(tmp_path / "plain/results.json")
     ckpt = read_json(tmp_path / "ckpt/results.json")
+    assert ckpt["gradient_checkpointing"]
     assert ckpt["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    assert ckpt["metric_value"] == pytest.approx(plain["metric_value"], rel=1e-5)
