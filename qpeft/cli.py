@@ -1,5 +1,9 @@
 """The ``qpeft`` command: ``finetune``, ``compare``, ``count``, ``demo``, ``export-lora``.
 
+``--model`` is a bundled name, a local transformers folder, a ``.gguf`` file or a hub id
+(:mod:`qpeft.assets.sources`); ``--train-file`` a classification table or causal-LM instruction
+JSONL (:mod:`qpeft.assets.sft`, :mod:`qpeft.train.sft`).
+
 Every bad input (unknown method/model/task, a table without the named columns, an empty or
 one-class data set, an unwritable output folder, an output folder holding another run) ends
 with one ``qpeft: error: ...`` line on stderr and exit status 2, before anything is written.
