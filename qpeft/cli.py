@@ -140,6 +140,12 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward (transformers models; "
                         "non-reentrant): less memory, more compute")
+    q = g.add_mutually_exclusive_group()
+    q.add_argument("--load-in-4bit", dest="load_in_bits", action="store_const", const=4,
+                   help="quantize the base model's linear layers to 4-bit nf4 (bitsandbytes, "
+                        "QLoRA-style; heads stay in full precision); needs qpeft[bnb]")
+    q.add_argument("--load-in-8bit", dest="load_in_bits", action="store_const", const=8,
+                   help="quantize the base model's linear layers to 8-bit (LLM.int8())")
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -169,7 +175,8 @@ def _spec_from_args(args: argparse.Namespace, method: str) -> Any:
         target_modules=args.target_modules, method_options=_method_options(args), train=train,
         eval_before=args.eval_before, packing=args.packing, eval_generate=args.eval_generate,
         skip_bad_records=args.skip_bad_records,
-        gradient_checkpointing=args.gradient_checkpointing, overwrite=getattr(args, "overwrite", False),
+        gradient_checkpointing=args.gradient_checkpointing,
+        load_in_bits=getattr(args, "load_in_bits", None), overwrite=getattr(args, "overwrite", False),
         resume=getattr(args, "resume", False))
 
 

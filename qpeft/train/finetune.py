@@ -91,6 +91,7 @@ class FinetuneSpec:
     eval_generate: int = 0
     skip_bad_records: bool = False
     gradient_checkpointing: bool = False
+    load_in_bits: int | None = None  # 4 / 8: quantize the base's linear layers (bitsandbytes)
     overwrite: bool = False
     resume: bool = False
 
@@ -203,6 +204,11 @@ def validate_spec(spec: FinetuneSpec) -> str:
                            "prompt/completion, messages or text records)")
     if spec.eval_generate < 0:
         raise RunError(f"--eval-generate must be >= 0, got {spec.eval_generate}")
+    if spec.load_in_bits not in (None, 4, 8):
+        raise RunError(f"load_in_bits must be 4 or 8, got {spec.load_in_bits}")
+    if spec.load_in_bits and spec.model == "efficientnet-lite0":
+        raise RunError("--load-in-4bit / --load-in-8bit quantize linear layers of transformers "
+                       "models; efficientnet-lite0 is a convolutional network")
     if spec.gradient_checkpointing and spec.model == "efficientnet-lite0":
         raise RunError("--gradient-checkpointing needs a transformers model; "
                        "efficientnet-lite0 does not support it")
@@ -430,6 +436,15 @@ def run_finetune(spec: FinetuneSpec, *, command: list[str] | None = None,
         loaded = load_model(spec.model, task.num_labels, kind)
     except ValueError as exc:
         raise RunError(str(exc)) from None
+    if spec.load_in_bits:
+        from qpeft.quantize import DEFAULT_SKIP_MODULES, quantize_linear_layers
+
+        try:
+            quantize_linear_layers(loaded.model, bits=spec.load_in_bits,
+                                   skip_modules=[*DEFAULT_SKIP_MODULES,
+                                                 *(loaded.modules_to_save or [])])
+        except ImportError as exc:
+            raise RunError(str(exc)) from None
     if spec.gradient_checkpointing:
         enable_gradient_checkpointing(loaded.model, spec.model)
     model, config = wrap_model(spec, loaded)
@@ -499,6 +514,7 @@ def run_finetune(spec: FinetuneSpec, *, command: list[str] | None = None,
         "eval_generate": 0 if generation is None else generation["count"],
         "generations": None if generation is None else generation["generations"],
         "gradient_checkpointing": spec.gradient_checkpointing,
+        "load_in_bits": spec.load_in_bits,
         "skipped_records": len(skipped),
         "skipped": skipped,
         "truncated_completions": getattr(train_data, "truncated", 0)

@@ -417,3 +417,28 @@ def test_gradient_checkpointing_with_our_methods(cli, tmp_path, assets, method):
     assert ckpt["gradient_checkpointing"]
     assert ckpt["losses"] == pytest.approx(plain["losses"], rel=1e-5)
     assert ckpt["metric_value"] == pytest.approx(plain["metric_value"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- quantized bases
+
+
+@pytest.mark.parametrize("flag,bits", [("--load-in-4bit", 4), ("--load-in-8bit", 8)])
+@pytest.mark.parametrize("method", ["quantum-peft", "quic", "qpa"])
+def test_finetune_on_a_quantized_base(cli, tmp_path, assets, method, flag, bits):
+    pytest.importorskip("bitsandbytes")
+    args = ["--method", method, "--model", assets["llama"], "--train-file", assets["sft"],
+            *SFT_BUDGET, "--output-dir", tmp_path / "q"]
+    status, _, err = cli("finetune", *args, flag)
+    assert status == 0, err
+    res = read_json(tmp_path / "q/results.json")
+    assert res["load_in_bits"] == bits
+    assert all(torch.isfinite(torch.tensor(res["losses"])))
+    assert res["adapter_params"] > 0
+
+
+def test_quantized_base_flags_are_exclusive(cli, tmp_path, assets, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage + one error line, exit 2
+        cli("finetune", "--method", "lora", "--model", assets["llama"], "--train-file",
+            assets["sft"], "--load-in-4bit", "--load-in-8bit", "--output-dir", tmp_path / "x")
+    assert exit_info.value.code == 2
+    assert "not allowed with argument --load-in-4bit" in capsys.readouterr().err
