@@ -486,3 +486,64 @@ def test_minilm_identity_training_merge_and_counts():
         active = model(**batch).logits
         merged = model.merge_and_unload()
         torch.testing.assert_close(merged(**batch).logits, active, atol=1e-4, rtol=1e-4)
+
+
+
+
+def test_one_batched_compound_call_per_plan_per_forward(monkeypatch) -> None:
+    """A model forward generates the block matrices of all layers with the same plan in one
+    call, with the same outputs and gradients as layer-by-layer generation; the batch does not
+    outlive the forward, and merging never uses it."""
+    import qpeft.tuners.quic.model as model_mod
+
+    calls: list[int] = []
+    real = model_mod.compound_blocks
+
+    def spy(params, plan, settings):
+        calls.append(params.shape[0])
+        return real(params, plan, settings)
+
+    monkeypatch.setattr(model_mod, "compound_blocks", spy)
+    config = QuICConfig(target_modules=["query", "value"], num_blocks=2, init_weights=False)
+    model = get_peft_model(h.build_tiny("bert"), config)
+    out = model(**h.tiny_inputs("bert")).logits
+    assert calls == [4]  # 2 layers x (query, value), all 32 wide: one call for all
+    out.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert len(grads) == 4  # every adapter gets a gradient
+    assert all("_qpeft_generated" not in m.__dict__ for m in model.modules())
+
+    unbatched = get_peft_model(h.build_tiny("bert"), config)
+    for hook in unbatched.base_model.__dict__.pop("_qpeft_hooks"):
+        hook.remove()
+    out2 = unbatched(**h.tiny_inputs("bert")).logits
+    torch.testing.assert_close(out2, out, atol=1e-6, rtol=1e-6)
+    out2.sum().backward()
+    for name, p in unbatched.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-5)
+
+    calls.clear()
+    model.merge_and_unload()
+    assert calls == []  # merging generates per layer (block_matrices), not through the batch
+
+
+@pytest.mark.parametrize("safe_merge", [False, True])
+@pytest.mark.parametrize("side", ["output", "input"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d"])
+def test_merged_and_unmerged_weights_are_contiguous_and_save_with_safetensors(kind, side, safe_merge, tmp_path):
+    """peft's test_safe_merge saves the merged model with safetensors, which refuses strided
+    tensors; the rotation is computed through transposed views (issue 13)."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    base = {"linear": nn.Linear(13, 21), "conv1d": _conv1d(13, 21),
+            "conv2d": nn.Conv2d(3, 21, 2)}[kind]
+    layer = quic_layer(base, side=side, num_blocks=2)
+    layer.merge(safe_merge=safe_merge)
+    weight = layer.get_base_layer().weight
+    assert weight.is_contiguous()
+    save_file({"weight": weight.data}, tmp_path / "merged.safetensors")
+    torch.testing.assert_close(load_file(tmp_path / "merged.safetensors")["weight"], weight.data)
+    layer.unmerge()
+    assert layer.get_base_layer().weight.is_contiguous()
