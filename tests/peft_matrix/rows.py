@@ -256,7 +256,9 @@ QPA_ROWS: list[Row] = [
         "Embedding + transformers Conv1D 1 QPA",
         "EmbConv1D",
         QPAConfig,
-        {"target_modules": ["conv1d"], "r": 2, **_QPA_SMALL},
+        # n_mlp=4: the 12 generated numbers come from 3 chunks (2 qubits); with one chunk the
+        # angles reach the output through a single probability and barely move in 3 SGD steps
+        {"target_modules": ["conv1d"], "r": 2, **_QPA_SMALL, "n_mlp": 4},
     ),
     (
         "Embedding + transformers Conv1D 2 QPA reference preset",
@@ -331,8 +333,22 @@ def limitation(test: str, params: dict[str, Any]) -> str | None:
     """The reason a qpeft row cannot run ``test`` (peft's test function name), or None.
 
     ``params`` are the test's parametrize values (``config_cls``, ``config_kwargs``, ...)."""
-    if params.get("config_cls") is QPAConfig and test in _IDENTITY_AT_INIT_TESTS:
-        kwargs = params.get("config_kwargs") or {}
+    config_cls, kwargs = params.get("config_cls"), params.get("config_kwargs") or {}
+    if config_cls is QPAConfig and test == "test_parameters_after_loading_model":
+        return (
+            "this test trains 3 SGD steps at lr=0.5 on unnormalised inputs (0..89) with an "
+            "unbounded loss (sum of log-probabilities); QPA's generator MLP diverges to NaN there, "
+            "as VB-LoRA, RandLoRA, UniLoRA and OSF do, for which the test itself lowers lr to "
+            "0.01 (\"otherwise we get nan\"). Save/load equality of QPA is checked by "
+            "test_save_load_roundtrip, test_load_multiple_adapters and tests/test_qpa.py"
+        )
+    if config_cls is QuICConfig and kwargs.get("module_dropout") and test == "test_training_custom_models":
+        return (
+            "module_dropout skips a layer's whole adapter in a training forward with probability "
+            "p (as LoHa/LoKr's module_dropout), so after one forward a skipped layer's "
+            "parameters have no gradient, which this test requires of every adapter tensor"
+        )
+    if config_cls is QPAConfig and test in _IDENTITY_AT_INIT_TESTS:
         if kwargs.get("preset") == "reference" or kwargs.get("output_gain") is False:
             return (
                 "QPA without its zero-initialised output gain (preset='reference', the paper's "
