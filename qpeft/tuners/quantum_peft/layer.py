@@ -253,8 +253,7 @@ class QuantumPEFTLayer(WeightMergeLayer):
 
     def adapter_params(self, adapter_name: str) -> list[torch.Tensor]:
         """The adapter's trainable tensors (angles, λ, gain), what its factors depend on."""
-        tensors = [self.qpeft_angles_u[adapter_name], self.qpeft_angles_v[adapter_name],
-                   self.qpeft_lambda[adapter_name]]
+        tensors = [*self.angles(adapter_name), self.qpeft_lambda[adapter_name]]
         if adapter_name in self.qpeft_gain:
             tensors.append(self.qpeft_gain[adapter_name])
         return tensors
