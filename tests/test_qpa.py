@@ -552,3 +552,22 @@ def test_bias_modes_train_the_biases_like_lora(bias):
     assert not any(n.endswith("weight") and "qpa_" not in n for n in trainable)
     with pytest.raises(ValueError, match="only 1 adapter with bias"):
         model.add_adapter("other", QPAConfig(r=2, n_mlp=64, target_modules=["a"], bias=bias))
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_loading_adapters_keeps_each_generators_trainability(is_trainable, tmp_path):
+    """peft's rule (issue 13, peft's TestRequiresGrad): adding an adapter keeps the trainability of
+    the existing ones, and load_adapter(is_trainable=True) makes the new one trainable — also
+    for QPA's generators, which live on the tuner, outside the layers peft looks at."""
+    torch.manual_seed(0)
+    cfg = QPAConfig(r=2, n_mlp=64, target_modules=["a"])
+    get_peft_model(Stack(), cfg).save_pretrained(tmp_path)
+    model = PeftModel.from_pretrained(Stack(), tmp_path, is_trainable=is_trainable)
+    model.load_adapter(tmp_path, adapter_name="other", is_trainable=is_trainable)
+    model.load_adapter(tmp_path, adapter_name="opposite", is_trainable=not is_trainable)
+    tuner = model.base_model
+    expected = {"default": is_trainable, "other": is_trainable, "opposite": not is_trainable}
+    for name, trainable in expected.items():
+        flags = {p.requires_grad for p in tuner.generator(name).parameters()}
+        assert flags == {trainable}, name
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "qpa_" not in n)
