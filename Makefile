@@ -40,7 +40,7 @@ PEFT_TESTS_CACHE := .cache/peft-tests
 test-peft: install
 	@dir=$$(PYTHONPATH=$(CURDIR) $(PY) -m tests.peft_matrix.fetch $(PEFT_TESTS_CACHE)) && \
 	OMP_NUM_THREADS=1 PYTHONPATH=$(CURDIR) $(PY) -m pytest -p tests.peft_matrix.plugin \
-		-p no:cacheprovider -rfEs $$dir/test_custom_models.py
+		-p no:cacheprovider -rfEsxX $$dir/test_custom_models.py
 
 test-slow: install
 	$(PY) -m pytest -m slow

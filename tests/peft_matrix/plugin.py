@@ -11,7 +11,8 @@ What it does, without changing peft's test file:
   qpeft's config classes to ``ALL_PEFT_CONFIG_CLASSES`` (the parametrize marks hold these very
   lists, so the new rows become ordinary parametrized tests);
 - deselects every test that is not a qpeft row (``QPEFT_PEFT_MATRIX_ALL=1`` keeps peft's own);
-- skips the (test, row) pairs listed in :data:`rows.LIMITATIONS`, each with its stated reason;
+- skips the (test, row) pairs :func:`rows.limitation` names, each with its stated reason, and
+  marks the diagnosed, not yet fixed ones of :func:`rows.known_failure` ``xfail(strict=False)``;
 - ends with a per-method table of passed / failed / skipped tests.
 """
 
@@ -60,6 +61,12 @@ def method_of(item: pytest.Item) -> str | None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.environ.get("QPEFT_PEFT_MATRIX_ALL") == "1":
         return
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and method_of(item) is not None:
+            reason = rows.known_failure(item.originalname, callspec.params)
+            if reason is not None:
+                item.add_marker(pytest.mark.xfail(strict=False, reason=reason))
     keep = [item for item in items if method_of(item) is not None]
     dropped = [item for item in items if method_of(item) is None]
     if dropped:
@@ -92,6 +99,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         return
     if report.when == "call" or (report.when == "setup" and not report.passed):
         outcome = "error" if report.when == "setup" and report.failed else report.outcome
+        if hasattr(report, "wasxfail"):
+            outcome = "xpassed" if report.passed else "xfailed"
         _OUTCOMES[(method, outcome)] += 1
 
 
@@ -102,10 +111,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
     tr = terminalreporter
     tr.section(f"qpeft rows of peft {peft.__version__}'s custom-model matrix")
-    tr.write_line(f"{'method':<14}{'tests':>7}{'passed':>8}{'failed':>8}{'error':>7}{'skipped':>9}")
+    kinds = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
+    tr.write_line(f"{'method':<14}{'tests':>7}" + "".join(f"{k:>9}" for k in kinds))
     for method in sorted({m for m, _ in _OUTCOMES}):
-        counts = {o: _OUTCOMES[(method, o)] for o in ("passed", "failed", "error", "skipped")}
-        tr.write_line(
-            f"{method:<14}{sum(counts.values()):>7}{counts['passed']:>8}{counts['failed']:>8}"
-            f"{counts['error']:>7}{counts['skipped']:>9}"
-        )
+        counts = [_OUTCOMES[(method, k)] for k in kinds]
+        tr.write_line(f"{method:<14}{sum(counts):>7}" + "".join(f"{c:>9}" for c in counts))

@@ -360,3 +360,19 @@ def limitation(test: str, params: dict[str, Any]) -> str | None:
 
 # peft tests that assert a freshly wrapped model equals its base model
 _IDENTITY_AT_INIT_TESTS = ("test_disable_adapters", "test_disable_adapters_with_merging")
+
+
+def known_failure(test: str, params: dict[str, Any]) -> str | None:
+    """A diagnosed failure not fixed yet (the test runs as ``xfail(strict=False)``, so it shows
+    as XPASS once fixed), or None."""
+    if (
+        params.get("config_cls") is QPAConfig
+        and test == "test_only_params_are_updated"
+        and params.get("test_name") == "Embedding + transformers Conv1D 1 QPA"
+    ):
+        return (
+            "QPA's zero-initialised output gain: the first SGD step moves only the gain, and "
+            "the circuit angles get gradient through gain * dMLP/dp * dp/dtheta; on EmbConv1D's "
+            "small activations theta moves ~1e-4 in 3 steps, at this test's tolerance (issue 13)"
+        )
+    return None
