@@ -400,41 +400,6 @@ def test_low_cpu_mem_usage_load_and_second_adapter(tmp_path) -> None:
 
 
 
-def test_one_batched_circuit_call_per_shape_per_forward(monkeypatch) -> None:
-    """A model forward generates the factors of all same-shaped layers in one ``stiefel`` call,
-    with the same outputs and gradients as layer-by-layer generation."""
-    import qpeft.tuners.quantum_peft.model as model_mod
-    from tests.contract.harness import build_tiny, tiny_inputs
-
-    calls: list[int] = []
-    real = model_mod.stiefel
-
-    def spy(method, params, n, k, depth):
-        calls.append(params.shape[0])
-        return real(method, params, n, k, depth)
-
-    monkeypatch.setattr(model_mod, "stiefel", spy)
-    config = QuantumPEFTConfig(r=2, target_modules=["query", "value"], init_weights=False)
-    model = get_peft_model(build_tiny("bert"), config)
-    out = model(**tiny_inputs("bert")).logits
-    assert calls == [8]  # 4 layers x (U, V), all 32-wide: one call for all
-    out.sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    unbatched = get_peft_model(build_tiny("bert"), config)
-    for hook in unbatched.base_model.__dict__.pop("_qpeft_hooks"):
-        hook.remove()
-    out2 = unbatched(**tiny_inputs("bert")).logits
-    torch.testing.assert_close(out2, out, atol=1e-6, rtol=1e-6)
-    out2.sum().backward()
-    for name, p in unbatched.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-5)
-    assert all(
-        "_qpeft_generated" not in m.__dict__ for m in model.modules()
-    ), "factors must not outlive the forward"
-
-
 @pytest.mark.parametrize("method", ["pauli", "lie_exp"])
 @pytest.mark.parametrize("shape", [(1, 6), (6, 1)])
 def test_a_side_of_width_one_has_no_empty_parameter_and_everything_trains(method, shape, tmp_path) -> None:

@@ -490,44 +490,6 @@ def test_minilm_identity_training_merge_and_counts():
 
 
 
-def test_one_batched_compound_call_per_plan_per_forward(monkeypatch) -> None:
-    """A model forward generates the block matrices of all layers with the same plan in one
-    call, with the same outputs and gradients as layer-by-layer generation; the batch does not
-    outlive the forward, and merging never uses it."""
-    import qpeft.tuners.quic.model as model_mod
-
-    calls: list[int] = []
-    real = model_mod.compound_blocks
-
-    def spy(params, plan, settings):
-        calls.append(params.shape[0])
-        return real(params, plan, settings)
-
-    monkeypatch.setattr(model_mod, "compound_blocks", spy)
-    config = QuICConfig(target_modules=["query", "value"], num_blocks=2, init_weights=False)
-    model = get_peft_model(h.build_tiny("bert"), config)
-    out = model(**h.tiny_inputs("bert")).logits
-    assert calls == [4]  # 2 layers x (query, value), all 32 wide: one call for all
-    out.sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    assert len(grads) == 4  # every adapter gets a gradient
-    assert all("_qpeft_generated" not in m.__dict__ for m in model.modules())
-
-    unbatched = get_peft_model(h.build_tiny("bert"), config)
-    for hook in unbatched.base_model.__dict__.pop("_qpeft_hooks"):
-        hook.remove()
-    out2 = unbatched(**h.tiny_inputs("bert")).logits
-    torch.testing.assert_close(out2, out, atol=1e-6, rtol=1e-6)
-    out2.sum().backward()
-    for name, p in unbatched.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-5)
-
-    calls.clear()
-    model.merge_and_unload()
-    assert calls == []  # merging generates per layer (block_matrices), not through the batch
-
-
 @pytest.mark.parametrize("safe_merge", [False, True])
 @pytest.mark.parametrize("side", ["output", "input"])
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d"])
