@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow demo bench lint clean
+.PHONY: install test test-peft test-slow demo bench lint clean
 
 install: $(STAMP)
 
@@ -32,6 +32,15 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(PY) -m pytest
+	$(MAKE) test-peft
+
+# peft's own custom-model test matrix (tests/test_custom_models.py of the sdist of the installed
+# peft, fetched once with pip into .cache/peft-tests/) run on qpeft's rows only: tests/peft_matrix/.
+PEFT_TESTS_CACHE := .cache/peft-tests
+test-peft: install
+	@dir=$$(PYTHONPATH=$(CURDIR) $(PY) -m tests.peft_matrix.fetch $(PEFT_TESTS_CACHE)) && \
+	OMP_NUM_THREADS=1 PYTHONPATH=$(CURDIR) $(PY) -m pytest -p tests.peft_matrix.plugin \
+		-p no:cacheprovider -rfEsxX $$dir/test_custom_models.py
 
 test-slow: install
 	$(PY) -m pytest -m slow
@@ -46,4 +55,4 @@ lint: install
 	$(VENV)/bin/ruff check qpeft tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .assets
+	rm -rf $(VENV) .pytest_cache .hypothesis .assets .cache

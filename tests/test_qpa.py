@@ -292,7 +292,7 @@ def test_qubits_that_cannot_cover_the_target_raise_at_wrap_and_count():
         ({"mlp_activation": "swish"}, "mlp_activation"),
         ({"prob_transform": "log"}, "prob_transform"),
         ({"preset": "paper"}, "preset"),
-        ({"bias": "all"}, "bias"),
+        ({"bias": "lora_only"}, "bias"),
         ({"lora_dropout": 1.5}, "lora_dropout"),
         ({"mlp_hidden": [32, 0]}, r"mlp_hidden\[1\]"),
     ],
@@ -510,3 +510,64 @@ def test_half_precision_bases():
     assert model.base_model.generator().theta.dtype == torch.float16
     out = h.run(model, "mlp", torch.float16)
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("autocast", [True, False])
+def test_adapter_dtype_follows_peft_autocast_adapter_dtype(dtype, autocast):
+    """peft's contract (issue 13): with autocast_adapter_dtype=False the adapter keeps the base
+    model's half dtype, with True (the default) it is upcast to float32."""
+    torch.manual_seed(0)
+    cfg = QPAConfig(r=2, n_mlp=64, target_modules=["a", "d"])
+    model = get_peft_model(Stack().to(dtype), cfg, autocast_adapter_dtype=autocast)
+    expected = torch.float32 if autocast else dtype
+    params = [p for n, p in model.named_parameters() if "qpa_" in n]
+    assert params and all(p.dtype == expected for p in params)
+
+
+def test_init_weights_false_starts_from_a_random_delta_and_true_from_the_base_model():
+    x = torch.randn(5, 64)
+    torch.manual_seed(0)  # stack_model's seed: the same base weights
+    reference = Stack()(x)
+    identity = stack_model(init_weights=True).eval()
+    random_start = stack_model(init_weights=False).eval()
+    torch.testing.assert_close(identity(x), reference, rtol=0, atol=0)
+    assert random_start.base_model.generator().gain.item() == 1.0
+    assert (random_start(x) - reference).abs().max() > 1e-3
+    # the same trainable count either way: init_weights only sets the gain's starting value
+    assert sum(p.numel() for p in identity.parameters() if p.requires_grad) == sum(
+        p.numel() for p in random_start.parameters() if p.requires_grad
+    )
+
+
+@pytest.mark.parametrize("bias", ["all", "qpa_only"])
+def test_bias_modes_train_the_biases_like_lora(bias):
+    """bias="all" trains every bias of the model, "qpa_only" those of the adapted layers (as
+    LoRA's "all" / "lora_only"); a second adapter with a bias mode is refused like LoRA."""
+    torch.manual_seed(0)
+    model = get_peft_model(Stack(), QPAConfig(r=2, n_mlp=64, target_modules=["a"], bias=bias))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "base_model.model.a.base_layer.bias" in trainable
+    assert ("base_model.model.b.bias" in trainable) == (bias == "all")
+    assert not any(n.endswith("weight") and "qpa_" not in n for n in trainable)
+    with pytest.raises(ValueError, match="only 1 adapter with bias"):
+        model.add_adapter("other", QPAConfig(r=2, n_mlp=64, target_modules=["a"], bias=bias))
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_loading_adapters_keeps_each_generators_trainability(is_trainable, tmp_path):
+    """peft's rule (issue 13, peft's TestRequiresGrad): adding an adapter keeps the trainability of
+    the existing ones, and load_adapter(is_trainable=True) makes the new one trainable — also
+    for QPA's generators, which live on the tuner, outside the layers peft looks at."""
+    torch.manual_seed(0)
+    cfg = QPAConfig(r=2, n_mlp=64, target_modules=["a"])
+    get_peft_model(Stack(), cfg).save_pretrained(tmp_path)
+    model = PeftModel.from_pretrained(Stack(), tmp_path, is_trainable=is_trainable)
+    model.load_adapter(tmp_path, adapter_name="other", is_trainable=is_trainable)
+    model.load_adapter(tmp_path, adapter_name="opposite", is_trainable=not is_trainable)
+    tuner = model.base_model
+    expected = {"default": is_trainable, "other": is_trainable, "opposite": not is_trainable}
+    for name, trainable in expected.items():
+        flags = {p.requires_grad for p in tuner.generator(name).parameters()}
+        assert flags == {trainable}, name
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "qpa_" not in n)

@@ -396,3 +396,40 @@ def test_low_cpu_mem_usage_load_and_second_adapter(tmp_path) -> None:
     loaded.load_adapter(tmp_path / "a", adapter_name="second")
     loaded.set_adapter("second")
     assert torch.equal(h.run(loaded, "bert"), expected)
+
+
+
+
+@pytest.mark.parametrize("method", ["pauli", "lie_exp"])
+@pytest.mark.parametrize("shape", [(1, 6), (6, 1)])
+def test_a_side_of_width_one_has_no_empty_parameter_and_everything_trains(method, shape, tmp_path) -> None:
+    """A 1-output (or 1-input) layer: that side's U (V) is the fixed 1 x 1 identity with no
+    angles. No 0-element trainable tensor may exist (it could never change: peft's
+    test_only_params_are_updated, issue 13); every trainable tensor gets a gradient and moves;
+    the output is still base + λ·u·vᵀx (checked in float64); save/load round-trips."""
+    torch.manual_seed(0)
+    d_out, d_in = shape
+    model, layer = wrapped(nn.Linear(d_in, d_out).double(), r=1, parameterization=method,
+                           init_weights=False)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.numel() > 0 for p in trainable.values())
+    assert sum(p.numel() for p in trainable.values()) == QuantumPEFTConfig(
+        r=1, parameterization=method).count_module(d_out, d_in)
+    x = torch.randn(4, d_in, dtype=torch.float64)
+    u, v = layer.stiefel_factors("default")
+    lam = layer.effective_lambda("default")
+    expected = layer.get_base_layer()(x) + ((x @ v.double()) * lam.double()) @ u.double().T
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-10)
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    opt = torch.optim.SGD(trainable.values(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        assert all(p.grad is not None for p in trainable.values())
+        opt.step()
+    assert all(not torch.allclose(before[n], p) for n, p in trainable.items())
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(Wrap(nn.Linear(d_in, d_out).double()), tmp_path)
+    loaded.base_model.model.layer.base_layer.load_state_dict(
+        model.base_model.model.layer.base_layer.state_dict())
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)

@@ -486,3 +486,26 @@ def test_minilm_identity_training_merge_and_counts():
         active = model(**batch).logits
         merged = model.merge_and_unload()
         torch.testing.assert_close(merged(**batch).logits, active, atol=1e-4, rtol=1e-4)
+
+
+
+
+@pytest.mark.parametrize("safe_merge", [False, True])
+@pytest.mark.parametrize("side", ["output", "input"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d"])
+def test_merged_and_unmerged_weights_are_contiguous_and_save_with_safetensors(kind, side, safe_merge, tmp_path):
+    """peft's test_safe_merge saves the merged model with safetensors, which refuses strided
+    tensors; the rotation is computed through transposed views (issue 13)."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    base = {"linear": nn.Linear(13, 21), "conv1d": _conv1d(13, 21),
+            "conv2d": nn.Conv2d(3, 21, 2)}[kind]
+    layer = quic_layer(base, side=side, num_blocks=2)
+    layer.merge(safe_merge=safe_merge)
+    weight = layer.get_base_layer().weight
+    assert weight.is_contiguous()
+    save_file({"weight": weight.data}, tmp_path / "merged.safetensors")
+    torch.testing.assert_close(load_file(tmp_path / "merged.safetensors")["weight"], weight.data)
+    layer.unmerge()
+    assert layer.get_base_layer().weight.is_contiguous()

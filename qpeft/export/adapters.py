@@ -268,7 +268,7 @@ def circuits_from_model(
         if peft_type == "QUANTUM_PEFT" and adapter_name in getattr(module, "qpeft_spec", {}):
             s = module.qpeft_spec[adapter_name]
             records += quantum_peft_records(
-                name, module.qpeft_angles_u[adapter_name], module.qpeft_angles_v[adapter_name],
+                name, *module.angles(adapter_name),
                 s.method_u, s.method_v, s.out_features, s.in_features, s.r, s.depth,
                 s.quantize_bits, max_qubits,
             )
@@ -428,7 +428,10 @@ def circuits_from_checkpoint(
         us = _by_module(tensors, "qpeft_angles_u")
         vs = _by_module(tensors, "qpeft_angles_v")
         tree = _meta_shapes(config, base_model)
-        for module in sorted(us):
+        for module in sorted(set(us) | set(vs)):  # a side of width 1 stores no angles
+            empty = next(iter((us | vs).values())).new_zeros(0)
+            us.setdefault(module, empty)
+            vs.setdefault(module, empty)
             shape = None
             if tree is not None:
                 try:

@@ -375,7 +375,9 @@ class WeightMergeLayer(BaseTunerLayer):
                         f"NaN/inf in the merged weights: adapter {name!r} seems to be broken; "
                         "nothing was merged into this layer"
                     )
-                self._write_base_weight(new_weight.to(weight.dtype))
+                # contiguous: a rotation computed through transposed views (QuIC) would
+                # otherwise leave a strided weight that safetensors refuses to save
+                self._write_base_weight(new_weight.to(weight.dtype).contiguous())
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -389,7 +391,8 @@ class WeightMergeLayer(BaseTunerLayer):
                 continue
             with torch.no_grad():
                 weight = self._read_base_weight()
-                self._write_base_weight(self._unmerged_weight(name, weight).to(weight.dtype))
+                restored = self._unmerged_weight(name, weight)
+                self._write_base_weight(restored.to(weight.dtype).contiguous())
 
 
 def _same_values(snapshot: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> bool:

@@ -26,6 +26,9 @@ REFERENCE_N_MLP = 2048
 #: the paper's down to one narrow layer, and chunk sizes, largest first
 SIZING_HIDDEN: list[list[int]] = [list(REFERENCE_HIDDEN), [32, 32], [16, 16], [8]]
 SIZING_N_MLP: list[int] = [2048, 1024, 512, 256, 128, 64, 32, 16]
+# peft's BaseTuner marks the biases trainable: "all" biases of the model, or those of the
+# adapted layers only ("qpa_only", like LoRA's "lora_only")
+BIAS_OPTIONS = ("none", "all", "qpa_only")
 
 
 @dataclass
@@ -68,6 +71,13 @@ class QPAConfig(PeftConfig):
         default=True,
         metadata={"help": "zero-initialised scalar gain on lora_B: identity at init (+1 trainable)"},
     )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: the output gain starts at 0 (the wrapped model is the base model); "
+            "False: at 1, a random start from the generator's init (tests). No effect without a gain"
+        },
+    )
     preset: str | None = field(
         default=None,
         metadata={"help": "'reference': the paper's widths/transform, no activation, no gain"},
@@ -82,7 +92,10 @@ class QPAConfig(PeftConfig):
     layers_to_transform: list[int] | int | None = field(default=None)
     layers_pattern: list[str] | str | None = field(default=None)
     modules_to_save: list[str] | None = field(default=None)
-    bias: str = field(default="none", metadata={"help": "only 'none' is supported"})
+    bias: str = field(
+        default="none",
+        metadata={"help": f"which biases train, as in peft's LoRA: one of {BIAS_OPTIONS}"},
+    )
     layout: list[list[Any]] | None = field(
         default=None,
         metadata={
@@ -122,8 +135,7 @@ class QPAConfig(PeftConfig):
         check_choice("prob_transform", self.prob_transform, PROB_TRANSFORMS)
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.bias != "none":
-            raise ValueError(f"bias must be 'none' for QPA (got {self.bias!r})")
+        check_choice("bias", self.bias, BIAS_OPTIONS)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("layers_to_transform cannot be used when target_modules is a str")
         if self.layers_pattern and self.layers_to_transform is None:
@@ -204,4 +216,5 @@ def build_generator(config: QPAConfig, shapes: list[tuple[int, int]]) -> QPAGene
         center_output=config.center_output,
         output_gain=config.output_gain,
         init_seed=config.init_seed,
+        gain_init=0.0 if config.init_weights else 1.0,
     )

@@ -138,6 +138,7 @@ class QPAGenerator(nn.Module):
         center_output: bool = False,
         output_gain: bool = True,
         init_seed: int | None = None,
+        gain_init: float = 0.0,
     ) -> None:
         super().__init__()
         check_positive_int("r", r)
@@ -179,7 +180,7 @@ class QPAGenerator(nn.Module):
                 linear = nn.Linear(a, b)  # nn.Linear's default init, then flattened
                 self.register_parameter(f"mlp_weight_{k}", nn.Parameter(linear.weight.data))
                 self.register_parameter(f"mlp_bias_{k}", nn.Parameter(linear.bias.data))
-        self.gain = nn.Parameter(torch.zeros(1)) if output_gain else None
+        self.gain = nn.Parameter(torch.full((1,), float(gain_init))) if output_gain else None
         idx = torch.arange(self.n_chunks)
         bits = (idx.unsqueeze(1) >> torch.arange(self.n_qubits)) & 1
         self.register_buffer("bits", (1 - 2 * bits).float(), persistent=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -52,7 +53,16 @@ class QPAModel(QpeftTuner):
     def inject_adapter(
         self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any
     ) -> None:
+        # peft keeps the trainability of the parameters that already exist when an adapter is
+        # added, but only looks inside the wrapped model: the generators live on the tuner
+        existing = {
+            p: p.requires_grad
+            for name, gen in self._generators().items() if name != adapter_name
+            for p in gen.parameters()
+        }
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        for param, requires_grad in existing.items():
+            param.requires_grad_(requires_grad)
         low_cpu_mem_usage = bool(kwargs.get("low_cpu_mem_usage", False))
         if len(args) >= 2:
             low_cpu_mem_usage = bool(args[1])
@@ -117,6 +127,15 @@ class QPAModel(QpeftTuner):
         active = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name, generator in self._generators().items():
             generator.requires_grad_(name in active and not inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """peft's ``set_requires_grad`` (e.g. ``load_adapter(..., is_trainable=True)``); the named
+        adapters' generators follow."""
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for name, generator in self._generators().items():
+            if name in names:
+                generator.requires_grad_(requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

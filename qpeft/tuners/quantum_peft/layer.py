@@ -139,8 +139,11 @@ class QuantumPEFTLayer(WeightMergeLayer):
             lam = torch.ones(k)
             if not config.init_weights:
                 lam = torch.where(torch.rand(k, generator=g_l) < 0.5, -1.0, 1.0)
-        self.qpeft_angles_u[adapter_name] = nn.Parameter(angles_u)
-        self.qpeft_angles_v[adapter_name] = nn.Parameter(angles_v)
+        # a side of width 1 has no free angle (U = [1]): no 0-element Parameter, which could
+        # never change in training (peft's contract: every trainable tensor of an adapter trains)
+        for store, angles in ((self.qpeft_angles_u, angles_u), (self.qpeft_angles_v, angles_v)):
+            if angles.numel():
+                store[adapter_name] = nn.Parameter(angles)
         self.qpeft_lambda[adapter_name] = nn.Parameter(lam)
         if config.lambda_domain != "real":
             gain = torch.zeros(1) if config.init_weights else torch.full((1,), 0.5)
@@ -152,12 +155,20 @@ class QuantumPEFTLayer(WeightMergeLayer):
 
     # ---- the update ΔW = U diag(λ_eff) Vᵀ ------------------------------------------------------
 
+    def angles(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's trainable (angles_u [P_u], angles_v [P_v]); a side without free angles
+        (width 1, P = 0) stores no tensor and reads as an empty one."""
+        empty = self.qpeft_lambda[adapter_name].new_zeros(0)
+        return tuple(
+            store[adapter_name] if adapter_name in store else empty
+            for store in (self.qpeft_angles_u, self.qpeft_angles_v)
+        )
+
     def circuit_params(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The (angles_u, angles_v) the circuits consume: cast to the circuit dtype and, when the
         adapter quantizes, snapped to its grid (straight-through). O(P_u + P_v)."""
         spec = self.qpeft_spec[adapter_name]
-        au = self.qpeft_angles_u[adapter_name].to(spec.circuit_dtype)
-        av = self.qpeft_angles_v[adapter_name].to(spec.circuit_dtype)
+        au, av = (a.to(spec.circuit_dtype) for a in self.angles(adapter_name))
         if spec.quantize_bits is not None:
             au = self._quantize_params(au, spec.method_u, spec.quantize_bits)
             av = self._quantize_params(av, spec.method_v, spec.quantize_bits)
@@ -242,8 +253,7 @@ class QuantumPEFTLayer(WeightMergeLayer):
 
     def adapter_params(self, adapter_name: str) -> list[torch.Tensor]:
         """The adapter's trainable tensors (angles, λ, gain), what its factors depend on."""
-        tensors = [self.qpeft_angles_u[adapter_name], self.qpeft_angles_v[adapter_name],
-                   self.qpeft_lambda[adapter_name]]
+        tensors = [*self.angles(adapter_name), self.qpeft_lambda[adapter_name]]
         if adapter_name in self.qpeft_gain:
             tensors.append(self.qpeft_gain[adapter_name])
         return tensors

@@ -48,6 +48,8 @@ class QuantumPEFTModel(QpeftTuner):
         and the fix, instead of a size-mismatch error or a silent partial load."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         model_state = model.state_dict()
+        # checkpoints of earlier qpeft versions hold an empty angle tensor for a side of width 1
+        remapped = {k: v for k, v in remapped.items() if v.numel() or k in model_state}
         for key, value in remapped.items():
             parts = key.split(".")
             hit = [i for i, p in enumerate(parts) if p in _ADAPTER_TENSORS]
