@@ -344,7 +344,7 @@ def compound_apply_cost(n: int, k: int) -> int:
     return k * n ** (k + 1)
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_table_cache(maxsize=64)
 def _antisymmetric_tables(n: int, k: int, device: str) -> tuple[torch.Tensor, torch.Tensor,
                                                                  torch.Tensor]:
     """For the antisymmetric order-k tensor over {0..n-1}^k (flattened row-major, n^k entries):
@@ -362,7 +362,7 @@ def _antisymmetric_tables(n: int, k: int, device: str) -> tuple[torch.Tensor, to
             inversions = sum(perm[i] > perm[j] for i in range(k) for j in range(i + 1, k))
             rank[flat] = r
             sign[flat] = -1.0 if inversions % 2 else 1.0
-        sorted_at.append(functools.reduce(lambda acc, i: acc * n + i, subset, 0))
+        sorted_at.append(sum(i * n ** (k - 1 - m) for m, i in enumerate(subset)))
     dev = torch.device(device)
     return rank.to(dev), sign.to(dev), torch.tensor(sorted_at, dtype=torch.long, device=dev)
 
@@ -373,7 +373,7 @@ def _embed_antisymmetric(x: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return x.index_select(-1, rank) * sign.to(x.dtype)
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_table_cache(maxsize=64)
 def _signed_pair_table(n: int, device: str) -> torch.Tensor:
     """For the rows [x; -x; 0] (2·C(n,2) + 1 of them): which row lands at (p, q) of the
     antisymmetric n x n embedding, row-major [n*n] (+x above the diagonal, -x below, 0 on it)."""
