@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _common as C
-from benchmarks import compounds, generation, merged, mixed_batch, param_counts, train_step
+from benchmarks import compounds, generation, merged, mixed_batch, param_counts, scale, train_step
 
 SECTIONS = (
     ("train_step", train_step, "1. Training step and peak memory",
@@ -25,6 +25,8 @@ SECTIONS = (
      "python -m benchmarks.param_counts"),
     ("mixed_batch", mixed_batch, "6. Mixed-adapter batches: 8 adapters served in one batch",
      "python -m benchmarks.mixed_batch"),
+    ("scale", scale, "7. A LLaMA-7B-shaped decoder layer (issue 15)",
+     "python -m benchmarks.scale"),
 )
 
 
@@ -56,6 +58,9 @@ def targets(results: dict[str, Any]) -> list[list[Any]]:
             r = get("quic", "oft_paired_ratio")
             rows.append([f"{kind}: QuIC step not slower than peft OFT", f"QuIC/OFT = {C.fmt(r)}",
                          _verdict(None if r is None else r <= 1.0)])
+    sc = results.get("scale")
+    if sc:
+        rows += scale.targets(sc)
     cp = results.get("compounds")
     if cp:
         for case in cp["cases"]:

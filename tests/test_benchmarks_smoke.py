@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from benchmarks import compounds, generation, merged, param_counts, train_step
+from benchmarks import compounds, generation, merged, param_counts, scale, train_step
 from benchmarks import models as M
 from benchmarks.__main__ import main as bench_main
 
@@ -174,3 +174,19 @@ def test_paired_ratio_cancels_drift_between_rounds():
     assert paired_ratio([], ref) is None
     # drift in the other direction inside one round shows in the ratio of medians instead
     assert ratio(2.0, 3.0) != paired_ratio([2.0, 4.0, 2.0], [3.0, 2.0, 1.0])
+
+
+def test_scale_quick(tmp_path):
+    """The LLaMA-layer benchmark at toy size: every method builds and steps; LoRA's count is
+    r·(in + out) summed over the 7 modules; memory was measured in subprocesses."""
+    methods = ("lora", "quic")
+    scale.run(quick=True, out_dir=tmp_path, tokens=(8,), methods=methods)
+    data = json.loads((tmp_path / "scale.json").read_text())
+    rows = data["tokens"]["8"]
+    assert set(rows) == set(methods)
+    for method, row in rows.items():
+        assert "error" not in row and "error" not in row["memory"], (method, row)
+        assert row["n"] >= 1 and row["memory"]["peak_rss_mib"] > 0
+    h, i = 64, 128
+    assert rows["lora"]["trainable"] == 8 * (4 * (h + h) + 2 * (h + i) + (i + h))
+    assert rows["lora"]["lora_paired_ratio"] == 1.0 and rows["lora"]["peak_ratio"] == 1.0

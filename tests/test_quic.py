@@ -509,3 +509,87 @@ def test_merged_and_unmerged_weights_are_contiguous_and_save_with_safetensors(ki
     torch.testing.assert_close(load_file(tmp_path / "merged.safetensors")["weight"], weight.data)
     layer.unmerge()
     assert layer.get_base_layer().weight.is_contiguous()
+# ---------------------------------------------------------------------------------------------
+# the three ways of applying Q (explicit compounds, their action, the rotated weight)
+
+_PATHS = ("explicit", "action", "weight")
+
+
+def _force_path(monkeypatch, path: str) -> None:
+    """Make the layer's cost model pick ``path`` whatever the counts say."""
+    import qpeft.tuners.quic.layer as layer_mod
+
+    real_order, real_rotation = layer_mod.order_costs, layer_mod.rotation_costs
+
+    def order_costs(op, tokens, n_blocks):
+        costs = real_order(op, tokens, n_blocks)
+        if path == "action" and "action" in costs:
+            costs["action"] = -1
+        costs.pop("action") if path == "explicit" and "action" in costs else None
+        return costs
+
+    def rotation_costs(*args, **kwargs):
+        costs = real_rotation(*args, **kwargs)
+        costs["weight"] = -1 if path == "weight" else costs["activations"] + 1
+        return costs
+
+    monkeypatch.setattr(layer_mod, "order_costs", order_costs)
+    monkeypatch.setattr(layer_mod, "rotation_costs", rotation_costs)
+
+
+@pytest.mark.parametrize("side", ["output", "input"])
+@pytest.mark.parametrize("orders,num_adapters", [([1, 2], 1), ([2, 3], 2), ([1, 2, 3], 1)])
+def test_three_paths_equal_dense_q_forward_and_gradients(side, orders, num_adapters, monkeypatch):
+    """Explicit compounds, compound_apply and the rotated weight give the output of the dense
+    reference Q (float64, 1e-10) and the same gradients in the adapter and the input."""
+    torch.manual_seed(0)
+    base = nn.Linear(47, 41, dtype=torch.float64)
+    cfg = QuICConfig(target_modules=["x"], num_blocks=2, orders=orders, side=side,
+                     num_adapters=num_adapters, init_weights=False)
+    x0 = torch.randn(3, 5, 47, dtype=torch.float64)
+    results = {}
+    for path in _PATHS:
+        with monkeypatch.context() as mp:
+            _force_path(mp, path)
+            torch.manual_seed(1)  # the same random adapter for every path
+            layer = QuICModule(copy.deepcopy(base), "default", cfg)
+            layer.quic_params["default"].data = layer.quic_params["default"].data.double()
+            with torch.no_grad():
+                q = layer.rotation_matrix("default", torch.float64)
+            x = x0.clone().requires_grad_()
+            y = layer(x)
+            w = base.weight
+            ref = x0 @ (q @ w).T + base.bias if side == "output" else x0 @ (w @ q.T).T + base.bias
+            torch.testing.assert_close(y, ref, atol=1e-10, rtol=0)
+            (y * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)).sum().backward()
+            results[path] = (y.detach(), x.grad, layer.quic_params["default"].grad)
+    for path in _PATHS[1:]:
+        for got, want in zip(results[path], results["explicit"], strict=True):
+            torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    assert results["explicit"][2].abs().max() > 1e-3  # the adapter's gradient is not vacuous
+
+
+def test_cost_model_choices():
+    """Counted multiply-adds: the action for large n (LLaMA-7B's n = 51), the explicit compound
+    for tiny n, the rotated weight only without gradient and with more tokens than W's other
+    side."""
+    from qpeft.tuners.quic.layer import CompoundOperator, order_costs, rotation_costs
+
+    def op(n, k, n_a=3):
+        return CompoundOperator(torch.zeros(n_a, n, n), k)
+
+    big = order_costs(op(51, 2), 128, 3)
+    assert big["action"] == 128 * 3 * (2 * 51**3 + 3 * 51**2)
+    assert big["explicit"] == 2 * 1275**2 * 3 + 128 * 3 * 1275**2
+    assert big["action"] < big["explicit"]
+    small = order_costs(op(4, 2), 1000, 3)
+    assert small["explicit"] < small["action"]
+    assert set(order_costs(op(5, 1), 10, 3)) == {"explicit"}
+    plan = block_plan(4096, 3, [1, 2])
+    ops = [op(plan.n, 1), op(plan.n, 2)]
+    train = rotation_costs(ops, plan, 2048, 4096, needs_grad=True)
+    assert train["activations"] < train["weight"]
+    infer_many = rotation_costs(ops, plan, 8192, 4096, needs_grad=False)
+    assert infer_many["weight"] < infer_many["activations"]
+    infer_few = rotation_costs(ops, plan, 128, 4096, needs_grad=False)
+    assert infer_few["activations"] < infer_few["weight"]

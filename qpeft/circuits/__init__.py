@@ -2,6 +2,8 @@
 
 from qpeft.circuits.compound import (  # noqa: E402,F401  (helper "circuits-quic")
     compound,
+    compound_apply,
+    compound_apply_cost,
     compound_dim,
     compound_sector_dim,
     compounds,

@@ -36,6 +36,8 @@ __all__ = [
     "compound_dim",
     "k_subsets",
     "compound",
+    "compound_apply",
+    "compound_apply_cost",
     "compounds",
     "compound_sector_dim",
     "largest_block_size",
@@ -323,3 +325,177 @@ def largest_block_size(b: int, orders: Sequence[int]) -> int:
         else:
             hi = mid
     return lo
+
+
+# ---------------------------------------------------------------- the action of C_k(a), unformed
+
+_APPLY_CHUNK_ELEMENTS = 1 << 22  # per-chunk [B, n, n, t] temporaries of compound_apply (16 MiB f32)
+
+
+def compound_apply_cost(n: int, k: int) -> int:
+    """Multiply-adds per vector of :func:`compound_apply` (forward): n² for k = 1, 2n³ for
+    k = 2 (A·X·Aᵀ), k·n^(k+1) for 3 <= k < n (k mode products), 1 for k = n (det(a)·x).
+    Compare C(n,k)² for the explicit compound times a vector. O(1)."""
+    _check_order(n, k)
+    if k == n:
+        return 1
+    if k == 1:
+        return n * n
+    return k * n ** (k + 1)
+
+
+@tensor_table_cache(maxsize=64)
+def _antisymmetric_tables(n: int, k: int, device: str) -> tuple[torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor]:
+    """For the antisymmetric order-k tensor over {0..n-1}^k (flattened row-major, n^k entries):
+    rank [n^k] of each multi-index's sorted subset among ``k_subsets(n, k)`` (0 where an index
+    repeats) and its permutation sign [n^k] (0 where an index repeats); and ``sorted_at`` [C(n,k)]:
+    the flat position of each subset's increasing multi-index (the gather back)."""
+    rank = torch.zeros(n**k, dtype=torch.long)
+    sign = torch.zeros(n**k)
+    sorted_at = []
+    for r, subset in enumerate(itertools.combinations(range(n), k)):
+        for perm in itertools.permutations(range(k)):
+            flat = 0
+            for i in perm:
+                flat = flat * n + subset[i]
+            inversions = sum(perm[i] > perm[j] for i in range(k) for j in range(i + 1, k))
+            rank[flat] = r
+            sign[flat] = -1.0 if inversions % 2 else 1.0
+        sorted_at.append(sum(i * n ** (k - 1 - m) for m, i in enumerate(subset)))
+    dev = torch.device(device)
+    return rank.to(dev), sign.to(dev), torch.tensor(sorted_at, dtype=torch.long, device=dev)
+
+
+def _embed_antisymmetric(x: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """x [R, C(n,k)] -> the antisymmetric tensors [R, n^k] whose sorted entries are x."""
+    rank, sign, _ = _antisymmetric_tables(n, k, str(x.device))
+    return x.index_select(-1, rank) * sign.to(x.dtype)
+
+
+@tensor_table_cache(maxsize=64)
+def _signed_pair_table(n: int, device: str) -> torch.Tensor:
+    """For the rows [x; -x; 0] (2·C(n,2) + 1 of them): which row lands at (p, q) of the
+    antisymmetric n x n embedding, row-major [n*n] (+x above the diagonal, -x below, 0 on it)."""
+    rank, sign, _ = _antisymmetric_tables(n, 2, "cpu")
+    c = math.comb(n, 2)
+    table = torch.where(sign > 0, rank, torch.where(sign < 0, rank + c, torch.full_like(rank, 2 * c)))
+    return table.to(torch.device(device))
+
+
+def _embed_pairs_columns(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x [B, t, C(n,2)] -> X [B, n, n, t]: X[:, p, q, :] = ±x[:, :, pair(p, q)] (antisymmetric in
+    p, q; tokens last, so each entry is a contiguous row copy and A·X is one matmul). The
+    sign is folded into the gather (rows [x; -x; 0]): no separate pass over the n² rows."""
+    bsz, t, c = x.shape
+    cols = x.transpose(1, 2)
+    rows = torch.cat([cols, -cols, x.new_zeros(bsz, 1, t)], dim=1)  # differentiable (2nd order)
+    return rows.index_select(1, _signed_pair_table(n, str(x.device))).view(bsz, n, n, t)
+
+
+def _second_apply_chunk(a: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
+    """For a [B, n, n], x [B, t, C(n,2)]: writes y_t = C_2(a)·x_t into ``out`` [B, C(n,2), t].
+
+    Y_t = A·X_t·Aᵀ on the tokens-last layout [B, p, q, t]: A·X (contract p) is one matmul
+    [n, n] @ [n, n·t] per block; (A·X)·Aᵀ (contract q) is B·n matmuls [n, n] @ [n, t]; the
+    entries p < q of Y are y. 2n³ multiply-adds per token."""
+    bsz, t, _ = x.shape
+    n = a.shape[-1]
+    upper = _pair_tables(n, str(a.device))[2]
+    z = torch.bmm(a, _embed_pairs_columns(x, n).view(bsz, n, n * t)).view(bsz, n, n, t)
+    y = torch.matmul(a[:, None], z).view(bsz, n * n, t)
+    out.copy_(y.index_select(1, upper))
+
+
+def _token_chunks(tokens: int, per_token: int) -> list[slice]:
+    step = max(1, _APPLY_CHUNK_ELEMENTS // max(1, per_token))
+    return [slice(s, s + step) for s in range(0, tokens, step)]
+
+
+class _SecondCompoundApply(torch.autograd.Function):
+    """y_t = C_2(a)·x_t for a [B, n, n], x [B, T, C(n,2)], never forming C_2(a).
+
+    Forward: Y_t = A·X_t·Aᵀ (X_t the antisymmetric embedding of x_t), 2n³ per token, in token
+    chunks so that temporaries stay small; only a and x are saved (an explicit compound keeps
+    its C(n,2)² matrix, autograd through A·X·Aᵀ would keep [T, n, n] tensors).
+    Backward: grad x = C_2(a)ᵀ g = C_2(aᵀ) g (the same kernel with aᵀ); with Ĝ_t the
+    antisymmetric embedding of g_t, grad a = Σ_t Ĝ_tᵀ·(A·X_t) (A·X_t recomputed), 4n³ per
+    token in all. Built from differentiable ops (double backward works)."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, x)
+        return _second_apply(a, x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        a, x = ctx.saved_tensors
+        bsz, n = a.shape[0], a.shape[-1]
+        grad_a = grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_x = _SecondCompoundApply.apply(a.mT, grad)
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.zeros_like(a)
+            for s in _token_chunks(x.shape[1], bsz * n * n):
+                t = x[:, s].shape[1]
+                z = torch.bmm(a, _embed_pairs_columns(x[:, s], n).view(bsz, n, n * t))
+                g_hat = _embed_pairs_columns(grad[:, s], n)  # [B, m, i, t]
+                # grad a[i, j] = Σ_{m,t} Ĝ[m, i, t] (A X)[m, j, t]
+                grad_a = grad_a + torch.matmul(g_hat, z.view(bsz, n, n, t).mT).sum(1)
+        return grad_a, grad_x
+
+
+def _second_apply(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """y = C_2(a)·x in token chunks: [B, T, C(n,2)] (a transposed view of [B, C(n,2), T])."""
+    out = x.new_empty(x.shape[0], x.shape[2], x.shape[1])
+    for s in _token_chunks(x.shape[1], a.shape[0] * a.shape[-1] ** 2):
+        _second_apply_chunk(a, x[:, s], out[:, :, s])
+    return out.transpose(1, 2)
+
+
+def _mode_products(a: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
+    """C_k(a)·x_t as k mode products on the antisymmetric tensor of each x_t (autograd).
+
+    a [B, n, n], x [B, T, C(n,k)]; each step multiplies the last mode by A (one bmm) and moves
+    it to the front, so after k steps every mode is multiplied once and the order restored."""
+    bsz, t, c = x.shape
+    n = a.shape[-1]
+    sorted_at = _antisymmetric_tables(n, k, str(a.device))[2]
+    cur = _embed_antisymmetric(x.reshape(-1, c), n, k).view(bsz, t, n**k)
+    for _ in range(k):
+        cur = torch.bmm(cur.view(bsz, -1, n), a.mT).view(bsz, t, n ** (k - 1), n)
+        cur = cur.transpose(-1, -2).reshape(bsz, t, n**k)
+    return cur.index_select(-1, sorted_at)
+
+
+def compound_apply(a: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
+    """C_k(a)·v for every vector v of the Hamming-weight-k sector, never forming C_k(a).
+
+    ``a``: [B, n, n] (B blocks); ``x``: [B, T, C(n,k)] (T vectors per block), coordinates in
+    the lexicographic k-subset order of :func:`compound` / ``k_subsets(n, k)``. Returns
+    [B, T, C(n,k)] equal to ``x @ compound(a, k).mT``. Real floating dtypes.
+
+    k = 1: x·Aᵀ; k = 2: A·X·Aᵀ on the antisymmetric n x n matrix X of each vector (2n³
+    multiply-adds instead of C(n,2)², hand-written backward that saves only a and x); 3 <= k < n:
+    k mode products on the antisymmetric n^k tensor (k·n^(k+1), autograd); k = n: det(a)·x.
+    Cost per vector: :func:`compound_apply_cost`. Differentiable in a and x."""
+    n = _check_matrix(a)
+    _check_order(n, k)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"x must be a real floating torch.Tensor, got {getattr(x, 'dtype', x)!r}")
+    if a.is_complex():
+        raise ValueError("compound_apply supports real a only; use compound(a, k) for complex")
+    c = math.comb(n, k)
+    if a.dim() != 3 or x.dim() != 3 or x.shape[0] != a.shape[0] or x.shape[-1] != c:
+        raise ValueError(
+            f"compound_apply needs a [B, n, n] and x [B, T, C(n,k)] = [{a.shape[0] if a.dim() == 3 else 'B'}, "
+            f"T, {c}] (n={n}, k={k}); got a {tuple(a.shape)}, x {tuple(x.shape)}")
+    if x.dtype != a.dtype:
+        raise ValueError(f"a and x must share a dtype, got {a.dtype} and {x.dtype}")
+    if k == 1:
+        return torch.bmm(x, a.mT)
+    if k == n:
+        return x * _det(a)[:, None, None]
+    if k == 2:
+        return _SecondCompoundApply.apply(a, x)
+    return _mode_products(a, x, k)

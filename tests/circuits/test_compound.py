@@ -317,3 +317,80 @@ def test_all_orders_with_sliced_order_two_forced(n, monkeypatch):
     a = _rand(n, n, seed=n + 40)
     for k in range(2, n + 1):
         torch.testing.assert_close(compound(a, k), minors_compound(a, k), rtol=0, atol=1e-10)
+
+
+# ---------------------------------------------------------------- the action, never formed
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.sampled_from([1, 2, 3, 4, 5, 7, 11, 13]), data=st.data(),
+       blocks=st.integers(1, 3), tokens=st.integers(1, 9), seed=st.integers(0, 10**6))
+def test_compound_apply_equals_explicit_compound_times_vectors(n, data, blocks, tokens, seed):
+    """compound_apply(a, x, k) == x @ C_k(a)ᵀ (lexicographic k-subsets), k = 1, 2, 3 and n."""
+    from qpeft.circuits.compound import compound_apply
+
+    k = data.draw(st.sampled_from(sorted({k for k in (1, 2, 3, n) if k <= n})))
+    a = _rand(blocks, n, n, seed=seed)
+    x = _rand(blocks, tokens, math.comb(n, k), seed=seed + 1)
+    got = compound_apply(a, x, k)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, x @ minors_compound(a, k).mT, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk", [None, 40])
+def test_compound_apply_chunked_matches_and_is_not_vacuous(chunk, monkeypatch):
+    """Token chunks give the same result; a different a gives a different one."""
+    mod = sys.modules["qpeft.circuits.compound"]
+
+    if chunk:
+        monkeypatch.setattr(mod, "_APPLY_CHUNK_ELEMENTS", chunk)
+    a = _rand(2, 9, 9, seed=3)
+    x = _rand(2, 17, 36, seed=4)
+    ref = x @ compound(a, 2).mT
+    torch.testing.assert_close(mod.compound_apply(a, x, 2), ref, rtol=0, atol=1e-10)
+    assert (mod.compound_apply(a + 0.01, x, 2) - ref).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("n,k", [(4, 1), (5, 2), (7, 2), (5, 3), (6, 4), (3, 3)])
+@pytest.mark.parametrize("chunk", [None, 60])
+def test_compound_apply_gradcheck(n, k, chunk, monkeypatch):
+    mod = sys.modules["qpeft.circuits.compound"]
+
+    if chunk:
+        monkeypatch.setattr(mod, "_APPLY_CHUNK_ELEMENTS", chunk)
+    a = _rand(2, n, n, seed=n).requires_grad_()
+    x = _rand(2, 5, math.comb(n, k), seed=k).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, x: mod.compound_apply(a, x, k), (a, x))
+    if k == 2:  # the hand-written backward is itself differentiable
+        assert torch.autograd.gradgradcheck(lambda a, x: mod.compound_apply(a, x, k), (a, x))
+
+
+def test_compound_apply_gradient_equals_explicit_path():
+    """Gradients in a and x equal those through the explicit compound (float64, 1e-10)."""
+    from qpeft.circuits.compound import compound_apply
+
+    for k in (2, 3):
+        a = _rand(3, 8, 8, seed=k).requires_grad_()
+        x = _rand(3, 6, math.comb(8, k), seed=10 + k).requires_grad_()
+        w = _rand(3, 6, math.comb(8, k), seed=20 + k)
+        ga, gx = torch.autograd.grad((compound_apply(a, x, k) * w).sum(), (a, x))
+        ra, rx = torch.autograd.grad((x @ compound(a, k).mT * w).sum(), (a, x))
+        torch.testing.assert_close(ga, ra, rtol=0, atol=1e-10)
+        torch.testing.assert_close(gx, rx, rtol=0, atol=1e-10)
+
+
+def test_compound_apply_cost_and_bad_input():
+    from qpeft.circuits.compound import compound_apply, compound_apply_cost
+
+    assert compound_apply_cost(51, 2) == 2 * 51**3 < math.comb(51, 2) ** 2
+    assert compound_apply_cost(10, 1) == 100 and compound_apply_cost(5, 5) == 1
+    assert compound_apply_cost(29, 3) == 3 * 29**4
+    a = _rand(2, 5, 5)
+    with pytest.raises(ValueError, match=r"x \[B, T, C\(n,k\)\]"):
+        compound_apply(a, _rand(2, 3, 9), 2)
+    with pytest.raises(ValueError, match="x must be a real floating"):
+        compound_apply(a, torch.ones(2, 3, 10, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="share a dtype"):
+        compound_apply(a, torch.ones(2, 3, 10), 2)
+    with pytest.raises(ValueError, match="k must be in"):
+        compound_apply(a, _rand(2, 3, 10), 6)

@@ -10,13 +10,14 @@ block-wise inverses (``base_map="free"`` / ``combine="sum"``).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from qpeft.circuits.compound import compounds
+from qpeft.circuits.compound import compound, compound_apply, compound_apply_cost, compounds
 from qpeft.circuits.givens import givens_matrix
 from qpeft.tuners._common import (
     WeightMergeLayer,
@@ -88,6 +89,54 @@ def _fill_upper(
     return flat.reshape(zeros.shape)
 
 
+@dataclass(frozen=True)
+class CompoundOperator:
+    """C_k(A) of every block, kept as its base matrices ``base`` [..., N_A, n, n]: the forward
+    decides per call (:func:`rotation_costs`) whether to form C_k(A) (C(n,k)² per block) or to
+    apply its action (:func:`qpeft.circuits.compound.compound_apply`)."""
+
+    base: torch.Tensor
+    k: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.dtype
+
+    @property
+    def mT(self) -> CompoundOperator:  # noqa: N802 - mirrors Tensor.mT
+        """C_k(A)ᵀ = C_k(Aᵀ)."""
+        return CompoundOperator(self.base.mT, self.k)
+
+    def __getitem__(self, index: Any) -> CompoundOperator:
+        return CompoundOperator(self.base[index], self.k)
+
+    def matrix(self) -> torch.Tensor:
+        """The explicit C_k(A) [..., N_A, C(n,k), C(n,k)]."""
+        return self.base if self.k == 1 else compound(self.base, self.k)
+
+
+def as_matrix(op: torch.Tensor | CompoundOperator) -> torch.Tensor:
+    """An order's explicit block matrices, whichever form ``op`` is in."""
+    return op.matrix() if isinstance(op, CompoundOperator) else op
+
+
+def compound_operators(
+    params: torch.Tensor, plan: BlockPlan, settings: QuICSettings
+) -> list[torch.Tensor | CompoundOperator]:
+    """Per order k in ``plan.orders``, the blocks' C_k — a :class:`CompoundOperator` on the base
+    matrices [..., N_A, n, n] (product of the chained adapters, Cauchy–Binet), formed or applied
+    as its action later; or, for ``combine="sum"`` of several adapters, the explicit mean
+    (1/m) Σ_j C_k(A_j) [..., N_A, C, C]. Parameters [..., m, N_A, P]. Cost: O(m·N_A·n³)."""
+    a = base_matrices(params, plan.n, settings.base_map, settings.rbs_layout)  # [..., m, N_A, n, n]
+    if settings.combine == "product" or settings.num_adapters == 1:
+        factors = a.unbind(-4)
+        prod = factors[0]
+        for factor in factors[1:]:
+            prod = factor @ prod
+        return [CompoundOperator(prod, k) for k in plan.orders]
+    return [c.mean(dim=-4) for c in compounds(a, plan.orders).values()]
+
+
 def compound_blocks(params: torch.Tensor, plan: BlockPlan, settings: QuICSettings) -> list[torch.Tensor]:
     """Per order k in ``plan.orders``, the blocks' matrices [..., N_A, C(n,k), C(n,k)] from
     parameters [..., m, N_A, P] (m chained adapters; leading dims batch several layers).
@@ -105,6 +154,47 @@ def compound_blocks(params: torch.Tensor, plan: BlockPlan, settings: QuICSetting
     return [c.mean(dim=-4) for c in compounds(a, plan.orders).values()]
 
 
+#: element moves (gathers, copies) per vector of compound_apply, in units of n²: the embedding
+#: [x; -x; 0] and its gather, the output gather (counted like multiply-adds: both memory-bound)
+_ACTION_MOVES_PER_N2 = 3
+
+
+def order_costs(op: torch.Tensor | CompoundOperator, tokens: int, n_blocks: int) -> dict[str, int]:
+    """Counted multiply-adds (forward) of one order on ``tokens`` vectors of ``n_blocks`` blocks:
+    ``explicit`` = forming C_k (k·C² per distinct block, as the Laplace recursion) + tokens·C²
+    per block; ``action`` = tokens·(compound_apply_cost + element moves) per block. An explicit
+    tensor has only ``explicit`` (tokens·C²). O(1)."""
+    if not isinstance(op, CompoundOperator):
+        return {"explicit": tokens * n_blocks * op.shape[-1] ** 2}
+    n, k = op.base.shape[-1], op.k
+    c = math.comb(n, k)
+    n_a = op.base.shape[-3] if op.base.dim() >= 3 else 1
+    form = 0 if k == 1 else k * c * c * n_a
+    costs = {"explicit": form + tokens * n_blocks * c * c}
+    if 1 < k < n:
+        apply = compound_apply_cost(n, k) + _ACTION_MOVES_PER_N2 * n * n
+        costs["action"] = tokens * n_blocks * apply
+    return costs
+
+
+def rotation_costs(
+    ops: list[torch.Tensor | CompoundOperator], plan: BlockPlan, tokens: int, other_dim: int,
+    needs_grad: bool,
+) -> dict[str, int]:
+    """Counted multiply-adds of Q on a layer call with ``tokens`` vectors, per path:
+    ``activations`` — rotate the tokens (each order explicit or action, whichever is cheaper);
+    ``weight`` — rotate the ``other_dim`` columns of W once, then x·W'ᵀ replaces x·Wᵀ (same
+    cost). With ``needs_grad`` the backward is counted too: about 2x the rotation for both, plus
+    for ``weight`` the gradient of W' (tokens·d·other_dim), which a frozen W never needs. O(1)."""
+
+    def rotate(t: int) -> int:
+        return sum(min(order_costs(op, t, plan.num_blocks).values()) for op in ops)
+
+    scale = 3 if needs_grad else 1
+    weight = scale * rotate(other_dim) + (tokens * plan.d * other_dim if needs_grad else 0)
+    return {"activations": scale * rotate(tokens), "weight": weight}
+
+
 def block_rotate(
     v: torch.Tensor, mats: list[torch.Tensor], plan: BlockPlan, fixed: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -112,8 +202,10 @@ def block_rotate(
     with ``fixed`` [d] (a layer's bias): ``Q·(v − fixed) + fixed``, the rotation about that point.
 
     ``mats[j]``: [N_A, c_j, c_j] with N_A ∈ {1, N} (1 = shared by all blocks),
-    c_j = plan.dims[j]. One batched matmul per order (``fixed`` folded into it as a per-block
-    shift) and one concatenation; no d x d matrix. Cost per vector: O(N · Σ_j c_j²)."""
+    c_j = plan.dims[j], or a :class:`CompoundOperator` on [N_A, n, n], then formed or applied as
+    its action, whichever :func:`order_costs` counts cheaper for this many vectors. One batched
+    matmul (or action) per order (``fixed`` folded in as a per-block shift) and one
+    concatenation; no d x d matrix. Cost per vector: O(N · Σ_j min(c_j², action_j))."""
     n_blk, b = plan.num_blocks, plan.block_size
     flat = v.reshape(-1, plan.d)
     sizes = [*plan.dims, plan.pad] if plan.pad else list(plan.dims)
@@ -124,6 +216,16 @@ def block_rotate(
         fixed_segs = fixed.to(v.dtype)[: n_blk * b].view(n_blk, b).split(sizes, dim=-1)
     parts = []
     for j, (mat, seg) in enumerate(zip(mats, segs, strict=False)):
+        costs = order_costs(mat, flat.shape[0], n_blk)
+        if "action" in costs and costs["action"] < costs["explicit"]:
+            a = mat.base.expand(n_blk, *mat.base.shape[-2:])
+            out = compound_apply(a, seg.transpose(0, 1), mat.k)  # [N, T, c]
+            if fixed is not None:
+                f = fixed_segs[j]
+                out = out + (f - compound_apply(a, f[:, None, :], mat.k)[:, 0])[:, None, :]
+            parts.append(out.transpose(0, 1))
+            continue
+        mat = as_matrix(mat)
         mat = mat.expand(n_blk, *mat.shape[1:])
         if fixed is None:
             out = torch.bmm(seg.transpose(0, 1), mat.mT)  # [N, T, c]
@@ -198,11 +300,15 @@ class QuICLayer(WeightMergeLayer):
         params = self.quic_params[adapter_name]
         return params.to(dtype or _compute_dtype(params.dtype))
 
-    def forward_matrices(self, adapter_name: str) -> list[torch.Tensor]:
-        """:meth:`block_matrices` for a forward (reused outside autograd while the parameters
-        are unchanged, see :meth:`WeightMergeLayer._generated`)."""
-        return self._generated(adapter_name, [self.quic_params[adapter_name]],
-                               lambda: self.block_matrices(adapter_name))
+    def forward_matrices(self, adapter_name: str) -> list[torch.Tensor | CompoundOperator]:
+        """Per order, the blocks' compounds for the forward (:func:`compound_operators`: formed
+        or applied as an action, whichever is cheaper for the call's token count); reused
+        outside autograd while the parameters are unchanged (:meth:`WeightMergeLayer._generated`)."""
+        return self._generated(
+            adapter_name, [self.quic_params[adapter_name]],
+            lambda: compound_operators(self.generator_params(adapter_name),
+                                       self.quic_plan[adapter_name],
+                                       self.quic_settings[adapter_name]))
 
     def _inverse(self, adapter_name: str, mats: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.quic_settings[adapter_name].orthogonal:
@@ -257,10 +363,11 @@ class QuICLayer(WeightMergeLayer):
         return not (self.training and p > 0.0) or bool(torch.rand(()) >= p)
 
     def _rotate(
-        self, name: str, v: torch.Tensor, transpose: bool = False, fixed: torch.Tensor | None = None
+        self, name: str, v: torch.Tensor, mats: list[torch.Tensor | CompoundOperator],
+        transpose: bool = False, fixed: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Q·v (Qᵀ·v with ``transpose``; about the point ``fixed`` if given) in the compute dtype."""
-        mats = self.forward_matrices(name)
+        """Q·v (Qᵀ·v with ``transpose``; about the point ``fixed`` if given) in the compute dtype,
+        Q given by this forward's ``mats`` of adapter ``name``."""
         if transpose:
             mats = [m.mT for m in mats]
         return block_rotate(v.to(mats[0].dtype), mats, self.quic_plan[name], fixed)
@@ -271,36 +378,66 @@ class QuICLayer(WeightMergeLayer):
         output-side Q rotates the base output; an input-side Q needs the base layer again."""
         if self.quic_settings[adapter_name].side == "input":
             return self._forward_active(x, [adapter_name], *args, **kwargs)
-        return self._rotate_output(base_out, [adapter_name])
+        return self._rotate_output(base_out, [adapter_name],
+                                   {adapter_name: self.forward_matrices(adapter_name)})
+
+    def _forward_rotated_weight(
+        self, name: str, x: torch.Tensor, mats: list[torch.Tensor | CompoundOperator]
+    ) -> torch.Tensor | None:
+        """x·W'ᵀ + b with W' = Q·W (output side) or W·Qᵀ (input side) when rotating the weight
+        is counted cheaper than rotating the activations (:func:`rotation_costs`: many tokens,
+        no gradient); None otherwise. Linear / Conv1D only."""
+        plan, side = self.quic_plan[name], self.quic_settings[name].side
+        base = self.get_base_layer()
+        other = self.in_features if side == "output" else self.out_features
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or self.quic_params[name].requires_grad)
+        costs = rotation_costs(mats, plan, x.numel() // x.shape[-1], other, needs_grad)
+        if costs["weight"] >= costs["activations"]:
+            return None
+        weight = self._rotate_weight(base.weight, name, mats)
+        matrix = weight_to_matrix(base, weight).to(x.dtype)
+        bias = None if base.bias is None else base.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, matrix, bias)
 
     def _forward_active(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
         kept = [a for a in active if self._kept(a)]
+        # each adapter's matrices once per forward, whichever path uses them
+        ops = {name: self.forward_matrices(name) for name in kept}
+        if len(kept) == 1 and self.kind != "conv2d" and not args and not kwargs:
+            rotated = self._forward_rotated_weight(kept[0], x, ops[kept[0]])
+            if rotated is not None:
+                return rotated
         ins = [a for a in kept if self.quic_settings[a].side == "input"]
         outs = [a for a in kept if self.quic_settings[a].side == "output"]
         if ins and self.kind == "conv2d":
             # Q acts on the flattened (in_ch·kh·kw) side: rotate the weight block-wise instead.
             weight = base.weight
             for name in ins:
-                weight = self._rotate_weight(weight, name, self.forward_matrices(name))
+                weight = self._rotate_weight(weight, name, ops[name])
             result = base._conv_forward(x, weight.to(base.weight.dtype), base.bias)
         elif ins:
             # forward of W·Qᵀ is W·(Qᵀx); later merges multiply on the right, so apply in reverse
             for name in reversed(ins):
-                x = self._rotate(name, x, transpose=True).to(x.dtype)
+                x = self._rotate(name, x, ops[name], transpose=True).to(x.dtype)
             result = base(x, *args, **kwargs)
         else:
             result = base(x, *args, **kwargs)
         if not outs:
             return result
-        return self._rotate_output(result, outs)
+        return self._rotate_output(result, outs, ops)
 
-    def _rotate_output(self, result: torch.Tensor, names: list[str]) -> torch.Tensor:
-        """The base layer's output ``result`` rotated by the output-side adapters ``names``."""
+    def _rotate_output(
+        self, result: torch.Tensor, names: list[str],
+        ops: dict[str, list[torch.Tensor | CompoundOperator]],
+    ) -> torch.Tensor:
+        """The base layer's output ``result`` rotated by the output-side adapters ``names``
+        (their matrices ``ops[name]``)."""
         base = self.get_base_layer()
         y = result.movedim(1, -1) if self.kind == "conv2d" else result
         for name in names:  # W' = Q_m···Q_1·W: rotate the bias-free output, keep the bias
-            y = self._rotate(name, y, fixed=base.bias)
+            y = self._rotate(name, y, ops[name], fixed=base.bias)
         y = y.to(result.dtype)
         if self.kind != "conv2d":
             return y

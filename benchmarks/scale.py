@@ -1,0 +1,258 @@
+"""Benchmark 6: one LLaMA-7B-shaped decoder layer, every linear module adapted: training step
+time and peak memory of qpeft's methods against peft's, at 128 and 2,048 tokens.
+
+The layer is transformers' ``LlamaDecoderLayer`` from ``LlamaConfig(hidden_size=4096,
+intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)``, random init, fp32,
+batch 1; all 7 linear modules adapted; one step = zero_grad, forward, loss = mean(out²),
+backward, AdamW. Time: every method wraps a weight-sharing clone of one layer in one process,
+their steps are interleaved round-robin, and the ratio to peft LoRA r=8 is the median of the
+per-round ratios (:func:`benchmarks._common.paired_ratio`). Memory: a fresh subprocess per method
+and token count, peak RSS over the steps as in ``benchmarks.train_step``.
+
+Run alone: ``python -m benchmarks.scale [--quick] [--tokens 128 2048] [--no-memory]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmarks import _common as C
+from benchmarks import models as M
+from benchmarks.train_step import _rss_kib
+
+NAME = "scale"
+TARGETS_7B = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+METHODS = ("lora", "oft", "vera", "fourierft", "quantum_peft", "quic", "qpa")
+LABELS = {**M.METHOD_LABELS, "vera": "peft VeRA (r=256)", "fourierft": "peft FourierFT (n=1000)"}
+TOKENS = (128, 2048)
+QUICK_TOKENS = (16, 32)
+TARGETS = {  # method: (max step / LoRA, max step / OFT, max peak memory / LoRA)
+    "quantum_peft": (1.10, None, 1.10),
+    "qpa": (1.10, None, 1.10),
+    "quic": (1.30, 1.2, 1.10),
+}
+
+
+def layer_config(quick: bool) -> Any:
+    """The 7B shape (quick: 64 / 128, 4 heads)."""
+    from transformers import LlamaConfig
+
+    if quick:
+        return LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                           num_key_value_heads=4)
+    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                       num_key_value_heads=32)
+
+
+class OneLayer(nn.Module):
+    """A decoder layer with its rotary embedding: hidden [B, T, d] -> hidden [B, T, d]."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+        self.config = config
+        self.layer = LlamaDecoderLayer(config, layer_idx=0)
+        self.rotary = LlamaRotaryEmbedding(config)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(hidden.shape[1])[None]
+        out = self.layer(hidden, position_embeddings=self.rotary(hidden, pos), position_ids=pos)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def build_layer(quick: bool) -> OneLayer:
+    torch.manual_seed(0)
+    return OneLayer(layer_config(quick)).train()
+
+
+def method_config(method: str) -> Any:
+    """LoRA/OFT/qpeft as in ``benchmarks.models``; VeRA and FourierFT with peft's defaults."""
+    import peft
+
+    if method == "vera":
+        return peft.VeraConfig(target_modules=list(TARGETS_7B))
+    if method == "fourierft":
+        return peft.FourierFTConfig(target_modules=list(TARGETS_7B))
+    return M.method_config(method, TARGETS_7B, None)
+
+
+def wrap(method: str, base: OneLayer) -> nn.Module:
+    import peft
+
+    import qpeft  # noqa: F401  (registers the qpeft methods)
+
+    return peft.get_peft_model(M.clone_sharing(base), method_config(method))
+
+
+def make_step(model: nn.Module, hidden: torch.Tensor) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        model(hidden).pow(2).mean().backward()
+        opt.step()
+
+    return step
+
+
+def _hidden(quick: bool, tokens: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(1, tokens, layer_config(quick).hidden_size, generator=g)
+
+
+def memory_worker(method: str, quick: bool, tokens: int, steps: int) -> dict[str, Any]:
+    """In a fresh process: build, wrap, reset the RSS high-water mark, run steps (MiB)."""
+    C.setup_torch()
+    model = wrap(method, build_layer(quick))
+    step = make_step(model, _hidden(quick, tokens))
+    gc.collect()
+    before = _rss_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    for _ in range(steps):
+        step()
+    peak = _rss_kib("VmHWM")
+    return {"rss_before_mib": before / 1024, "peak_rss_mib": peak / 1024,
+            "step_mem_mib": (peak - before) / 1024}
+
+
+def measure_memory(method: str, quick: bool, tokens: int) -> dict[str, Any]:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS=str(C.bench_threads()))
+    cmd = [sys.executable, "-m", "benchmarks.scale", "--memory-worker", method,
+           "--tokens", str(tokens)] + (["--quick"] if quick else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=C.REPO_ROOT, env=env,
+                          timeout=1800)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        return {"error": lines[-1] if lines else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_time(methods: list[str], quick: bool, tokens: int) -> dict[str, Any]:
+    base = build_layer(quick)
+    hidden = _hidden(quick, tokens)
+    out: dict[str, Any] = {}
+    steps = {}
+    for method in methods:
+        try:
+            model = wrap(method, base)
+            out[method] = {"trainable": M.trainable_count(model)}
+            steps[method] = make_step(model, hidden)
+        except Exception as err:  # a method that cannot be built is reported, not fatal
+            out[method] = {"error": f"{type(err).__name__}: {err}"}
+    warmup, repeats = (1, 2) if quick else ((1, 7) if tokens <= 512 else (1, 3))
+    times = C.round_robin(steps, warmup, repeats)
+    for method, ts in times.items():
+        out[method].update(C.summarize(ts))
+        for ref in ("lora", "oft"):
+            out[method][f"{ref}_paired_ratio"] = C.paired_ratio(ts, times.get(ref, []))
+    return out
+
+
+def run(quick: bool = False, out_dir: Path = C.RESULTS_DIR, tokens: tuple[int, ...] | None = None,
+        methods: tuple[str, ...] = METHODS, memory: bool = True) -> dict[str, Any]:
+    """Time (and memory) for every token count x method; writes ``scale.json`` / ``.md``."""
+    C.setup_torch()
+    tokens = tokens or (QUICK_TOKENS if quick else TOKENS)
+    cfg = layer_config(quick)
+    result: dict[str, Any] = {
+        "benchmark": NAME, "quick": quick, "machine": C.machine_facts(),
+        "layer": {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+                  "num_attention_heads": cfg.num_attention_heads, "targets": list(TARGETS_7B)},
+        "tokens": {}}
+    for t in tokens:
+        rows = measure_time(list(methods), quick, t)
+        gc.collect()
+        if memory:
+            for method in methods:
+                if "error" not in rows[method]:
+                    rows[method]["memory"] = measure_memory(method, quick, t)
+        ref_mem = rows.get("lora", {}).get("memory", {})
+        for method, row in rows.items():
+            row["label"] = LABELS[method]
+            mem = row.get("memory", {})
+            row["peak_ratio"] = C.ratio(mem.get("peak_rss_mib"), ref_mem.get("peak_rss_mib"))
+        result["tokens"][str(t)] = rows
+    result["load_average_1min_end"] = round(os.getloadavg()[0], 1)
+    C.write_result(NAME, result, render(result), out_dir)
+    return result
+
+
+def targets(result: dict[str, Any]) -> list[list[Any]]:
+    """(target, measured, verdict) rows for issue 15's targets."""
+    rows = []
+    for t, block in result["tokens"].items():
+        for method, (t_lora, t_oft, mem) in TARGETS.items():
+            row = block.get(method, {})
+            for key, limit, what in (("lora_paired_ratio", t_lora, "step / LoRA"),
+                                     ("oft_paired_ratio", t_oft, "step / OFT"),
+                                     ("peak_ratio", mem, "peak memory / LoRA")):
+                if limit is None:
+                    continue
+                r = row.get(key)
+                verdict = "-" if r is None else ("met" if r <= limit else "**missed**")
+                rows.append([f"7B layer, {t} tokens: {LABELS[method]} {what} ≤ {limit}",
+                             C.fmt(r), verdict])
+    return rows
+
+
+def render(result: dict[str, Any]) -> str:
+    lay = result["layer"]
+    parts = [f"LlamaDecoderLayer hidden {lay['hidden_size']}, intermediate "
+             f"{lay['intermediate_size']}, {lay['num_attention_heads']} heads; adapted: "
+             f"{', '.join(lay['targets'])}; batch 1; fp32; "
+             f"{result['machine']['torch_threads']} threads; load average "
+             f"{result['machine']['load_average_1min']} at start, "
+             f"{result.get('load_average_1min_end', '-')} at end."]
+    for t, block in result["tokens"].items():
+        rows = []
+        for method, row in block.items():
+            if "error" in row:
+                rows.append([row.get("label", method), "error: " + row["error"][:120]] + ["-"] * 5)
+                continue
+            mem = row.get("memory", {})
+            rows.append([row["label"], row["trainable"], row.get("median_s"),
+                         row.get("lora_paired_ratio"), row.get("oft_paired_ratio"),
+                         mem.get("peak_rss_mib") if "error" not in mem
+                         else "error: " + mem["error"][:80], row.get("peak_ratio")])
+        parts.append(f"**{t} tokens**\n\n" + C.md_table(
+            ["method", "trainable", "step median (s)", "step / LoRA", "step / OFT",
+             "peak RSS (MiB)", "peak / LoRA"], rows))
+    parts.append(C.md_table(["target (issue 15)", "measured", "verdict"], targets(result)))
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a 64-wide layer (smoke test)")
+    p.add_argument("--out", type=Path, default=C.RESULTS_DIR)
+    p.add_argument("--tokens", type=int, nargs="+", default=None)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--memory-worker", metavar="METHOD", help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=2, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.memory_worker:
+        t = a.tokens[0] if a.tokens else QUICK_TOKENS[0]
+        print(json.dumps(memory_worker(a.memory_worker, a.quick, t, a.steps)))
+        return
+    result = run(a.quick, a.out, tuple(a.tokens) if a.tokens else None, tuple(a.methods),
+                 not a.no_memory)
+    print(render(result))
+
+
+if __name__ == "__main__":
+    main()
