@@ -144,14 +144,7 @@ def compound_blocks(params: torch.Tensor, plan: BlockPlan, settings: QuICSetting
     product: C_k(A_m ··· A_1) = C_k(A_m) ··· C_k(A_1) (Cauchy–Binet), so chained adapters
     cost one compound. sum: (1/m) Σ_j C_k(A_j). Cost: O(m·N_A·n³) for the base matrices plus
     the circuits core's compound cost."""
-    a = base_matrices(params, plan.n, settings.base_map, settings.rbs_layout)  # [..., m, N_A, n, n]
-    if settings.combine == "product" or settings.num_adapters == 1:
-        factors = a.unbind(-4)
-        prod = factors[0]
-        for factor in factors[1:]:
-            prod = factor @ prod
-        return list(compounds(prod, plan.orders).values())
-    return [c.mean(dim=-4) for c in compounds(a, plan.orders).values()]
+    return [as_matrix(op) for op in compound_operators(params, plan, settings)]
 
 
 #: element moves (gathers, copies) per vector of compound_apply, in units of n²: the embedding
