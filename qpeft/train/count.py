@@ -143,12 +143,14 @@ def count_for_cli(method: str, *, model: str | None = None, config_file: str | N
                                    options=options)
     except ValueError as exc:
         raise RunError(str(exc)) from None
-    closed_form = None
+    closed_form = lora = None
     if hasattr(config, "count_module"):
         try:
             closed_form = qpeft.count_trainable(config, base).total
+            # what peft's LoRA at the same rank (default 8) trains on the same modules
+            lora = qpeft.counting.lora_trainable(config, base)
         except ValueError:
-            closed_form = None
+            closed_form = lora = None
     try:
         wrapped = peft.get_peft_model(base, config)
     except (ValueError, NotImplementedError, RuntimeError) as exc:
@@ -161,17 +163,26 @@ def count_for_cli(method: str, *, model: str | None = None, config_file: str | N
         rows.append(("(shared, model-wide)", f"{other:,}"))
     rows += [(f"{k} (modules_to_save)", f"{v:,}") for k, v in heads.items()]
     rows.append(("total trainable", f"{total:,}"))
+    adapter = total - sum(heads.values())
+    if lora:
+        rank = getattr(config, "r", None) or 8
+        rows.append((f"LoRA r={rank} on the same modules", f"{lora:,}"))
+        rows.append(("adapter / LoRA", f"{100 * adapter / lora:.2f} %"))
     rows.append(("base model parameters", f"{total_base:,}"))
     rows.append(("trainable / base", f"{100 * total / max(1, total_base):.4f} %"))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     lines = [f"{a:<{w0}}  {b:>{w1}}" for a, b in rows]
     lines.insert(1, "-" * len(lines[0]))
-    lines.insert(len(lines) - 3, "-" * len(lines[0]))
-    header = f"{method} on {source}: {len(per_module)} adapted modules"
+    lines.insert(len(lines) - (5 if lora else 3), "-" * len(lines[0]))
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapted = sum(isinstance(m, BaseTunerLayer) for m in wrapped.modules())
+    header = f"{method} on {source}: {adapted} adapted modules"
     if closed_form is not None and closed_form != total:
         header += f"  [WARNING: closed-form count_trainable says {closed_form:,}]"
     return {"method": method, "source": source, "per_module": per_module,
             "modules_to_save": heads, "shared": other, "total": total,
             "base_params": total_base, "closed_form_total": closed_form,
+            "lora_equivalent": lora,
             "peft_config": config.to_dict(), "text": header + "\n" + "\n".join(lines)}

@@ -442,3 +442,22 @@ def test_quantized_base_flags_are_exclusive(cli, tmp_path, assets, capsys):
             assets["sft"], "--load-in-4bit", "--load-in-8bit", "--output-dir", tmp_path / "x")
     assert exit_info.value.code == 2
     assert "not allowed with argument --load-in-4bit" in capsys.readouterr().err
+
+
+def test_count_reports_the_lora_count_on_the_same_modules(cli, assets):
+    status, lora_out, err = cli("count", "--model", assets["llama"], "--method", "lora")
+    assert status == 0, err
+    lora_total = int(next(line for line in lora_out.splitlines()
+                          if line.startswith("total trainable")).split()[-1].replace(",", ""))
+    for method in ("qpa", "quantum-peft"):
+        status, out, err = cli("count", "--model", assets["llama"], "--method", method)
+        assert status == 0, err
+        line = next(x for x in out.splitlines() if x.startswith("LoRA r=8 on the same modules"))
+        assert int(line.split()[-1].replace(",", "")) == lora_total
+        adapter = int(next(x for x in out.splitlines()
+                           if x.startswith("total trainable")).split()[-1].replace(",", ""))
+        share = float(next(x for x in out.splitlines()
+                           if x.startswith("adapter / LoRA")).split()[-2])
+        assert share == pytest.approx(100 * adapter / lora_total, abs=0.01)
+        if method == "qpa":  # the default sizing keeps QPA's generator at most half of LoRA
+            assert share <= 50.0
