@@ -20,6 +20,7 @@ from torch import nn
 from qpeft.circuits.compound import compound, compound_apply, compound_apply_cost, compounds
 from qpeft.circuits.givens import givens_matrix
 from qpeft.tuners._common import (
+    Conv1D,
     WeightMergeLayer,
     matrix_to_weight,
     weight_to_matrix,
@@ -382,6 +383,10 @@ class QuICLayer(WeightMergeLayer):
         no gradient); None otherwise. Linear / Conv1D only."""
         plan, side = self.quic_plan[name], self.quic_settings[name].side
         base = self.get_base_layer()
+        if type(base) is not nn.Linear and not (Conv1D and type(base) is Conv1D):
+            # a subclass (bitsandbytes' packed weights, a custom forward) computes its own way:
+            # x·W'ᵀ + b by hand would bypass it, so rotate the activations around its forward
+            return None
         other = self.in_features if side == "output" else self.out_features
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or self.quic_params[name].requires_grad)
