@@ -81,7 +81,11 @@ def test_minilm_qpa(tmp_path):
     config = qpeft.QPAConfig(target_modules=QV, task_type="SEQ_CLS", init_seed=0)
     model, out, man = _export(tmp_path, config)
     (e,) = man["circuits"]
-    assert (e["num_qubits"], e["depth"], e["n_chunks_used"]) == (6, 28, 36)
+    gen = model.base_model.generator("default")
+    # the default sizing (generator <= half of LoRA r=8: n_mlp 1024 on MiniLM q,v) gives
+    # ceil(73,728 / 1024) = 72 chunks on 7 qubits
+    assert (gen.n_mlp, gen.n_chunks, gen.n_qubits) == (1024, 72, 7)
+    assert (e["num_qubits"], e["depth"], e["n_chunks_used"]) == (7, 29, 72)
     qc = qasm3_loads((out / e["file"]).read_text())
     qc.remove_final_measurements()
     theta = model.base_model.generator("default").theta.detach().double()
