@@ -165,3 +165,41 @@ def load_result(name: str, out_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     return json.loads(path.read_text())
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_rss_of_steps(step: Callable[[], Any], steps: int) -> dict[str, float]:
+    """Run ``step`` ``steps`` times after resetting the kernel's RSS high-water mark
+    (``/proc/self/clear_refs`` = 5); peak RSS and its rise over the RSS before (MiB)."""
+    import gc
+
+    gc.collect()
+    before = _rss_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    for _ in range(steps):
+        step()
+    peak = _rss_kib("VmHWM")
+    return {"rss_before_mib": before / 1024, "peak_rss_mib": peak / 1024,
+            "step_mem_mib": (peak - before) / 1024}
+
+
+def run_memory_worker(module: str, args: Sequence[str], timeout: int) -> dict[str, Any]:
+    """``python -m <module> --memory-worker <args>`` in a fresh interpreter (peak RSS is per
+    process; glibc serves allocations >= 128 KiB with mmap so freed tensors leave the RSS);
+    its last stdout line as JSON, or {'error': ...}."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS=str(bench_threads()))
+    proc = subprocess.run([sys.executable, "-m", module, "--memory-worker", *args],
+                          capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        return {"error": lines[-1] if lines else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])

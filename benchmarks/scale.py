@@ -18,8 +18,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,6 @@ from torch import nn
 
 from benchmarks import _common as C
 from benchmarks import models as M
-from benchmarks.train_step import _rss_kib
 
 NAME = "scale"
 TARGETS_7B = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -117,27 +114,12 @@ def memory_worker(method: str, quick: bool, tokens: int, steps: int) -> dict[str
     """In a fresh process: build, wrap, reset the RSS high-water mark, run steps (MiB)."""
     C.setup_torch()
     model = wrap(method, build_layer(quick))
-    step = make_step(model, _hidden(quick, tokens))
-    gc.collect()
-    before = _rss_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")
-    for _ in range(steps):
-        step()
-    peak = _rss_kib("VmHWM")
-    return {"rss_before_mib": before / 1024, "peak_rss_mib": peak / 1024,
-            "step_mem_mib": (peak - before) / 1024}
+    return C.peak_rss_of_steps(make_step(model, _hidden(quick, tokens)), steps)
 
 
 def measure_memory(method: str, quick: bool, tokens: int) -> dict[str, Any]:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS=str(C.bench_threads()))
-    cmd = [sys.executable, "-m", "benchmarks.scale", "--memory-worker", method,
-           "--tokens", str(tokens)] + (["--quick"] if quick else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=C.REPO_ROOT, env=env,
-                          timeout=1800)
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines()
-        return {"error": lines[-1] if lines else f"exit {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return C.run_memory_worker("benchmarks.scale", [method, "--tokens", str(tokens)]
+                               + (["--quick"] if quick else []), timeout=1800)
 
 
 def measure_time(methods: list[str], quick: bool, tokens: int) -> dict[str, Any]:

@@ -19,9 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +26,6 @@ from benchmarks import _common as C
 from benchmarks import models as M
 
 NAME = "train_step"
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def memory_worker(kind: str, method: str, quick: bool, steps: int) -> dict[str, Any]:
@@ -47,29 +37,14 @@ def memory_worker(kind: str, method: str, quick: bool, steps: int) -> dict[str, 
     model = M.wrap(method, base, spec)
     del base
     batch = M.make_batch(spec, model.get_base_model().config.vocab_size)
-    step = M.make_step(model, batch)
-    gc.collect()
-    before = _rss_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")
-    for _ in range(steps):
-        step()
-    peak = _rss_kib("VmHWM")
-    return {"rss_before_mib": before / 1024, "peak_rss_mib": peak / 1024,
-            "step_mem_mib": (peak - before) / 1024}
+    return C.peak_rss_of_steps(M.make_step(model, batch), steps)
 
 
 def measure_memory(kind: str, method: str, quick: bool) -> dict[str, Any]:
     """Run :func:`memory_worker` in a fresh interpreter; returns its dict or {'error': ...}."""
     steps = 2 if quick else (2 if kind == "smollm2" else 3)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS=str(C.bench_threads()))
-    cmd = [sys.executable, "-m", "benchmarks.train_step", "--memory-worker", kind, method,
-           "--steps", str(steps)] + (["--quick"] if quick else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=C.REPO_ROOT, env=env,
-                          timeout=900)
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else
-                f"exit {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return C.run_memory_worker("benchmarks.train_step", [kind, method, "--steps", str(steps)]
+                               + (["--quick"] if quick else []), timeout=900)
 
 
 def measure_time(kind: str, methods: list[str], quick: bool) -> dict[str, Any]:
