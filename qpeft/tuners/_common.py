@@ -247,7 +247,10 @@ class WeightMergeLayer(BaseTunerLayer):
         hit = cache.get(slot)
         if hit is not None and _same_values(hit[0], params):
             return hit[1]
-        value = build()
+        # built as ordinary tensors even inside torch.inference_mode(): a kept result may be
+        # used later by a forward that autograd records (frozen adapter, input with a gradient)
+        with torch.inference_mode(False), torch.no_grad():
+            value = build()
         if _numel(value) <= max(self.get_base_layer().weight.numel() // 8, _ALWAYS_KEPT):
             with torch.inference_mode(False):  # a copy usable outside inference mode too
                 snapshot = [p.detach().clone() for p in params]

@@ -199,3 +199,21 @@ def test_eval_reuses_generation_only_while_parameters_hold_the_same_values(metho
     model(input_ids=ids).logits.sum().backward()
     model(input_ids=ids).logits.sum().backward()
     assert len(builds) == before + 2 * len(layers), "training regenerates in every forward"
+
+
+@pytest.mark.parametrize("method", QPEFT_METHODS)
+def test_frozen_adapter_kept_from_an_inference_mode_pass_serves_a_recorded_forward(method):
+    """A frozen adapter's matrices kept from an ``inference_mode`` eval pass are reused by a
+    later forward that autograd records (here: an input with a gradient); they must be
+    ordinary tensors, or the backward fails on saving inference tensors."""
+    model = get_peft_model(tiny_llama(), method_config(method))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = batch()["input_ids"]
+    with torch.inference_mode():
+        expected = model(input_ids=ids).logits
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    out = model(inputs_embeds=embeds).logits
+    out.sum().backward()
+    assert embeds.grad is not None and torch.isfinite(embeds.grad).all()
+    torch.testing.assert_close(out.detach(), expected, atol=1e-6, rtol=1e-6)
