@@ -146,9 +146,10 @@ def count_for_cli(method: str, *, model: str | None = None, config_file: str | N
     closed_form = lora = None
     if hasattr(config, "count_module"):
         try:
-            closed_form = qpeft.count_trainable(config, base).total
+            counts = qpeft.count_trainable(config, base)
+            closed_form = counts.total
             # what peft's LoRA at the same rank (default 8) trains on the same modules
-            lora = qpeft.counting.lora_trainable(config, base)
+            lora = counts.lora_equivalent(getattr(config, "r", None) or 8)
         except ValueError:
             closed_form = lora = None
     try:

@@ -152,11 +152,6 @@ class QPAConfig(PeftConfig):
         """``lora_alpha``, with the ``2 r`` default resolved."""
         return float(2 * self.r if self.lora_alpha is None else self.lora_alpha)
 
-    def lora_count(self, module_shapes: dict[str, tuple[int, int]]) -> int:
-        """Trainables of peft's LoRA at this ``r`` on layers of these ``(d_out, d_in)`` shapes
-        (no bias): ``m = r * sum(d_out + d_in)``, which is also how many numbers QPA generates."""
-        return target_size(list(module_shapes.values()), self.r) if module_shapes else 0
-
     def resolve_sizes(self, shapes: list[tuple[int, int]]) -> tuple[int, list[int]]:
         """``(n_mlp, mlp_hidden)`` of the generator for layers of these ``(d_out, d_in)``
         shapes: the configured values, and for those left None the sizing rule.
