@@ -191,9 +191,9 @@ def test_mixed_precision_circuits_in_float32(monkeypatch) -> None:
     seen: list[torch.dtype] = []
     real = layer_mod.stiefel
 
-    def spy(method, params, n, k, depth):
+    def spy(method, params, n, k, depth, **kwargs):
         seen.append(params.dtype)
-        return real(method, params, n, k, depth)
+        return real(method, params, n, k, depth, **kwargs)
 
     monkeypatch.setattr(layer_mod, "stiefel", spy)
     model, layer = wrapped(nn.Linear(16, 16).to(torch.bfloat16), r=2, init_weights=False)

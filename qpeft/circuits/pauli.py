@@ -19,19 +19,19 @@ Conventions (the circuit-export code must match them):
   those of the odd-pair qubits ``1..n_o`` (``n_o = 2*((n-1)//2)``); ``n_e + n_o = 2(n-1)``.
   ``pauli_gates`` lists the gates in application order with their angle indices.
 
-Evaluation never forms ``Q``: the circuit is applied to ``K`` columns held as an ``(N, K)``
-tensor.  For speed (Python overhead per gate dominates at these sizes) the one-qubit rotations of
-a layer are fused in groups of ``_CHUNK`` adjacent qubits: the group acts as the Kronecker product
-of its 2x2 rotations (a ``2**c x 2**c`` matrix built from the angles, cheap), and the CZ gates of
-the layer, whose pairs never straddle a group, become a fixed +-1 column scaling of that small
-matrix.  One layer is then ``ceil(n / c)`` batched small matmuls on the ``(N, K)`` state:
-``O(L * n * N * K * 2**c / c)`` flops with ``c`` a constant, i.e. ``O(L * n * N * K)``.
-The first layer, applied to basis columns, is a Kronecker product of its groups' leading columns.
+Evaluation never forms ``Q``: the circuit is applied to ``K`` columns.  Python and autograd
+overhead per operation dominate at these sizes, so a sub-layer is a few batched matmuls whatever
+``n``: the register is cut into ``g = ceil(n / 5)`` groups of adjacent qubits (group 0 holds the
+least significant ones, sizes ``c_j <= 5``, ``d_j = 2**c_j``); a sub-layer's RYs are the Kronecker
+product of one ``d_j x d_j`` matrix per group, and the matrices of every group and sub-layer are
+built together in one Kronecker chain from one angle gather.  The CZ gates are diagonal: a fixed
++-1 scaling of the state.  Each column's state is held as a ``d_{g-1} x ... x d_1 x d_0`` tensor
+(the ``K`` columns sit next to the last axis), and group ``j`` multiplies its axis: one batched
+matmul per group, ``O(N K sum_j d_j)`` flops per sub-layer, ``O(g L)`` operations in all.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -53,10 +53,6 @@ __all__ = [
     "pauli_gates",
     "is_power_of_two",
 ]
-
-# Qubits fused per small matmul.  Must be even so that CZ pairs never straddle two groups.
-_CHUNK = 4
-
 
 def is_power_of_two(n: int) -> bool:
     """True for 1, 2, 4, 8, ... (n an int >= 1)."""
@@ -99,128 +95,162 @@ def pauli_gates(n_qubits: int, depth: int) -> list[tuple[str, tuple[int, ...], i
     return gates
 
 
-@dataclass(frozen=True)
-class _Group:
-    """A run of adjacent qubits [start, start + size) rotated together in one sub-layer."""
-
-    start: int
-    size: int
-    index: torch.Tensor  # (n_sublayers, size) long: angle index of each qubit, low qubit first
-    cz: bool  # True when the CZ pairs (start, start+1), (start+2, start+3)... precede the RYs
+_MAX_GROUP = 5  # qubits per group: d_j <= 32, so a sub-layer costs <= 32 g multiply-adds per entry
 
 
 @dataclass(frozen=True)
 class _Plan:
-    first: tuple[_Group, ...]  # the first RY layer (one sub-layer)
-    even: tuple[_Group, ...]  # the L even sub-layers, stacked along the sub-layer axis
-    odd: tuple[_Group, ...]  # the L odd sub-layers
+    """Constant tables of one circuit shape ``(n_qubits, depth)``; see the module docstring.
+
+    ``S = 1 + 2L`` sub-layers: the first RY layer, then the even and odd sub-layer of each layer.
+    """
+
+    sizes: tuple[int, ...]  # qubits per group, group 0 (least significant) first
+    angle_index: torch.Tensor  # (S, g, c) long: angle of (sub-layer, group, slot); P = RY(0)
 
 
-def _groups(
-    lo: int, hi: int, chunk: int, offsets: list[int], first_index: int, cz: bool
-) -> tuple[_Group, ...]:
-    """Split qubits lo..hi-1 into groups of ``chunk``; qubit q of sub-layer s has angle index
-    ``offsets[s] + first_index + (q - lo)``."""
+def _group_sizes(n_qubits: int) -> tuple[int, ...]:
+    """``ceil(n / 5)`` near-equal groups, the larger ones at the low end (the K columns of the
+    first layer come from group 0)."""
+    g = -(-n_qubits // _MAX_GROUP)
+    return tuple(n_qubits // g + (j < n_qubits % g) for j in range(g))
+
+
+@tensor_table_cache(maxsize=256)
+def _plan(n_qubits: int, depth: int) -> _Plan:
+    """The circuit's angle table; O(S n) integers, built once."""
+    n_e, n_o = _layer_qubits(n_qubits)
+    sizes = _group_sizes(n_qubits)
+    zero = pauli_num_params(n_qubits, depth)  # index of an appended 0 angle: RY(0) = I
+    angle = torch.full((1 + 2 * depth, n_qubits), zero, dtype=torch.long)
+    angle[0] = torch.arange(n_qubits)
+    for layer in range(depth):
+        offset = n_qubits + layer * (n_e + n_o)
+        angle[1 + 2 * layer, :n_e] = offset + torch.arange(n_e)
+        angle[2 + 2 * layer, 1 : 1 + n_o] = offset + n_e + torch.arange(n_o)
+    # a group smaller than the largest has RY(0) = I in its top slots: its Kronecker product is
+    # kron(I, G), whose leading d_j x d_j block is G
+    groups = torch.full((1 + 2 * depth, len(sizes), sizes[0]), zero, dtype=torch.long)
+    start = 0
+    for j, size in enumerate(sizes):
+        groups[:, j, :size] = angle[:, start : start + size]
+        start += size
+    return _Plan(sizes, groups)
+
+
+@tensor_table_cache(maxsize=256)
+def _cz_signs(n_qubits: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``(even, odd)``: the +-1 diagonals of the even-pair and odd-pair CZ layers, each
+    ``(N / d_0, 1, d_0)`` to scale a ``(B, N / d_0, m, d_0)`` state.  O(n 2**n), built once per
+    dtype and device."""
+    n_e, n_o = _layer_qubits(n_qubits)
+    low = 1 << _group_sizes(n_qubits)[0]
+    index = torch.arange(1 << n_qubits)
     out = []
-    for start in range(lo, hi, chunk):
-        size = min(chunk, hi - start)
-        idx = [[off + first_index + (start - lo) + t for t in range(size)] for off in offsets]
-        out.append(_Group(start, size, torch.tensor(idx, dtype=torch.long), cz))
+    for first, last in ((0, n_e), (1, 1 + n_o)):  # CZ on (0,1),(2,3),... then (1,2),(3,4),...
+        parity = torch.zeros_like(index)
+        for q in range(first, last - 1, 2):
+            parity ^= ((index >> q) & 1) & ((index >> (q + 1)) & 1)
+        out.append((1 - 2 * parity).reshape(-1, 1, low).to(device=device, dtype=dtype))
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=256)
-def _plan(n_qubits: int, depth: int, chunk: int) -> _Plan:
-    n_e, n_o = _layer_qubits(n_qubits)
-    per_layer = n_e + n_o
-    offsets = [n_qubits + layer * per_layer for layer in range(depth)]
-    first = _groups(0, n_qubits, chunk, [0], 0, cz=False)
-    even = _groups(0, n_e, chunk, offsets, 0, cz=True) if depth and n_e else ()
-    odd = _groups(1, 1 + n_o, chunk, offsets, n_e, cz=True) if depth and n_o else ()
-    return _Plan(first, even, odd)
+def _sublayer_matrices(angles: torch.Tensor, plan: _Plan) -> list[list[torch.Tensor]]:
+    """``G[s][j]``: group ``j``'s ``(B, d_j, d_j)`` RY matrix in sub-layer ``s``
+    (``kron(RY_{top}, ..., RY_{low})`` of the group's qubits; identity for qubits it skips).
 
-
-@tensor_table_cache(maxsize=64)
-def _cz_signs(size: int) -> torch.Tensor:
-    """+-1 diagonal of CZ on local pairs (0,1),(2,3),... of ``size`` qubits, float64 (2**size,)."""
-    i = torch.arange(2**size)
-    parity = torch.zeros_like(i)
-    for p in range(0, size - 1, 2):
-        parity ^= ((i >> p) & 1) & ((i >> (p + 1)) & 1)
-    return 1.0 - 2.0 * parity.to(torch.float64)
-
-
-def _group_matrices(angles: torch.Tensor, groups: tuple[_Group, ...]) -> list[torch.Tensor]:
-    """Fused matrices of every group: a list of ``(B, S, 2**size, 2**size)`` from ``(B, P)``.
-
-    ``kron(RY_{start+size-1}, ..., RY_start) @ diag(cz signs)``.  Groups of equal size are built
-    together (one gather and one Kronecker chain per size), O(sum S 4**size).
+    Every group of every sub-layer in one Kronecker chain over the slots (most significant
+    first): ``c - 1`` broadcast products, O(S g 4**c).
     """
-    out: list[torch.Tensor | None] = [None] * len(groups)
-    for size in sorted({g.size for g in groups}):
-        members = [i for i, g in enumerate(groups) if g.size == size]
-        index = torch.cat([groups[i].index for i in members]).to(angles.device)  # (R, size)
-        theta = angles[:, index]  # (B, R, size)
-        c, s = torch.cos(theta / 2), torch.sin(theta / 2)
-        # (B, R, 2, 2, size): rotations [[c, -s], [s, c]] per qubit, low qubit first
-        rot = torch.stack((torch.stack((c, -s), 2), torch.stack((s, c), 2)), 2)
-        mat = rot[..., size - 1]
-        for t in range(size - 2, -1, -1):  # most significant qubit is the leading factor
-            d = mat.shape[-1]
-            mat = (mat[..., :, None, :, None] * rot[..., None, :, None, :, t]).reshape(
-                *mat.shape[:-2], 2 * d, 2 * d
-            )
-        signs = torch.cat(
-            [
-                (_cz_signs(size) if groups[i].cz else torch.ones(2**size, dtype=torch.float64))
-                .expand(groups[i].index.shape[0], 2**size)
-                for i in members
-            ]
+    b = angles.shape[0]
+    padded = torch.cat((angles, angles.new_zeros(b, 1)), dim=1)
+    half = padded[:, plan.angle_index.to(angles.device)] * 0.5  # (B, S, g, c)
+    c, s = torch.cos(half), torch.sin(half)
+    ry = torch.stack((c, -s, s, c), dim=-1).unflatten(-1, (2, 2))  # (B, S, g, c, 2, 2)
+    slots = ry.unbind(-3)
+    mat = slots[-1]
+    for rot in reversed(slots[:-1]):  # kron(mat, rot): the lower slot is the faster index
+        d = mat.shape[-1]
+        mat = (mat[..., :, None, :, None] * rot[..., None, :, None, :]).reshape(
+            *mat.shape[:-2], 2 * d, 2 * d
         )
-        if any(groups[i].cz for i in members):  # static: no data-dependent branch
-            mat = mat * signs.to(device=mat.device, dtype=mat.dtype)[:, None, :]
-        rows = [groups[i].index.shape[0] for i in members]
-        for i, m in zip(members, torch.split(mat, rows, dim=1), strict=True):
-            out[i] = m
-    return out  # type: ignore[return-value]
+    return [
+        [g[:, : 1 << size, : 1 << size] for g, size in zip(sub.unbind(1), plan.sizes, strict=True)]
+        for sub in mat.unbind(1)
+    ]
 
 
-def _apply_group(x: torch.Tensor, mat: torch.Tensor, start: int) -> torch.Tensor:
-    """Apply a ``(B, d, d)`` group matrix acting on qubits [start, start+log2 d) to ``x (B, N, m)``.
+def _apply_sublayer(y: torch.Tensor, mats: list[torch.Tensor], sizes: tuple[int, ...]) -> torch.Tensor:
+    """One sub-layer's RYs on ``y (B, N / d_0, m, d_0)``, whose entry ``[b, I, k, i_0]`` is
+    amplitude ``I d_0 + i_0`` of column ``k``.  One batched matmul per group: O(N m sum_j d_j)."""
+    b, rows, m, d0 = y.shape
+    y = torch.bmm(y.reshape(b, rows * m, d0), mats[0].transpose(1, 2))
+    for j in range(1, len(sizes)):  # rows = d_{g-1} ... d_j (slowest first), j's axis is last
+        d = 1 << sizes[j]
+        rows //= d
+        if rows == 1:
+            y = torch.bmm(mats[j], y.reshape(b, d, -1))
+        else:
+            y = torch.matmul(mats[j][:, None], y.reshape(b, rows, d, -1))
+    return y.reshape(b, -1, m, d0)
 
-    O(N m d) flops, one batched matmul.
-    """
-    b, n, m = x.shape
-    d = mat.shape[-1]
-    lo = 1 << start
-    xv = x.reshape(b, n // (d * lo), d, lo * m)
-    return torch.einsum("bij,bhjr->bhir", mat, xv).reshape(b, n, m)
 
-
-def _apply_layers(
-    plan: _Plan, even: list[torch.Tensor], odd: list[torch.Tensor], x: torch.Tensor, depth: int
+def _entangling_layers(
+    y: torch.Tensor, mats: list[list[torch.Tensor]], plan: _Plan, n_qubits: int
 ) -> torch.Tensor:
-    """Apply the L entangling layers (not the first RY layer) to ``x (B, N, m)``."""
-    for layer in range(depth):
-        for g, mats in zip(plan.even, even, strict=True):
-            x = _apply_group(x, mats[:, layer], g.start)
-        for g, mats in zip(plan.odd, odd, strict=True):
-            x = _apply_group(x, mats[:, layer], g.start)
-    return x
+    """Sub-layers ``1 .. 2L`` (CZ signs, then the RYs) on ``y (B, N / d_0, m, d_0)``."""
+    signs = _cz_signs(n_qubits, y.dtype, y.device)
+    for s in range(1, len(mats)):
+        y = _apply_sublayer(y * signs[(s - 1) % 2], mats[s], plan.sizes)
+    return y
 
 
-def _check_angles(angles: torch.Tensor, n_qubits: int, depth: int) -> int:
+def stiefel_columns(angles: torch.Tensor, n_qubits: int, depth: int, k: int) -> torch.Tensor:
+    """``pauli_stiefel`` without argument checks, for callers that have checked: ``angles (B, P)``
+    -> ``(B, 2**n, k)``."""
+    plan = _plan(n_qubits, depth)
+    mats = _sublayer_matrices(angles, plan)
+    # first RY layer on the basis columns e_j: the Kronecker product over groups of column
+    # digit_j(k) of each group's matrix (digit 0 = the lowest group's)
+    b = angles.shape[0]
+    cols = torch.arange(k, device=angles.device)
+    d0 = 1 << plan.sizes[0]
+    y = mats[0][0].index_select(2, cols % d0).transpose(1, 2)[:, None]  # (B, 1, k, d0)
+    place = d0
+    for j in range(1, len(plan.sizes)):
+        d = 1 << plan.sizes[j]
+        col = mats[0][j].index_select(2, (cols // place) % d)  # (B, d, k)
+        y = (col[:, :, None, :, None] * y[:, None]).reshape(b, -1, k, d0)
+        place *= d
+    y = _entangling_layers(y, mats, plan, n_qubits)
+    return y.transpose(2, 3).reshape(b, 1 << n_qubits, k)
+
+
+def apply_circuit(angles: torch.Tensor, n_qubits: int, depth: int, x: torch.Tensor) -> torch.Tensor:
+    """``pauli_apply`` without argument checks: ``angles (B, P)``, ``x (B, 2**n, m)`` -> ``Q x``."""
+    plan = _plan(n_qubits, depth)
+    mats = _sublayer_matrices(angles, plan)
+    b, big_n, m = x.shape
+    d0 = 1 << plan.sizes[0]
+    y = x.reshape(b, big_n // d0, d0, m).transpose(2, 3)
+    y = _apply_sublayer(y, mats[0], plan.sizes)
+    y = _entangling_layers(y, mats, plan, n_qubits)
+    return y.transpose(2, 3).reshape(b, big_n, m)
+
+
+def _check_angles(angles: torch.Tensor, n_qubits: int, depth: int, values: bool = True) -> int:
     check_positive_int("n_qubits", n_qubits)
     check_positive_int("depth", depth, minimum=0)
     check_float_dtype("angles", angles)
     p = pauli_num_params(n_qubits, depth)
     check_last_dim("angles", angles, p, f"pauli_num_params({n_qubits}, {depth})")
-    check_finite("angles", angles)
+    if values:
+        check_finite("angles", angles)
     return p
 
 
 def pauli_stiefel(
-    angles: torch.Tensor, n_qubits: int, depth: int, k: int, *, chunk: int = _CHUNK
+    angles: torch.Tensor, n_qubits: int, depth: int, k: int, *, check_values: bool = True
 ) -> torch.Tensor:
     """First ``k`` columns of the Pauli circuit's orthogonal matrix ``Q``.
 
@@ -230,43 +260,23 @@ def pauli_stiefel(
         n_qubits: ``n >= 1``; ``N = 2**n``.
         depth: ``L >= 0`` entangling layers.
         k: number of columns, ``1 <= k <= N``.
-        chunk: qubits fused per small matmul (even, >= 2); a speed knob, the result is the same.
+        check_values: refuse NaN/inf angles (an O(P) check; on an accelerator a device sync,
+            which a training step skips: its outputs would show NaN anyway).
 
     Returns:
         ``(..., N, k)`` with orthonormal columns, dtype of ``angles``.
-        Cost ``O(L n N k)`` time and ``O(N k)`` memory per circuit; ``Q`` is never formed.
+        Cost ``O(L N k sqrt(N))`` time in ``O(L)`` batched matmuls, ``O(N k)`` memory per
+        circuit; ``Q`` is never formed.
     """
-    _check_angles(angles, n_qubits, depth)
+    _check_angles(angles, n_qubits, depth, check_values)
     big_n = 1 << n_qubits
     check_in_range("k", k, 1, big_n)
-    check_positive_int("chunk", chunk, minimum=2)
-    if chunk % 2:
-        raise ValueError(f"chunk must be even (CZ pairs may not straddle groups), got {chunk}")
     lead = angles.shape[:-1]
-    a = angles.reshape(-1, angles.shape[-1])
-    plan = _plan(n_qubits, depth, chunk)
-    mats = _group_matrices(a, plan.first + plan.even + plan.odd)
-    nf, ne = len(plan.first), len(plan.even)
-    first, even, odd = mats[:nf], mats[nf : nf + ne], mats[nf + ne :]
-    # First RY layer on basis columns e_0..e_{k-1}: (kron of the groups' matrices)[:, :k],
-    # built low group first, keeping only the columns that can reach the first k.
-    y = a.new_ones(a.shape[0], 1, 1)
-    for mat in first:
-        mat = mat[:, 0]  # (B, d, d)
-        d = mat.shape[-1]
-        cols = y.shape[-1]
-        need = min(d, -(-k // cols))
-        mat = mat[:, :, :need]
-        rows = y.shape[-2]
-        y = (mat[:, :, None, :, None] * y[:, None, :, None, :]).reshape(-1, d * rows, need * cols)
-        y = y[:, :, :k]
-    y = _apply_layers(plan, even, odd, y, depth)
+    y = stiefel_columns(angles.reshape(-1, angles.shape[-1]), n_qubits, depth, k)
     return y.reshape(*lead, big_n, k)
 
 
-def pauli_apply(
-    angles: torch.Tensor, n_qubits: int, depth: int, x: torch.Tensor, *, chunk: int = _CHUNK
-) -> torch.Tensor:
+def pauli_apply(angles: torch.Tensor, n_qubits: int, depth: int, x: torch.Tensor) -> torch.Tensor:
     """``Q @ x`` for the Pauli circuit ``Q`` and any ``x``.
 
     Args:
@@ -274,7 +284,8 @@ def pauli_apply(
         x: ``(..., N, m)``, same leading shape as ``angles`` (or broadcastable to it) and dtype.
 
     Returns:
-        ``(..., N, m)``.  Cost ``O((L + 1) n N m)``; ``Q`` is never formed.
+        ``(..., N, m)``.  Cost ``O((L + 1) N m sqrt(N))`` in ``O(L)`` batched matmuls; ``Q`` is
+        never formed.
     """
     _check_angles(angles, n_qubits, depth)
     big_n = 1 << n_qubits
@@ -283,9 +294,6 @@ def pauli_apply(
         raise ValueError(f"x must have shape (..., {big_n}, m), got {tuple(x.shape)}")
     if x.dtype != angles.dtype:
         raise ValueError(f"x dtype {x.dtype} must match angles dtype {angles.dtype}")
-    check_positive_int("chunk", chunk, minimum=2)
-    if chunk % 2:
-        raise ValueError(f"chunk must be even (CZ pairs may not straddle groups), got {chunk}")
     try:
         lead = torch.broadcast_shapes(angles.shape[:-1], x.shape[:-2])
     except RuntimeError as err:
@@ -295,13 +303,7 @@ def pauli_apply(
         ) from err
     m = x.shape[-1]
     a = angles.expand(*lead, angles.shape[-1]).reshape(-1, angles.shape[-1])
-    y = x.expand(*lead, big_n, m).reshape(-1, big_n, m)
-    plan = _plan(n_qubits, depth, chunk)
-    mats = _group_matrices(a, plan.first + plan.even + plan.odd)
-    nf, ne = len(plan.first), len(plan.even)
-    for g, mat in zip(plan.first, mats[:nf], strict=True):
-        y = _apply_group(y, mat[:, 0], g.start)
-    y = _apply_layers(plan, mats[nf : nf + ne], mats[nf + ne :], y, depth)
+    y = apply_circuit(a, n_qubits, depth, x.expand(*lead, big_n, m).reshape(-1, big_n, m))
     return y.reshape(*lead, big_n, m)
 
 

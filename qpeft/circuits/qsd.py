@@ -47,7 +47,7 @@ from qpeft.circuits._checks import (
     check_last_dim,
     check_positive_int,
 )
-from qpeft.circuits.pauli import is_power_of_two, pauli_apply, pauli_num_params, pauli_stiefel
+from qpeft.circuits.pauli import apply_circuit, is_power_of_two, pauli_num_params, stiefel_columns
 
 __all__ = ["generalized_num_params", "generalized_stiefel", "generalized_apply", "split_sizes"]
 
@@ -90,22 +90,38 @@ def _qubits(n: int) -> int:
     return n.bit_length() - 1
 
 
+def _split_angles(a: torch.Tensor, n: int, depth: int) -> tuple[torch.Tensor, ...]:
+    """``[B1 | phi | A1 | A2]`` of one level as ``(b1, cos phi, sin phi, a1, a2)``; ``cos`` and
+    ``sin`` shaped ``(B, 1, 1)``.  One split (a single backward op)."""
+    n1, _ = split_sizes(n)
+    p1 = _count(n1, depth)
+    b1, phi, a1, a2 = torch.split(a, [p1, 1, p1, a.shape[1] - 2 * p1 - 1], dim=1)
+    return b1, torch.cos(phi)[:, :, None], torch.sin(phi)[:, :, None], a1, a2
+
+
+def _cosine_sine(
+    top: torch.Tensor, bottom: torch.Tensor, c: torch.Tensor, s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``CS(phi)`` on the row pairs ``(i, N1 + i)``, ``i < N2``: ``top (B, N1, m)`` and
+    ``bottom (B, N2, m)`` -> the rotated pair."""
+    n2 = bottom.shape[1]
+    head, tail = torch.split(top, [n2, top.shape[1] - n2], dim=1)
+    return torch.cat((c * head - s * bottom, tail), dim=1), s * head + c * bottom
+
+
 def _apply(a: torch.Tensor, n: int, depth: int, x: torch.Tensor) -> torch.Tensor:
     """``Q_n @ x`` for angles ``a (B, P)`` and ``x (B, n, m)``; O(L n m log**2 n)."""
     if n == 1:
         return x
     if is_power_of_two(n):
-        return pauli_apply(a, _qubits(n), depth, x)
+        return apply_circuit(a, _qubits(n), depth, x)
     n1, n2 = split_sizes(n)
-    p1 = _count(n1, depth)
-    b1, phi, a1, a2 = a[:, :p1], a[:, p1], a[:, p1 + 1 : 2 * p1 + 1], a[:, 2 * p1 + 1 :]
-    top = pauli_apply(b1, _qubits(n1), depth, x[:, :n1])
-    bottom = x[:, n1:]
-    c, s = torch.cos(phi)[:, None, None], torch.sin(phi)[:, None, None]
-    head = top[:, :n2]
-    top = torch.cat((c * head - s * bottom, top[:, n2:]), dim=1)
-    bottom = s * head + c * bottom
-    return torch.cat((pauli_apply(a1, _qubits(n1), depth, top), _apply(a2, n2, depth, bottom)), 1)
+    b1, c, s, a1, a2 = _split_angles(a, n, depth)
+    top, bottom = torch.split(x, [n1, n2], dim=1)
+    top, bottom = _cosine_sine(apply_circuit(b1, _qubits(n1), depth, top), bottom, c, s)
+    return torch.cat(
+        (apply_circuit(a1, _qubits(n1), depth, top), _apply(a2, n2, depth, bottom)), dim=1
+    )
 
 
 def _stiefel(a: torch.Tensor, n: int, k: int, depth: int) -> torch.Tensor:
@@ -113,48 +129,48 @@ def _stiefel(a: torch.Tensor, n: int, k: int, depth: int) -> torch.Tensor:
     if n == 1:
         return a.new_ones(a.shape[0], 1, 1)
     if is_power_of_two(n):
-        return pauli_stiefel(a, _qubits(n), depth, k)
+        return stiefel_columns(a, _qubits(n), depth, k)
     n1, n2 = split_sizes(n)
-    p1 = _count(n1, depth)
-    b1, phi, a1, a2 = a[:, :p1], a[:, p1], a[:, p1 + 1 : 2 * p1 + 1], a[:, 2 * p1 + 1 :]
-    c, s = torch.cos(phi)[:, None, None], torch.sin(phi)[:, None, None]
+    b1, c, s, a1, a2 = _split_angles(a, n, depth)
     if k <= n1:  # (B1 (+) I)[:, :k] = [B1[:, :k]; 0]: the identity block meets zeros only
-        top = pauli_stiefel(b1, _qubits(n1), depth, k)
-        head = top[:, :n2]
-        top = torch.cat((c * head, top[:, n2:]), dim=1)
-        bottom = s * head
+        head, tail = torch.split(stiefel_columns(b1, _qubits(n1), depth, k), [n2, n1 - n2], 1)
+        top, bottom = torch.cat((c * head, tail), dim=1), s * head
     else:
-        full = pauli_stiefel(b1, _qubits(n1), depth, n1)  # (B, n1, n1)
+        full = stiefel_columns(b1, _qubits(n1), depth, n1)  # (B, n1, n1)
         bsz = a.shape[0]
         top = torch.cat((full, full.new_zeros(bsz, n1, k - n1)), dim=2)
         eye = torch.eye(n2, k - n1, dtype=a.dtype, device=a.device).expand(bsz, n2, k - n1)
         bottom = torch.cat((full.new_zeros(bsz, n2, n1), eye), dim=2)
-        head = top[:, :n2]
-        top = torch.cat((c * head - s * bottom, top[:, n2:]), dim=1)
-        bottom = s * head + c * bottom
-    return torch.cat((pauli_apply(a1, _qubits(n1), depth, top), _apply(a2, n2, depth, bottom)), 1)
+        top, bottom = _cosine_sine(top, bottom, c, s)
+    return torch.cat(
+        (apply_circuit(a1, _qubits(n1), depth, top), _apply(a2, n2, depth, bottom)), dim=1
+    )
 
 
-def _check(angles: torch.Tensor, n: int, k: int, depth: int) -> None:
+def _check(angles: torch.Tensor, n: int, k: int, depth: int, values: bool = True) -> None:
     p = generalized_num_params(n, k, depth)
     check_float_dtype("angles", angles)
     check_last_dim("angles", angles, p, f"generalized_num_params({n}, {k}, {depth})")
-    check_finite("angles", angles)
+    if values:
+        check_finite("angles", angles)
 
 
-def generalized_stiefel(angles: torch.Tensor, n: int, k: int, depth: int) -> torch.Tensor:
+def generalized_stiefel(
+    angles: torch.Tensor, n: int, k: int, depth: int, *, check_values: bool = True
+) -> torch.Tensor:
     """First ``k`` columns of the generalized orthogonal circuit ``Q_n`` (any ``n >= 1``).
 
     Args:
         angles: ``(..., P)``, ``P = generalized_num_params(n, k, depth)``, float32/float64;
             leading dimensions batch independent circuits.
         n: dimension ``N >= 1``; k: ``1 <= k <= n``; depth: Pauli depth ``L >= 0``.
+        check_values: refuse NaN/inf angles (see ``pauli_stiefel``).
 
     Returns:
         ``(..., n, k)`` with orthonormal columns, dtype of ``angles``; identical to
         ``pauli_stiefel`` when n is a power of two.  ``O(L n k log**2 n)`` time.
     """
-    _check(angles, n, k, depth)
+    _check(angles, n, k, depth, check_values)
     lead = angles.shape[:-1]
     a = angles.reshape(math.prod(lead), angles.shape[-1])
     return _stiefel(a, n, k, depth).reshape(*lead, n, k)

@@ -51,22 +51,33 @@ def stiefel_num_params(method: str, n: int, k: int, depth: int) -> int:
 
 
 def stiefel(
-    method: str, params: torch.Tensor, n: int, k: int, depth: int, *, taylor_order: int = 8
+    method: str,
+    params: torch.Tensor,
+    n: int,
+    k: int,
+    depth: int,
+    *,
+    taylor_order: int = 8,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """``(..., n, k)`` orthonormal columns from ``params (..., P)``.
 
     ``P = stiefel_num_params(method, n, k, depth)``; leading dimensions batch independent
-    factors; dtype is preserved (float32/float64).  Cost: ``O(L n k log n)`` for the circuits
-    (``log**2 n`` for generalized), ``O(n k**2)`` for the Lie maps; never an ``n x n`` matrix.
+    factors; dtype is preserved (float32/float64).  Cost: ``O(L n k sqrt n)`` for the circuits
+    (times ``log n`` for generalized), ``O(n k**2)`` for the Lie maps; never an ``n x n``
+    matrix.  ``check_values=False`` skips the NaN/inf check of ``params`` (a device sync on
+    accelerators; the adapter layers skip it in their forward).
     """
     _check(method, n, k, depth)
     if method == "pauli":
         if n == 1:  # zero qubits: the 1x1 identity, no parameters
-            return generalized_stiefel(params, n, k, depth)
-        return pauli_stiefel(params, int(math.log2(n)), depth, k)
+            return generalized_stiefel(params, n, k, depth, check_values=check_values)
+        return pauli_stiefel(params, int(math.log2(n)), depth, k, check_values=check_values)
     if method == "generalized":
-        return generalized_stiefel(params, n, k, depth)
-    return lie_stiefel(params, n, k, method=_LIE[method], taylor_order=taylor_order)
+        return generalized_stiefel(params, n, k, depth, check_values=check_values)
+    return lie_stiefel(
+        params, n, k, method=_LIE[method], taylor_order=taylor_order, check_values=check_values
+    )
 
 
 def stiefel_init(

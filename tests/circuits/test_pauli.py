@@ -54,6 +54,34 @@ def dense_pauli(angles: torch.Tensor, n: int, depth: int) -> torch.Tensor:
     return q_mat
 
 
+def statevector_pauli(angles: torch.Tensor, n: int, depth: int, x: torch.Tensor) -> torch.Tensor:
+    """Q @ x gate by gate on the (N, m) state (each RY a 2x2 on qubit q's axis, each CZ a sign
+    flip where both bits are 1), straight from the spec: the reference for registers too large
+    for dense_pauli's N x N matrices."""
+
+    def apply_ry(x, theta, q):
+        v = x.reshape(2 ** (n - q - 1), 2, 2**q, x.shape[-1])
+        return torch.einsum("ij,ajbm->aibm", ry(theta), v).reshape(x.shape)
+
+    i = torch.arange(2**n)
+    idx = 0
+    for q in range(n):
+        x = apply_ry(x, angles[idx], q)
+        idx += 1
+    for _ in range(depth):
+        for parity in (0, 1):
+            pairs = [(q, q + 1) for q in range(parity, n - 1, 2)]
+            for a, b in pairs:
+                both = ((i >> a) & 1) & ((i >> b) & 1)
+                x = x * (1 - 2 * both).to(x.dtype)[:, None]
+            for a, b in pairs:
+                for q in (a, b):
+                    x = apply_ry(x, angles[idx], q)
+                    idx += 1
+    assert idx == angles.shape[-1]
+    return x
+
+
 def rand_angles(p: int, seed: int, dtype=F64, lead=()) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return ((torch.rand(*lead, p, generator=g, dtype=F64) * 2 - 1) * math.pi).to(dtype)
@@ -69,21 +97,41 @@ def test_num_params_formula_and_paper_examples():
     assert 2 * pauli_num_params(10, 1) + 8 == 64 and 2 * pauli_num_params(12, 1) + 8 == 76
 
 
-@pytest.mark.parametrize("n", range(1, 7))
+@pytest.mark.parametrize("n", range(1, 9))
 @pytest.mark.parametrize("depth", range(0, 4))
 def test_matches_dense_kron_reference_all_k(n, depth):
+    # n odd and even: the low/high register split differs (high half padded with RY(0) = I)
     big_n = 2**n
     a = rand_angles(pauli_num_params(n, depth), seed=100 * n + depth)
     q_mat = dense_pauli(a, n, depth)
     ks = range(1, big_n + 1) if n <= 4 else (1, 2, 3, 5, big_n // 2 + 1, big_n)
     for k in ks:
-        for chunk in (2, 4, 6):
-            u = pauli_stiefel(a, n, depth, k, chunk=chunk)
-            assert u.shape == (big_n, k)
-            torch.testing.assert_close(u, q_mat[:, :k], atol=1e-12, rtol=0)
+        u = pauli_stiefel(a, n, depth, k)
+        assert u.shape == (big_n, k)
+        torch.testing.assert_close(u, q_mat[:, :k], atol=1e-12, rtol=0)
     x = torch.randn(big_n, 3, dtype=F64, generator=torch.Generator().manual_seed(n))
-    for chunk in (2, 4):
-        torch.testing.assert_close(pauli_apply(a, n, depth, x, chunk=chunk), q_mat @ x, atol=1e-12, rtol=0)
+    torch.testing.assert_close(pauli_apply(a, n, depth, x), q_mat @ x, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("n,depth", [(6, 2), (11, 1), (13, 2)])
+def test_three_group_registers_match_the_statevector_reference(n, depth):
+    # n > 10 cuts the register into three qubit groups (the middle group's matmul broadcasts)
+    a = rand_angles(pauli_num_params(n, depth), seed=n)
+    g = torch.Generator().manual_seed(n)
+    eye = torch.eye(2**n, 5, dtype=F64)
+    x = torch.randn(2**n, 3, dtype=F64, generator=g)
+    torch.testing.assert_close(
+        pauli_stiefel(a, n, depth, 5), statevector_pauli(a, n, depth, eye), atol=1e-12, rtol=0
+    )
+    torch.testing.assert_close(
+        pauli_apply(a, n, depth, x), statevector_pauli(a, n, depth, x), atol=1e-12, rtol=0
+    )
+
+
+def test_statevector_reference_equals_the_dense_reference():
+    a = rand_angles(pauli_num_params(6, 2), seed=7)
+    eye = torch.eye(64, dtype=F64)
+    torch.testing.assert_close(statevector_pauli(a, 6, 2, eye), dense_pauli(a, 6, 2), atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("n,depth", [(1, 2), (2, 1), (3, 2), (5, 3)])
@@ -177,7 +225,6 @@ def param_sensitivity(fn, a: torch.Tensor, probes: int = 4) -> torch.Tensor:
         (dict(n_qubits=0, depth=1, k=1), "n_qubits"),
         (dict(n_qubits=3, depth=-1, k=1), "depth"),
         (dict(n_qubits=3, depth=1.0, k=1), "depth"),
-        (dict(n_qubits=3, depth=1, k=2, chunk=3), "chunk"),
     ],
 )
 def test_bad_arguments_name_themselves(kwargs, name):

@@ -180,8 +180,13 @@ class QuantumPEFTLayer(WeightMergeLayer):
         maps; never N x N."""
         spec = self.qpeft_spec[adapter_name]
         au, av = self.circuit_params(adapter_name)
-        u = stiefel(spec.method_u, au, spec.out_features, spec.r, spec.depth)
-        v = stiefel(spec.method_v, av, spec.in_features, spec.r, spec.depth)
+        if spec.method_u == spec.method_v and spec.out_features == spec.in_features and au.numel():
+            # square layer: both sides are the same circuit shape, one batched evaluation
+            u, v = stiefel(spec.method_u, torch.stack((au, av)), spec.out_features, spec.r,
+                           spec.depth, check_values=False).unbind(0)
+            return u, v
+        u = stiefel(spec.method_u, au, spec.out_features, spec.r, spec.depth, check_values=False)
+        v = stiefel(spec.method_v, av, spec.in_features, spec.r, spec.depth, check_values=False)
         return u, v
 
     @staticmethod
