@@ -498,9 +498,10 @@ def run_finetune(spec: FinetuneSpec, *, command: list[str] | None = None,
     unwrapped = accelerator.unwrap_model(model)
     generation = None
     if spec.eval_generate:
-        generation = exact_match(unwrapped, loaded.tokenizer,
-                                 eval_data.generation_examples(spec.eval_generate),
-                                 device=accelerator.device)
+        with sharding.root_unsharded(model):  # every rank generates the same completions
+            generation = exact_match(unwrapped, loaded.tokenizer,
+                                     eval_data.generation_examples(spec.eval_generate),
+                                     device=accelerator.device)
     trainable, total = count_parameters(unwrapped)
     head = 0
     for name, p in unwrapped.named_parameters():

@@ -172,6 +172,24 @@ def gradient_sync(model: torch.nn.Module, enabled: bool):
         model.set_requires_gradient_sync(True)
 
 
+@contextmanager
+def root_unsharded(model: torch.nn.Module):
+    """Keep the root FSDP unit's parameters (embeddings, final norm, head) gathered inside the
+    block. ``generate`` calls the base model's forward, not the root's, so the root's pre-forward
+    hook that gathers them never runs; the blocks' own hooks still gather and free theirs.
+    A collective (every rank must enter); no-op for a model that is not FSDP2-sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded state dict of a sharded model, on CPU, on rank 0 ({} on other ranks).
 
