@@ -85,7 +85,8 @@ def fsdp_plan(accelerator: Any) -> FsdpPlan | None:
                         "FSDP2 only; set fsdp_version: 2")
     from torch.distributed.fsdp import CPUOffloadPolicy
 
-    if isinstance(plugin.cpu_offload, CPUOffloadPolicy):
+    offload = plugin.cpu_offload  # FSDP2: CPUOffloadPolicy; FSDP1: CPUOffload(offload_params)
+    if isinstance(offload, CPUOffloadPolicy) or getattr(offload, "offload_params", False):
         problems.append("fsdp_offload_params: true: the parameters already live in CPU memory; "
                         "set it to false")
     if plugin.cpu_ram_efficient_loading:
