@@ -292,8 +292,9 @@ def train(
         shard_record = None
     record = _sharding_record(model, plan, shard_record, world)
     if record is not None and accelerator.is_main_process:
+        wrapped = f"{', '.join(record['blocks'])} + root" if record["blocks"] else "root only"
         print(f"[qpeft] FSDP{record['version']}: {record['units']} fully_shard units "
-              f"({', '.join(record['blocks']) or 'root only'} + root) over {world} processes, "
+              f"({wrapped}) over {world} processes, "
               f"sharded by {record['sharded_by']}; {record['dtensor_parameters']} of "
               f"{record['parameters']} parameters are DTensors", file=sys.stderr, flush=True)
     sharded = sharding.is_sharded(model)
