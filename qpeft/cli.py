@@ -275,13 +275,14 @@ def _compare(args: argparse.Namespace, methods: Sequence[str], seeds: int) -> in
     result = run_compare(base, list(methods), seeds, args.output_dir,
                          overwrite=args.overwrite, command=_command(),
                          lr_for=getattr(args, "lr_for", None),
-                         log=lambda s: print(s, flush=True))
-    print()
-    print(result["table"])
-    print()
-    print(f"compare.json: {Path(args.output_dir) / 'compare.json'}")
-    print(f"plot: {result['plot']}")
-    print(f"total wall time: {time.perf_counter() - start:.0f} s")
+                         log=lambda s: print(s, flush=True) if _is_main_process() else None)
+    if _is_main_process():
+        print()
+        print(result["table"])
+        print()
+        print(f"compare.json: {Path(args.output_dir) / 'compare.json'}")
+        print(f"plot: {result['plot']}")
+        print(f"total wall time: {time.perf_counter() - start:.0f} s")
     return 0
 
 

@@ -9,6 +9,7 @@ each run where the OS allows it (Linux ``/proc/self/clear_refs``), so it is per 
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,25 +54,35 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "seeds": [r["seed"] for r in rs],
             "lr": rs[0]["lr"],
             "gradient_checkpointing": rs[0].get("gradient_checkpointing", False),
+            "sharding": sharding_label(rs[0].get("sharding")),
             "exact_match": _mean_or_none([r.get("exact_match") for r in rs]),
             "values": [r["metric_value"] for r in rs],
         })
     return rows
 
 
+def sharding_label(record: dict[str, Any] | None) -> str | None:
+    """"fsdp2 x2 (qpeft)" for a run's ``results["sharding"]`` record; None when not sharded."""
+    if not record:
+        return None
+    return f"{record['mode']} x{record['num_processes']} ({record['sharded_by']})"
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Plain-text table of :func:`summarise` rows. An ``exact match`` column appears when the
     runs measured it (``--eval-generate``), a ``grad ckpt`` column when any run used gradient
-    checkpointing (its time and memory are not comparable with runs without)."""
+    checkpointing (its time and memory are not comparable with runs without), a ``sharding``
+    column when any run was sharded with FSDP (``accelerate launch`` with an FSDP config)."""
     if not rows:
         return "(no runs)"
     metric = rows[0]["metric"]
     pct = metric == "accuracy"
     em = any(r.get("exact_match") is not None for r in rows)
     ckpt = any(r.get("gradient_checkpointing") for r in rows)
+    shard = any(r.get("sharding") for r in rows)
     header = ("method", "trainable", "(adapter)", f"{metric} (mean ± std)",
               *(("exact match",) if em else ()), "train s", "peak MB",
-              *(("grad ckpt",) if ckpt else ()))
+              *(("grad ckpt",) if ckpt else ()), *(("sharding",) if shard else ()))
     body = []
     for r in rows:
         if pct:
@@ -83,7 +94,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             extra = ("-" if r.get("exact_match") is None else f"{100 * r['exact_match']:.1f} %",)
         body.append((r["method"], f"{r['trainable_params']:,}", f"{r['adapter_params']:,}", m,
                      *extra, f"{r['train_seconds']:.1f}", f"{r['peak_memory_mb']:.0f}",
-                     *(("yes" if r.get("gradient_checkpointing") else "no",) if ckpt else ())))
+                     *(("yes" if r.get("gradient_checkpointing") else "no",) if ckpt else ()),
+                     *((r.get("sharding") or "none",) if shard else ())))
     table = [header, *body]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
@@ -194,7 +206,7 @@ def run_compare(base: FinetuneSpec, methods: Sequence[str], seeds: int, output_d
         runs.append({k: r[k] for k in (
             "method", "seed", "metric", "metric_value", "trainable_params", "adapter_params",
             "total_params", "train_seconds", "peak_memory_mb", "steps", "method_options",
-            "exact_match", "gradient_checkpointing", "skipped_records")}
+            "exact_match", "gradient_checkpointing", "sharding", "skipped_records")}
                     | {"output_dir": spec.output_dir, "lr": spec.train.lr})
     rows = summarise(runs)
     from qpeft.train.finetune import model_source
@@ -202,7 +214,8 @@ def run_compare(base: FinetuneSpec, methods: Sequence[str], seeds: int, output_d
     data_name = base.task or Path(base.train_file or "table").name
     title = (f"{model_source(base.model).label} on {data_name}: {len(methods)} methods x "
              f"{seeds} seed(s)")
-    plot = pareto_plot(rows, out / PLOT_NAME, title)
+    main_process = os.environ.get("RANK", "0") == "0"  # one writer under a launcher
+    plot = pareto_plot(rows, out / PLOT_NAME, title) if main_process else out / PLOT_NAME
     result = {
         "model": base.model, "task": base.task, "train_file": base.train_file,
         "gradient_checkpointing": base.gradient_checkpointing, "methods": list(methods), "seeds": seeds,
@@ -210,6 +223,7 @@ def run_compare(base: FinetuneSpec, methods: Sequence[str], seeds: int, output_d
         "rows": rows, "runs": runs, "plot": str(plot), "command": command,
         "table": format_table(rows),
     }
-    atomic_write_json(result, out / COMPARE_NAME)
+    if main_process:
+        atomic_write_json(result, out / COMPARE_NAME)
     return result
 

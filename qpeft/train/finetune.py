@@ -9,7 +9,9 @@ input leaves the output folder as it was. The output folder then holds
 - ``adapter/``: the trained adapter in peft format (written to a temporary folder, then renamed);
 - ``results.json``: the measurements (written last, atomically).
 
-Only rank 0 writes under a multi-process launcher.
+Only rank 0 writes under a multi-process launcher. Under ``accelerate launch`` with an FSDP
+config the model is sharded with FSDP2 (:mod:`qpeft.train.sharding`; on CPU by qpeft itself) and
+the adapter is gathered in full on rank 0 before it is saved, so it loads in one process.
 
 ``spec.model`` is a bundled name, a local transformers folder, a ``.gguf`` file or a hub id
 (:mod:`qpeft.assets.sources`); the model's head follows the data (sequence classification for
@@ -32,6 +34,7 @@ import torch
 
 from qpeft.assets.sft import SFTRecord, jsonl_kind, load_sft
 from qpeft.assets.sources import ModelSource, read_source_config, resolve_model_source
+from qpeft.train import sharding
 from qpeft.train.data import CausalLMData, ImageData, PreparedData, TextClassificationData
 from qpeft.train.loop import CHECKPOINT_NAME, TrainConfig, TrainResult, evaluate, train
 from qpeft.train.methods import build_peft_config, check_method, config_class, resolve_options
@@ -396,11 +399,16 @@ def _clear_owned(out: Path) -> None:
             path.unlink()
 
 
-def _save_adapter(model: Any, out: Path) -> None:
+def _save_adapter(model: Any, out: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """``save_pretrained`` to ``out/adapter`` through a temporary folder; ``state_dict``: the
+    full (gathered) state dict of a sharded model."""
     tmp = out / f".adapter-tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp))
+    if state_dict is None:
+        model.save_pretrained(str(tmp))
+    else:
+        model.save_pretrained(str(tmp), state_dict=state_dict)
     final = out / "adapter"
     if final.exists():
         old = out / f".adapter-old-{os.getpid()}"
@@ -425,6 +433,13 @@ def run_finetune(spec: FinetuneSpec, *, command: list[str] | None = None,
     mode = check_output_dir(spec)
     out = Path(spec.output_dir)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    try:
+        plan = sharding.fsdp_plan(accelerator)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+    if plan is not None and plan.sharded_by == "qpeft" and spec.load_in_bits:
+        raise RunError("--load-in-4bit / --load-in-8bit cannot be combined with FSDP on CPU "
+                       "(bitsandbytes' packed weights are not sharded); drop one of them")
     memory_kind = reset_peak_memory()
     t_load = time.perf_counter()
     try:
@@ -483,9 +498,10 @@ def run_finetune(spec: FinetuneSpec, *, command: list[str] | None = None,
     unwrapped = accelerator.unwrap_model(model)
     generation = None
     if spec.eval_generate:
-        generation = exact_match(unwrapped, loaded.tokenizer,
-                                 eval_data.generation_examples(spec.eval_generate),
-                                 device=accelerator.device)
+        with sharding.root_unsharded(model):  # every rank generates the same completions
+            generation = exact_match(unwrapped, loaded.tokenizer,
+                                     eval_data.generation_examples(spec.eval_generate),
+                                     device=accelerator.device)
     trainable, total = count_parameters(unwrapped)
     head = 0
     for name, p in unwrapped.named_parameters():
@@ -514,6 +530,7 @@ def run_finetune(spec: FinetuneSpec, *, command: list[str] | None = None,
         "eval_generate": 0 if generation is None else generation["count"],
         "generations": None if generation is None else generation["generations"],
         "gradient_checkpointing": spec.gradient_checkpointing,
+        "sharding": result.sharding,
         "load_in_bits": spec.load_in_bits,
         "skipped_records": len(skipped),
         "skipped": skipped,
@@ -545,8 +562,9 @@ def run_finetune(spec: FinetuneSpec, *, command: list[str] | None = None,
         "command": command or sys.argv,
         "losses": result.losses,
     }
+    full = sharding.full_state_dict(model) if sharding.is_sharded(model) else None  # collective
     if accelerator.is_main_process:
-        _save_adapter(unwrapped, out)
+        _save_adapter(unwrapped, out, full)
         atomic_write_json(results, out / RESULTS_NAME)
     accelerator.wait_for_everyone()
     return results

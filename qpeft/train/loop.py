@@ -13,6 +13,11 @@ Checkpoints (``checkpoint.pt``, written by rank 0 to a temporary file and ``os.r
 place) hold the trainable tensors, optimizer and scheduler states, RNG states, the step and the
 elapsed training time: resuming continues the run exactly where it stopped.
 
+Under ``accelerate launch`` with an FSDP config the model is sharded with FSDP2: by accelerate
+on GPUs, by qpeft itself on CPU, where accelerate does not do FSDP (:mod:`qpeft.train.sharding`).
+Every rank then runs the same number of forwards (evaluation pads the shorter ranks with a
+discarded batch), and checkpoints hold the full, gathered tensors.
+
 Frozen BatchNorm layers are kept in eval mode while training, so every change a run makes
 lives in the trainable tensors (the adapter), not in running statistics of the base model.
 """
@@ -32,6 +37,7 @@ from typing import Any
 
 import torch
 
+from qpeft.train import sharding
 from qpeft.train.data import Batch, PreparedData, logits_of, loss_and_stats
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -94,6 +100,7 @@ class TrainResult:
     metric: float
     eval_loss: float
     resumed_from_step: int | None = None
+    sharding: dict[str, Any] | None = None
 
 
 def metric_name_of(kind: str) -> str:
@@ -192,7 +199,8 @@ def evaluate(model: torch.nn.Module, data: PreparedData, *, accelerator: Any,
     """(metric, mean eval loss) over all of ``data``: accuracy, or perplexity for causal-lm.
 
     Rank r evaluates rows r, r+N, ...; sums are all-reduced, so the result does not depend on
-    the number of processes. O(len(data)) forward passes.
+    the number of processes. A sharded (FSDP2) model needs every rank in every forward: a rank
+    with one chunk fewer runs its first chunk again and discards it. O(len(data)) forwards.
     """
     from tqdm.auto import tqdm
 
@@ -205,12 +213,19 @@ def evaluate(model: torch.nn.Module, data: PreparedData, *, accelerator: Any,
     was_training = model.training
     model.eval()
     chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    padded = 0
+    if sharding.is_sharded(model):
+        most = math.ceil(math.ceil(len(data) / world) / batch_size)  # rank 0's count
+        padded = most - len(chunks)
+        chunks += [chunks[0] if chunks else [0]] * padded
     bar = tqdm(chunks, desc="eval", file=sys.stderr, leave=False,
                disable=not (progress and accelerator.is_main_process))
     with torch.no_grad():
-        for chunk in bar:
+        for i, chunk in enumerate(bar):
             batch = data.batch(chunk).to(accelerator.device)
             loss, stat, count = loss_and_stats(kind, _forward(model, batch), batch.labels)
+            if i >= len(chunks) - padded:
+                continue  # the padding forward of a sharded model: not counted
             num += stat.double()
             den += count.double()
             loss_sum += loss.double() * count.double()
@@ -268,7 +283,21 @@ def train(
     total = config.total_steps(n)
     local = config.batch_size // world
 
-    model = accelerator.prepare(model)
+    plan = sharding.fsdp_plan(accelerator)
+    if plan is not None and plan.sharded_by == "qpeft":
+        # accelerate does not shard on CPU (and its prepare would wrap the model in DDP)
+        shard_record = sharding.shard_fsdp2(model, plan.plugin)
+    else:
+        model = accelerator.prepare(model)
+        shard_record = None
+    record = _sharding_record(model, plan, shard_record, world)
+    if record is not None and accelerator.is_main_process:
+        wrapped = f"{', '.join(record['blocks'])} + root" if record["blocks"] else "root only"
+        print(f"[qpeft] FSDP{record['version']}: {record['units']} fully_shard units "
+              f"({wrapped}) over {world} processes, "
+              f"sharded by {record['sharded_by']}; {record['dtensor_parameters']} of "
+              f"{record['parameters']} parameters are DTensors", file=sys.stderr, flush=True)
+    sharded = sharding.is_sharded(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
@@ -289,10 +318,13 @@ def train(
         missing = set(state["trainable"]) ^ {k for k, p in named.items() if p.requires_grad}
         if missing:
             raise ValueError(f"--resume: checkpoint tensors do not match the model: {sorted(missing)[:5]}")
-        with torch.no_grad():
-            for name, tensor in state["trainable"].items():
-                named[name].copy_(tensor)
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            sharding.load_full_state(model, optimizer, state["trainable"], state["optimizer"])
+        else:
+            with torch.no_grad():
+                for name, tensor in state["trainable"].items():
+                    named[name].copy_(tensor)
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start_step, elapsed, losses = state["step"], state["train_seconds"], list(state["losses"])
@@ -311,7 +343,11 @@ def train(
             batch = train_data.batch(order.micro_batch(k))
             batch = batch.rows(rank * local, (rank + 1) * local).to(accelerator.device)
             sync = micro == config.grad_accum - 1
-            with nullcontext() if sync else accelerator.no_sync(model):
+            if sharded and plan is not None and plan.sharded_by == "qpeft":
+                context = sharding.gradient_sync(model, sync)
+            else:
+                context = nullcontext() if sync else accelerator.no_sync(model)
+            with context:
                 loss, _, _ = loss_and_stats(kind, _forward(model, batch), batch.labels)
                 accelerator.backward(loss / config.grad_accum)
             step_loss += loss.detach() / config.grad_accum
@@ -327,11 +363,16 @@ def train(
         done = step + 1
         if ckpt_path is not None and config.checkpoint_every and (
                 done % config.checkpoint_every == 0 or done == total):
+            if sharded:  # collectives: every rank gathers, rank 0 writes
+                trainable = sharding.full_trainable_state(model)
+                optimizer_state = sharding.full_optimizer_state(model, optimizer)
+            else:
+                trainable, optimizer_state = None, None
             if accelerator.is_main_process:
                 atomic_torch_save({
                     "step": done,
-                    "trainable": trainable_state(unwrapped),
-                    "optimizer": optimizer.state_dict(),
+                    "trainable": trainable if sharded else trainable_state(unwrapped),
+                    "optimizer": optimizer_state if sharded else optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "rng": _rng_state(),
                     "train_seconds": elapsed + time.perf_counter() - t0,
@@ -347,4 +388,25 @@ def train(
                                  batch_size=config.eval_batch_size, progress=config.progress)
     return TrainResult(steps=total, train_seconds=elapsed, losses=losses,
                        metric_name=metric_name_of(kind), metric=metric, eval_loss=eval_loss,
-                       resumed_from_step=resumed_from)
+                       resumed_from_step=resumed_from, sharding=record)
+
+
+def _sharding_record(model: torch.nn.Module, plan: sharding.FsdpPlan | None,
+                     shard_record: dict[str, Any] | None, world: int) -> dict[str, Any] | None:
+    """What results.json records about FSDP (None without it): version, who sharded, the
+    wrapped block classes, fully_shard units, and how many parameters are DTensors."""
+    if plan is None:
+        return None
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    if shard_record is None:  # sharded by accelerate: read back what it did
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        base = getattr(model, "module", model)
+        shard_record = {"blocks": sorted({type(m).__name__ for m in units if m is not base}),
+                        "units": len(units)}
+    params = list(model.parameters())
+    return {"mode": f"fsdp{plan.version}", "version": plan.version,
+            "sharded_by": plan.sharded_by, "num_processes": world, **shard_record,
+            "parameters": len(params),
+            "dtensor_parameters": sum(isinstance(p, DTensor) for p in params)}
