@@ -33,7 +33,6 @@ matmul per group, ``O(N K sum_j d_j)`` flops per sub-layer, ``O(g L)`` operation
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -98,17 +97,6 @@ def pauli_gates(n_qubits: int, depth: int) -> list[tuple[str, tuple[int, ...], i
 _MAX_GROUP = 5  # qubits per group: d_j <= 32, so a sub-layer costs <= 32 g multiply-adds per entry
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """Constant tables of one circuit shape ``(n_qubits, depth)``; see the module docstring.
-
-    ``S = 1 + 2L`` sub-layers: the first RY layer, then the even and odd sub-layer of each layer.
-    """
-
-    sizes: tuple[int, ...]  # qubits per group, group 0 (least significant) first
-    angle_index: torch.Tensor  # (S, g, c) long: angle of (sub-layer, group, slot); P = RY(0)
-
-
 def _group_sizes(n_qubits: int) -> tuple[int, ...]:
     """``ceil(n / 5)`` near-equal groups, the larger ones at the low end (the K columns of the
     first layer come from group 0)."""
@@ -116,26 +104,85 @@ def _group_sizes(n_qubits: int) -> tuple[int, ...]:
     return tuple(n_qubits // g + (j < n_qubits % g) for j in range(g))
 
 
-@tensor_table_cache(maxsize=256)
-def _plan(n_qubits: int, depth: int) -> _Plan:
-    """The circuit's angle table; O(S n) integers, built once."""
+def _slot_angles(n_qubits: int, depth: int) -> list[list[list[int]]]:
+    """``[s][j][t]``: index (in the circuit's own angle vector) of the RY on slot ``t`` of group
+    ``j`` in sub-layer ``s``, or -1 where the sub-layer leaves that qubit alone.  ``S = 1 + 2L``
+    sub-layers: the first RY layer, then the even and odd sub-layer of each layer."""
     n_e, n_o = _layer_qubits(n_qubits)
-    sizes = _group_sizes(n_qubits)
-    zero = pauli_num_params(n_qubits, depth)  # index of an appended 0 angle: RY(0) = I
-    angle = torch.full((1 + 2 * depth, n_qubits), zero, dtype=torch.long)
-    angle[0] = torch.arange(n_qubits)
+    rows = [list(range(n_qubits))]
     for layer in range(depth):
         offset = n_qubits + layer * (n_e + n_o)
-        angle[1 + 2 * layer, :n_e] = offset + torch.arange(n_e)
-        angle[2 + 2 * layer, 1 : 1 + n_o] = offset + n_e + torch.arange(n_o)
-    # a group smaller than the largest has RY(0) = I in its top slots: its Kronecker product is
-    # kron(I, G), whose leading d_j x d_j block is G
-    groups = torch.full((1 + 2 * depth, len(sizes), sizes[0]), zero, dtype=torch.long)
-    start = 0
-    for j, size in enumerate(sizes):
-        groups[:, j, :size] = angle[:, start : start + size]
-        start += size
-    return _Plan(sizes, groups)
+        rows.append([offset + q if q < n_e else -1 for q in range(n_qubits)])
+        rows.append([offset + n_e + q - 1 if 1 <= q <= n_o else -1 for q in range(n_qubits)])
+    out = []
+    for row in rows:
+        groups, start = [], 0
+        for size in _group_sizes(n_qubits):
+            groups.append(row[start : start + size])
+            start += size
+        out.append(groups)
+    return out
+
+
+@tensor_table_cache(maxsize=256)
+def _gather_table(circuits: tuple[tuple[int, int], ...], depth: int, total: int) -> torch.Tensor:
+    """``(C, S, g, c)`` long: for every circuit ``(n_qubits, offset)``, sub-layer, group and slot,
+    the index of its angle in a flat vector of ``total`` angles, or ``total`` (an appended zero:
+    RY(0) = I) for a qubit left alone or a slot above the group's size.  ``g``, ``c``: the largest
+    group count and size among the circuits."""
+    plans = [_slot_angles(n, depth) for n, _ in circuits]
+    g = max(len(p[0]) for p in plans)
+    c = max(len(group) for p in plans for group in p[0])
+    table = torch.full((len(circuits), 1 + 2 * depth, g, c), total, dtype=torch.long)
+    for i, ((_, offset), plan) in enumerate(zip(circuits, plans, strict=True)):
+        for s, groups in enumerate(plan):
+            for j, slots in enumerate(groups):
+                for t, index in enumerate(slots):
+                    if index >= 0:
+                        table[i, s, j, t] = offset + index
+    return table
+
+
+def circuit_matrices(
+    angles: torch.Tensor, circuits: tuple[tuple[int, int], ...], depth: int
+) -> list[list[list[torch.Tensor]]]:
+    """``mats[i][s][j]``: the ``(B, d_j, d_j)`` RY matrix of group ``j`` in sub-layer ``s`` of
+    circuit ``i`` (``kron(RY_top, ..., RY_low)`` of the group's qubits, the identity on qubits
+    the sub-layer leaves alone).
+
+    ``angles (B, total)`` holds every circuit's angles; circuit ``i = (n_qubits, offset)`` reads
+    ``angles[:, offset : offset + pauli_num_params(n_qubits, depth)]``.  Every matrix of every
+    circuit comes out of one gather and one Kronecker chain over the slots (most significant
+    first): ``c - 1`` broadcast products, O(C S g 4**c) with ``c <= 5``.  A group with fewer
+    slots gets RY(0) = I in its top slots: its chain is ``kron(I, G)``, whose leading
+    ``d_j x d_j`` block is ``G``.
+    """
+    b, total = angles.shape
+    table = _gather_table(circuits, depth, total).to(angles.device)
+    padded = torch.cat((angles, angles.new_zeros(b, 1)), dim=1)
+    half = padded[:, table] * 0.5  # (B, C, S, g, c)
+    c, s = torch.cos(half), torch.sin(half)
+    ry = torch.stack((c, -s, s, c), dim=-1).unflatten(-1, (2, 2))  # (B, C, S, g, c, 2, 2)
+    slots = ry.unbind(-3)
+    mat = slots[-1]
+    for rot in reversed(slots[:-1]):  # kron(mat, rot): the lower slot is the faster index
+        d = mat.shape[-1]
+        mat = (mat[..., :, None, :, None] * rot[..., None, :, None, :]).reshape(
+            *mat.shape[:-2], 2 * d, 2 * d
+        )
+    flat = iter(mat.flatten(1, 3).unbind(1))
+    out = []
+    for n_qubits, _ in circuits:
+        sizes = _group_sizes(n_qubits)
+        per_sublayer = []
+        for _s in range(table.shape[1]):
+            row = [next(flat) for _ in range(table.shape[2])]
+            per_sublayer.append(
+                [m if m.shape[-1] == 1 << size else m[:, : 1 << size, : 1 << size]
+                 for m, size in zip(row[: len(sizes)], sizes, strict=True)]
+            )
+        out.append(per_sublayer)
+    return out
 
 
 @tensor_table_cache(maxsize=256)
@@ -155,31 +202,6 @@ def _cz_signs(n_qubits: int, dtype: torch.dtype, device: torch.device) -> tuple[
     return tuple(out)
 
 
-def _sublayer_matrices(angles: torch.Tensor, plan: _Plan) -> list[list[torch.Tensor]]:
-    """``G[s][j]``: group ``j``'s ``(B, d_j, d_j)`` RY matrix in sub-layer ``s``
-    (``kron(RY_{top}, ..., RY_{low})`` of the group's qubits; identity for qubits it skips).
-
-    Every group of every sub-layer in one Kronecker chain over the slots (most significant
-    first): ``c - 1`` broadcast products, O(S g 4**c).
-    """
-    b = angles.shape[0]
-    padded = torch.cat((angles, angles.new_zeros(b, 1)), dim=1)
-    half = padded[:, plan.angle_index.to(angles.device)] * 0.5  # (B, S, g, c)
-    c, s = torch.cos(half), torch.sin(half)
-    ry = torch.stack((c, -s, s, c), dim=-1).unflatten(-1, (2, 2))  # (B, S, g, c, 2, 2)
-    slots = ry.unbind(-3)
-    mat = slots[-1]
-    for rot in reversed(slots[:-1]):  # kron(mat, rot): the lower slot is the faster index
-        d = mat.shape[-1]
-        mat = (mat[..., :, None, :, None] * rot[..., None, :, None, :]).reshape(
-            *mat.shape[:-2], 2 * d, 2 * d
-        )
-    return [
-        [g[:, : 1 << size, : 1 << size] for g, size in zip(sub.unbind(1), plan.sizes, strict=True)]
-        for sub in mat.unbind(1)
-    ]
-
-
 def _apply_sublayer(y: torch.Tensor, mats: list[torch.Tensor], sizes: tuple[int, ...]) -> torch.Tensor:
     """One sub-layer's RYs on ``y (B, N / d_0, m, d_0)``, whose entry ``[b, I, k, i_0]`` is
     amplitude ``I d_0 + i_0`` of column ``k``.  One batched matmul per group: O(N m sum_j d_j)."""
@@ -196,45 +218,45 @@ def _apply_sublayer(y: torch.Tensor, mats: list[torch.Tensor], sizes: tuple[int,
 
 
 def _entangling_layers(
-    y: torch.Tensor, mats: list[list[torch.Tensor]], plan: _Plan, n_qubits: int
+    y: torch.Tensor, mats: list[list[torch.Tensor]], n_qubits: int
 ) -> torch.Tensor:
     """Sub-layers ``1 .. 2L`` (CZ signs, then the RYs) on ``y (B, N / d_0, m, d_0)``."""
     signs = _cz_signs(n_qubits, y.dtype, y.device)
+    sizes = _group_sizes(n_qubits)
     for s in range(1, len(mats)):
-        y = _apply_sublayer(y * signs[(s - 1) % 2], mats[s], plan.sizes)
+        y = _apply_sublayer(y * signs[(s - 1) % 2], mats[s], sizes)
     return y
 
 
-def stiefel_columns(angles: torch.Tensor, n_qubits: int, depth: int, k: int) -> torch.Tensor:
-    """``pauli_stiefel`` without argument checks, for callers that have checked: ``angles (B, P)``
-    -> ``(B, 2**n, k)``."""
-    plan = _plan(n_qubits, depth)
-    mats = _sublayer_matrices(angles, plan)
+def circuit_columns(mats: list[list[torch.Tensor]], n_qubits: int, k: int) -> torch.Tensor:
+    """First ``k`` columns ``(B, 2**n, k)`` of the circuit whose matrices are ``mats``
+    (``circuit_matrices(...)[i]``)."""
+    sizes = _group_sizes(n_qubits)
+    first = mats[0]
+    b = first[0].shape[0]
     # first RY layer on the basis columns e_j: the Kronecker product over groups of column
     # digit_j(k) of each group's matrix (digit 0 = the lowest group's)
-    b = angles.shape[0]
-    cols = torch.arange(k, device=angles.device)
-    d0 = 1 << plan.sizes[0]
-    y = mats[0][0].index_select(2, cols % d0).transpose(1, 2)[:, None]  # (B, 1, k, d0)
+    cols = torch.arange(k, device=first[0].device)
+    d0 = 1 << sizes[0]
+    y = first[0].index_select(2, cols % d0).transpose(1, 2)[:, None]  # (B, 1, k, d0)
     place = d0
-    for j in range(1, len(plan.sizes)):
-        d = 1 << plan.sizes[j]
-        col = mats[0][j].index_select(2, (cols // place) % d)  # (B, d, k)
+    for j in range(1, len(sizes)):
+        d = 1 << sizes[j]
+        col = first[j].index_select(2, (cols // place) % d)  # (B, d, k)
         y = (col[:, :, None, :, None] * y[:, None]).reshape(b, -1, k, d0)
         place *= d
-    y = _entangling_layers(y, mats, plan, n_qubits)
+    y = _entangling_layers(y, mats, n_qubits)
     return y.transpose(2, 3).reshape(b, 1 << n_qubits, k)
 
 
-def apply_circuit(angles: torch.Tensor, n_qubits: int, depth: int, x: torch.Tensor) -> torch.Tensor:
-    """``pauli_apply`` without argument checks: ``angles (B, P)``, ``x (B, 2**n, m)`` -> ``Q x``."""
-    plan = _plan(n_qubits, depth)
-    mats = _sublayer_matrices(angles, plan)
+def circuit_apply(mats: list[list[torch.Tensor]], n_qubits: int, x: torch.Tensor) -> torch.Tensor:
+    """``Q x`` for ``x (B, 2**n, m)`` and the circuit whose matrices are ``mats``."""
+    sizes = _group_sizes(n_qubits)
     b, big_n, m = x.shape
-    d0 = 1 << plan.sizes[0]
+    d0 = 1 << sizes[0]
     y = x.reshape(b, big_n // d0, d0, m).transpose(2, 3)
-    y = _apply_sublayer(y, mats[0], plan.sizes)
-    y = _entangling_layers(y, mats, plan, n_qubits)
+    y = _apply_sublayer(y, mats[0], sizes)
+    y = _entangling_layers(y, mats, n_qubits)
     return y.transpose(2, 3).reshape(b, big_n, m)
 
 
@@ -272,8 +294,8 @@ def pauli_stiefel(
     big_n = 1 << n_qubits
     check_in_range("k", k, 1, big_n)
     lead = angles.shape[:-1]
-    y = stiefel_columns(angles.reshape(-1, angles.shape[-1]), n_qubits, depth, k)
-    return y.reshape(*lead, big_n, k)
+    (mats,) = circuit_matrices(angles.reshape(-1, angles.shape[-1]), ((n_qubits, 0),), depth)
+    return circuit_columns(mats, n_qubits, k).reshape(*lead, big_n, k)
 
 
 def pauli_apply(angles: torch.Tensor, n_qubits: int, depth: int, x: torch.Tensor) -> torch.Tensor:
@@ -303,7 +325,8 @@ def pauli_apply(angles: torch.Tensor, n_qubits: int, depth: int, x: torch.Tensor
         ) from err
     m = x.shape[-1]
     a = angles.expand(*lead, angles.shape[-1]).reshape(-1, angles.shape[-1])
-    y = apply_circuit(a, n_qubits, depth, x.expand(*lead, big_n, m).reshape(-1, big_n, m))
+    (mats,) = circuit_matrices(a, ((n_qubits, 0),), depth)
+    y = circuit_apply(mats, n_qubits, x.expand(*lead, big_n, m).reshape(-1, big_n, m))
     return y.reshape(*lead, big_n, m)
 
 

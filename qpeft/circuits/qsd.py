@@ -47,7 +47,13 @@ from qpeft.circuits._checks import (
     check_last_dim,
     check_positive_int,
 )
-from qpeft.circuits.pauli import apply_circuit, is_power_of_two, pauli_num_params, stiefel_columns
+from qpeft.circuits.pauli import (
+    circuit_apply,
+    circuit_columns,
+    circuit_matrices,
+    is_power_of_two,
+    pauli_num_params,
+)
 
 __all__ = ["generalized_num_params", "generalized_stiefel", "generalized_apply", "split_sizes"]
 
@@ -90,13 +96,37 @@ def _qubits(n: int) -> int:
     return n.bit_length() - 1
 
 
-def _split_angles(a: torch.Tensor, n: int, depth: int) -> tuple[torch.Tensor, ...]:
-    """``[B1 | phi | A1 | A2]`` of one level as ``(b1, cos phi, sin phi, a1, a2)``; ``cos`` and
-    ``sin`` shaped ``(B, 1, 1)``.  One split (a single backward op)."""
-    n1, _ = split_sizes(n)
+@functools.lru_cache(maxsize=4096)
+def _layout(n: int, depth: int, offset: int = 0) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
+    """``(circuits, phis)`` of ``Q_n``'s angle vector (starting at ``offset``), in the order
+    ``_stiefel``/``_apply`` consume them: each level's ``B1`` then ``A1`` as ``(qubits, offset)``,
+    then the levels of ``A2``; ``phis``: the index of each level's ``phi``.  O(log n)."""
+    if n == 1:
+        return (), ()
+    if is_power_of_two(n):
+        return ((_qubits(n), offset),), ()
+    n1, n2 = split_sizes(n)
     p1 = _count(n1, depth)
-    b1, phi, a1, a2 = torch.split(a, [p1, 1, p1, a.shape[1] - 2 * p1 - 1], dim=1)
-    return b1, torch.cos(phi)[:, :, None], torch.sin(phi)[:, :, None], a1, a2
+    circuits, phis = _layout(n2, depth, offset + 2 * p1 + 1)
+    return ((_qubits(n1), offset), (_qubits(n1), offset + p1 + 1), *circuits), (offset + p1, *phis)
+
+
+class _Factors:
+    """Every Pauli circuit matrix and every CS angle of one ``Q_n``, built in one go
+    (``circuit_matrices``: one Kronecker chain), handed out in the recursion's order."""
+
+    def __init__(self, a: torch.Tensor, n: int, depth: int) -> None:
+        self.angles = a
+        circuits, phis = _layout(n, depth)
+        self.mats = iter(circuit_matrices(a, circuits, depth) if circuits else ())
+        phi = a[:, list(phis)][:, :, None, None]  # (B, levels, 1, 1)
+        self.cos, self.sin = iter(torch.cos(phi).unbind(1)), iter(torch.sin(phi).unbind(1))
+
+    def circuit(self) -> list[list[torch.Tensor]]:
+        return next(self.mats)
+
+    def cosine_sine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return next(self.cos), next(self.sin)
 
 
 def _cosine_sine(
@@ -109,42 +139,38 @@ def _cosine_sine(
     return torch.cat((c * head - s * bottom, tail), dim=1), s * head + c * bottom
 
 
-def _apply(a: torch.Tensor, n: int, depth: int, x: torch.Tensor) -> torch.Tensor:
-    """``Q_n @ x`` for angles ``a (B, P)`` and ``x (B, n, m)``; O(L n m log**2 n)."""
+def _apply(f: _Factors, n: int, x: torch.Tensor) -> torch.Tensor:
+    """``Q_n @ x`` for ``x (B, n, m)``, taking the circuits and angles from ``f``."""
     if n == 1:
         return x
     if is_power_of_two(n):
-        return apply_circuit(a, _qubits(n), depth, x)
+        return circuit_apply(f.circuit(), _qubits(n), x)
     n1, n2 = split_sizes(n)
-    b1, c, s, a1, a2 = _split_angles(a, n, depth)
+    b1, a1, (c, s) = f.circuit(), f.circuit(), f.cosine_sine()
     top, bottom = torch.split(x, [n1, n2], dim=1)
-    top, bottom = _cosine_sine(apply_circuit(b1, _qubits(n1), depth, top), bottom, c, s)
-    return torch.cat(
-        (apply_circuit(a1, _qubits(n1), depth, top), _apply(a2, n2, depth, bottom)), dim=1
-    )
+    top, bottom = _cosine_sine(circuit_apply(b1, _qubits(n1), top), bottom, c, s)
+    return torch.cat((circuit_apply(a1, _qubits(n1), top), _apply(f, n2, bottom)), dim=1)
 
 
-def _stiefel(a: torch.Tensor, n: int, k: int, depth: int) -> torch.Tensor:
-    """``Q_n[:, :k]`` for angles ``a (B, P)``: ``(B, n, k)``."""
+def _stiefel(f: _Factors, n: int, k: int) -> torch.Tensor:
+    """``Q_n[:, :k]``: ``(B, n, k)``, taking the circuits and angles from ``f``."""
     if n == 1:
-        return a.new_ones(a.shape[0], 1, 1)
+        return f.angles.new_ones(f.angles.shape[0], 1, 1)
     if is_power_of_two(n):
-        return stiefel_columns(a, _qubits(n), depth, k)
+        return circuit_columns(f.circuit(), _qubits(n), k)
     n1, n2 = split_sizes(n)
-    b1, c, s, a1, a2 = _split_angles(a, n, depth)
+    b1, a1, (c, s) = f.circuit(), f.circuit(), f.cosine_sine()
     if k <= n1:  # (B1 (+) I)[:, :k] = [B1[:, :k]; 0]: the identity block meets zeros only
-        head, tail = torch.split(stiefel_columns(b1, _qubits(n1), depth, k), [n2, n1 - n2], 1)
+        head, tail = torch.split(circuit_columns(b1, _qubits(n1), k), [n2, n1 - n2], 1)
         top, bottom = torch.cat((c * head, tail), dim=1), s * head
     else:
-        full = stiefel_columns(b1, _qubits(n1), depth, n1)  # (B, n1, n1)
-        bsz = a.shape[0]
+        full = circuit_columns(b1, _qubits(n1), n1)  # (B, n1, n1)
+        bsz = full.shape[0]
         top = torch.cat((full, full.new_zeros(bsz, n1, k - n1)), dim=2)
-        eye = torch.eye(n2, k - n1, dtype=a.dtype, device=a.device).expand(bsz, n2, k - n1)
+        eye = torch.eye(n2, k - n1, dtype=full.dtype, device=full.device).expand(bsz, n2, k - n1)
         bottom = torch.cat((full.new_zeros(bsz, n2, n1), eye), dim=2)
         top, bottom = _cosine_sine(top, bottom, c, s)
-    return torch.cat(
-        (apply_circuit(a1, _qubits(n1), depth, top), _apply(a2, n2, depth, bottom)), dim=1
-    )
+    return torch.cat((circuit_apply(a1, _qubits(n1), top), _apply(f, n2, bottom)), dim=1)
 
 
 def _check(angles: torch.Tensor, n: int, k: int, depth: int, values: bool = True) -> None:
@@ -173,7 +199,7 @@ def generalized_stiefel(
     _check(angles, n, k, depth, check_values)
     lead = angles.shape[:-1]
     a = angles.reshape(math.prod(lead), angles.shape[-1])
-    return _stiefel(a, n, k, depth).reshape(*lead, n, k)
+    return _stiefel(_Factors(a, n, depth), n, k).reshape(*lead, n, k)
 
 
 def generalized_apply(angles: torch.Tensor, n: int, depth: int, x: torch.Tensor) -> torch.Tensor:
@@ -191,5 +217,5 @@ def generalized_apply(angles: torch.Tensor, n: int, depth: int, x: torch.Tensor)
         raise ValueError(f"x dtype {x.dtype} must match angles dtype {angles.dtype}")
     lead = angles.shape[:-1]
     a = angles.reshape(math.prod(lead), angles.shape[-1])
-    y = _apply(a, n, depth, x.reshape(-1, n, x.shape[-1]))
+    y = _apply(_Factors(a, n, depth), n, x.reshape(-1, n, x.shape[-1]))
     return y.reshape(*lead, n, x.shape[-1])
