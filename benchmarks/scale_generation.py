@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,7 @@ def base_step(quick: bool, tokens: int) -> tuple[Callable[[], None] | None, dict
 def measure(quick: bool, methods: tuple[str, ...], memory: bool = True,
             max_dense_gib: float = MAX_DENSE_GIB, base: bool = True) -> dict[str, Any]:
     """Time every method's generation against the base layer; counts and (optionally) memory."""
+    machine = C.machine_facts()  # its load average: at the start
     config = layer_config(quick)
     shapes = linear_shapes(config)
     tokens = QUICK_TOKENS if quick else TOKENS
@@ -302,8 +304,8 @@ def measure(quick: bool, methods: tuple[str, ...], memory: bool = True,
                       "num_attention_heads": config.num_attention_heads,
                       "num_key_value_heads": config.num_key_value_heads,
                       "shapes": {k: list(v) for k, v in shapes.items()}},
-            "tokens": tokens, "base": base_info, "methods": rows,
-            "machine": C.machine_facts()}
+            "tokens": tokens, "base": base_info, "methods": rows, "machine": machine,
+            "load_average_1min_end": round(os.getloadavg()[0], 1)}
 
 
 def memory_worker(method: str, quick: bool, steps: int = 2) -> dict[str, Any]:
@@ -323,8 +325,11 @@ def render(section: dict[str, Any], labels: dict[str, str]) -> str:
     head = (f"**70B-shaped layer, generation alone** — hidden {lay['hidden_size']}, intermediate "
             f"{lay['intermediate_size']}, {lay['num_attention_heads']} heads, "
             f"{lay['num_key_value_heads']} KV heads ({shapes}); fp32; "
-            f"{section['machine']['torch_threads']} threads; load average "
-            f"{section['machine']['load_average_1min']} at the end.")
+            f"{section['machine']['torch_threads']} threads; {section['machine']['date']}; "
+            f"load average {section['machine']['load_average_1min']} at start, "
+            f"{section.get('load_average_1min_end', '-')} at end. Run alone: "
+            f"`python -m benchmarks.scale --only-70b` (`make bench` runs it after the 7B "
+            f"tables).")
     if "median_s" in base:
         head += (f" Base layer forward+backward at {section['tokens']} tokens (fp32 weights "
                  f"{base['weights_gib']} GiB, frozen, gradient to the input only): median "
