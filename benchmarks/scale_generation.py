@@ -116,42 +116,55 @@ def _layers(model: nn.Module, cls: type) -> list[Any]:
     return [m for m in model.modules() if isinstance(m, cls)]
 
 
-def _quic_operators(layer: Any, tokens: int) -> list[torch.Tensor]:
-    """The layer's per-order operators as its forward at ``tokens`` vectors uses them (the rule
-    of :func:`qpeft.tuners.quic.layer.block_rotate`: the action when counted cheaper, else the
-    explicit C_k(A), which for k = 1 is A itself)."""
+def _quic_vectors(layer: Any, ops: list[Any], tokens: int) -> int:
+    """How many vectors the QuIC forward at ``tokens`` rotates with gradient: the tokens, or W's
+    other side when rotating the weight is counted cheaper (``_forward_rotated_weight``)."""
+    from qpeft.tuners.quic.layer import rotation_costs
+
+    plan, side = layer.quic_plan[ADAPTER], layer.quic_settings[ADAPTER].side
+    other = layer.in_features if side == "output" else layer.out_features
+    costs = rotation_costs(ops, plan, tokens, other, needs_grad=True)
+    return other if costs["weight"] < costs["activations"] else tokens
+
+
+def _uses_action(op: Any, vectors: int, n_blocks: int) -> bool:
+    """block_rotate's rule: a compound is applied as its action when counted cheaper."""
     from qpeft.tuners.quic.layer import CompoundOperator, order_costs
 
-    plan = layer.quic_plan[ADAPTER]
-    out = []
-    for op in layer.forward_matrices(ADAPTER):
-        if not isinstance(op, CompoundOperator):
-            out.append(op)
-            continue
-        costs = order_costs(op, tokens, plan.num_blocks)
-        out.append(op.base if costs.get("action", math.inf) < costs["explicit"] else op.matrix())
-    return out
+    if not isinstance(op, CompoundOperator):
+        return False
+    costs = order_costs(op, vectors, n_blocks)
+    return costs.get("action", math.inf) < costs["explicit"]
+
+
+def _quic_operators(layer: Any, tokens: int) -> list[torch.Tensor]:
+    """The layer's per-order operators as its forward at ``tokens`` uses them (one adapter on
+    an ``nn.Linear``): base matrices A for orders applied as the action, the explicit C_k(A)
+    otherwise (A itself for k = 1)."""
+    from qpeft.tuners.quic.layer import as_matrix
+
+    ops = layer.forward_matrices(ADAPTER)
+    vectors = _quic_vectors(layer, ops, tokens)
+    n_blocks = layer.quic_plan[ADAPTER].num_blocks
+    return [op.base if _uses_action(op, vectors, n_blocks) else as_matrix(op) for op in ops]
 
 
 def quic_forms(model: nn.Module, tokens: int) -> list[str]:
-    """Per rotated size d, how the QuIC forward at ``tokens`` vectors uses each order: C1 is A
-    itself; a higher order is ``explicit`` (C_k(A) formed) or ``action`` (applied from A)."""
-    from qpeft.tuners.quic.layer import CompoundOperator, QuICLayer, order_costs
+    """Per rotated size d, how the QuIC forward at ``tokens`` uses each order: C1 is A itself;
+    a higher order is ``explicit`` (C_k(A) formed) or ``action`` (applied from A); ``weight
+    path`` when it rotates W instead of the tokens."""
+    from qpeft.tuners.quic.layer import QuICLayer
 
     forms = []
     for layer in _layers(model, QuICLayer):
         plan = layer.quic_plan[ADAPTER]
         with torch.no_grad():
             ops = layer.forward_matrices(ADAPTER)
-        parts = []
+        vectors = _quic_vectors(layer, ops, tokens)
+        parts = ["weight path"] if vectors != tokens else []
         for k, op in zip(plan.orders, ops, strict=True):
-            form = "explicit"
-            if k == 1:
-                form = "= A"
-            elif isinstance(op, CompoundOperator):
-                costs = order_costs(op, tokens, plan.num_blocks)
-                if costs.get("action", math.inf) < costs["explicit"]:
-                    form = "action"
+            form = "= A" if k == 1 else (
+                "action" if _uses_action(op, vectors, plan.num_blocks) else "explicit")
             parts.append(f"C{k} {form}")
         text = f"d={plan.d} ({plan.num_blocks} blocks, n={plan.n}): {', '.join(parts)}"
         if text not in forms:

@@ -277,3 +277,33 @@ def test_scale_only_70b_keeps_the_7b_tables(tmp_path):
     assert set(data[G.KEY]["methods"]) == {"lora", "oft"}
     text = (tmp_path / "scale.md").read_text()
     assert "kept from an earlier run" in text and "70B-shaped layer" in text
+
+
+@pytest.mark.parametrize(("d_in", "tokens", "forms_c2"), [
+    (256, 1, False),  # one token: C_2 applied as the action
+    (256, 64, True),  # more tokens: C_2 formed
+    (1, 4096, False),  # many tokens, W one column wide: the weight path rotates that column
+])
+def test_quic_generation_forms_what_the_forward_forms(d_in, tokens, forms_c2, monkeypatch):
+    """The 70B section's QuIC generation mirrors the forward's choices (path, then per order
+    explicit or action): it forms C_2 exactly when a training forward at that token count
+    forms it."""
+    import qpeft.tuners.quic.layer as quic_layer
+
+    shapes = {"mlp.up_proj": (72, d_in)}  # 3 blocks of 24: n = 6, C(6, 2) = 15
+    model = G.wrap("quic", shapes)
+    calls: list[int] = []
+    real = quic_layer.compound
+
+    def counting(a: torch.Tensor, k: int) -> torch.Tensor:
+        calls.append(k)
+        return real(a, k)
+
+    monkeypatch.setattr(quic_layer, "compound", counting)
+    ops = G.generation("quic", model, tokens)()
+    assert [tuple(op.shape[-2:]) for op in ops] == [(6, 6), (15, 15) if forms_c2 else (6, 6)]
+    assert calls == ([2] if forms_c2 else [])
+    calls.clear()
+    layer = model.base_model.model.mlp.up_proj
+    layer(torch.randn(tokens, d_in)).sum().backward()
+    assert calls == ([2] if forms_c2 else []), G.quic_forms(model, tokens)
