@@ -25,7 +25,7 @@ SECTIONS = (
      "python -m benchmarks.param_counts"),
     ("mixed_batch", mixed_batch, "6. Mixed-adapter batches: 8 adapters served in one batch",
      "python -m benchmarks.mixed_batch"),
-    ("scale", scale, "7. A LLaMA-7B-shaped decoder layer (issue 15)",
+    ("scale", scale, "7. LLaMA-7B- and 70B-shaped decoder layers (issue 15)",
      "python -m benchmarks.scale"),
 )
 

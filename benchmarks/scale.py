@@ -1,5 +1,6 @@
-"""Benchmark 6: one LLaMA-7B-shaped decoder layer, every linear module adapted: training step
-time and peak memory of qpeft's methods against peft's, at 128 and 2,048 tokens.
+"""Benchmark 7: one LLaMA-7B-shaped decoder layer, every linear module adapted: training step
+time and peak memory of qpeft's methods against peft's, at 128 and 2,048 tokens; and a
+LLaMA-70B-shaped layer for the adapters' generation cost alone (``benchmarks.scale_generation``).
 
 The layer is transformers' ``LlamaDecoderLayer`` from ``LlamaConfig(hidden_size=4096,
 intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)``, random init, fp32,
@@ -9,7 +10,9 @@ their steps are interleaved round-robin, and the ratio to peft LoRA r=8 is the m
 per-round ratios (:func:`benchmarks._common.paired_ratio`). Memory: a fresh subprocess per method
 and token count, peak RSS over the steps as in ``benchmarks.train_step``.
 
-Run alone: ``python -m benchmarks.scale [--quick] [--tokens 128 2048] [--no-memory]``.
+Run alone: ``python -m benchmarks.scale [--quick] [--tokens 128 2048] [--no-memory]
+[--no-70b | --only-70b] [--max-dense-gib G]`` (``--only-70b`` replaces the 70B section of an
+existing ``scale.json`` and keeps its 7B tables).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import nn
 
 from benchmarks import _common as C
 from benchmarks import models as M
+from benchmarks import scale_generation as G
 
 NAME = "scale"
 TARGETS_7B = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -144,8 +148,10 @@ def measure_time(methods: list[str], quick: bool, tokens: int) -> dict[str, Any]
 
 
 def run(quick: bool = False, out_dir: Path = C.RESULTS_DIR, tokens: tuple[int, ...] | None = None,
-        methods: tuple[str, ...] = METHODS, memory: bool = True) -> dict[str, Any]:
-    """Time (and memory) for every token count x method; writes ``scale.json`` / ``.md``."""
+        methods: tuple[str, ...] = METHODS, memory: bool = True, gen70b: bool = True,
+        max_dense_gib: float = G.MAX_DENSE_GIB) -> dict[str, Any]:
+    """Time (and memory) for every token count x method, then (``gen70b``) the 70B layer's
+    generation section; writes ``scale.json`` / ``.md``."""
     C.setup_torch()
     tokens = tokens or (QUICK_TOKENS if quick else TOKENS)
     cfg = layer_config(quick)
@@ -168,6 +174,28 @@ def run(quick: bool = False, out_dir: Path = C.RESULTS_DIR, tokens: tuple[int, .
             row["peak_ratio"] = C.ratio(mem.get("peak_rss_mib"), ref_mem.get("peak_rss_mib"))
         result["tokens"][str(t)] = rows
     result["load_average_1min_end"] = round(os.getloadavg()[0], 1)
+    if gen70b:
+        result[G.KEY] = G.measure(quick, methods, memory, max_dense_gib)
+    C.write_result(NAME, result, render(result), out_dir)
+    return result
+
+
+def run_70b_only(quick: bool = False, out_dir: Path = C.RESULTS_DIR,
+                 methods: tuple[str, ...] = METHODS, memory: bool = True,
+                 max_dense_gib: float = G.MAX_DENSE_GIB) -> dict[str, Any]:
+    """The 70B generation section alone, stored into the existing ``scale.json`` (its 7B
+    tables kept; a new result with no 7B table if there is none)."""
+    C.setup_torch()
+    result = C.load_result(NAME, out_dir)
+    if result is None or bool(result.get("quick")) != quick:
+        cfg = layer_config(quick)
+        result = {"benchmark": NAME, "quick": quick, "machine": C.machine_facts(),
+                  "layer": {"hidden_size": cfg.hidden_size,
+                            "intermediate_size": cfg.intermediate_size,
+                            "num_attention_heads": cfg.num_attention_heads,
+                            "targets": list(TARGETS_7B)},
+                  "tokens": {}}
+    result[G.KEY] = G.measure(quick, methods, memory, max_dense_gib)
     C.write_result(NAME, result, render(result), out_dir)
     return result
 
@@ -192,12 +220,14 @@ def targets(result: dict[str, Any]) -> list[list[Any]]:
 
 def render(result: dict[str, Any]) -> str:
     lay = result["layer"]
-    parts = [f"LlamaDecoderLayer hidden {lay['hidden_size']}, intermediate "
-             f"{lay['intermediate_size']}, {lay['num_attention_heads']} heads; adapted: "
-             f"{', '.join(lay['targets'])}; batch 1; fp32; "
-             f"{result['machine']['torch_threads']} threads; load average "
-             f"{result['machine']['load_average_1min']} at start, "
-             f"{result.get('load_average_1min_end', '-')} at end."]
+    parts = []
+    if result["tokens"]:
+        parts.append(f"**7B-shaped layer, training step** — LlamaDecoderLayer hidden "
+                     f"{lay['hidden_size']}, intermediate {lay['intermediate_size']}, "
+                     f"{lay['num_attention_heads']} heads; adapted: {', '.join(lay['targets'])}; "
+                     f"batch 1; fp32; {result['machine']['torch_threads']} threads; load average "
+                     f"{result['machine']['load_average_1min']} at start, "
+                     f"{result.get('load_average_1min_end', '-')} at end.")
     for t, block in result["tokens"].items():
         rows = []
         for method, row in block.items():
@@ -212,7 +242,10 @@ def render(result: dict[str, Any]) -> str:
         parts.append(f"**{t} tokens**\n\n" + C.md_table(
             ["method", "trainable", "step median (s)", "step / LoRA", "step / OFT",
              "peak RSS (MiB)", "peak / LoRA"], rows))
-    parts.append(C.md_table(["target (issue 15)", "measured", "verdict"], targets(result)))
+    if result["tokens"]:
+        parts.append(C.md_table(["target (issue 15)", "measured", "verdict"], targets(result)))
+    if G.KEY in result:
+        parts.append(G.render(result[G.KEY], LABELS))
     return "\n\n".join(parts)
 
 
@@ -224,6 +257,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=None)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--no-memory", action="store_true")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--no-70b", action="store_true", help="skip the 70B generation section")
+    which.add_argument("--only-70b", action="store_true",
+                       help="run only the 70B generation section (keeps the 7B tables)")
+    p.add_argument("--max-dense-gib", type=float, default=G.MAX_DENSE_GIB,
+                   help="largest dense ΔW (all 7 modules, fp32) a method may build in the 70B "
+                        "section (default %(default)s; FourierFT's is 3.19 GiB)")
     p.add_argument("--memory-worker", metavar="METHOD", help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=2, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -231,8 +271,12 @@ def main(argv: list[str] | None = None) -> None:
         t = a.tokens[0] if a.tokens else QUICK_TOKENS[0]
         print(json.dumps(memory_worker(a.memory_worker, a.quick, t, a.steps)))
         return
-    result = run(a.quick, a.out, tuple(a.tokens) if a.tokens else None, tuple(a.methods),
-                 not a.no_memory)
+    if a.only_70b:
+        result = run_70b_only(a.quick, a.out, tuple(a.methods), not a.no_memory,
+                              a.max_dense_gib)
+    else:
+        result = run(a.quick, a.out, tuple(a.tokens) if a.tokens else None, tuple(a.methods),
+                     not a.no_memory, not a.no_70b, a.max_dense_gib)
     print(render(result))
 
 

@@ -13,6 +13,7 @@ import torch
 
 from benchmarks import compounds, generation, merged, param_counts, scale, train_step
 from benchmarks import models as M
+from benchmarks import scale_generation as G
 from benchmarks.__main__ import main as bench_main
 
 
@@ -190,3 +191,119 @@ def test_scale_quick(tmp_path):
     h, i = 64, 128
     assert rows["lora"]["trainable"] == 8 * (4 * (h + h) + 2 * (h + i) + (i + h))
     assert rows["lora"]["lora_paired_ratio"] == 1.0 and rows["lora"]["peak_ratio"] == 1.0
+    gen = data[G.KEY]  # the 70B section ran too, at its toy size, with memory for QuIC
+    assert set(gen["methods"]) == set(methods) and gen["base"]["n"] >= 1
+    assert "median_s" not in gen["methods"]["lora"]
+    assert gen["methods"]["quic"]["memory"]["peak_rss_mib"] > 0
+    assert "70B-shaped layer" in (tmp_path / "scale.md").read_text()
+
+
+def _gqa_shapes() -> dict[str, tuple[int, int]]:
+    shapes = G.linear_shapes(G.layer_config(quick=True))
+    h, i, kv = 64, 160, 32  # 4 heads of 16, 2 KV heads
+    assert shapes == {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h),
+                      "self_attn.v_proj": (kv, h), "self_attn.o_proj": (h, h),
+                      "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+    return shapes
+
+
+def test_70b_shapes_are_llama_70b():
+    shapes = G.linear_shapes(G.layer_config(quick=False))
+    assert shapes["self_attn.k_proj"] == (1024, 8192) and shapes["mlp.down_proj"] == (8192, 28672)
+    assert sum(o * i for o, i in shapes.values()) == 855_638_016
+    assert G.skip_reason("fourierft", shapes, 1.0) and "3.19 GiB" in G.skip_reason(
+        "fourierft", shapes, 1.0)
+    assert G.skip_reason("fourierft", shapes, 4.0) is None
+    assert all(G.skip_reason(m, shapes, 1.0) is None for m in scale.METHODS if m != "fourierft")
+
+
+def test_stand_in_linears_take_no_memory():
+    model = G.StandInLinears({"mlp.up_proj": (28672, 8192)})
+    w = model.mlp.up_proj.weight
+    assert w.shape == (28672, 8192) and w.stride() == (0, 0)
+    assert w.untyped_storage().nbytes() == 4 and not w.requires_grad
+
+
+def test_scale_generation_quick_counts_and_coverage():
+    """Toy 70B section: what each method generates has the size its construction says, and one
+    generation step reaches every trainable tensor (no module left out)."""
+    shapes = _gqa_shapes()
+    section = G.measure(quick=True, methods=scale.METHODS, memory=False)
+    rows = section["methods"]
+    lora_count = 8 * sum(o + i for o, i in shapes.values())
+    assert rows["lora"]["trainable"] == lora_count
+    for method in ("lora", "vera"):
+        assert rows[method]["generated"] == G.NOT_GENERATED and "median_s" not in rows[method]
+    expected = {
+        "quantum_peft": lora_count + 7 * 8,  # U, V (K = 8 columns) and λ per module
+        "qpa": lora_count,  # lora_B, lora_A at r = 8
+        "oft": 32 * sum(i for _, i in shapes.values()),  # in/32 blocks of 32 x 32
+        "fourierft": sum(o * i for o, i in shapes.values()),  # dense ΔW
+    }
+    for method, numbers in expected.items():
+        assert rows[method]["numbers_generated"] == numbers, method
+    for method, row in rows.items():
+        assert "error" not in row, (method, row)
+        if method not in ("lora", "vera"):
+            assert row["n"] >= 1 and row["base_paired_ratio"] > 0
+    assert section["base"]["n"] >= 1
+    assert all(f.startswith("d=") and "C1 = A" in f for f in rows["quic"]["forms"])
+    for method in ("quantum_peft", "quic", "qpa", "oft", "fourierft"):
+        model = G.wrap(method, shapes)
+        G.generation_step(model, G.generation(method, model, G.QUICK_TOKENS))()
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, (method, missing)
+
+
+def test_scale_generation_skips_dense_over_budget():
+    section = G.measure(quick=True, methods=("fourierft",), memory=False, max_dense_gib=0.0,
+                        base=False)
+    row = section["methods"]["fourierft"]
+    assert "skipped" in row and "trainable" not in row and section["base"] == {}
+
+
+def test_scale_only_70b_keeps_the_7b_tables(tmp_path):
+    from benchmarks import _common as C
+
+    kept = {"lora": {"label": "peft LoRA r=8", "error": "kept from an earlier run"}}
+    old = {"benchmark": "scale", "quick": True, "machine": C.machine_facts(),
+           "layer": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                     "targets": list(scale.TARGETS_7B)}, "tokens": {"8": kept}}
+    C.write_result("scale", old, "", tmp_path)
+    scale.main(["--quick", "--only-70b", "--no-memory", "--methods", "lora", "oft",
+                "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "scale.json").read_text())
+    assert data["tokens"] == {"8": kept}
+    assert set(data[G.KEY]["methods"]) == {"lora", "oft"}
+    text = (tmp_path / "scale.md").read_text()
+    assert "kept from an earlier run" in text and "70B-shaped layer" in text
+
+
+@pytest.mark.parametrize(("d_in", "tokens", "forms_c2"), [
+    (256, 1, False),  # one token: C_2 applied as the action
+    (256, 64, True),  # more tokens: C_2 formed
+    (1, 4096, False),  # many tokens, W one column wide: the weight path rotates that column
+])
+def test_quic_generation_forms_what_the_forward_forms(d_in, tokens, forms_c2, monkeypatch):
+    """The 70B section's QuIC generation mirrors the forward's choices (path, then per order
+    explicit or action): it forms C_2 exactly when a training forward at that token count
+    forms it."""
+    import qpeft.tuners.quic.layer as quic_layer
+
+    shapes = {"mlp.up_proj": (72, d_in)}  # 3 blocks of 24: n = 6, C(6, 2) = 15
+    model = G.wrap("quic", shapes)
+    calls: list[int] = []
+    real = quic_layer.compound
+
+    def counting(a: torch.Tensor, k: int) -> torch.Tensor:
+        calls.append(k)
+        return real(a, k)
+
+    monkeypatch.setattr(quic_layer, "compound", counting)
+    ops = G.generation("quic", model, tokens)()
+    assert [tuple(op.shape[-2:]) for op in ops] == [(6, 6), (15, 15) if forms_c2 else (6, 6)]
+    assert calls == ([2] if forms_c2 else [])
+    calls.clear()
+    layer = model.base_model.model.mlp.up_proj
+    layer(torch.randn(tokens, d_in)).sum().backward()
+    assert calls == ([2] if forms_c2 else []), G.quic_forms(model, tokens)
