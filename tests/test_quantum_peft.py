@@ -189,13 +189,13 @@ def test_mixed_precision_circuits_in_float32(monkeypatch) -> None:
     import qpeft.tuners.quantum_peft.layer as layer_mod
 
     seen: list[torch.dtype] = []
-    real = layer_mod.stiefel
+    real = layer_mod.stiefel_pair
 
-    def spy(method, params, n, k, depth, **kwargs):
-        seen.append(params.dtype)
-        return real(method, params, n, k, depth, **kwargs)
+    def spy(methods, params, dims, k, depth, **kwargs):
+        seen.extend(p.dtype for p in params)
+        return real(methods, params, dims, k, depth, **kwargs)
 
-    monkeypatch.setattr(layer_mod, "stiefel", spy)
+    monkeypatch.setattr(layer_mod, "stiefel_pair", spy)
     model, layer = wrapped(nn.Linear(16, 16).to(torch.bfloat16), r=2, init_weights=False)
     out = model(torch.randn(2, 16, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16

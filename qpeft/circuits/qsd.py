@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -55,7 +56,13 @@ from qpeft.circuits.pauli import (
     pauli_num_params,
 )
 
-__all__ = ["generalized_num_params", "generalized_stiefel", "generalized_apply", "split_sizes"]
+__all__ = [
+    "generalized_num_params",
+    "generalized_stiefel",
+    "generalized_stiefel_many",
+    "generalized_apply",
+    "split_sizes",
+]
 
 
 def split_sizes(n: int) -> tuple[int, int]:
@@ -112,12 +119,15 @@ def _layout(n: int, depth: int, offset: int = 0) -> tuple[tuple[tuple[int, int],
 
 
 class _Factors:
-    """Every Pauli circuit matrix and every CS angle of one ``Q_n``, built in one go
-    (``circuit_matrices``: one Kronecker chain), handed out in the recursion's order."""
+    """Every Pauli circuit matrix and every CS angle of one or more ``Q_n`` (``dims``: their
+    ``(n, offset)`` in ``a``), built in one go (``circuit_matrices``: one Kronecker chain),
+    handed out in the recursion's order, one ``Q_n`` after the other."""
 
-    def __init__(self, a: torch.Tensor, n: int, depth: int) -> None:
+    def __init__(self, a: torch.Tensor, dims: tuple[tuple[int, int], ...], depth: int) -> None:
         self.angles = a
-        circuits, phis = _layout(n, depth)
+        layouts = [_layout(n, depth, offset) for n, offset in dims]
+        circuits = tuple(c for layout in layouts for c in layout[0])
+        phis = tuple(p for layout in layouts for p in layout[1])
         self.mats = iter(circuit_matrices(a, circuits, depth) if circuits else ())
         phi = a[:, list(phis)][:, :, None, None]  # (B, levels, 1, 1)
         self.cos, self.sin = iter(torch.cos(phi).unbind(1)), iter(torch.sin(phi).unbind(1))
@@ -199,7 +209,26 @@ def generalized_stiefel(
     _check(angles, n, k, depth, check_values)
     lead = angles.shape[:-1]
     a = angles.reshape(math.prod(lead), angles.shape[-1])
-    return _stiefel(_Factors(a, n, depth), n, k).reshape(*lead, n, k)
+    return _stiefel(_Factors(a, ((n, 0),), depth), n, k).reshape(*lead, n, k)
+
+
+def generalized_stiefel_many(
+    angles: Sequence[torch.Tensor], dims: Sequence[int], k: int, depth: int
+) -> list[torch.Tensor]:
+    """``[generalized_stiefel(a, n, k, depth) for a, n in zip(angles, dims)]`` with every Pauli
+    circuit of every factor built in one Kronecker chain (fewer, larger operations: the two
+    sides of a non-square adapter layer).  ``angles[i]``: ``(P_i,)``; no NaN check (the layers'
+    forward path).  Returns ``(n_i, k)`` tensors."""
+    if len(angles) != len(dims):
+        raise ValueError(f"got {len(angles)} angle vectors for {len(dims)} dims")
+    offsets, total = [], 0
+    for a, n in zip(angles, dims, strict=True):
+        _check(a, n, k, depth, values=False)
+        offsets.append(total)
+        total += a.shape[-1]
+    flat = torch.cat(tuple(angles))[None]
+    factors = _Factors(flat, tuple(zip(dims, offsets, strict=True)), depth)
+    return [_stiefel(factors, n, k)[0] for n in dims]
 
 
 def generalized_apply(angles: torch.Tensor, n: int, depth: int, x: torch.Tensor) -> torch.Tensor:
@@ -217,5 +246,5 @@ def generalized_apply(angles: torch.Tensor, n: int, depth: int, x: torch.Tensor)
         raise ValueError(f"x dtype {x.dtype} must match angles dtype {angles.dtype}")
     lead = angles.shape[:-1]
     a = angles.reshape(math.prod(lead), angles.shape[-1])
-    y = _apply(_Factors(a, n, depth), n, x.reshape(-1, n, x.shape[-1]))
+    y = _apply(_Factors(a, ((n, 0),), depth), n, x.reshape(-1, n, x.shape[-1]))
     return y.reshape(*lead, n, x.shape[-1])

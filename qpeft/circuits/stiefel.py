@@ -20,9 +20,19 @@ import torch
 from qpeft.circuits._checks import check_choice, check_in_range, check_positive_int
 from qpeft.circuits.lie import lie_stiefel, lie_stiefel_num_params
 from qpeft.circuits.pauli import is_power_of_two, pauli_num_params, pauli_stiefel
-from qpeft.circuits.qsd import generalized_num_params, generalized_stiefel
+from qpeft.circuits.qsd import (
+    generalized_num_params,
+    generalized_stiefel,
+    generalized_stiefel_many,
+)
 
-__all__ = ["STIEFEL_METHODS", "stiefel_num_params", "stiefel", "stiefel_init"]
+__all__ = [
+    "STIEFEL_METHODS",
+    "stiefel_num_params",
+    "stiefel",
+    "stiefel_pair",
+    "stiefel_init",
+]
 
 STIEFEL_METHODS = ("pauli", "generalized", "lie_exp", "lie_cayley", "lie_taylor")
 _LIE = {"lie_exp": "exp", "lie_cayley": "cayley", "lie_taylor": "taylor"}
@@ -78,6 +88,44 @@ def stiefel(
     return lie_stiefel(
         params, n, k, method=_LIE[method], taylor_order=taylor_order, check_values=check_values
     )
+
+
+def stiefel_pair(
+    methods: tuple[str, str],
+    params: tuple[torch.Tensor, torch.Tensor],
+    dims: tuple[int, int],
+    k: int,
+    depth: int,
+    *,
+    taylor_order: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both Stiefel factors of one adapter: ``(stiefel(methods[0], params[0], dims[0], k, depth),
+    stiefel(methods[1], ...))``, evaluated together where that saves work, without the NaN check
+    (the layers' forward path: a check is a device sync per layer).
+
+    ``params[i]``: ``(P_i,)``.  Two circuit factors of the same shape run as one batch; two
+    circuit factors of different shapes share one Kronecker chain for all their circuits'
+    matrices; anything else is evaluated one factor at a time.  Same values as two ``stiefel``
+    calls (float rounding aside).
+    """
+    circuits = ("pauli", "generalized")
+    (m0, m1), (p0, p1), (n0, n1) = methods, params, dims
+    both_circuits = m0 in circuits and m1 in circuits and p0.numel() and p1.numel()
+    if both_circuits and n0 == n1:
+        for method, n in zip(methods, dims, strict=True):
+            _check(method, n, k, depth)
+        u, v = generalized_stiefel(torch.stack(params), n0, k, depth, check_values=False)
+        return u, v
+    if both_circuits:
+        for method, n in zip(methods, dims, strict=True):
+            _check(method, n, k, depth)
+        u, v = generalized_stiefel_many(params, dims, k, depth)
+        return u, v
+    u, v = (
+        stiefel(m, p, n, k, depth, taylor_order=taylor_order, check_values=False)
+        for m, p, n in zip(methods, params, dims, strict=True)
+    )
+    return u, v
 
 
 def stiefel_init(

@@ -10,7 +10,13 @@ import torch
 from qpeft.circuits.lie import lie_stiefel
 from qpeft.circuits.pauli import pauli_num_params, pauli_stiefel
 from qpeft.circuits.qsd import generalized_stiefel
-from qpeft.circuits.stiefel import STIEFEL_METHODS, stiefel, stiefel_init, stiefel_num_params
+from qpeft.circuits.stiefel import (
+    STIEFEL_METHODS,
+    stiefel,
+    stiefel_init,
+    stiefel_num_params,
+    stiefel_pair,
+)
 
 F64 = torch.float64
 
@@ -89,3 +95,36 @@ def test_torch_compile_matches_eager(method, n):
     u.sum().backward()
     torch.testing.assert_close(u, stiefel(method, p, n, 4, 2), atol=1e-5, rtol=0)
     assert torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize(
+    "methods,dims,k",
+    [
+        (("generalized", "generalized"), (24, 24), 5),  # same shape: one batch
+        (("generalized", "generalized"), (24, 11), 4),  # two shapes: one Kronecker chain
+        (("pauli", "generalized"), (16, 37), 3),
+        (("generalized", "pauli"), (1000, 64), 8),  # four QSD levels next to a plain circuit
+        (("lie_exp", "generalized"), (12, 20), 3),  # a Lie side: one factor at a time
+        (("generalized", "generalized"), (1, 9), 1),  # a width-1 side has no angles
+    ],
+)
+def test_pair_equals_two_separate_factors_values_and_gradients(methods, dims, k):
+    depth = 2
+    g = torch.Generator().manual_seed(sum(dims) + k)
+    params = [
+        stiefel_init(m, n, k, depth, g, torch.float64).requires_grad_()
+        for m, n in zip(methods, dims, strict=True)
+    ]
+    weights = [torch.randn(n, k, generator=g, dtype=torch.float64) for n in dims]
+    pair = stiefel_pair(tuple(methods), tuple(params), tuple(dims), k, depth)
+    alone = [stiefel(m, p, n, k, depth) for m, p, n in zip(methods, params, dims, strict=True)]
+    for got, want in zip(pair, alone, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    live = [p for p in params if p.numel()]
+    def loss(factors):
+        return sum((w * f).sum() for w, f in zip(weights, factors, strict=True))
+
+    grads_pair = torch.autograd.grad(loss(pair), live)
+    grads_alone = torch.autograd.grad(loss(alone), live)
+    for got, want in zip(grads_pair, grads_alone, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qpeft.circuits.stiefel import stiefel, stiefel_init, stiefel_num_params
+from qpeft.circuits.stiefel import stiefel_init, stiefel_num_params, stiefel_pair
 from qpeft.tuners._common import WeightMergeLayer, matrix_to_weight
 
 from .config import QuantumPEFTConfig
@@ -180,14 +180,8 @@ class QuantumPEFTLayer(WeightMergeLayer):
         maps; never N x N."""
         spec = self.qpeft_spec[adapter_name]
         au, av = self.circuit_params(adapter_name)
-        if spec.method_u == spec.method_v and spec.out_features == spec.in_features and au.numel():
-            # square layer: both sides are the same circuit shape, one batched evaluation
-            u, v = stiefel(spec.method_u, torch.stack((au, av)), spec.out_features, spec.r,
-                           spec.depth, check_values=False).unbind(0)
-            return u, v
-        u = stiefel(spec.method_u, au, spec.out_features, spec.r, spec.depth, check_values=False)
-        v = stiefel(spec.method_v, av, spec.in_features, spec.r, spec.depth, check_values=False)
-        return u, v
+        return stiefel_pair((spec.method_u, spec.method_v), (au, av),
+                            (spec.out_features, spec.in_features), spec.r, spec.depth)
 
     @staticmethod
     def _quantize_params(p: torch.Tensor, method: str, bits: int) -> torch.Tensor:
