@@ -118,7 +118,7 @@ def _apply_group(state: torch.Tensor, rotation: torch.Tensor, low: int, size: in
     return torch.einsum("bij,bajc->baic", rotation, state.view(b, hi, k, 2**low)).reshape(b, -1)
 
 
-def qnn_statevector(theta: torch.Tensor) -> torch.Tensor:
+def qnn_statevector(theta: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
     """Real amplitudes of the QNN state, batched over leading dims.
 
     ``theta``: [..., L, n] angles (float32/float64), layer ``l`` applies ``RY(theta[..., l, q])`` on
@@ -126,16 +126,23 @@ def qnn_statevector(theta: torch.Tensor) -> torch.Tensor:
     order (qubit 0 = least significant bit). Starts from ``|0...0>``. The RY layer acts as
     ``ceil(n / GROUP_QUBITS)`` dense rotations of groups of qubits (:func:`qubit_groups`); the
     first layer, on ``|0...0>``, as their first columns' product state. O(L * 2**n * sum_k
-    2**g_k) per batch element, in about 3 L + 4 n/g tensor ops."""
-    check_float_dtype("theta", theta)
-    if theta.dim() < 2:
-        raise ValueError(
-            f"theta must have shape [..., L, n_qubits] (at least 2 dims), got {tuple(theta.shape)}"
-        )
+    2**g_k) per batch element, in about 3 L + 4 n/g tensor ops.
+
+    ``validate=False`` skips the dtype/shape checks and the finiteness check (a reduction and,
+    on an accelerator, a device sync): for callers that own a well-formed ``theta`` and run the
+    circuit in every forward (QPA's generator); NaN angles then give NaN amplitudes."""
+    if validate:
+        check_float_dtype("theta", theta)
+        if theta.dim() < 2:
+            raise ValueError(
+                "theta must have shape [..., L, n_qubits] (at least 2 dims), "
+                f"got {tuple(theta.shape)}"
+            )
     depth, n = int(theta.shape[-2]), int(theta.shape[-1])
-    check_positive_int("theta.shape[-2] (depth L)", depth)
-    check_in_range("theta.shape[-1] (n_qubits)", n, 1, MAX_QUBITS)
-    check_finite("theta", theta)
+    if validate:
+        check_positive_int("theta.shape[-2] (depth L)", depth)
+        check_in_range("theta.shape[-1] (n_qubits)", n, 1, MAX_QUBITS)
+        check_finite("theta", theta)
     lead = theta.shape[:-2]
     flat = theta.reshape(-1, depth, n)
     batch = flat.shape[0]
@@ -162,10 +169,11 @@ def qnn_statevector(theta: torch.Tensor) -> torch.Tensor:
     return state.reshape(*lead, 2**n)
 
 
-def qnn_probabilities(theta: torch.Tensor) -> torch.Tensor:
+def qnn_probabilities(theta: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
     """Measurement probabilities ``|<i|psi(theta)>|^2`` of :func:`qnn_statevector`.
 
     ``theta``: [..., L, n] -> [..., 2**n], summing to 1 over the last dim, little-endian basis order
-    (qubit 0 = least significant bit of ``i``). Differentiable; O(L * n * 2**n) per batch element."""
-    amplitudes = qnn_statevector(theta)
+    (qubit 0 = least significant bit of ``i``). Differentiable; O(L * n * 2**n) per batch element.
+    ``validate``: as for :func:`qnn_statevector`."""
+    amplitudes = qnn_statevector(theta, validate=validate)
     return amplitudes * amplitudes

@@ -188,3 +188,9 @@ def test_bad_counts():
         qnn_num_params(3, 0)
     with pytest.raises(ValueError, match="n_qubits"):
         cnot_ladder_permutation(0)
+def test_validate_false_skips_checks_but_computes_the_same():
+    theta = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(qnn_probabilities(theta, validate=False), qnn_probabilities(theta),
+                               atol=0, rtol=0)
+    nan = torch.full((2, 2), float("nan"))
+    assert torch.isnan(qnn_probabilities(nan, validate=False)).all()  # no check: NaN out

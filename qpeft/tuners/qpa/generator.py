@@ -220,7 +220,9 @@ class QPAGenerator(nn.Module):
         theta = self.theta
         if theta.dtype not in (torch.float32, torch.float64):
             theta = theta.float()
-        p = qnn_probabilities(theta)
+        # theta is this module's own [L, N] parameter: no per-forward input checks (the
+        # finiteness check is a reduction and a device sync in every adapted layer)
+        p = qnn_probabilities(theta, validate=False)
         n = self.n_qubits
         if self.prob_transform == "centered":
             return p * 2**n - 1
