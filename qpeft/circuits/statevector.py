@@ -63,6 +63,12 @@ def _ladder_gather_index(n_qubits: int, device: torch.device | None = None) -> t
     return idx.to(device) if device is not None else idx
 
 
+@tensor_table_cache(maxsize=64)
+def _ladder_inverse_index(n_qubits: int, device: torch.device | None = None) -> torch.Tensor:
+    # the inverse permutation of _ladder_gather_index: undoes one ladder (the backward's gather)
+    return torch.argsort(_ladder_gather_index(n_qubits, device))
+
+
 def cnot_ladder_permutation(n_qubits: int) -> torch.Tensor:
     """Gather index ``g`` (int64, shape [2**n]) of one CNOT ladder: ``new_state = state[..., g]``.
 
@@ -91,31 +97,124 @@ def qubit_groups(n_qubits: int) -> list[tuple[int, int]]:
     return groups
 
 
-def _group_rotations(cos: torch.Tensor, sin: torch.Tensor, low: int, size: int) -> torch.Tensor:
-    """``RY(q=low+size-1) x ... x RY(q=low)`` for every batch element and layer: cos/sin
-    [B, L, n] -> [B, L, 2**size, 2**size] (qubit ``low`` is the last Kronecker factor, the least
-    significant bit of the group's index). O(B L 4**size)."""
-    c, s = cos[..., low : low + size], sin[..., low : low + size]
-    rot = torch.stack((c, -s, s, c), dim=-1).unflatten(-1, (2, 2))  # [B, L, size, 2, 2]
-    out = rot[:, :, size - 1]
-    for q in range(size - 2, -1, -1):
-        d = out.shape[-1]
-        factor = rot[:, :, q]
-        out = (out[..., :, None, :, None] * factor[..., None, :, None, :]).reshape(
-            *out.shape[:2], 2 * d, 2 * d
-        )
-    return out
+@tensor_table_cache(maxsize=256)
+def _kron_factor_index(low: int, size: int, device: torch.device | None = None) -> torch.Tensor:
+    # [size * 4**size]: for qubit q = low + t of the group (t-major) and each entry (i, j) of the
+    # group's 2**size x 2**size matrix (row-major), the row 4 q + 2 i_t + j_t of the
+    # [4 n, M] table of RY entries (cos, -sin, sin, cos) that is its t-th Kronecker factor
+    k = 2**size
+    i = torch.arange(k).view(k, 1)
+    j = torch.arange(k).view(1, k)
+    rows = [(4 * (low + t) + 2 * ((i >> t) & 1) + ((j >> t) & 1)).reshape(-1) for t in range(size)]
+    return torch.cat(rows).to(device)
 
 
-def _apply_group(state: torch.Tensor, rotation: torch.Tensor, low: int, size: int, n: int):
-    # state [B, 2**n] viewed as [B, hi, 2**size, 2**low]; rotation [B, 2**size, 2**size]
+def _kron_factors(entries: torch.Tensor, low: int, size: int) -> torch.Tensor:
+    """The group's Kronecker factors entry by entry: ``entries`` [4 n, M] (RY entries of every
+    qubit, M angle sets) -> [size, 4**size, M]; their product over dim 0 is the group's
+    ``RY(q=low+size-1) x ... x RY(q=low)`` (row-major, one column per angle set). One gather."""
+    index = _kron_factor_index(low, size, entries.device)
+    return entries.index_select(0, index).view(size, 4**size, entries.shape[1])
+
+
+def _apply_group(state: torch.Tensor, rotation: torch.Tensor, low: int, size: int, n: int,
+                 transpose: bool = False) -> torch.Tensor:
+    """``rotation`` (or its transpose) on the qubits ``low..low+size-1`` of ``state`` [B, 2**n]
+    (viewed as [B, hi, 2**size, 2**low]); rotation [B, 2**size, 2**size]. One bmm/einsum."""
     b, k = state.shape[0], 2**size
     hi = 2 ** (n - low - size)
+    if transpose:
+        rotation = rotation.transpose(1, 2)
     if low == 0:
         return torch.bmm(state.view(b, hi, k), rotation.transpose(1, 2)).reshape(b, -1)
     if hi == 1:
         return torch.bmm(rotation, state.view(b, k, 2**low)).reshape(b, -1)
     return torch.einsum("bij,bajc->baic", rotation, state.view(b, hi, k, 2**low)).reshape(b, -1)
+
+
+def _group_rotation_grad(grad: torch.Tensor, state: torch.Tensor, low: int, size: int,
+                         n: int) -> torch.Tensor:
+    """d loss / d rotation [B, 2**size, 2**size] of :func:`_apply_group` from the gradient of
+    its output and its input ``state`` (both [B, 2**n]): ``sum_{a,c} grad[a,i,c] state[a,j,c]``."""
+    b, k = state.shape[0], 2**size
+    hi = 2 ** (n - low - size)
+    if low == 0:
+        return torch.bmm(grad.view(b, hi, k).transpose(1, 2), state.view(b, hi, k))
+    if hi == 1:
+        return torch.bmm(grad.view(b, k, 2**low), state.view(b, k, 2**low).transpose(1, 2))
+    shape = (b, hi, k, 2**low)
+    return torch.einsum("baic,bajc->bij", grad.view(shape), state.view(shape))
+
+
+class _Circuit(torch.autograd.Function):
+    """theta [B, L, n] -> amplitudes [B, 2**n] as one autograd node (the circuit runs in every
+    QPA layer's forward and backward, where per-op autograd overhead dominated).
+
+    Forward: each qubit group's rotation for every layer at once (:func:`_kron_factors`, a gather
+    and a product); per layer each group's rotation as one bmm/einsum, then the ladder gather;
+    the input of every group step is saved. Backward: the layers in reverse, per group step the
+    rotation's gradient and the transposed rotation (two bmm/einsum), per layer the inverse
+    gather; then the angles' gradients from the rotations' with ``d RY(t) / dt = RY(t + pi) / 2``:
+    ``d loss / d theta_q = 1/2 <grad K, K with qubit q's factor RY(theta_q + pi)>``, the RY(t + pi)
+    entries being exactly (-sin, -cos, cos, -sin) of the half angle. First-order only."""
+
+    @staticmethod
+    def forward(ctx, theta, groups, gather, inverse):  # type: ignore[override]
+        batch, depth, n = theta.shape
+        half = theta.reshape(-1, n).T / 2  # [n, M], M = B L angle sets
+        cos, sin = torch.cos(half), torch.sin(half)
+        entries = torch.stack((cos, -sin, sin, cos), dim=1).reshape(4 * n, -1)
+        rotations = [
+            _kron_factors(entries, low, size).prod(0).T.reshape(batch, depth, 2**size, 2**size)
+            for low, size in groups
+        ]
+        per_layer = [rotation.unbind(1) for rotation in rotations]
+        state = torch.zeros(batch, 2**n, dtype=theta.dtype, device=theta.device)
+        state[:, 0] = 1
+        saved = []
+        for layer in range(depth):
+            for (low, size), rotation in zip(groups, per_layer, strict=True):
+                saved.append(state)
+                state = _apply_group(state, rotation[layer], low, size, n)
+            if gather is not None:
+                state = state.index_select(1, gather)
+        ctx.groups, ctx.inverse, ctx.shape = groups, inverse, (batch, depth, n)
+        ctx.save_for_backward(cos, sin, *rotations, *saved)
+        return state
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        groups, inverse, (batch, depth, n) = ctx.groups, ctx.inverse, ctx.shape
+        cos, sin, *tensors = ctx.saved_tensors
+        rotations, saved = tensors[: len(groups)], tensors[len(groups) :]
+        per_layer = [rotation.unbind(1) for rotation in rotations]
+        grads: list[list[torch.Tensor]] = [[] for _ in groups]
+        position = len(saved)
+        for layer in range(depth - 1, -1, -1):
+            if inverse is not None:
+                grad = grad.index_select(1, inverse)
+            for g in range(len(groups) - 1, -1, -1):
+                low, size = groups[g]
+                position -= 1
+                grads[g].append(_group_rotation_grad(grad, saved[position], low, size, n))
+                grad = _apply_group(grad, per_layer[g][layer], low, size, n, transpose=True)
+        entries = torch.stack((cos, -sin, sin, cos), dim=1).reshape(4 * n, -1)
+        shifted = torch.stack((-sin, -cos, cos, -sin), dim=1).reshape(4 * n, -1)  # RY(t + pi)
+        theta_grad = []
+        for (low, size), per_group in zip(groups, grads, strict=True):
+            k2 = 4**size
+            rotation_grad = torch.stack(per_group[::-1], dim=1).reshape(-1, k2).T  # [k2, M]
+            factors = _kron_factors(entries, low, size)  # [q, k2, M]
+            # variant q: factor q shifted, the others not = (product of the factors before q)
+            # * shifted q * (product after q), from running products in both directions
+            ones = torch.ones_like(factors[:1])
+            before = torch.cat((ones, factors[:-1])).cumprod(0)
+            after = torch.cat((ones, factors.flip(0)[:-1])).cumprod(0).flip(0)
+            variants = before * _kron_factors(shifted, low, size) * after
+            theta_grad.append((variants * rotation_grad).sum(1) / 2)  # [size, M]
+        # groups run most significant first: reversed, the rows are qubits 0..n-1
+        return torch.cat(theta_grad[::-1]).T.reshape(batch, depth, n), None, None, None
 
 
 def qnn_statevector(theta: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
@@ -145,27 +244,9 @@ def qnn_statevector(theta: torch.Tensor, *, validate: bool = True) -> torch.Tens
         check_finite("theta", theta)
     lead = theta.shape[:-2]
     flat = theta.reshape(-1, depth, n)
-    batch = flat.shape[0]
-    half = flat / 2
-    cos, sin = torch.cos(half), torch.sin(half)
     gather = _ladder_gather_index(n, theta.device) if n > 1 else None
-    groups = qubit_groups(n)
-    # per group: [B, L, 2**g, 2**g] -> L tensors [B, 2**g, 2**g]
-    rotations = [_group_rotations(cos, sin, low, size).unbind(1) for low, size in groups]
-
-    # Layer 0 from |0...0>: the product of every group's first rotation column, most
-    # significant group first (the row-major index has the least significant qubit last).
-    state = rotations[0][0][:, :, 0]
-    for per_layer in rotations[1:]:
-        column = per_layer[0][:, :, 0]
-        state = (state.unsqueeze(-1) * column.unsqueeze(1)).reshape(batch, -1)
-    if gather is not None:
-        state = state[:, gather]
-    for layer in range(1, depth):
-        for (low, size), per_layer in zip(groups, rotations, strict=True):
-            state = _apply_group(state, per_layer[layer], low, size, n)
-        if gather is not None:
-            state = state[:, gather]
+    inverse = _ladder_inverse_index(n, theta.device) if n > 1 else None
+    state = _Circuit.apply(flat, tuple(qubit_groups(n)), gather, inverse)
     return state.reshape(*lead, 2**n)
 
 

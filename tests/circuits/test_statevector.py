@@ -140,6 +140,10 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(qnn_probabilities, (theta,))
     batched = torch.randn(2, 2, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(qnn_statevector, (batched,))
+    # two unequal groups (4 + 3 qubits): the angle gradients of both groups, in qubit order
+    theta = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2**7, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: (qnn_probabilities(t) * weights).sum(), (theta,))
     # several qubit groups, batched: a weighted sum keeps the Jacobian one row
     theta = torch.randn(2, 3, 11, dtype=torch.float64, requires_grad=True)
     weights = torch.randn(2, 2**11, dtype=torch.float64)
@@ -194,3 +198,12 @@ def test_validate_false_skips_checks_but_computes_the_same():
                                atol=0, rtol=0)
     nan = torch.full((2, 2), float("nan"))
     assert torch.isnan(qnn_probabilities(nan, validate=False)).all()  # no check: NaN out
+
+
+def test_second_derivatives_are_refused_clearly():
+    # the circuit is one first-order autograd node: a double backward must fail loudly, not
+    # return a silently wrong Hessian
+    theta = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(qnn_probabilities(theta)[0], theta, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
+        grad.sum().backward()
