@@ -186,15 +186,19 @@ def test_generator_num_params_formula():
 # one generation per forward; gradients
 
 
+@pytest.mark.parametrize("activation", ["gelu", "none"])
 @pytest.mark.parametrize("center_output", [False, True])
-def test_each_layer_generates_its_own_slice_of_the_full_vector(center_output):
-    # each layer runs the output layer on its own chunks only (chunk boundaries fall inside
-    # layers here: n_mlp = 100); the slices must be the full generation's, centring included
+def test_each_layer_generates_its_own_slice_of_the_full_vector(center_output, activation):
+    # each layer runs the MLP on its own chunks only (chunk boundaries fall inside layers here:
+    # n_mlp = 100); the slices must be the full generation's, centring included (through
+    # every chunk's hidden rows with gelu, in closed form from input sums without activation)
     gen = QPAGenerator([(16, 24), (40, 8), (8, 8), (33, 17)], r=3, n_mlp=100, depth=2,
-                       hidden=(5, 7), center_output=center_output, init_seed=3).double()
+                       hidden=(5, 7), activation=activation, center_output=center_output,
+                       init_seed=3).double()
     with torch.no_grad():
         gen.gain.fill_(0.7)
     flat = gen.generate()
+    torch.testing.assert_close(flat, _slow_generation(gen), atol=1e-12, rtol=0)
     if center_output:
         torch.testing.assert_close(flat.mean(), torch.zeros((), dtype=flat.dtype), atol=1e-12, rtol=0)
     for index, ((d_out, d_in), start) in enumerate(zip(gen.shapes, gen.offsets, strict=True)):
@@ -206,6 +210,21 @@ def test_each_layer_generates_its_own_slice_of_the_full_vector(center_output):
         b2, a2 = gen.factors(index)
         torch.testing.assert_close(b1, b2, atol=1e-12, rtol=0)
         torch.testing.assert_close(a1, a2, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("n_mlp", [20, 231, 462, 1000])
+def test_closed_form_centring_at_chunk_edge_cases(n_mlp):
+    # m = 462: many chunks with a partial last one, 2 exactly full chunks, 1 exactly full chunk
+    # (no "full" chunks before the last), 1 partly used chunk; reference preset = affine MLP
+    gen = QPAGenerator([(16, 24), (40, 8), (8, 8), (33, 17)], r=3, n_mlp=n_mlp, depth=3,
+                       hidden=(6, 4), activation="none", center_output=True,
+                       output_gain=False, init_seed=5).double()
+    want = _slow_generation(gen)
+    torch.testing.assert_close(gen.generate(), want, atol=1e-12, rtol=0)
+    for index, ((d_out, d_in), start) in enumerate(zip(gen.shapes, gen.offsets, strict=True)):
+        lora_b, lora_a = gen.factors(index)
+        torch.testing.assert_close(torch.cat([lora_b.reshape(-1), lora_a.reshape(-1)]),
+                                   want[start : start + 3 * (d_out + d_in)], atol=1e-12, rtol=0)
 
 
 def test_gradient_accumulation_over_two_forwards():

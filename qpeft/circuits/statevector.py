@@ -12,8 +12,10 @@ and the simulation runs on real tensors (float32 or float64), differentiable in 
 Basis-index convention (the same as Qiskit, "little-endian"): qubit ``q`` is bit ``q`` of the basis
 index, i.e. qubit 0 is the least significant bit. ``probabilities[..., i] = |<i|psi>|^2``.
 
-Cost: O(L * n * 2**n) time and O(L * n * 2**n) autograd memory per circuit (each RY saves its input);
-memory is why :data:`MAX_QUBITS` caps ``n``.
+Cost: O(L * 2**n * sum_k 2**g_k) time for qubit groups of sizes g_k <= :data:`GROUP_QUBITS`
+(about the elementwise O(L * n * 2**n), in far fewer tensor ops) and O(L * 2**n * n/g) autograd
+memory per circuit (each group rotation saves its input); memory is why :data:`MAX_QUBITS` caps
+``n``.
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ from qpeft.circuits._checks import (
 MAX_QUBITS = 24
 
 __all__ = [
+    "GROUP_QUBITS",
     "MAX_QUBITS",
     "cnot_ladder_permutation",
     "qnn_num_params",
     "qnn_probabilities",
     "qnn_statevector",
+    "qubit_groups",
 ]
 
 
@@ -49,14 +53,20 @@ def qnn_num_params(n_qubits: int, depth: int) -> int:
 
 
 @tensor_table_cache(maxsize=64)
-def _ladder_gather_index(n_qubits: int) -> torch.Tensor:
+def _ladder_gather_index(n_qubits: int, device: torch.device | None = None) -> torch.Tensor:
     # new[j] = old[f^{-1}(j)] where f = f_{n-2} o ... o f_0 and each f_q (CNOT q -> q+1) is an
     # involution on basis indices, so f^{-1} = f_0 o f_1 o ... o f_{n-2}: apply f_{n-2} first.
     idx = torch.arange(2**n_qubits, dtype=torch.int64)
     for q in range(n_qubits - 2, -1, -1):
         control = (idx >> q) & 1
         idx = idx ^ (control << (q + 1))
-    return idx
+    return idx.to(device) if device is not None else idx
+
+
+@tensor_table_cache(maxsize=64)
+def _ladder_inverse_index(n_qubits: int, device: torch.device | None = None) -> torch.Tensor:
+    # the inverse permutation of _ladder_gather_index: undoes one ladder (the backward's gather)
+    return torch.argsort(_ladder_gather_index(n_qubits, device))
 
 
 def cnot_ladder_permutation(n_qubits: int) -> torch.Tensor:
@@ -68,59 +78,183 @@ def cnot_ladder_permutation(n_qubits: int) -> torch.Tensor:
     return _ladder_gather_index(n_qubits).clone()
 
 
-def _apply_ry(state: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q: int, n: int):
-    # state: [B, 2**n]; cos/sin: [B]. View as [B, hi, 2, lo] with lo = 2**q (bit q is the middle axis).
-    b = state.shape[0]
-    view = state.reshape(b, 2 ** (n - 1 - q), 2, 2**q)
-    s0, s1 = view[:, :, 0, :], view[:, :, 1, :]
-    c = cos.view(b, 1, 1)
-    s = sin.view(b, 1, 1)
-    return torch.stack((c * s0 - s * s1, s * s0 + c * s1), dim=2).reshape(b, 2**n)
+#: Most qubits whose RY rotations are applied as one dense 2**g x 2**g matrix (their Kronecker
+#: product). Per layer and amplitude that costs sum_k 2**g_k multiply-adds over the groups, about
+#: the n elementwise RY updates' arithmetic for g <= 5, in n/g matrix products instead of ~10 n
+#: small elementwise ops: a QPA layer runs the circuit in every forward, where op count dominates.
+GROUP_QUBITS = 5
 
 
-def qnn_statevector(theta: torch.Tensor) -> torch.Tensor:
+def qubit_groups(n_qubits: int) -> list[tuple[int, int]]:
+    """``[(low qubit, size), ...]``: ``ceil(n / GROUP_QUBITS)`` runs of consecutive qubits of
+    balanced sizes, most significant first, covering ``0..n-1``. O(n)."""
+    count = -(-n_qubits // GROUP_QUBITS)
+    sizes = [n_qubits // count + (1 if k < n_qubits % count else 0) for k in range(count)]
+    groups, top = [], n_qubits
+    for size in sizes:
+        top -= size
+        groups.append((top, size))
+    return groups
+
+
+@tensor_table_cache(maxsize=256)
+def _kron_factor_index(low: int, size: int, device: torch.device | None = None) -> torch.Tensor:
+    # [size * 4**size]: for qubit q = low + t of the group (t-major) and each entry (i, j) of the
+    # group's 2**size x 2**size matrix (row-major), the row 4 q + 2 i_t + j_t of the
+    # [4 n, M] table of RY entries (cos, -sin, sin, cos) that is its t-th Kronecker factor
+    k = 2**size
+    i = torch.arange(k).view(k, 1)
+    j = torch.arange(k).view(1, k)
+    rows = [(4 * (low + t) + 2 * ((i >> t) & 1) + ((j >> t) & 1)).reshape(-1) for t in range(size)]
+    return torch.cat(rows).to(device)
+
+
+def _kron_factors(entries: torch.Tensor, low: int, size: int) -> torch.Tensor:
+    """The group's Kronecker factors entry by entry: ``entries`` [4 n, M] (RY entries of every
+    qubit, M angle sets) -> [size, 4**size, M]; their product over dim 0 is the group's
+    ``RY(q=low+size-1) x ... x RY(q=low)`` (row-major, one column per angle set). One gather."""
+    index = _kron_factor_index(low, size, entries.device)
+    return entries.index_select(0, index).view(size, 4**size, entries.shape[1])
+
+
+def _apply_group(state: torch.Tensor, rotation: torch.Tensor, low: int, size: int, n: int,
+                 transpose: bool = False) -> torch.Tensor:
+    """``rotation`` (or its transpose) on the qubits ``low..low+size-1`` of ``state`` [B, 2**n]
+    (viewed as [B, hi, 2**size, 2**low]); rotation [B, 2**size, 2**size]. One bmm/einsum."""
+    b, k = state.shape[0], 2**size
+    hi = 2 ** (n - low - size)
+    if transpose:
+        rotation = rotation.transpose(1, 2)
+    if low == 0:
+        return torch.bmm(state.view(b, hi, k), rotation.transpose(1, 2)).reshape(b, -1)
+    if hi == 1:
+        return torch.bmm(rotation, state.view(b, k, 2**low)).reshape(b, -1)
+    return torch.einsum("bij,bajc->baic", rotation, state.view(b, hi, k, 2**low)).reshape(b, -1)
+
+
+def _group_rotation_grad(grad: torch.Tensor, state: torch.Tensor, low: int, size: int,
+                         n: int) -> torch.Tensor:
+    """d loss / d rotation [B, 2**size, 2**size] of :func:`_apply_group` from the gradient of
+    its output and its input ``state`` (both [B, 2**n]): ``sum_{a,c} grad[a,i,c] state[a,j,c]``."""
+    b, k = state.shape[0], 2**size
+    hi = 2 ** (n - low - size)
+    if low == 0:
+        return torch.bmm(grad.view(b, hi, k).transpose(1, 2), state.view(b, hi, k))
+    if hi == 1:
+        return torch.bmm(grad.view(b, k, 2**low), state.view(b, k, 2**low).transpose(1, 2))
+    shape = (b, hi, k, 2**low)
+    return torch.einsum("baic,bajc->bij", grad.view(shape), state.view(shape))
+
+
+class _Circuit(torch.autograd.Function):
+    """theta [B, L, n] -> amplitudes [B, 2**n] as one autograd node (the circuit runs in every
+    QPA layer's forward and backward, where per-op autograd overhead dominated).
+
+    Forward: each qubit group's rotation for every layer at once (:func:`_kron_factors`, a gather
+    and a product); per layer each group's rotation as one bmm/einsum, then the ladder gather;
+    the input of every group step is saved. Backward: the layers in reverse, per group step the
+    rotation's gradient and the transposed rotation (two bmm/einsum), per layer the inverse
+    gather; then the angles' gradients from the rotations' with ``d RY(t) / dt = RY(t + pi) / 2``:
+    ``d loss / d theta_q = 1/2 <grad K, K with qubit q's factor RY(theta_q + pi)>``, the RY(t + pi)
+    entries being exactly (-sin, -cos, cos, -sin) of the half angle. First-order only."""
+
+    @staticmethod
+    def forward(ctx, theta, groups, gather, inverse):  # type: ignore[override]
+        batch, depth, n = theta.shape
+        half = theta.reshape(-1, n).T / 2  # [n, M], M = B L angle sets
+        cos, sin = torch.cos(half), torch.sin(half)
+        entries = torch.stack((cos, -sin, sin, cos), dim=1).reshape(4 * n, -1)
+        rotations = [
+            _kron_factors(entries, low, size).prod(0).T.reshape(batch, depth, 2**size, 2**size)
+            for low, size in groups
+        ]
+        per_layer = [rotation.unbind(1) for rotation in rotations]
+        state = torch.zeros(batch, 2**n, dtype=theta.dtype, device=theta.device)
+        state[:, 0] = 1
+        saved = []
+        for layer in range(depth):
+            for (low, size), rotation in zip(groups, per_layer, strict=True):
+                saved.append(state)
+                state = _apply_group(state, rotation[layer], low, size, n)
+            if gather is not None:
+                state = state.index_select(1, gather)
+        ctx.groups, ctx.inverse, ctx.shape = groups, inverse, (batch, depth, n)
+        ctx.save_for_backward(cos, sin, *rotations, *saved)
+        return state
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        groups, inverse, (batch, depth, n) = ctx.groups, ctx.inverse, ctx.shape
+        cos, sin, *tensors = ctx.saved_tensors
+        rotations, saved = tensors[: len(groups)], tensors[len(groups) :]
+        per_layer = [rotation.unbind(1) for rotation in rotations]
+        grads: list[list[torch.Tensor]] = [[] for _ in groups]
+        position = len(saved)
+        for layer in range(depth - 1, -1, -1):
+            if inverse is not None:
+                grad = grad.index_select(1, inverse)
+            for g in range(len(groups) - 1, -1, -1):
+                low, size = groups[g]
+                position -= 1
+                grads[g].append(_group_rotation_grad(grad, saved[position], low, size, n))
+                grad = _apply_group(grad, per_layer[g][layer], low, size, n, transpose=True)
+        entries = torch.stack((cos, -sin, sin, cos), dim=1).reshape(4 * n, -1)
+        shifted = torch.stack((-sin, -cos, cos, -sin), dim=1).reshape(4 * n, -1)  # RY(t + pi)
+        theta_grad = []
+        for (low, size), per_group in zip(groups, grads, strict=True):
+            k2 = 4**size
+            rotation_grad = torch.stack(per_group[::-1], dim=1).reshape(-1, k2).T  # [k2, M]
+            factors = _kron_factors(entries, low, size)  # [q, k2, M]
+            # variant q: factor q shifted, the others not = (product of the factors before q)
+            # * shifted q * (product after q), from running products in both directions
+            ones = torch.ones_like(factors[:1])
+            before = torch.cat((ones, factors[:-1])).cumprod(0)
+            after = torch.cat((ones, factors.flip(0)[:-1])).cumprod(0).flip(0)
+            variants = before * _kron_factors(shifted, low, size) * after
+            theta_grad.append((variants * rotation_grad).sum(1) / 2)  # [size, M]
+        # groups run most significant first: reversed, the rows are qubits 0..n-1
+        return torch.cat(theta_grad[::-1]).T.reshape(batch, depth, n), None, None, None
+
+
+def qnn_statevector(theta: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
     """Real amplitudes of the QNN state, batched over leading dims.
 
     ``theta``: [..., L, n] angles (float32/float64), layer ``l`` applies ``RY(theta[..., l, q])`` on
     qubit ``q`` and then the CNOT ladder. Returns [..., 2**n] amplitudes in the little-endian basis
-    order (qubit 0 = least significant bit). Starts from ``|0...0>``; the first RY layer is applied
-    as a product state. O(L * n * 2**n) per batch element."""
-    check_float_dtype("theta", theta)
-    if theta.dim() < 2:
-        raise ValueError(
-            f"theta must have shape [..., L, n_qubits] (at least 2 dims), got {tuple(theta.shape)}"
-        )
+    order (qubit 0 = least significant bit). Starts from ``|0...0>``. The RY layer acts as
+    ``ceil(n / GROUP_QUBITS)`` dense rotations of groups of qubits (:func:`qubit_groups`); the
+    first layer, on ``|0...0>``, as their first columns' product state. O(L * 2**n * sum_k
+    2**g_k) per batch element, in about 3 L + 4 n/g tensor ops.
+
+    ``validate=False`` skips the dtype/shape checks and the finiteness check (a reduction and,
+    on an accelerator, a device sync): for callers that own a well-formed ``theta`` and run the
+    circuit in every forward (QPA's generator); NaN angles then give NaN amplitudes."""
+    if validate:
+        check_float_dtype("theta", theta)
+        if theta.dim() < 2:
+            raise ValueError(
+                "theta must have shape [..., L, n_qubits] (at least 2 dims), "
+                f"got {tuple(theta.shape)}"
+            )
     depth, n = int(theta.shape[-2]), int(theta.shape[-1])
-    check_positive_int("theta.shape[-2] (depth L)", depth)
-    check_in_range("theta.shape[-1] (n_qubits)", n, 1, MAX_QUBITS)
-    check_finite("theta", theta)
+    if validate:
+        check_positive_int("theta.shape[-2] (depth L)", depth)
+        check_in_range("theta.shape[-1] (n_qubits)", n, 1, MAX_QUBITS)
+        check_finite("theta", theta)
     lead = theta.shape[:-2]
     flat = theta.reshape(-1, depth, n)
-    batch = flat.shape[0]
-    half = flat / 2
-    cos, sin = torch.cos(half), torch.sin(half)
-    gather = _ladder_gather_index(n).to(theta.device)
-
-    # Layer 0 from |0...0>: the RY layer gives the product state x_q (cos_q, sin_q); qubit 0 is the
-    # last (fastest) axis of the row-major index.
-    state = torch.ones(batch, 1, dtype=theta.dtype, device=theta.device)
-    for q in range(n - 1, -1, -1):
-        pair = torch.stack((cos[:, 0, q], sin[:, 0, q]), dim=-1)  # [B, 2]
-        state = (state.unsqueeze(-1) * pair.unsqueeze(1)).reshape(batch, -1)
-    if n > 1:
-        state = state[:, gather]
-    for layer in range(1, depth):
-        for q in range(n):
-            state = _apply_ry(state, cos[:, layer, q], sin[:, layer, q], q, n)
-        if n > 1:
-            state = state[:, gather]
+    gather = _ladder_gather_index(n, theta.device) if n > 1 else None
+    inverse = _ladder_inverse_index(n, theta.device) if n > 1 else None
+    state = _Circuit.apply(flat, tuple(qubit_groups(n)), gather, inverse)
     return state.reshape(*lead, 2**n)
 
 
-def qnn_probabilities(theta: torch.Tensor) -> torch.Tensor:
+def qnn_probabilities(theta: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
     """Measurement probabilities ``|<i|psi(theta)>|^2`` of :func:`qnn_statevector`.
 
     ``theta``: [..., L, n] -> [..., 2**n], summing to 1 over the last dim, little-endian basis order
-    (qubit 0 = least significant bit of ``i``). Differentiable; O(L * n * 2**n) per batch element."""
-    amplitudes = qnn_statevector(theta)
+    (qubit 0 = least significant bit of ``i``). Differentiable; O(L * n * 2**n) per batch element.
+    ``validate``: as for :func:`qnn_statevector`."""
+    amplitudes = qnn_statevector(theta, validate=validate)
     return amplitudes * amplitudes

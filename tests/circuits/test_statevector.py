@@ -11,11 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qpeft.circuits.statevector import (
+    GROUP_QUBITS,
     MAX_QUBITS,
     cnot_ladder_permutation,
     qnn_num_params,
     qnn_probabilities,
     qnn_statevector,
+    qubit_groups,
 )
 
 
@@ -63,6 +65,25 @@ def test_statevector_matches_dense_kron_reference(n, depth, seed):
     probs = qnn_probabilities(theta)
     torch.testing.assert_close(probs, want**2, atol=1e-10, rtol=0)
     assert abs(float(probs.sum()) - 1.0) < 1e-12
+
+
+@pytest.mark.parametrize("n, depth", [(7, 3), (10, 2), (11, 2)])
+def test_multi_group_registers_match_dense_reference(n, depth):
+    # n > GROUP_QUBITS: the RY layer runs as 2 or 3 group rotations (the middle one of 11 qubits
+    # sits between a higher and a lower group: the general contraction path)
+    assert len(qubit_groups(n)) == -(-n // GROUP_QUBITS) >= 2
+    theta = (torch.rand(depth, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+             * 2 - 1) * math.pi
+    torch.testing.assert_close(qnn_statevector(theta), _dense_state(theta), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("n", range(1, MAX_QUBITS + 1))
+def test_qubit_groups_cover_the_register_in_order(n):
+    groups = qubit_groups(n)
+    sizes = [size for _, size in groups]
+    assert max(sizes) <= GROUP_QUBITS and max(sizes) - min(sizes) <= 1
+    covered = [q for low, size in reversed(groups) for q in range(low, low + size)]
+    assert covered == list(range(n))  # consecutive, most significant group first
 
 
 def test_batched_leading_dims_match_loop():
@@ -119,6 +140,14 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(qnn_probabilities, (theta,))
     batched = torch.randn(2, 2, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(qnn_statevector, (batched,))
+    # two unequal groups (4 + 3 qubits): the angle gradients of both groups, in qubit order
+    theta = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2**7, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: (qnn_probabilities(t) * weights).sum(), (theta,))
+    # several qubit groups, batched: a weighted sum keeps the Jacobian one row
+    theta = torch.randn(2, 3, 11, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 2**11, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: (qnn_statevector(t) * weights).sum(), (theta,))
 
 
 def test_gradients_do_not_vanish_at_depth_8():
@@ -163,3 +192,18 @@ def test_bad_counts():
         qnn_num_params(3, 0)
     with pytest.raises(ValueError, match="n_qubits"):
         cnot_ladder_permutation(0)
+def test_validate_false_skips_checks_but_computes_the_same():
+    theta = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(qnn_probabilities(theta, validate=False), qnn_probabilities(theta),
+                               atol=0, rtol=0)
+    nan = torch.full((2, 2), float("nan"))
+    assert torch.isnan(qnn_probabilities(nan, validate=False)).all()  # no check: NaN out
+
+
+def test_second_derivatives_are_refused_clearly():
+    # the circuit is one first-order autograd node: a double backward must fail loudly, not
+    # return a silently wrong Hessian
+    theta = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(qnn_probabilities(theta)[0], theta, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
+        grad.sum().backward()

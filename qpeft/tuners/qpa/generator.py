@@ -120,9 +120,10 @@ class QPAGenerator(nn.Module):
 
     ``shapes``: the ``(d_out, d_in)`` of every targeted layer, in slicing order. ``forward()``
     returns the flat generated vector [m]; :meth:`factors` generates one layer's
-    ``(lora_B, lora_A)`` alone: the circuit and the MLP's hidden layers for every chunk (small),
-    the MLP's wide output layer only for the chunks that hold the layer's numbers. So each
-    adapted layer generates its own factors inside its own forward, with nothing cached.
+    ``(lora_B, lora_A)`` alone: the circuit (all 2**N probabilities), then the MLP only on the
+    chunks that hold the layer's numbers (centring: the mean in closed form from input sums when
+    the MLP is affine, else from every chunk's hidden activations). So each adapted layer
+    generates its own factors inside its own forward, with nothing cached.
     Cost of a full generation: O(L*N*2**N) circuit + O(n_ch * (sum of MLP layer sizes)) MLP."""
 
     def __init__(
@@ -219,7 +220,9 @@ class QPAGenerator(nn.Module):
         theta = self.theta
         if theta.dtype not in (torch.float32, torch.float64):
             theta = theta.float()
-        p = qnn_probabilities(theta)
+        # theta is this module's own [L, N] parameter: no per-forward input checks (the
+        # finiteness check is a reduction and a device sync in every adapted layer)
+        p = qnn_probabilities(theta, validate=False)
         n = self.n_qubits
         if self.prob_transform == "centered":
             return p * 2**n - 1
@@ -227,16 +230,17 @@ class QPAGenerator(nn.Module):
         pt = (0.6 * torch.tanh(0.1 * 2 ** (n - 1) * p)).clamp_min(1e-12) ** 0.15
         return pt - pt.mean()
 
-    def _chunk_hidden(self) -> torch.Tensor:
-        """Last hidden activations of every chunk [n_ch, h]: circuit, transform, MLP body."""
-        pt = self.transformed_probabilities()[: self.n_chunks]
+    def _mlp_input(self, pt: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """MLP inputs of chunks ``first..last-1`` [last - first, N+1]: each chunk's N bits as Z
+        eigenvalues, then its ``p~`` (from ``pt`` [2**N])."""
         dtype = self.mlp_weight_0.dtype
-        bits = self.bits.to(device=pt.device, dtype=dtype)
-        return self._hidden(torch.cat([bits, pt.to(dtype).unsqueeze(1)], dim=1))
+        bits = self.bits[first:last].to(device=pt.device, dtype=dtype)
+        return torch.cat([bits, pt[first:last].to(dtype).unsqueeze(1)], dim=1)
 
     def _output_mean(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Mean of the m generated numbers from the hidden activations alone: the output layer
-        is affine, so the sum over a chunk's outputs is ``h · Σ_j W_j + Σ_j b_j``. O(n_ch · h)."""
+        """Mean of the m generated numbers from every chunk's last hidden activations
+        [n_ch, h]: the output layer is affine, so the sum over a chunk's outputs is
+        ``h · Σ_j W_j + Σ_j b_j``. O(n_ch · h)."""
         weight, bias = self.mlp_layers()[-1]
         full = self.n_chunks - 1
         rest = self.m - full * self.n_mlp  # outputs used from the last chunk (1..n_mlp)
@@ -244,18 +248,42 @@ class QPAGenerator(nn.Module):
         total = total + hidden[full] @ weight[:rest].sum(0) + bias[:rest].sum()
         return total / self.m
 
+    def _affine_output_mean(self, pt: torch.Tensor) -> torch.Tensor:
+        """:meth:`_output_mean` when the MLP has no activation (affine end to end): the sum of
+        the full chunks' hidden activations is the body applied to the sum of their inputs
+        (each bias counted once per chunk), so no chunk's hidden row is formed. O(N·h + Σ
+        MLP layer sizes) instead of O(n_ch · Σ MLP layer sizes)."""
+        weight, bias = self.mlp_layers()[-1]
+        full = self.n_chunks - 1
+        rest = self.m - full * self.n_mlp
+        inputs = self._mlp_input(pt, 0, self.n_chunks)
+        # row 0: Σ of the full chunks' inputs (bias weight ``full``); row 1: the last chunk
+        x = torch.stack((inputs[:full].sum(0), inputs[full]))
+        counts = torch.tensor([[float(full)], [1.0]], dtype=x.dtype, device=x.device)
+        for w, b in self.mlp_layers()[:-1]:
+            x = x @ w.T + counts * b
+        total = x[0] @ weight.sum(0) + full * bias.sum() + x[1] @ weight[:rest].sum(0)
+        return (total + bias[:rest].sum()) / self.m
+
     def _generate_span(self, start: int, stop: int) -> torch.Tensor:
         """Generated numbers ``[start, stop)`` of the flat vector (centred when configured, gain
-        not applied): the output layer runs on the chunks holding them only."""
-        hidden = self._chunk_hidden()
+        not applied): the MLP runs on the chunks holding them only, except that centring with
+        a nonlinear MLP needs every chunk's last hidden activations."""
+        pt = self.transformed_probabilities()
         first, last = start // self.n_mlp, (stop - 1) // self.n_mlp + 1
+        mean = None
+        if self.center_output and self.activation != "none":
+            every = self._hidden(self._mlp_input(pt, 0, self.n_chunks))
+            hidden, mean = every[first:last], self._output_mean(every)
+        else:
+            hidden = self._hidden(self._mlp_input(pt, first, last))
+            if self.center_output:
+                mean = self._affine_output_mean(pt)
         weight, bias = self.mlp_layers()[-1]
-        rows = torch.nn.functional.linear(hidden[first:last], weight, bias).reshape(-1)
+        rows = torch.nn.functional.linear(hidden, weight, bias).reshape(-1)
         offset = first * self.n_mlp
         flat = rows[start - offset : stop - offset]
-        if self.center_output:
-            flat = flat - self._output_mean(hidden)
-        return flat
+        return flat if mean is None else flat - mean
 
     def generate(self) -> torch.Tensor:
         """The flat generated vector [m] (the gain is not applied). O(circuit + MLP)."""
@@ -276,8 +304,9 @@ class QPAGenerator(nn.Module):
 
     def factors(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(lora_B [d_out, r], lora_A [r, d_in])`` of layer ``index`` (gain applied to lora_B),
-        generated for this layer alone (see the class docstring). O(circuit + MLP body +
-        output layer on ⌈r(d_out + d_in) / n_mlp⌉ + 1 chunks)."""
+        generated for this layer alone (see the class docstring). O(circuit + MLP on
+        ⌈r(d_out + d_in) / n_mlp⌉ + 1 chunks), plus the MLP body on every chunk when centring
+        through a nonlinear MLP."""
         if not 0 <= index < len(self.shapes):
             raise ValueError(f"layer index must be in [0, {len(self.shapes) - 1}], got {index}")
         d_out, d_in = self.shapes[index]
