@@ -45,15 +45,17 @@ TARGETS = {  # method: (max step / LoRA, max step / OFT, max peak memory / LoRA)
 }
 
 
-def layer_config(quick: bool) -> Any:
-    """The 7B shape (quick: 64 / 128, 4 heads)."""
+def llama_config(hidden: int, intermediate: int, heads: int, kv_heads: int) -> Any:
+    """A ``LlamaConfig`` of one decoder layer's shape (random init, no hub)."""
     from transformers import LlamaConfig
 
-    if quick:
-        return LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                           num_key_value_heads=4)
-    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-                       num_key_value_heads=32)
+    return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads)
+
+
+def layer_config(quick: bool) -> Any:
+    """The 7B shape (quick: 64 / 128, 4 heads)."""
+    return llama_config(64, 128, 4, 4) if quick else llama_config(4096, 11008, 32, 32)
 
 
 class OneLayer(nn.Module):

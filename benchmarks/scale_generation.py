@@ -64,13 +64,9 @@ GIB = 1024**3
 
 def layer_config(quick: bool) -> Any:
     """The 70B shape (quick: 64 / 160, 4 heads, 2 KV heads: the same grouped-query layout)."""
-    from transformers import LlamaConfig
+    from benchmarks.scale import llama_config
 
-    if quick:
-        return LlamaConfig(hidden_size=64, intermediate_size=160, num_attention_heads=4,
-                           num_key_value_heads=2)
-    return LlamaConfig(hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
-                       num_key_value_heads=8)
+    return llama_config(64, 160, 4, 2) if quick else llama_config(8192, 28672, 64, 8)
 
 
 def linear_shapes(config: Any) -> dict[str, tuple[int, int]]:

@@ -44,6 +44,7 @@ from qpeft.circuits._checks import (
     check_last_dim,
     check_positive_int,
 )
+from qpeft.circuits.statevector import qubit_groups
 
 __all__ = [
     "pauli_num_params",
@@ -94,14 +95,10 @@ def pauli_gates(n_qubits: int, depth: int) -> list[tuple[str, tuple[int, ...], i
     return gates
 
 
-_MAX_GROUP = 5  # qubits per group: d_j <= 32, so a sub-layer costs <= 32 g multiply-adds per entry
-
-
 def _group_sizes(n_qubits: int) -> tuple[int, ...]:
-    """``ceil(n / 5)`` near-equal groups, the larger ones at the low end (the K columns of the
-    first layer come from group 0)."""
-    g = -(-n_qubits // _MAX_GROUP)
-    return tuple(n_qubits // g + (j < n_qubits % g) for j in range(g))
+    """Qubits per group, group 0 (least significant) first: the QNN simulator's balanced
+    ``ceil(n / 5)`` runs (``statevector.qubit_groups``)."""
+    return tuple(size for _, size in reversed(qubit_groups(n_qubits)))
 
 
 def _slot_angles(n_qubits: int, depth: int) -> list[list[list[int]]]:
