@@ -148,16 +148,23 @@ def compound_blocks(params: torch.Tensor, plan: BlockPlan, settings: QuICSetting
     return [as_matrix(op) for op in compound_operators(params, plan, settings)]
 
 
-#: element moves (gathers, copies) per vector of compound_apply, in units of n²: the embedding
-#: [x; -x; 0] and its gather, the output gather (counted like multiply-adds: both memory-bound)
-_ACTION_MOVES_PER_N2 = 3
+#: The action's counted multiply-adds are weighted to compare with the explicit compound's in
+#: time (measured fwd+bwd on one thread, n = 10..51, 128..2,048 tokens, 3 blocks; ``python -m
+#: benchmarks.compounds`` times both paths): its matmuls contract over n only (A·X·Aᵀ), about
+#: half the rate of the C(n,2)-deep explicit product, and each vector moves ~n² elements through
+#: memory-bound gathers and copies (antisymmetric embedding, tokens-last layout, output gather),
+#: each worth ~64 multiply-adds. Explicit wins up to n ≈ 25 (MiniLM's n = 15, SmolLM2's 19),
+#: the action from n ≈ 30 (4.7× fewer counted multiply-adds at LLaMA-7B's n = 51).
+_ACTION_FLOP_WEIGHT = 2
+_ACTION_MOVES_PER_N2 = 64
 
 
 def order_costs(op: torch.Tensor | CompoundOperator, tokens: int, n_blocks: int) -> dict[str, int]:
-    """Counted multiply-adds (forward) of one order on ``tokens`` vectors of ``n_blocks`` blocks:
-    ``explicit`` = forming C_k (k·C² per distinct block, as the Laplace recursion) + tokens·C²
-    per block; ``action`` = tokens·(compound_apply_cost + element moves) per block. An explicit
-    tensor has only ``explicit`` (tokens·C²). O(1)."""
+    """Estimated cost (multiply-add equivalents, forward) of one order on ``tokens`` vectors of
+    ``n_blocks`` blocks: ``explicit`` = forming C_k (k·C² per distinct block, as the Laplace
+    recursion) + tokens·C² per block; ``action`` = tokens·(2·compound_apply_cost + 64·n²) per
+    block (its weights: see ``_ACTION_FLOP_WEIGHT``). An explicit tensor has only ``explicit``
+    (tokens·C²). O(1)."""
     if not isinstance(op, CompoundOperator):
         return {"explicit": tokens * n_blocks * op.shape[-1] ** 2}
     n, k = op.base.shape[-1], op.k
@@ -166,7 +173,7 @@ def order_costs(op: torch.Tensor | CompoundOperator, tokens: int, n_blocks: int)
     form = 0 if k == 1 else k * c * c * n_a
     costs = {"explicit": form + tokens * n_blocks * c * c}
     if 1 < k < n:
-        apply = compound_apply_cost(n, k) + _ACTION_MOVES_PER_N2 * n * n
+        apply = _ACTION_FLOP_WEIGHT * compound_apply_cost(n, k) + _ACTION_MOVES_PER_N2 * n * n
         costs["action"] = tokens * n_blocks * apply
     return costs
 
