@@ -597,3 +597,23 @@ def test_cost_model_choices():
     assert infer_many["weight"] < infer_many["activations"]
     infer_few = rotation_costs(ops, plan, 128, 4096, needs_grad=False)
     assert infer_few["activations"] < infer_few["weight"]
+
+
+@pytest.mark.parametrize("base_map", ["cayley", "exp"])
+@pytest.mark.parametrize("n", [2, 5, 9])
+def test_base_matrices_equal_the_entrywise_reference_with_gradients(base_map, n):
+    """The one-gather skew embedding (I + S for Cayley, S for exp) gives the reference A and the
+    reference gradient, batched over leading dimensions (float64, 1e-10)."""
+    from qpeft.tuners.quic.layer import base_matrices
+
+    torch.manual_seed(n)
+    params = (0.7 * torch.randn(2, 3, n * (n - 1) // 2, dtype=torch.float64)).requires_grad_()
+    weights = torch.randn(2, 3, n, n, dtype=torch.float64)
+    got = base_matrices(params, n, base_map)
+    (grad_got,) = torch.autograd.grad((got * weights).sum(), params)
+    ref = torch.stack([torch.stack([ref_base_matrix(params[i, j], n, base_map, "pyramid")
+                                    for j in range(3)]) for i in range(2)])
+    (grad_ref,) = torch.autograd.grad((ref * weights).sum(), params)
+    torch.testing.assert_close(got, ref, atol=1e-10, rtol=0)
+    torch.testing.assert_close(grad_got, grad_ref, atol=1e-10, rtol=0)
+    assert grad_ref.abs().max() > 1e-2
