@@ -164,8 +164,8 @@ def compound_blocks(params: torch.Tensor, plan: BlockPlan, settings: QuICSetting
 
 
 #: The action's counted multiply-adds are weighted to compare with the explicit compound's in
-#: time (measured fwd+bwd on one thread, n = 10..51, 128..2,048 tokens, 3 blocks; ``python -m
-#: benchmarks.compounds`` times both paths): its matmuls contract over n only (A·X·Aᵀ), about
+#: time (fitted to forward+backward timings of both paths on one thread, n = 10..51, 128..2,048
+#: tokens, 3 blocks, AMD EPYC / AVX2): its matmuls contract over n only (A·X·Aᵀ), about
 #: half the rate of the C(n,2)-deep explicit product, and each vector moves ~n² elements through
 #: memory-bound gathers and copies (antisymmetric embedding, tokens-last layout, output gather),
 #: each worth ~64 multiply-adds. Explicit wins up to n ≈ 25 (MiniLM's n = 15, SmolLM2's 19),
