@@ -570,20 +570,24 @@ def test_three_paths_equal_dense_q_forward_and_gradients(side, orders, num_adapt
 
 
 def test_cost_model_choices():
-    """Counted multiply-adds: the action for large n (LLaMA-7B's n = 51), the explicit compound
-    for tiny n, the rotated weight only without gradient and with more tokens than W's other
-    side."""
+    """Estimated costs: the action for large n (LLaMA-7B's n = 51), the explicit compound for
+    small n (MiniLM's n = 15 at 2,048 tokens and SmolLM2's n = 19 at 512, where the action's
+    memory-bound gathers make it slower), the rotated weight only without gradient and with more
+    tokens than W's other side."""
     from qpeft.tuners.quic.layer import CompoundOperator, order_costs, rotation_costs
 
     def op(n, k, n_a=3):
         return CompoundOperator(torch.zeros(n_a, n, n), k)
 
     big = order_costs(op(51, 2), 128, 3)
-    assert big["action"] == 128 * 3 * (2 * 51**3 + 3 * 51**2)
+    assert big["action"] == 128 * 3 * (2 * 2 * 51**3 + 64 * 51**2)
     assert big["explicit"] == 2 * 1275**2 * 3 + 128 * 3 * 1275**2
     assert big["action"] < big["explicit"]
     small = order_costs(op(4, 2), 1000, 3)
     assert small["explicit"] < small["action"]
+    for n, tokens in ((15, 2048), (19, 512)):
+        costs = order_costs(op(n, 2), tokens, 3)
+        assert costs["explicit"] < costs["action"], (n, tokens)
     assert set(order_costs(op(5, 1), 10, 3)) == {"explicit"}
     plan = block_plan(4096, 3, [1, 2])
     ops = [op(plan.n, 1), op(plan.n, 2)]
@@ -593,3 +597,23 @@ def test_cost_model_choices():
     assert infer_many["weight"] < infer_many["activations"]
     infer_few = rotation_costs(ops, plan, 128, 4096, needs_grad=False)
     assert infer_few["activations"] < infer_few["weight"]
+
+
+@pytest.mark.parametrize("base_map", ["cayley", "exp"])
+@pytest.mark.parametrize("n", [2, 5, 9])
+def test_base_matrices_equal_the_entrywise_reference_with_gradients(base_map, n):
+    """The one-gather skew embedding (I + S for Cayley, S for exp) gives the reference A and the
+    reference gradient, batched over leading dimensions (float64, 1e-10)."""
+    from qpeft.tuners.quic.layer import base_matrices
+
+    torch.manual_seed(n)
+    params = (0.7 * torch.randn(2, 3, n * (n - 1) // 2, dtype=torch.float64)).requires_grad_()
+    weights = torch.randn(2, 3, n, n, dtype=torch.float64)
+    got = base_matrices(params, n, base_map)
+    (grad_got,) = torch.autograd.grad((got * weights).sum(), params)
+    ref = torch.stack([torch.stack([ref_base_matrix(params[i, j], n, base_map, "pyramid")
+                                    for j in range(3)]) for i in range(2)])
+    (grad_ref,) = torch.autograd.grad((ref * weights).sum(), params)
+    torch.testing.assert_close(got, ref, atol=1e-10, rtol=0)
+    torch.testing.assert_close(grad_got, grad_ref, atol=1e-10, rtol=0)
+    assert grad_ref.abs().max() > 1e-2

@@ -170,10 +170,75 @@ class _SecondCompound(torch.autograd.Function):
         return torch.zeros_like(a).index_add(-2, first, g0).index_add(-2, second, -g1)
 
 
+_COLUMN_KERNEL_UP_TO_N = 24  # n up to which _SecondCompoundColumns is the faster (measured)
+
+
+def _pair_columns(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a [B, n, n]: r0[b, p, I] = a[b, i, p] and r1[b, p, I] = a[b, j, p] for every pair
+    I = (i, j), i < j: two [B, n, C(n,2)] tensors, pairs innermost (contiguous)."""
+    first, second = _pair_tables(a.shape[-1], str(a.device))[:2]
+    at = a.mT
+    return at.index_select(-1, first), at.index_select(-1, second)
+
+
+def _block_chunks(blocks: int, n: int) -> Iterator[slice]:
+    """Slices of blocks whose [b, n, n, C(n,2)] temporaries hold at most _CHUNK_ELEMENTS."""
+    step = max(1, _CHUNK_ELEMENTS // (n * n * math.comb(n, 2)))
+    return (slice(s, s + step) for s in range(0, blocks, step))
+
+
+class _SecondCompoundColumns(torch.autograd.Function):
+    """C_2(a)ᵀ for a [B, n, n], as a contiguous [B, C, C] (C = C(n,2)), forward and backward by
+    hand, for small n. Every elementwise step runs along the C row pairs I (innermost), which
+    vectorizes, where _SecondCompound's run along n (≤ 24 here): 1.5x faster forward, ~2.5x
+    backward at n = 15..19.
+
+    Entry (J, I), J = (p, q), I = (i, j): the (p, q) entry of the antisymmetric
+    O_I = r0_I r1_Iᵀ - r1_I r0_Iᵀ (r0_I = a[i, :], r1_I = a[j, :]): one broadcast product
+    [B, n, n, C] and two row gathers. Backward: with Ĝ_I the antisymmetric embedding of column I
+    of the output gradient, grad r0_I = Ĝ_I conj(r1_I), grad r1_I = Ĝ_Iᵀ conj(r0_I), added back
+    into rows i and j of a. O(C n²) time and memory each way (in block chunks). Built from
+    differentiable ops (double backward works)."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a)
+        bsz, n = a.shape[0], a.shape[-1]
+        upper, lower = _pair_tables(n, str(a.device))[2:4]
+        r0, r1 = _pair_columns(a)
+        out = a.new_empty(bsz, upper.numel(), upper.numel())
+        for blk in _block_chunks(bsz, n):
+            outer = (r0[blk, :, None, :] * r1[blk, None, :, :]).flatten(1, 2)  # [b, n*n, C]
+            torch.sub(outer.index_select(1, upper), outer.index_select(1, lower), out=out[blk])
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (a,) = ctx.saved_tensors
+        bsz, n = a.shape[0], a.shape[-1]
+        first, second = _pair_tables(n, str(a.device))[:2]
+        table = _signed_pair_table(n, str(a.device))
+        r0, r1 = _pair_columns(a)
+        g0, g1 = [], []
+        for blk in _block_chunks(bsz, n):
+            g = grad[blk]
+            rows = torch.cat([g, -g, g.new_zeros(g.shape[0], 1, g.shape[-1])], dim=1)
+            g_hat = rows.index_select(1, table).view(g.shape[0], n, n, -1)  # [b, p, q, I]
+            g0.append((g_hat * r1[blk, None, :, :].conj()).sum(2))
+            g1.append((g_hat * r0[blk, :, None, :].conj()).sum(1))
+        grad_t = torch.zeros_like(a.mT).index_add(-1, first, torch.cat(g0))
+        return grad_t.index_add(-1, second, torch.cat(g1)).mT
+
+
 def _second_compound(a: torch.Tensor) -> torch.Tensor:
-    """C_2(a) for a [..., n, n], n >= 2: [..., C(n,2), C(n,2)] through _SecondCompound."""
+    """C_2(a) for a [..., n, n], n >= 2: [..., C(n,2), C(n,2)] through _SecondCompound, or for
+    n <= 24 as the transposed view of _SecondCompoundColumns' contiguous C_2(a)ᵀ (what
+    ``x @ C_2(a).mT`` consumes)."""
     n = a.shape[-1]
-    out = _SecondCompound.apply(a.reshape(-1, n, n))
+    if n <= _COLUMN_KERNEL_UP_TO_N:
+        out = _SecondCompoundColumns.apply(a.reshape(-1, n, n)).mT
+    else:
+        out = _SecondCompound.apply(a.reshape(-1, n, n))
     return out.reshape(*a.shape[:-2], *out.shape[-2:])
 
 

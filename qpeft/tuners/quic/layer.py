@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qpeft.circuits._cache import tensor_table_cache
 from qpeft.circuits.compound import compound, compound_apply, compound_apply_cost, compounds
 from qpeft.circuits.givens import givens_matrix
 from qpeft.tuners._common import (
@@ -64,14 +65,16 @@ def base_matrices(
     rbs: the Givens circuit's matrix. free: A = I + P (P = params as n x n, row-major).
     Cost: O(n³) per matrix (Cayley solve / matrix exp / circuit), O(n²) for free."""
     lead = params.shape[:-1]
-    if base_map in ("cayley", "exp"):
+    if base_map == "cayley":
+        # I + S in one gather; I - S = (I + S)ᵀ, and (I - S)(I + S)^-1 = (I + S)^-1 (I - S)
+        # (the factors commute). S is skew by construction: no check, no host sync.
+        eye_plus_s = _skew_embedding(params, n, 1.0)
+        return torch.linalg.solve(eye_plus_s, eye_plus_s.mT)
+    if base_map == "exp":
         # imported here so that `import qpeft` never depends on the Lie module's import order
-        from qpeft.circuits.lie import cayley, expm_orthogonal
+        from qpeft.circuits.lie import expm_orthogonal
 
-        rows, cols = torch.triu_indices(n, n, 1, device=params.device)
-        upper = _fill_upper(params.new_zeros(*lead, n, n), params, rows, cols)
-        s = upper - upper.mT
-        return cayley(s) if base_map == "cayley" else expm_orthogonal(s)
+        return expm_orthogonal(_skew_embedding(params, n, 0.0))
     if base_map == "rbs":
         return givens_matrix(params, n, rbs_layout)
     if base_map == "free":
@@ -80,14 +83,26 @@ def base_matrices(
     raise ValueError(f"base_map must be one of cayley, exp, rbs, free; got {base_map!r}")
 
 
-def _fill_upper(
-    zeros: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
-) -> torch.Tensor:
-    """Out-of-place scatter of ``values`` [..., P] into positions (rows, cols) of ``zeros``."""
-    n = zeros.shape[-1]
-    flat = zeros.reshape(*zeros.shape[:-2], n * n)
-    flat = flat.index_copy(-1, rows * n + cols, values)
-    return flat.reshape(zeros.shape)
+@tensor_table_cache(maxsize=64)
+def _skew_gather_table(n: int, device: str) -> torch.Tensor:
+    """For the row [diag, p_0 .. p_{P-1}, -p_0 .. -p_{P-1}] (P = n(n-1)/2): which entry lands at
+    (i, j) of the n x n matrix, row-major [n*n]: p_r above the diagonal (r the rank of (i, j) in
+    ``torch.triu_indices`` order), -p_r below, ``diag`` on it."""
+    rows, cols = torch.triu_indices(n, n, 1)
+    ranks = torch.arange(rows.numel())
+    table = torch.zeros(n, n, dtype=torch.long)
+    table[rows, cols] = 1 + ranks
+    table[cols, rows] = 1 + rows.numel() + ranks
+    return table.flatten().to(torch.device(device))
+
+
+def _skew_embedding(params: torch.Tensor, n: int, diag: float) -> torch.Tensor:
+    """``diag``·I + S for S skew with strict upper triangle ``params`` [..., n(n-1)/2]:
+    [..., n, n] in one gather (its backward one scatter-add). O(n²)."""
+    lead = params.shape[:-1]
+    row = torch.cat([params.new_full((*lead, 1), diag), params, -params], dim=-1)
+    table = _skew_gather_table(n, str(params.device))
+    return row.index_select(-1, table).view(*lead, n, n)
 
 
 @dataclass(frozen=True)
@@ -148,16 +163,23 @@ def compound_blocks(params: torch.Tensor, plan: BlockPlan, settings: QuICSetting
     return [as_matrix(op) for op in compound_operators(params, plan, settings)]
 
 
-#: element moves (gathers, copies) per vector of compound_apply, in units of n²: the embedding
-#: [x; -x; 0] and its gather, the output gather (counted like multiply-adds: both memory-bound)
-_ACTION_MOVES_PER_N2 = 3
+#: The action's counted multiply-adds are weighted to compare with the explicit compound's in
+#: time (fitted to forward+backward timings of both paths on one thread, n = 10..51, 128..2,048
+#: tokens, 3 blocks, AMD EPYC / AVX2): its matmuls contract over n only (A·X·Aᵀ), about
+#: half the rate of the C(n,2)-deep explicit product, and each vector moves ~n² elements through
+#: memory-bound gathers and copies (antisymmetric embedding, tokens-last layout, output gather),
+#: each worth ~64 multiply-adds. Explicit wins up to n ≈ 25 (MiniLM's n = 15, SmolLM2's 19),
+#: the action from n ≈ 30 (4.7× fewer counted multiply-adds at LLaMA-7B's n = 51).
+_ACTION_FLOP_WEIGHT = 2
+_ACTION_MOVES_PER_N2 = 64
 
 
 def order_costs(op: torch.Tensor | CompoundOperator, tokens: int, n_blocks: int) -> dict[str, int]:
-    """Counted multiply-adds (forward) of one order on ``tokens`` vectors of ``n_blocks`` blocks:
-    ``explicit`` = forming C_k (k·C² per distinct block, as the Laplace recursion) + tokens·C²
-    per block; ``action`` = tokens·(compound_apply_cost + element moves) per block. An explicit
-    tensor has only ``explicit`` (tokens·C²). O(1)."""
+    """Estimated cost (multiply-add equivalents, forward) of one order on ``tokens`` vectors of
+    ``n_blocks`` blocks: ``explicit`` = forming C_k (k·C² per distinct block, as the Laplace
+    recursion) + tokens·C² per block; ``action`` = tokens·(2·compound_apply_cost + 64·n²) per
+    block (its weights: see ``_ACTION_FLOP_WEIGHT``). An explicit tensor has only ``explicit``
+    (tokens·C²). O(1)."""
     if not isinstance(op, CompoundOperator):
         return {"explicit": tokens * n_blocks * op.shape[-1] ** 2}
     n, k = op.base.shape[-1], op.k
@@ -166,7 +188,7 @@ def order_costs(op: torch.Tensor | CompoundOperator, tokens: int, n_blocks: int)
     form = 0 if k == 1 else k * c * c * n_a
     costs = {"explicit": form + tokens * n_blocks * c * c}
     if 1 < k < n:
-        apply = compound_apply_cost(n, k) + _ACTION_MOVES_PER_N2 * n * n
+        apply = _ACTION_FLOP_WEIGHT * compound_apply_cost(n, k) + _ACTION_MOVES_PER_N2 * n * n
         costs["action"] = tokens * n_blocks * apply
     return costs
 
