@@ -32,6 +32,7 @@ matmul per group, ``O(N K sum_j d_j)`` flops per sub-layer, ``O(g L)`` operation
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -95,6 +96,7 @@ def pauli_gates(n_qubits: int, depth: int) -> list[tuple[str, tuple[int, ...], i
     return gates
 
 
+@functools.lru_cache(maxsize=64)
 def _group_sizes(n_qubits: int) -> tuple[int, ...]:
     """Qubits per group, group 0 (least significant) first: the QNN simulator's balanced
     ``ceil(n / 5)`` runs (``statevector.qubit_groups``)."""
