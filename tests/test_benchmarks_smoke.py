@@ -290,7 +290,9 @@ def test_quic_generation_forms_what_the_forward_forms(d_in, tokens, forms_c2, mo
     forms it."""
     import qpeft.tuners.quic.layer as quic_layer
 
-    shapes = {"mlp.up_proj": (72, d_in)}  # 3 blocks of 24: n = 6, C(6, 2) = 15
+    # 3 blocks of n = 16 (C(16, 2) = 120): large enough that one token takes the action; at
+    # n <= ~13 the cost model forms C_2 for any token count
+    shapes = {"mlp.up_proj": (408, d_in)}
     model = G.wrap("quic", shapes)
     calls: list[int] = []
     real = quic_layer.compound
@@ -301,7 +303,7 @@ def test_quic_generation_forms_what_the_forward_forms(d_in, tokens, forms_c2, mo
 
     monkeypatch.setattr(quic_layer, "compound", counting)
     ops = G.generation("quic", model, tokens)()
-    assert [tuple(op.shape[-2:]) for op in ops] == [(6, 6), (15, 15) if forms_c2 else (6, 6)]
+    assert [tuple(op.shape[-2:]) for op in ops] == [(16, 16), (120, 120) if forms_c2 else (16, 16)]
     assert calls == ([2] if forms_c2 else [])
     calls.clear()
     layer = model.base_model.model.mlp.up_proj
