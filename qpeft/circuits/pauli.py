@@ -124,11 +124,14 @@ def _slot_angles(n_qubits: int, depth: int) -> list[list[list[int]]]:
 
 
 @tensor_table_cache(maxsize=256)
-def _gather_table(circuits: tuple[tuple[int, int], ...], depth: int, total: int) -> torch.Tensor:
-    """``(C, S, g, c)`` long: for every circuit ``(n_qubits, offset)``, sub-layer, group and slot,
-    the index of its angle in a flat vector of ``total`` angles, or ``total`` (an appended zero:
-    RY(0) = I) for a qubit left alone or a slot above the group's size.  ``g``, ``c``: the largest
-    group count and size among the circuits."""
+def _gather_table(
+    circuits: tuple[tuple[int, int], ...], depth: int, total: int, device: torch.device
+) -> torch.Tensor:
+    """``(C, S, g, c)`` long on ``device``: for every circuit ``(n_qubits, offset)``, sub-layer,
+    group and slot, the index of its angle in a flat vector of ``total`` angles, or ``total`` (an
+    appended zero: RY(0) = I) for a qubit left alone or a slot above the group's size.  ``g``,
+    ``c``: the largest group count and size among the circuits.  Cached per device, so a forward
+    on an accelerator copies no table."""
     plans = [_slot_angles(n, depth) for n, _ in circuits]
     g = max(len(p[0]) for p in plans)
     c = max(len(group) for p in plans for group in p[0])
@@ -139,7 +142,7 @@ def _gather_table(circuits: tuple[tuple[int, int], ...], depth: int, total: int)
                 for t, index in enumerate(slots):
                     if index >= 0:
                         table[i, s, j, t] = offset + index
-    return table
+    return table.to(device)
 
 
 def circuit_matrices(
@@ -157,7 +160,7 @@ def circuit_matrices(
     ``d_j x d_j`` block is ``G``.
     """
     b, total = angles.shape
-    table = _gather_table(circuits, depth, total).to(angles.device)
+    table = _gather_table(circuits, depth, total, angles.device)
     padded = torch.cat((angles, angles.new_zeros(b, 1)), dim=1)
     half = padded[:, table] * 0.5  # (B, C, S, g, c)
     c, s = torch.cos(half), torch.sin(half)

@@ -41,6 +41,7 @@ from collections.abc import Sequence
 
 import torch
 
+from qpeft.circuits._cache import tensor_table_cache
 from qpeft.circuits._checks import (
     check_finite,
     check_float_dtype,
@@ -118,6 +119,12 @@ def _layout(n: int, depth: int, offset: int = 0) -> tuple[tuple[tuple[int, int],
     return ((_qubits(n1), offset), (_qubits(n1), offset + p1 + 1), *circuits), (offset + p1, *phis)
 
 
+@tensor_table_cache(maxsize=256)
+def _phi_index(phis: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The CS angles' positions as a long tensor on ``device`` (built once, not per forward)."""
+    return torch.tensor(phis, dtype=torch.long, device=device)
+
+
 class _Factors:
     """Every Pauli circuit matrix and every CS angle of one or more ``Q_n`` (``dims``: their
     ``(n, offset)`` in ``a``), built in one go (``circuit_matrices``: one Kronecker chain),
@@ -129,7 +136,7 @@ class _Factors:
         circuits = tuple(c for layout in layouts for c in layout[0])
         phis = tuple(p for layout in layouts for p in layout[1])
         self.mats = iter(circuit_matrices(a, circuits, depth) if circuits else ())
-        phi = a[:, list(phis)][:, :, None, None]  # (B, levels, 1, 1)
+        phi = a[:, _phi_index(phis, a.device)][:, :, None, None]  # (B, levels, 1, 1)
         self.cos, self.sin = iter(torch.cos(phi).unbind(1)), iter(torch.sin(phi).unbind(1))
 
     def circuit(self) -> list[list[torch.Tensor]]:
