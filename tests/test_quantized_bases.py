@@ -47,9 +47,14 @@ def make_config(method: str, **overrides):
 
 
 def float_model() -> nn.Module:
+    # widths that bitsandbytes' CPU kernels handle on every CPU: input widths a multiple of the
+    # 4-bit blocksize (64) and output widths a multiple of 32.  On CPUs with AVX512-BF16,
+    # bitsandbytes 0.50 quantizes a 40x48 weight with ~40 % error (row length 48 < 64) and
+    # refuses an eval-mode 4-bit forward whose output width is not a multiple of 32 ("N must
+    # be divisible by block_n"); LoRA on those shapes fails the same way.
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Linear(64, 48), nn.Tanh(), nn.Linear(48, 40), nn.Tanh(), nn.Linear(40, 8)
+        nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 64), nn.Tanh(), nn.Linear(64, 8)
     )
 
 
@@ -101,13 +106,14 @@ def wrap(model: nn.Module, method: str, **overrides) -> nn.Module:
     return get_peft_model(model, make_config(method, **overrides))
 
 
-def perturb(peft_model: nn.Module) -> None:
-    """Move every trainable adapter number away from its start (a visibly non-identity adapter)."""
+def perturb(peft_model: nn.Module, scale: float = 1.0) -> None:
+    """Move every trainable adapter number away from its start (a visibly non-identity adapter)
+    by ``scale`` standard normal steps."""
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for _, p in sorted(peft_model.named_parameters()):
             if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g).to(p.dtype))
+                p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
 
 
 def train(peft_model: nn.Module, steps: int = 5) -> list[float]:
@@ -138,7 +144,7 @@ def test_wrap_shapes_identity_and_training_match_dequantized_float(method, quant
         base_out = qmodel(x)
     pq, pf = wrap(qmodel, method), wrap(ref, method)
     # true layer shapes (the 4-bit weight is stored packed as [out*in/2, 1])
-    for name, (d_out, d_in) in zip(TARGETS, [(48, 64), (40, 48)], strict=True):
+    for name, (d_out, d_in) in zip(TARGETS, [(128, 64), (64, 128)], strict=True):
         layer = pq.base_model.model.get_submodule(name)
         assert (layer.out_features, layer.in_features) == (d_out, d_in)
         assert type(layer.get_base_layer()).__module__.startswith("bitsandbytes")
@@ -215,11 +221,13 @@ def _quantization_error(layer: nn.Module, target: torch.Tensor, x: torch.Tensor)
 def test_merge_requantizes_within_quantization_error(method, quant):
     overrides = {} if method == "qpa" else {"init_weights": False}
     pq = wrap(quantized_model(quant), method, **overrides)
-    perturb(pq)
+    # Quantum-PEFT's update is linear in lambda: three steps make its effect on the output
+    # well above the requantization error (a unit step is ~2.7x it with fp4)
+    perturb(pq, scale=3.0 if method == "quantum_peft" else 1.0)
     pq.train()  # 8-bit eval forwards also quantize the input: keep only the weight's error
     x = inputs()[0]
     layers = {name: pq.base_model.model.get_submodule(name) for name in TARGETS}
-    h = {"0": x, "2": torch.tanh(torch.randn(16, 48, generator=torch.Generator().manual_seed(2)))}
+    h = {"0": x, "2": torch.tanh(torch.randn(16, 128, generator=torch.Generator().manual_seed(2)))}
     with torch.no_grad():
         before, base_out, targets = {}, {}, {}
         for name, layer in layers.items():
