@@ -67,7 +67,7 @@ def test_the_head_follows_the_data(cli, tmp_path, assets):
     assert status == 0, err
     cls = read_json(tmp_path / "cls/results.json")
     assert cls["metric"] == "accuracy" and cls["peft_config"]["task_type"] == "SEQ_CLS"
-    assert cls["head_params"] == 32 * 3  # LlamaForSequenceClassification.score, no bias
+    assert cls["head_params"] == 64 * 3  # LlamaForSequenceClassification.score, no bias
     status, _, err = cli("finetune", "--method", "lora", "--model", assets["llama"],
                          "--train-file", assets["sft"], *SFT_BUDGET, "--output-dir",
                          tmp_path / "lm")
@@ -84,8 +84,8 @@ def test_target_modules_override(cli, tmp_path, assets):
     assert status == 0, err
     res = read_json(tmp_path / "o/results.json")
     assert res["target_modules"] == ["o_proj", "down_proj"]
-    # r=2: o_proj 32x32 and down_proj 32x64, 2 layers
-    assert res["trainable_params"] == 2 * (2 * (32 + 32) + 2 * (64 + 32))
+    # r=2: o_proj 64x64 and down_proj 64x128, 2 layers
+    assert res["trainable_params"] == 2 * (2 * (64 + 64) + 2 * (128 + 64))
 
 
 def test_gguf_file_finetunes_and_counts(cli, tmp_path):
@@ -118,7 +118,7 @@ def test_count_on_folders_uses_peft_defaults(cli, tmp_path, assets):
     folder = _count(cli, "--model", assets["llama"], "--method", "lora", "--rank", "4")
     config = _count(cli, "--config-file", assets["llama"] / "config.json", "--method", "lora",
                     "--rank", "4")
-    assert folder["total"] == config["total"] == 2 * (4 * 64 + 4 * 64)
+    assert folder["total"] == config["total"] == 2 * (4 * 128 + 4 * 128)  # q, v: 64 x 64
     assert folder["peft_config"]["target_modules"] == config["peft_config"]["target_modules"]
     assert set(folder["peft_config"]["target_modules"]) == {"q_proj", "v_proj"}
     shapes = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

@@ -44,13 +44,17 @@ def tokenizer(chat_template: bool = False) -> Any:
 
 
 def save_tiny_llama(folder: Path, *, chat_template: bool = False, seed: int = 0) -> Path:
-    """A random 2-layer LlamaForCausalLM (hidden 32) + tokenizer, saved with save_pretrained."""
+    """A random 2-layer LlamaForCausalLM (hidden 64) + tokenizer, saved with save_pretrained.
+
+    Widths of 64 and 128: bitsandbytes 0.50's CPU 4-bit kernels on AVX512-BF16 hosts fail on
+    narrower layers in eval mode (input width below the 64-wide quantization block), for LoRA
+    as for qpeft."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = tokenizer(chat_template)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, intermediate_size=128,
                       max_position_embeddings=128, pad_token_id=0, bos_token_id=2,
                       eos_token_id=3, tie_word_embeddings=False)
     LlamaForCausalLM(cfg).save_pretrained(folder)
