@@ -19,21 +19,27 @@ Conventions (the circuit-export code must match them):
   those of the odd-pair qubits ``1..n_o`` (``n_o = 2*((n-1)//2)``); ``n_e + n_o = 2(n-1)``.
   ``pauli_gates`` lists the gates in application order with their angle indices.
 
-Evaluation never forms ``Q``: the circuit is applied to ``K`` columns.  Python and autograd
-overhead per operation dominate at these sizes, so a sub-layer is a few batched matmuls whatever
-``n``: the register is cut into ``g = ceil(n / 5)`` groups of adjacent qubits (group 0 holds the
-least significant ones, sizes ``c_j <= 5``, ``d_j = 2**c_j``); a sub-layer's RYs are the Kronecker
-product of one ``d_j x d_j`` matrix per group, and the matrices of every group and sub-layer are
-built together in one Kronecker chain from one angle gather.  The CZ gates are diagonal: a fixed
-+-1 scaling of the state.  Each column's state is held as a ``d_{g-1} x ... x d_1 x d_0`` tensor
-(the ``K`` columns sit next to the last axis), and group ``j`` multiplies its axis: one batched
-matmul per group, ``O(N K sum_j d_j)`` flops per sub-layer, ``O(g L)`` operations in all.
+Evaluation never forms ``Q``: the circuit is applied to ``K`` columns.  Python and per-op
+overhead dominate at these sizes, so the circuit runs as a few matrix products: the register is
+cut into ``ceil(n / 6)`` groups of adjacent qubits (group 0 the least significant; every group
+but the top one of the same even size, so every boundary sits at an even qubit), a sub-layer's
+RYs are the Kronecker product of one ``d_j x d_j`` matrix per group (``ry_groups``), and the
+state of every column is held as a ``d_{g-1} x ... x d_0`` tensor that group ``j`` multiplies
+along its axis.  Even-layer CZ pairs never straddle a boundary, so an even CZ layer is a
+diagonal inside each group and is folded, with the sub-layers on either side, into one *stage*
+matrix per group; the odd CZ layers (pairs across boundaries) are a +-1 scaling between stages.
+``L + 1`` stages of ``g`` products each, ``O(N K sum_j d_j)`` flops per stage.
+
+The engine (``run_program``) runs a straight-line program of such circuits and of the
+cosine-sine steps of ``qsd.py`` on row blocks of one state, as one autograd node with a
+hand-written backward.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -45,7 +51,7 @@ from qpeft.circuits._checks import (
     check_last_dim,
     check_positive_int,
 )
-from qpeft.circuits.statevector import qubit_groups
+from qpeft.circuits.ry_groups import group_rotations, group_rotations_half_angle_grad
 
 __all__ = [
     "pauli_num_params",
@@ -96,11 +102,23 @@ def pauli_gates(n_qubits: int, depth: int) -> list[tuple[str, tuple[int, ...], i
     return gates
 
 
+#: Most qubits per group: a group's RYs act as one dense ``2**c x 2**c`` matrix.
+GROUP_QUBITS = 6
+
+
 @functools.lru_cache(maxsize=64)
 def _group_sizes(n_qubits: int) -> tuple[int, ...]:
-    """Qubits per group, group 0 (least significant) first: the QNN simulator's balanced
-    ``ceil(n / 5)`` runs (``statevector.qubit_groups``)."""
-    return tuple(size for _, size in reversed(qubit_groups(n_qubits)))
+    """Qubits per group, group 0 (least significant) first: ``ceil(n / 6)`` groups, every one
+    but the highest of the same even size, so that every group boundary sits at an even qubit.
+    Then no even-layer CZ pair ``(2i, 2i + 1)`` straddles two groups, and an even CZ layer is
+    a diagonal inside each group (``_plan`` folds it into the group matrices)."""
+    count = -(-n_qubits // GROUP_QUBITS)
+    if count == 1:
+        return (n_qubits,)
+    low = 2 * round(n_qubits / (2 * count))
+    while n_qubits - (count - 1) * low > GROUP_QUBITS:
+        low += 2
+    return (low,) * (count - 1) + (n_qubits - (count - 1) * low,)
 
 
 def _slot_angles(n_qubits: int, depth: int) -> list[list[list[int]]]:
@@ -123,143 +141,429 @@ def _slot_angles(n_qubits: int, depth: int) -> list[list[list[int]]]:
     return out
 
 
+class _Layout(NamedTuple):
+    """How a circuit on ``n`` qubits runs on ``m`` columns: the state is one contiguous
+    ``(N / d_0, m, d_0)`` tensor (entry ``[I, k, i_0]`` = amplitude ``I d_0 + i_0`` of column
+    ``k``; ``I`` holds groups ``g-1 .. 1``, most significant first), and group ``j`` sees it as
+    ``shapes[j]`` so that its matrix is one product: ``kinds[j]`` 0 ``state @ M^T`` on
+    ``(N m / d_0, d_0)`` (the lowest group), 1 ``M @ state`` on ``(d_j, N m / d_j)`` (the
+    highest), 2 a batched ``M @ state`` on ``(above, d_j, rest)`` (a middle one).  The odd CZ
+    layer's +-1 diagonal (its pairs straddle groups; the even layer's are folded into the
+    group matrices) comes viewed like the last group's state (forward) and the first's
+    (backward)."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    kinds: tuple[int, ...]
+    signs_last: torch.Tensor
+    signs_first: torch.Tensor
+
+
 @tensor_table_cache(maxsize=256)
-def _gather_table(
-    circuits: tuple[tuple[int, int], ...], depth: int, total: int, device: torch.device
-) -> torch.Tensor:
-    """``(C, S, g, c)`` long on ``device``: for every circuit ``(n_qubits, offset)``, sub-layer,
-    group and slot, the index of its angle in a flat vector of ``total`` angles, or ``total`` (an
-    appended zero: RY(0) = I) for a qubit left alone or a slot above the group's size.  ``g``,
-    ``c``: the largest group count and size among the circuits.  Cached per device, so a forward
-    on an accelerator copies no table."""
-    plans = [_slot_angles(n, depth) for n, _ in circuits]
-    g = max(len(p[0]) for p in plans)
-    c = max(len(group) for p in plans for group in p[0])
-    table = torch.full((len(circuits), 1 + 2 * depth, g, c), total, dtype=torch.long)
-    for i, ((_, offset), plan) in enumerate(zip(circuits, plans, strict=True)):
-        for s, groups in enumerate(plan):
-            for j, slots in enumerate(groups):
-                for t, index in enumerate(slots):
-                    if index >= 0:
-                        table[i, s, j, t] = offset + index
-    return table.to(device)
+def _layout(n_qubits: int, m: int, dtype: torch.dtype, device: torch.device) -> _Layout:
+    """The ``_Layout`` of an ``n``-qubit circuit on ``m`` columns.  O(n 2**n m), built once per
+    shape, dtype and device."""
+    sizes = _group_sizes(n_qubits)
+    big_n, d0 = 1 << n_qubits, 1 << sizes[0]
+    shapes, kinds = [(big_n * m // d0, d0)], [0]
+    above = big_n // d0
+    for size in sizes[1:]:
+        d = 1 << size
+        above //= d
+        shapes.append((d, -1) if above == 1 else (above, d, -1))
+        kinds.append(1 if above == 1 else 2)
+    _, n_o = _layer_qubits(n_qubits)
+    index = torch.arange(big_n)
+    parity = torch.zeros_like(index)
+    for q in range(1, n_o, 2):  # CZ on (1,2), (3,4), ...
+        parity ^= ((index >> q) & 1) & ((index >> (q + 1)) & 1)
+    signs = (1 - 2 * parity).reshape(-1, 1, d0).expand(-1, m, -1).contiguous()
+    signs = signs.to(device=device, dtype=dtype)
+    return _Layout(
+        shapes=tuple(shapes),
+        kinds=tuple(kinds),
+        signs_last=signs.view(shapes[-1]),
+        signs_first=signs.view(shapes[0]),
+    )
 
 
-def circuit_matrices(
-    angles: torch.Tensor, circuits: tuple[tuple[int, int], ...], depth: int
-) -> list[list[list[torch.Tensor]]]:
-    """``mats[i][s][j]``: the ``(B, d_j, d_j)`` RY matrix of group ``j`` in sub-layer ``s`` of
-    circuit ``i`` (``kron(RY_top, ..., RY_low)`` of the group's qubits, the identity on qubits
-    the sub-layer leaves alone).
+# ---- evaluation: a straight-line program of circuits on row blocks, as one autograd node ------
+#
+# A program is a tuple of steps on an ``(rows, m)`` state, each acting on a block of rows:
+#   ("circuit", n_qubits, angle_offset, row): the Pauli circuit on rows ``row .. row + 2**n``;
+#   ("cs", phi_index, row, n1, n2): Givens rotations by the one angle ``phi`` on the row pairs
+#       ``(row + i, row + n1 + i)``, ``i < n2`` (``x_i -> c x_i - s x_j, x_j -> s x_i + c x_j``).
+# ``qsd.py`` lays out the generalized circuit of any width as such a program; a Pauli circuit is
+# a program of one step; the two sides of an adapter, or a batch of circuits, are programs on
+# stacked rows reading stacked angle vectors.
+Step = tuple[str, int, int, int] | tuple[str, int, int, int, int]
 
-    ``angles (B, total)`` holds every circuit's angles; circuit ``i = (n_qubits, offset)`` reads
-    ``angles[:, offset : offset + pauli_num_params(n_qubits, depth)]``.  Every matrix of every
-    circuit comes out of one gather and one Kronecker chain over the slots (most significant
-    first): ``c - 1`` broadcast products, O(C S g 4**c) with ``c <= 5``.  A group with fewer
-    slots gets RY(0) = I in its top slots: its chain is ``kron(I, G)``, whose leading
-    ``d_j x d_j`` block is ``G``.
-    """
-    b, total = angles.shape
-    table = _gather_table(circuits, depth, total, angles.device)
-    padded = torch.cat((angles, angles.new_zeros(b, 1)), dim=1)
-    half = padded[:, table] * 0.5  # (B, C, S, g, c)
-    c, s = torch.cos(half), torch.sin(half)
-    ry = torch.stack((c, -s, s, c), dim=-1).unflatten(-1, (2, 2))  # (B, C, S, g, c, 2, 2)
-    slots = ry.unbind(-3)
-    mat = slots[-1]
-    for rot in reversed(slots[:-1]):  # kron(mat, rot): the lower slot is the faster index
-        d = mat.shape[-1]
-        mat = (mat[..., :, None, :, None] * rot[..., None, :, None, :]).reshape(
-            *mat.shape[:-2], 2 * d, 2 * d
-        )
-    flat = iter(mat.flatten(1, 3).unbind(1))
-    out = []
-    for n_qubits, _ in circuits:
+
+class _Bucket(NamedTuple):
+    """The groups of one size ``c`` (``d = 2**c``) across a program's circuits.  Their ``M``
+    sub-layer matrices come from one angle gather (``angles``, ``(M c,)``, group-major) and one
+    product; their stage matrices are ``outer * even @ inner`` (a merged pair: an even
+    sub-layer after the one before it, the even CZ layer's diagonal ``even (d,)`` between) and
+    then the ``singles`` left alone, all indices into the ``M`` sub-layer matrices."""
+
+    size: int
+    angles: torch.Tensor
+    outer: torch.Tensor
+    inner: torch.Tensor
+    singles: torch.Tensor
+    even: torch.Tensor
+
+
+class _Plan(NamedTuple):
+    """What ``_Program`` needs of a program besides the angles, built once per program."""
+
+    buckets: tuple[_Bucket, ...]
+    stages: tuple[tuple[tuple[tuple[int, int], ...], ...], ...]  # [circuit][stage][j] -> (u, p)
+    phis: torch.Tensor | None  # (levels,) angle index of each cosine-sine step
+
+
+def _stage_pairs(depth: int) -> list[tuple[int, int | None]]:
+    """A circuit's stages as ``(sub-layer, the sub-layer merged before it or None)``: the even
+    sub-layer ``2l + 1`` of layer ``l`` absorbs the sub-layer before it and the even CZ layer
+    between them (diagonal inside every group, see ``_group_sizes``); the odd CZ layers (which
+    straddle groups) separate the stages.  ``L + 1`` stages of ``1 + 2L`` sub-layers."""
+    if depth == 0:
+        return [(0, None)]
+    return [(2 * layer + 1, 2 * layer) for layer in range(depth)] + [(2 * depth, None)]
+
+
+@tensor_table_cache(maxsize=256)
+def _plan(program: tuple[Step, ...], depth: int, total: int, device: torch.device) -> _Plan:
+    """Every group matrix of every circuit of ``program``: its bucket (groups of one size share
+    one gather and one product) and position there; its slots' angles in a flat vector of
+    ``total`` angles with an appended zero (index ``total``: RY(0) = I, a qubit the sub-layer
+    leaves alone).  Cached per device: a forward copies no table."""
+    sizes_seen: dict[int, dict[str, list]] = {}
+    stages = []
+    for step in program:
+        if step[0] != "circuit":
+            continue
+        _, n_qubits, offset, _ = step
         sizes = _group_sizes(n_qubits)
-        per_sublayer = []
-        for _s in range(table.shape[1]):
-            row = [next(flat) for _ in range(table.shape[2])]
-            per_sublayer.append(
-                [m if m.shape[-1] == 1 << size else m[:, : 1 << size, : 1 << size]
-                 for m, size in zip(row[: len(sizes)], sizes, strict=True)]
-            )
-        out.append(per_sublayer)
+        positions = []  # [s][j]: the sub-layer matrix's index in its bucket
+        for groups in _slot_angles(n_qubits, depth):
+            row = []
+            for slots, size in zip(groups, sizes, strict=True):
+                bucket = sizes_seen.setdefault(
+                    size, {"angles": [], "outer": [], "inner": [], "singles": []}
+                )
+                row.append(len(bucket["angles"]))
+                bucket["angles"].append([offset + a if a >= 0 else total for a in slots])
+            positions.append(row)
+        circuit = []
+        for outer, inner in _stage_pairs(depth):
+            row = []
+            for j, size in enumerate(sizes):
+                bucket = sizes_seen[size]
+                if inner is None:
+                    row.append((size, "singles", len(bucket["singles"])))
+                    bucket["singles"].append(positions[outer][j])
+                else:
+                    row.append((size, "merged", len(bucket["outer"])))
+                    bucket["outer"].append(positions[outer][j])
+                    bucket["inner"].append(positions[inner][j])
+            circuit.append(row)
+        stages.append(circuit)
+    order = {size: u for u, size in enumerate(sizes_seen)}
+
+    def index(values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).flatten().to(device)
+
+    def even_diagonal(size: int) -> torch.Tensor:
+        i = torch.arange(1 << size)
+        parity = torch.zeros_like(i)
+        for t in range(0, size - 1, 2):
+            parity ^= ((i >> t) & 1) & ((i >> (t + 1)) & 1)
+        return (1 - 2 * parity).to(device)
+
+    def position(size: int, kind: str, p: int) -> tuple[int, int]:
+        merged = len(sizes_seen[size]["outer"])
+        return order[size], p if kind == "merged" else merged + p
+
+    phis = [step[1] for step in program if step[0] == "cs"]
+    return _Plan(
+        buckets=tuple(
+            _Bucket(size, index(b["angles"]), index(b["outer"]), index(b["inner"]),
+                    index(b["singles"]), even_diagonal(size))
+            for size, b in sizes_seen.items()
+        ),
+        stages=tuple(
+            tuple(tuple(position(*entry) for entry in row) for row in circuit)
+            for circuit in stages
+        ),
+        phis=torch.tensor(phis, dtype=torch.long, device=device) if phis else None,
+    )
+
+
+def _stage_matrices(bucket: _Bucket, rot: torch.Tensor) -> torch.Tensor:
+    """``(*B, K, d, d)``: the bucket's stage matrices from its sub-layer matrices
+    ``rot (*B, M, d, d)``: the merged pairs ``outer diag(even) inner``, then the singles."""
+    parts = []
+    if bucket.outer.numel():
+        even = bucket.even.to(rot.dtype)
+        outer, inner = rot.index_select(-3, bucket.outer), rot.index_select(-3, bucket.inner)
+        parts.append(torch.matmul(outer * even, inner))
+    if bucket.singles.numel():
+        parts.append(rot.index_select(-3, bucket.singles))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-3)
+
+
+def _stage_matrices_backward(
+    bucket: _Bucket, rot: torch.Tensor, grad: torch.Tensor
+) -> torch.Tensor:
+    """``(*B, M, d, d)``: the sub-layer matrices' gradient from the stage matrices'
+    ``grad (*B, K, d, d)``: for ``P = A D B``, ``dA = (G B^T) D`` and ``dB = D (A^T G)``."""
+    out = torch.zeros_like(rot)
+    merged = bucket.outer.numel()
+    if merged:
+        even = bucket.even.to(rot.dtype)
+        g = grad[..., :merged, :, :]
+        outer, inner = rot.index_select(-3, bucket.outer), rot.index_select(-3, bucket.inner)
+        out.index_add_(-3, bucket.outer, torch.matmul(g, inner.mT) * even)
+        out.index_add_(-3, bucket.inner, torch.matmul(outer.mT, g) * even[:, None])
+    if bucket.singles.numel():
+        out.index_add_(-3, bucket.singles, grad[..., merged:, :, :])
     return out
 
 
-@tensor_table_cache(maxsize=256)
-def _cz_signs(n_qubits: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """``(even, odd)``: the +-1 diagonals of the even-pair and odd-pair CZ layers, each
-    ``(N / d_0, 1, d_0)`` to scale a ``(B, N / d_0, m, d_0)`` state.  O(n 2**n), built once per
-    dtype and device."""
-    n_e, n_o = _layer_qubits(n_qubits)
-    low = 1 << _group_sizes(n_qubits)[0]
-    index = torch.arange(1 << n_qubits)
-    out = []
-    for first, last in ((0, n_e), (1, 1 + n_o)):  # CZ on (0,1),(2,3),... then (1,2),(3,4),...
-        parity = torch.zeros_like(index)
-        for q in range(first, last - 1, 2):
-            parity ^= ((index >> q) & 1) & ((index >> (q + 1)) & 1)
-        out.append((1 - 2 * parity).reshape(-1, 1, low).to(device=device, dtype=dtype))
-    return tuple(out)
+def _to_groups(block: torch.Tensor, d0: int) -> torch.Tensor:
+    """``(*B, N, m)`` -> the ``(*B, N / d_0, m, d_0)`` state of ``_Layout``, a new contiguous
+    tensor (never a view: the program overwrites its state in place)."""
+    *lead, big_n, m = block.shape
+    return block.reshape(*lead, big_n // d0, d0, m).transpose(-1, -2).clone(
+        memory_format=torch.contiguous_format
+    )
 
 
-def _apply_sublayer(y: torch.Tensor, mats: list[torch.Tensor], sizes: tuple[int, ...]) -> torch.Tensor:
-    """One sub-layer's RYs on ``y (B, N / d_0, m, d_0)``, whose entry ``[b, I, k, i_0]`` is
-    amplitude ``I d_0 + i_0`` of column ``k``.  One batched matmul per group: O(N m sum_j d_j)."""
-    b, rows, m, d0 = y.shape
-    y = torch.bmm(y.reshape(b, rows * m, d0), mats[0].transpose(1, 2))
-    for j in range(1, len(sizes)):  # rows = d_{g-1} ... d_j (slowest first), j's axis is last
-        d = 1 << sizes[j]
-        rows //= d
-        if rows == 1:
-            y = torch.bmm(mats[j], y.reshape(b, d, -1))
-        else:
-            y = torch.matmul(mats[j][:, None], y.reshape(b, rows, d, -1))
-    return y.reshape(b, -1, m, d0)
+def _from_groups(y: torch.Tensor, lead: tuple[int, ...], big_n: int, m: int, d0: int) -> torch.Tensor:
+    """Inverse of ``_to_groups`` for the state in any of its group views: ``(*B, N, m)``."""
+    return y.view(*lead, big_n // d0, m, d0).transpose(-1, -2).reshape(*lead, big_n, m)
 
 
-def _entangling_layers(
-    y: torch.Tensor, mats: list[list[torch.Tensor]], n_qubits: int
+def _circuit_forward(
+    block: torch.Tensor,
+    mats: tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]],
+    n_qubits: int,
+    saved: list[torch.Tensor],
 ) -> torch.Tensor:
-    """Sub-layers ``1 .. 2L`` (CZ signs, then the RYs) on ``y (B, N / d_0, m, d_0)``."""
-    signs = _cz_signs(n_qubits, y.dtype, y.device)
-    sizes = _group_sizes(n_qubits)
-    for s in range(1, len(mats)):
-        y = _apply_sublayer(y * signs[(s - 1) % 2], mats[s], sizes)
-    return y
+    """The circuit on ``block (*B, 2**n, m)`` (``*B``: no dimension, or one of size B > 1);
+    ``mats = (M, M^T)``, ``M[s][j]`` the ``(*B, d_j, d_j)`` matrix of group ``j`` in stage
+    ``s``.  Appends every group step's input to ``saved``.  One mm/bmm per group and stage
+    (O(N m d_j) each), a sign scaling between stages."""
+    *lead, big_n, m = block.shape
+    layout = _layout(n_qubits, m, block.dtype, block.device)
+    d0 = layout.shapes[0][1]
+    y = _to_groups(block, d0)
+    batched = bool(lead)
+    mm = torch.bmm if batched else torch.mm
+    for s, (row, row_t) in enumerate(zip(*mats, strict=True)):
+        if s:
+            y = y * layout.signs_last
+        for shape, kind, mat, mat_t in zip(layout.shapes, layout.kinds, row, row_t, strict=True):
+            y = y.view(*lead, *shape)
+            saved.append(y)
+            if kind == 0:
+                y = mm(y, mat_t)
+            elif kind == 1:
+                y = mm(mat, y)
+            else:
+                y = torch.matmul(mat.unsqueeze(1) if batched else mat, y)
+    return _from_groups(y, tuple(lead), big_n, m, d0)
 
 
-def circuit_columns(mats: list[list[torch.Tensor]], n_qubits: int, k: int) -> torch.Tensor:
-    """First ``k`` columns ``(B, 2**n, k)`` of the circuit whose matrices are ``mats``
-    (``circuit_matrices(...)[i]``)."""
-    sizes = _group_sizes(n_qubits)
-    first = mats[0]
-    b = first[0].shape[0]
-    # first RY layer on the basis columns e_j: the Kronecker product over groups of column
-    # digit_j(k) of each group's matrix (digit 0 = the lowest group's)
-    cols = torch.arange(k, device=first[0].device)
-    d0 = 1 << sizes[0]
-    y = first[0].index_select(2, cols % d0).transpose(1, 2)[:, None]  # (B, 1, k, d0)
-    place = d0
-    for j in range(1, len(sizes)):
-        d = 1 << sizes[j]
-        col = first[j].index_select(2, (cols // place) % d)  # (B, d, k)
-        y = (col[:, :, None, :, None] * y[:, None]).reshape(b, -1, k, d0)
-        place *= d
-    y = _entangling_layers(y, mats, n_qubits)
-    return y.transpose(2, 3).reshape(b, 1 << n_qubits, k)
+def _circuit_backward(
+    grad: torch.Tensor,
+    mats: tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]],
+    n_qubits: int,
+    saved: list[torch.Tensor],
+    mat_grads: list[list[torch.Tensor | None]],
+) -> torch.Tensor:
+    """Backward of ``_circuit_forward``: the gradient of its input from ``grad (*B, 2**n, m)``
+    (the transposed steps in reverse, popping the saved inputs); group matrix ``[s][j]``'s
+    gradient goes to ``mat_grads[s][j]``."""
+    *lead, big_n, m = grad.shape
+    layout = _layout(n_qubits, m, grad.dtype, grad.device)
+    d0 = layout.shapes[0][1]
+    g = _to_groups(grad, d0)
+    batched = bool(lead)
+    mm = torch.bmm if batched else torch.mm
+    for s in range(len(mats[0]) - 1, -1, -1):
+        for j in range(len(layout.kinds) - 1, -1, -1):
+            g = g.view(*lead, *layout.shapes[j])
+            y, mat, mat_t, kind = saved.pop(), mats[0][s][j], mats[1][s][j], layout.kinds[j]
+            if kind == 0:
+                mat_grads[s][j] = mm(g.mT, y)
+                g = mm(g, mat)
+            elif kind == 1:
+                mat_grads[s][j] = mm(g, y.mT)
+                g = mm(mat_t, g)
+            else:
+                mat_grads[s][j] = torch.matmul(g, y.mT).sum(-3)
+                g = torch.matmul(mat_t.unsqueeze(1) if batched else mat_t, g)
+        if s:
+            g = g * layout.signs_first
+    return _from_groups(g, tuple(lead), big_n, m, d0)
 
 
-def circuit_apply(mats: list[list[torch.Tensor]], n_qubits: int, x: torch.Tensor) -> torch.Tensor:
-    """``Q x`` for ``x (B, 2**n, m)`` and the circuit whose matrices are ``mats``."""
-    sizes = _group_sizes(n_qubits)
-    b, big_n, m = x.shape
-    d0 = 1 << sizes[0]
-    y = x.reshape(b, big_n // d0, d0, m).transpose(2, 3)
-    y = _apply_sublayer(y, mats[0], sizes)
-    y = _entangling_layers(y, mats, n_qubits)
-    return y.transpose(2, 3).reshape(b, big_n, m)
+class _Program(torch.autograd.Function):
+    """``(angles (*B, T), x (*B, rows, m))`` -> the program's steps applied to ``x``, as one
+    autograd node (``*B``: no dimension, or a batch of programs with their own angles).
+    Forward: every group matrix of every circuit from one gather and one product per group
+    size (``_plan``, ``ry_groups.group_rotations``), merged into stage matrices, then the steps
+    in order, saving each group step's input and each cosine-sine step's output.  Backward:
+    the steps in reverse with the transposed matrices (orthogonal: the inverse), each group
+    matrix's gradient from one mm, back through the stage merge, the half angles' gradient
+    from those (``ry_groups``), one scatter-add per group size into the angles; ``d/dphi`` of
+    a cosine-sine step's output pair ``(top, bottom)`` is ``(-bottom, top)``.  First-order only
+    (a second derivative raises)."""
+
+    @staticmethod
+    def forward(ctx, angles, x, program, depth):  # type: ignore[override]
+        total = angles.shape[-1]
+        plan = _plan(program, depth, total, angles.device)
+        padded = torch.cat((angles, angles.new_zeros(*angles.shape[:-1], 1)), dim=-1)
+        rotations = [  # (*B, M_u, d, d) sub-layer matrices per group size
+            group_rotations(*_cos_sin(
+                padded.index_select(-1, b.angles).unflatten(-1, (-1, b.size)) * 0.5
+            ))
+            for b in plan.buckets
+        ]
+        stages = [  # (*B, K_u, d, d)
+            _stage_matrices(b, r) for b, r in zip(plan.buckets, rotations, strict=True)
+        ]
+        mats = _matrices(plan, stages)
+        cs: tuple[torch.Tensor, ...] = ()
+        if plan.phis is not None:  # (*B, levels, 1, 1)
+            cs = _cos_sin(angles.index_select(-1, plan.phis)[..., None, None])
+        y = x.clone(memory_format=torch.contiguous_format)
+        saved: list[torch.Tensor] = []
+        circuit, level = 0, 0
+        for step in program:
+            if step[0] == "circuit":
+                _, n_qubits, _, row = step
+                rows = slice(row, row + (1 << n_qubits))
+                y[..., rows, :] = _circuit_forward(y[..., rows, :], mats[circuit], n_qubits, saved)
+                circuit += 1
+            else:
+                _, _, row, n1, n2 = step
+                top = y[..., row : row + n2, :]
+                bottom = y[..., row + n1 : row + n1 + n2, :]
+                c, s = cs[0][..., level, :, :], cs[1][..., level, :, :]
+                new_top, new_bottom = c * top - s * bottom, s * top + c * bottom
+                top.copy_(new_top)
+                bottom.copy_(new_bottom)
+                saved += [new_top, new_bottom]
+                level += 1
+        ctx.program, ctx.depth, ctx.total = program, depth, total
+        ctx.n_tables = 2 * len(rotations) + len(cs)
+        ctx.save_for_backward(*rotations, *stages, *cs, *saved)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        program, tensors = ctx.program, ctx.saved_tensors
+        tables, saved = tensors[: ctx.n_tables], list(tensors[ctx.n_tables :])
+        plan = _plan(program, ctx.depth, ctx.total, grad.device)
+        u = len(plan.buckets)
+        rotations, stages = tables[:u], tables[u : 2 * u]
+        mats = _matrices(plan, stages)
+        mat_grads = _locate(plan.stages, [[None] * r.shape[-3] for r in stages])
+        if plan.phis is not None:
+            cos, sin = tables[2 * u :]
+            phi_grads: list[torch.Tensor | None] = [None] * cos.shape[-3]
+        g = grad.clone(memory_format=torch.contiguous_format)
+        circuit, level = len(plan.stages), 0 if plan.phis is None else plan.phis.shape[0]
+        for step in reversed(program):
+            if step[0] == "circuit":
+                circuit -= 1
+                _, n_qubits, _, row = step
+                rows = slice(row, row + (1 << n_qubits))
+                g[..., rows, :] = _circuit_backward(
+                    g[..., rows, :], mats[circuit], n_qubits, saved, mat_grads[circuit]
+                )
+            else:
+                level -= 1
+                _, _, row, n1, n2 = step
+                new_bottom, new_top = saved.pop(), saved.pop()
+                g_top = g[..., row : row + n2, :]
+                g_bottom = g[..., row + n1 : row + n1 + n2, :]
+                phi_grads[level] = (g_bottom * new_top - g_top * new_bottom).sum((-2, -1))
+                c, s = cos[..., level, :, :], sin[..., level, :, :]
+                top_in, bottom_in = c * g_top + s * g_bottom, c * g_bottom - s * g_top
+                g_top.copy_(top_in)
+                g_bottom.copy_(bottom_in)
+        angles_grad = grad.new_zeros(*grad.shape[:-2], ctx.total + 1)
+        per_bucket = _gather_by_bucket(plan.stages, mat_grads, [r.shape[-3] for r in stages])
+        for bucket, rotation, grads in zip(plan.buckets, rotations, per_bucket, strict=True):
+            rot_grad = _stage_matrices_backward(bucket, rotation, torch.stack(grads, dim=-3))
+            half_grad = group_rotations_half_angle_grad(rotation, rot_grad)
+            angles_grad.index_add_(-1, bucket.angles, half_grad.flatten(-2) * 0.5)
+        if plan.phis is not None:
+            angles_grad.index_add_(-1, plan.phis, torch.stack(phi_grads, dim=-1))
+        x_grad = g if ctx.needs_input_grad[1] else None
+        return angles_grad[..., :-1], x_grad, None, None
+
+
+def _cos_sin(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cos(t), torch.sin(t)
+
+
+def _matrices(
+    plan: _Plan, stages: list[torch.Tensor]
+) -> list[tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]]:
+    """Per circuit, ``(M, M^T)`` with ``M[s][j]`` the ``(*B, d, d)`` matrix of group ``j`` in
+    stage ``s``, from ``stages`` (one ``(*B, K_u, d, d)`` per group size; with a batch, one
+    copy to put ``K_u`` first so that every matrix is contiguous)."""
+    firsts = [r.movedim(-3, 0).contiguous() if r.dim() > 3 else r for r in stages]
+    plain = _locate(plan.stages, [r.unbind(0) for r in firsts])
+    transposed = _locate(plan.stages, [r.mT.unbind(0) for r in firsts])
+    return list(zip(plain, transposed, strict=True))
+
+
+def _locate(where: tuple, per_bucket: list) -> list:
+    """``where[i][s][j] = (u, p)`` -> nested lists ``[i][s][j]`` of ``per_bucket[u][p]``."""
+    return [[[per_bucket[u][p] for u, p in row] for row in rows] for rows in where]
+
+
+def _gather_by_bucket(where: tuple, located: list, counts: list[int]) -> list[list]:
+    """Inverse of ``_locate``: ``out[u][p] = located[i][s][j]`` for ``where[i][s][j] = (u, p)``."""
+    out: list[list] = [[None] * count for count in counts]
+    for rows, values in zip(where, located, strict=True):
+        for row, row_values in zip(rows, values, strict=True):
+            for (u, p), value in zip(row, row_values, strict=True):
+                out[u][p] = value
+    return out
+
+
+def run_program(
+    angles: torch.Tensor, x: torch.Tensor, program: tuple[Step, ...], depth: int
+) -> torch.Tensor:
+    """The steps of ``program`` (circuits of depth ``depth``) applied to ``x (B, rows, m)``, each
+    batch element reading its own angle vector ``angles (B, T)``; differentiable in both.
+    Returns ``(B, rows, m)``.  O(sum over circuits of S N m sqrt N) in O(steps S g)
+    mm/bmm; O(B rows m) memory per saved step."""
+    if angles.shape[0] == 1:  # plain matrix products, no batch dimension
+        return _Program.apply(angles[0], x[0], program, depth)[None]
+    return _Program.apply(angles, x, program, depth)
+
+
+@tensor_table_cache(maxsize=256)
+def _stacked_identity_columns(
+    dims: tuple[int, ...], k: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``(sum dims, k)``: the first ``k`` columns of the identity of each width in ``dims``,
+    stacked (the start state of the factors' program).  Built once; the program copies it."""
+    return torch.cat([torch.eye(n, k, dtype=dtype, device=device) for n in dims])
+
+
+def _identity_columns(b: int, rows: int, k: int, like: torch.Tensor) -> torch.Tensor:
+    """``(B, rows, k)``: the first ``k`` columns of the identity, batched (a view)."""
+    return _stacked_identity_columns((rows,), k, like.dtype, like.device).expand(b, rows, k)
 
 
 def _check_angles(angles: torch.Tensor, n_qubits: int, depth: int, values: bool = True) -> int:
@@ -296,8 +600,9 @@ def pauli_stiefel(
     big_n = 1 << n_qubits
     check_in_range("k", k, 1, big_n)
     lead = angles.shape[:-1]
-    (mats,) = circuit_matrices(angles.reshape(-1, angles.shape[-1]), ((n_qubits, 0),), depth)
-    return circuit_columns(mats, n_qubits, k).reshape(*lead, big_n, k)
+    a = angles.reshape(-1, angles.shape[-1])
+    x = _identity_columns(a.shape[0], big_n, k, a)
+    return run_program(a, x, (("circuit", n_qubits, 0, 0),), depth).reshape(*lead, big_n, k)
 
 
 def pauli_apply(angles: torch.Tensor, n_qubits: int, depth: int, x: torch.Tensor) -> torch.Tensor:
@@ -327,8 +632,8 @@ def pauli_apply(angles: torch.Tensor, n_qubits: int, depth: int, x: torch.Tensor
         ) from err
     m = x.shape[-1]
     a = angles.expand(*lead, angles.shape[-1]).reshape(-1, angles.shape[-1])
-    (mats,) = circuit_matrices(a, ((n_qubits, 0),), depth)
-    y = circuit_apply(mats, n_qubits, x.expand(*lead, big_n, m).reshape(-1, big_n, m))
+    y = run_program(a, x.expand(*lead, big_n, m).reshape(-1, big_n, m),
+                    (("circuit", n_qubits, 0, 0),), depth)
     return y.reshape(*lead, big_n, m)
 
 

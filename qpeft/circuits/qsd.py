@@ -41,7 +41,6 @@ from collections.abc import Sequence
 
 import torch
 
-from qpeft.circuits._cache import tensor_table_cache
 from qpeft.circuits._checks import (
     check_finite,
     check_float_dtype,
@@ -50,11 +49,12 @@ from qpeft.circuits._checks import (
     check_positive_int,
 )
 from qpeft.circuits.pauli import (
-    circuit_apply,
-    circuit_columns,
-    circuit_matrices,
+    Step,
+    _identity_columns,
+    _stacked_identity_columns,
     is_power_of_two,
     pauli_num_params,
+    run_program,
 )
 
 __all__ = [
@@ -105,89 +105,23 @@ def _qubits(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _layout(n: int, depth: int, offset: int = 0) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
-    """``(circuits, phis)`` of ``Q_n``'s angle vector (starting at ``offset``), in the order
-    ``_stiefel``/``_apply`` consume them: each level's ``B1`` then ``A1`` as ``(qubits, offset)``,
-    then the levels of ``A2``; ``phis``: the index of each level's ``phi``.  O(log n)."""
+def _program(n: int, depth: int, offset: int = 0, row: int = 0) -> tuple[Step, ...]:
+    """``Q_n`` as a program of ``pauli.run_program`` on rows ``row .. row + n`` reading its
+    angles from ``offset`` on: ``B1`` on the top ``N1`` rows, the cosine-sine step, ``A1`` on the
+    top rows, then ``A2``'s program on the bottom ``N2`` rows (``A1`` and ``A2`` touch disjoint
+    rows, so their order is free).  ``3 levels + 1`` steps at most, O(log n)."""
     if n == 1:
-        return (), ()
+        return ()
     if is_power_of_two(n):
-        return ((_qubits(n), offset),), ()
+        return (("circuit", _qubits(n), offset, row),)
     n1, n2 = split_sizes(n)
-    p1 = _count(n1, depth)
-    circuits, phis = _layout(n2, depth, offset + 2 * p1 + 1)
-    return ((_qubits(n1), offset), (_qubits(n1), offset + p1 + 1), *circuits), (offset + p1, *phis)
-
-
-@tensor_table_cache(maxsize=256)
-def _phi_index(phis: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """The CS angles' positions as a long tensor on ``device`` (built once, not per forward)."""
-    return torch.tensor(phis, dtype=torch.long, device=device)
-
-
-class _Factors:
-    """Every Pauli circuit matrix and every CS angle of one or more ``Q_n`` (``dims``: their
-    ``(n, offset)`` in ``a``), built in one go (``circuit_matrices``: one Kronecker chain),
-    handed out in the recursion's order, one ``Q_n`` after the other."""
-
-    def __init__(self, a: torch.Tensor, dims: tuple[tuple[int, int], ...], depth: int) -> None:
-        self.angles = a
-        layouts = [_layout(n, depth, offset) for n, offset in dims]
-        circuits = tuple(c for layout in layouts for c in layout[0])
-        phis = tuple(p for layout in layouts for p in layout[1])
-        self.mats = iter(circuit_matrices(a, circuits, depth) if circuits else ())
-        phi = a[:, _phi_index(phis, a.device)][:, :, None, None]  # (B, levels, 1, 1)
-        self.cos, self.sin = iter(torch.cos(phi).unbind(1)), iter(torch.sin(phi).unbind(1))
-
-    def circuit(self) -> list[list[torch.Tensor]]:
-        return next(self.mats)
-
-    def cosine_sine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return next(self.cos), next(self.sin)
-
-
-def _cosine_sine(
-    top: torch.Tensor, bottom: torch.Tensor, c: torch.Tensor, s: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``CS(phi)`` on the row pairs ``(i, N1 + i)``, ``i < N2``: ``top (B, N1, m)`` and
-    ``bottom (B, N2, m)`` -> the rotated pair."""
-    n2 = bottom.shape[1]
-    head, tail = torch.split(top, [n2, top.shape[1] - n2], dim=1)
-    return torch.cat((c * head - s * bottom, tail), dim=1), s * head + c * bottom
-
-
-def _apply(f: _Factors, n: int, x: torch.Tensor) -> torch.Tensor:
-    """``Q_n @ x`` for ``x (B, n, m)``, taking the circuits and angles from ``f``."""
-    if n == 1:
-        return x
-    if is_power_of_two(n):
-        return circuit_apply(f.circuit(), _qubits(n), x)
-    n1, n2 = split_sizes(n)
-    b1, a1, (c, s) = f.circuit(), f.circuit(), f.cosine_sine()
-    top, bottom = torch.split(x, [n1, n2], dim=1)
-    top, bottom = _cosine_sine(circuit_apply(b1, _qubits(n1), top), bottom, c, s)
-    return torch.cat((circuit_apply(a1, _qubits(n1), top), _apply(f, n2, bottom)), dim=1)
-
-
-def _stiefel(f: _Factors, n: int, k: int) -> torch.Tensor:
-    """``Q_n[:, :k]``: ``(B, n, k)``, taking the circuits and angles from ``f``."""
-    if n == 1:
-        return f.angles.new_ones(f.angles.shape[0], 1, 1)
-    if is_power_of_two(n):
-        return circuit_columns(f.circuit(), _qubits(n), k)
-    n1, n2 = split_sizes(n)
-    b1, a1, (c, s) = f.circuit(), f.circuit(), f.cosine_sine()
-    if k <= n1:  # (B1 (+) I)[:, :k] = [B1[:, :k]; 0]: the identity block meets zeros only
-        head, tail = torch.split(circuit_columns(b1, _qubits(n1), k), [n2, n1 - n2], 1)
-        top, bottom = torch.cat((c * head, tail), dim=1), s * head
-    else:
-        full = circuit_columns(b1, _qubits(n1), n1)  # (B, n1, n1)
-        bsz = full.shape[0]
-        top = torch.cat((full, full.new_zeros(bsz, n1, k - n1)), dim=2)
-        eye = torch.eye(n2, k - n1, dtype=full.dtype, device=full.device).expand(bsz, n2, k - n1)
-        bottom = torch.cat((full.new_zeros(bsz, n2, n1), eye), dim=2)
-        top, bottom = _cosine_sine(top, bottom, c, s)
-    return torch.cat((circuit_apply(a1, _qubits(n1), top), _apply(f, n2, bottom)), dim=1)
+    p1, q1 = _count(n1, depth), _qubits(n1)
+    return (
+        ("circuit", q1, offset, row),
+        ("cs", offset + p1, row, n1, n2),
+        ("circuit", q1, offset + p1 + 1, row),
+        *_program(n2, depth, offset + 2 * p1 + 1, row + n1),
+    )
 
 
 def _check(angles: torch.Tensor, n: int, k: int, depth: int, values: bool = True) -> None:
@@ -216,26 +150,28 @@ def generalized_stiefel(
     _check(angles, n, k, depth, check_values)
     lead = angles.shape[:-1]
     a = angles.reshape(math.prod(lead), angles.shape[-1])
-    return _stiefel(_Factors(a, ((n, 0),), depth), n, k).reshape(*lead, n, k)
+    x = _identity_columns(a.shape[0], n, k, a)
+    return run_program(a, x, _program(n, depth), depth).reshape(*lead, n, k)
 
 
 def generalized_stiefel_many(
     angles: Sequence[torch.Tensor], dims: Sequence[int], k: int, depth: int
 ) -> list[torch.Tensor]:
-    """``[generalized_stiefel(a, n, k, depth) for a, n in zip(angles, dims)]`` with every Pauli
-    circuit of every factor built in one Kronecker chain (fewer, larger operations: the two
-    sides of a non-square adapter layer).  ``angles[i]``: ``(P_i,)``; no NaN check (the layers'
-    forward path).  Returns ``(n_i, k)`` tensors."""
+    """``[generalized_stiefel(a, n, k, depth) for a, n in zip(angles, dims)]`` as one program on
+    the factors' stacked rows (one autograd node, every circuit's matrices from one gather:
+    the two sides of a non-square adapter layer).  ``angles[i]``: ``(P_i,)``; no NaN check (the
+    layers' forward path).  Returns ``(n_i, k)`` tensors, views of one ``(sum n_i, k)``."""
     if len(angles) != len(dims):
         raise ValueError(f"got {len(angles)} angle vectors for {len(dims)} dims")
-    offsets, total = [], 0
+    program: tuple[Step, ...] = ()
+    offset, row = 0, 0
     for a, n in zip(angles, dims, strict=True):
         _check(a, n, k, depth, values=False)
-        offsets.append(total)
-        total += a.shape[-1]
+        program += _program(n, depth, offset, row)
+        offset, row = offset + a.shape[-1], row + n
     flat = torch.cat(tuple(angles))[None]
-    factors = _Factors(flat, tuple(zip(dims, offsets, strict=True)), depth)
-    return [_stiefel(factors, n, k)[0] for n in dims]
+    x = _stacked_identity_columns(tuple(dims), k, flat.dtype, flat.device)[None]
+    return list(run_program(flat, x, program, depth)[0].split(list(dims)))
 
 
 def generalized_apply(angles: torch.Tensor, n: int, depth: int, x: torch.Tensor) -> torch.Tensor:
@@ -253,5 +189,5 @@ def generalized_apply(angles: torch.Tensor, n: int, depth: int, x: torch.Tensor)
         raise ValueError(f"x dtype {x.dtype} must match angles dtype {angles.dtype}")
     lead = angles.shape[:-1]
     a = angles.reshape(math.prod(lead), angles.shape[-1])
-    y = _apply(_Factors(a, ((n, 0),), depth), n, x.reshape(-1, n, x.shape[-1]))
+    y = run_program(a, x.reshape(-1, n, x.shape[-1]), _program(n, depth), depth)
     return y.reshape(*lead, n, x.shape[-1])

@@ -29,6 +29,7 @@ from qpeft.circuits._checks import (
     check_in_range,
     check_positive_int,
 )
+from qpeft.circuits.ry_groups import group_rotations, group_rotations_half_angle_grad
 
 #: Largest register simulated: 2**24 amplitudes are 64 MiB in float32 per circuit and per saved
 #: autograd tensor (L*n of them in training). Larger registers raise ValueError.
@@ -97,26 +98,6 @@ def qubit_groups(n_qubits: int) -> list[tuple[int, int]]:
     return groups
 
 
-@tensor_table_cache(maxsize=256)
-def _kron_factor_index(low: int, size: int, device: torch.device | None = None) -> torch.Tensor:
-    # [size * 4**size]: for qubit q = low + t of the group (t-major) and each entry (i, j) of the
-    # group's 2**size x 2**size matrix (row-major), the row 4 q + 2 i_t + j_t of the
-    # [4 n, M] table of RY entries (cos, -sin, sin, cos) that is its t-th Kronecker factor
-    k = 2**size
-    i = torch.arange(k).view(k, 1)
-    j = torch.arange(k).view(1, k)
-    rows = [(4 * (low + t) + 2 * ((i >> t) & 1) + ((j >> t) & 1)).reshape(-1) for t in range(size)]
-    return torch.cat(rows).to(device)
-
-
-def _kron_factors(entries: torch.Tensor, low: int, size: int) -> torch.Tensor:
-    """The group's Kronecker factors entry by entry: ``entries`` [4 n, M] (RY entries of every
-    qubit, M angle sets) -> [size, 4**size, M]; their product over dim 0 is the group's
-    ``RY(q=low+size-1) x ... x RY(q=low)`` (row-major, one column per angle set). One gather."""
-    index = _kron_factor_index(low, size, entries.device)
-    return entries.index_select(0, index).view(size, 4**size, entries.shape[1])
-
-
 def _apply_group(state: torch.Tensor, rotation: torch.Tensor, low: int, size: int, n: int,
                  transpose: bool = False) -> torch.Tensor:
     """``rotation`` (or its transpose) on the qubits ``low..low+size-1`` of ``state`` [B, 2**n]
@@ -150,22 +131,21 @@ class _Circuit(torch.autograd.Function):
     """theta [B, L, n] -> amplitudes [B, 2**n] as one autograd node (the circuit runs in every
     QPA layer's forward and backward, where per-op autograd overhead dominated).
 
-    Forward: each qubit group's rotation for every layer at once (:func:`_kron_factors`, a gather
-    and a product); per layer each group's rotation as one bmm/einsum, then the ladder gather;
-    the input of every group step is saved. Backward: the layers in reverse, per group step the
-    rotation's gradient and the transposed rotation (two bmm/einsum), per layer the inverse
-    gather; then the angles' gradients from the rotations' with ``d RY(t) / dt = RY(t + pi) / 2``:
-    ``d loss / d theta_q = 1/2 <grad K, K with qubit q's factor RY(theta_q + pi)>``, the RY(t + pi)
-    entries being exactly (-sin, -cos, cos, -sin) of the half angle. First-order only."""
+    Forward: each qubit group's rotation for every layer at once
+    (:func:`qpeft.circuits.ry_groups.group_rotations`, a gather and a product); per layer each
+    group's rotation as one bmm/einsum, then the ladder gather; the input of every group step is
+    saved. Backward: the layers in reverse, per group step the rotation's gradient and the
+    transposed rotation (two bmm/einsum), per layer the inverse gather; then the angles'
+    gradients from the rotations' (``ry_groups.group_rotations_half_angle_grad``: one batched
+    matmul and a gather per group). First-order only."""
 
     @staticmethod
     def forward(ctx, theta, groups, gather, inverse):  # type: ignore[override]
         batch, depth, n = theta.shape
-        half = theta.reshape(-1, n).T / 2  # [n, M], M = B L angle sets
+        half = theta / 2
         cos, sin = torch.cos(half), torch.sin(half)
-        entries = torch.stack((cos, -sin, sin, cos), dim=1).reshape(4 * n, -1)
-        rotations = [
-            _kron_factors(entries, low, size).prod(0).T.reshape(batch, depth, 2**size, 2**size)
+        rotations = [  # [B, L, 2**size, 2**size] per group
+            group_rotations(cos[..., low : low + size], sin[..., low : low + size])
             for low, size in groups
         ]
         per_layer = [rotation.unbind(1) for rotation in rotations]
@@ -178,15 +158,16 @@ class _Circuit(torch.autograd.Function):
                 state = _apply_group(state, rotation[layer], low, size, n)
             if gather is not None:
                 state = state.index_select(1, gather)
-        ctx.groups, ctx.inverse, ctx.shape = groups, inverse, (batch, depth, n)
-        ctx.save_for_backward(cos, sin, *rotations, *saved)
+        ctx.groups, ctx.inverse, ctx.depth = groups, inverse, depth
+        ctx.save_for_backward(*rotations, *saved)
         return state
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        groups, inverse, (batch, depth, n) = ctx.groups, ctx.inverse, ctx.shape
-        cos, sin, *tensors = ctx.saved_tensors
+        groups, inverse, depth = ctx.groups, ctx.inverse, ctx.depth
+        n = sum(size for _, size in groups)
+        tensors = ctx.saved_tensors
         rotations, saved = tensors[: len(groups)], tensors[len(groups) :]
         per_layer = [rotation.unbind(1) for rotation in rotations]
         grads: list[list[torch.Tensor]] = [[] for _ in groups]
@@ -199,22 +180,13 @@ class _Circuit(torch.autograd.Function):
                 position -= 1
                 grads[g].append(_group_rotation_grad(grad, saved[position], low, size, n))
                 grad = _apply_group(grad, per_layer[g][layer], low, size, n, transpose=True)
-        entries = torch.stack((cos, -sin, sin, cos), dim=1).reshape(4 * n, -1)
-        shifted = torch.stack((-sin, -cos, cos, -sin), dim=1).reshape(4 * n, -1)  # RY(t + pi)
-        theta_grad = []
-        for (low, size), per_group in zip(groups, grads, strict=True):
-            k2 = 4**size
-            rotation_grad = torch.stack(per_group[::-1], dim=1).reshape(-1, k2).T  # [k2, M]
-            factors = _kron_factors(entries, low, size)  # [q, k2, M]
-            # variant q: factor q shifted, the others not = (product of the factors before q)
-            # * shifted q * (product after q), from running products in both directions
-            ones = torch.ones_like(factors[:1])
-            before = torch.cat((ones, factors[:-1])).cumprod(0)
-            after = torch.cat((ones, factors.flip(0)[:-1])).cumprod(0).flip(0)
-            variants = before * _kron_factors(shifted, low, size) * after
-            theta_grad.append((variants * rotation_grad).sum(1) / 2)  # [size, M]
-        # groups run most significant first: reversed, the rows are qubits 0..n-1
-        return torch.cat(theta_grad[::-1]).T.reshape(batch, depth, n), None, None, None
+        # d loss / d theta = 1/2 d loss / d half angle (ry_groups: from each group's rotations)
+        theta_grad = [
+            group_rotations_half_angle_grad(rotation, torch.stack(per_group[::-1], dim=1)) / 2
+            for rotation, per_group in zip(rotations, grads, strict=True)
+        ]  # [B, L, size] per group
+        # groups run most significant first: reversed, the last axis is qubits 0..n-1
+        return torch.cat(theta_grad[::-1], dim=-1), None, None, None
 
 
 def qnn_statevector(theta: torch.Tensor, *, validate: bool = True) -> torch.Tensor:

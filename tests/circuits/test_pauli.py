@@ -251,3 +251,53 @@ def test_bad_angles_name_themselves():
         pauli_apply(good, 3, 1, torch.zeros(7, 2, dtype=F64))
     with pytest.raises(ValueError, match="x"):
         pauli_apply(good, 3, 1, torch.zeros(8, 2, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_gradients_match_autograd_through_the_dense_reference(n, depth):
+    # the circuit's backward is hand-written (one autograd node); the dense reference is plain
+    # torch ops, so autograd through it is an independent derivation of the same gradients
+    big_n, k = 2**n, min(2**n, 5)
+    a = rand_angles(pauli_num_params(n, depth), seed=7 * n + depth).requires_grad_()
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(big_n, 3, dtype=F64, generator=g, requires_grad=True)
+    r_cols, r_apply = torch.randn(big_n, k, dtype=F64, generator=g), torch.randn(big_n, 3, dtype=F64, generator=g)
+
+    def loss(cols, applied):
+        return (r_cols * cols).sum() + (r_apply * applied).sum()
+
+    got = torch.autograd.grad(loss(pauli_stiefel(a, n, depth, k), pauli_apply(a, n, depth, x)), (a, x))
+    q_mat = dense_pauli(a, n, depth)
+    want = torch.autograd.grad(loss(q_mat[:, :k], q_mat @ x), (a, x))
+    for got_t, want_t in zip(got, want, strict=True):
+        torch.testing.assert_close(got_t, want_t, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("n,depth", [(7, 2), (13, 1)])
+def test_gradcheck_multi_group_registers_and_a_batch(n, depth):
+    # two groups (4 + 3 qubits, stages merged across the even CZ layer) and three (4 + 4 + 5:
+    # the middle group's batched product); a batch of two circuits runs as batched products
+    a = rand_angles(pauli_num_params(n, depth), seed=n, lead=(2,)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: pauli_stiefel(t, n, depth, 2), (a,))
+    x = torch.randn(2**n, 2, dtype=F64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t, y: pauli_apply(t[0], n, depth, y), (a, x))
+
+
+def test_a_second_derivative_raises_instead_of_returning_a_wrong_one():
+    a = rand_angles(pauli_num_params(4, 1), seed=3).requires_grad_()
+    (grad,) = torch.autograd.grad(pauli_stiefel(a, 4, 1, 2).sum(), a, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(grad.sum(), a)
+
+
+@pytest.mark.parametrize("n", range(1, 25))
+def test_qubit_groups_sit_on_even_boundaries(n):
+    # every group boundary at an even qubit: the even CZ layer never straddles two groups,
+    # which is what lets a stage fold it into the group matrices
+    from qpeft.circuits.pauli import GROUP_QUBITS, _group_sizes
+
+    sizes = _group_sizes(n)
+    assert sum(sizes) == n and len(sizes) == -(-n // GROUP_QUBITS)
+    assert all(1 <= s <= GROUP_QUBITS for s in sizes)
+    assert all(s % 2 == 0 for s in sizes[:-1])

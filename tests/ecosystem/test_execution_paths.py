@@ -58,11 +58,12 @@ def _clear_circuit_tables() -> None:
     """Forget the memoised index tables, so the eval pass below is the first to build them."""
     import importlib
 
-    compound, givens, pauli, statevector = (
+    compound, givens, pauli, ry_groups, statevector = (
         importlib.import_module(f"qpeft.circuits.{name}")
-        for name in ("compound", "givens", "pauli", "statevector"))
+        for name in ("compound", "givens", "pauli", "ry_groups", "statevector"))
     for table in (compound._laplace_tables, compound._pair_tables, givens._tables,
-                  pauli._cz_signs, statevector._ladder_gather_index):
+                  pauli._layout, pauli._plan, ry_groups._entry_index, ry_groups._flip_index,
+                  statevector._ladder_gather_index):
         table.cache_clear()
 
 
