@@ -102,16 +102,24 @@ def pauli_gates(n_qubits: int, depth: int) -> list[tuple[str, tuple[int, ...], i
     return gates
 
 
-#: Most qubits per group: a group's RYs act as one dense ``2**c x 2**c`` matrix.
+#: Most qubits per group: a group's RYs act as one dense ``2**c x 2**c`` matrix.  Registers of up
+#: to ``WIDE_GROUPS_UP_TO`` qubits take groups of up to 6 (fewer, larger products: per-op
+#: overhead dominates there); larger ones groups of 4 (plus a top group of up to 5), where the
+#: products' arithmetic, ``N K sum_j 2**c_j`` per stage, dominates.
 GROUP_QUBITS = 6
+WIDE_GROUPS_UP_TO = 10
 
 
 @functools.lru_cache(maxsize=64)
 def _group_sizes(n_qubits: int) -> tuple[int, ...]:
-    """Qubits per group, group 0 (least significant) first: ``ceil(n / 6)`` groups, every one
-    but the highest of the same even size, so that every group boundary sits at an even qubit.
-    Then no even-layer CZ pair ``(2i, 2i + 1)`` straddles two groups, and an even CZ layer is
-    a diagonal inside each group (``_plan`` folds it into the group matrices)."""
+    """Qubits per group, group 0 (least significant) first, every group but the highest of
+    the same even size, so that every group boundary sits at an even qubit.  Then no even-layer
+    CZ pair ``(2i, 2i + 1)`` straddles two groups, and an even CZ layer is a diagonal inside each
+    group (``_plan`` folds it into the group matrices).  ``ceil(n / 6)`` balanced groups up to
+    ``WIDE_GROUPS_UP_TO`` qubits, then groups of 4 under a top group of 1 to 5."""
+    if n_qubits > WIDE_GROUPS_UP_TO:
+        low = (n_qubits - 2) // 4
+        return (4,) * low + (n_qubits - 4 * low,)
     count = -(-n_qubits // GROUP_QUBITS)
     if count == 1:
         return (n_qubits,)
