@@ -51,7 +51,12 @@ from qpeft.circuits._checks import (
     check_last_dim,
     check_positive_int,
 )
-from qpeft.circuits.ry_groups import group_rotations, group_rotations_half_angle_grad
+from qpeft.circuits.ry_groups import (
+    entry_table,
+    gather_rotations,
+    group_rotations_half_angle_grad,
+    rotation_index,
+)
 
 __all__ = [
     "pauli_num_params",
@@ -215,6 +220,7 @@ class _Bucket(NamedTuple):
 
     size: int
     angles: torch.Tensor
+    rotations: torch.Tensor  # ry_groups.rotation_index of the M groups
     outer: torch.Tensor
     inner: torch.Tensor
     singles: torch.Tensor
@@ -295,8 +301,10 @@ def _plan(program: tuple[Step, ...], depth: int, total: int, device: torch.devic
     phis = [step[1] for step in program if step[0] == "cs"]
     return _Plan(
         buckets=tuple(
-            _Bucket(size, index(b["angles"]), index(b["outer"]), index(b["inner"]),
-                    index(b["singles"]), even_diagonal(size))
+            _Bucket(size, index(b["angles"]),
+                    rotation_index(tuple(map(tuple, b["angles"])), device),
+                    index(b["outer"]), index(b["inner"]), index(b["singles"]),
+                    even_diagonal(size))
             for size, b in sizes_seen.items()
         ),
         stages=tuple(
@@ -421,7 +429,7 @@ class _Program(torch.autograd.Function):
     """``(angles (*B, T), x (*B, rows, m))`` -> the program's steps applied to ``x``, as one
     autograd node (``*B``: no dimension, or a batch of programs with their own angles).
     Forward: every group matrix of every circuit from one gather and one product per group
-    size (``_plan``, ``ry_groups.group_rotations``), merged into stage matrices, then the steps
+    size (``_plan``, ``ry_groups.gather_rotations``), merged into stage matrices, then the steps
     in order, saving each group step's input and each cosine-sine step's output.  Backward:
     the steps in reverse with the transposed matrices (orthogonal: the inverse), each group
     matrix's gradient from one mm, back through the stage merge, the half angles' gradient
@@ -434,11 +442,9 @@ class _Program(torch.autograd.Function):
         total = angles.shape[-1]
         plan = _plan(program, depth, total, angles.device)
         padded = torch.cat((angles, angles.new_zeros(*angles.shape[:-1], 1)), dim=-1)
+        table = entry_table(*_cos_sin(padded * 0.5))  # RY entries of every angle
         rotations = [  # (*B, M_u, d, d) sub-layer matrices per group size
-            group_rotations(*_cos_sin(
-                padded.index_select(-1, b.angles).unflatten(-1, (-1, b.size)) * 0.5
-            ))
-            for b in plan.buckets
+            gather_rotations(table, b.rotations, b.size) for b in plan.buckets
         ]
         stages = [  # (*B, K_u, d, d)
             _stage_matrices(b, r) for b, r in zip(plan.buckets, rotations, strict=True)

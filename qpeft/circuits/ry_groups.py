@@ -15,7 +15,13 @@ import torch
 
 from qpeft.circuits._cache import tensor_table_cache
 
-__all__ = ["group_rotations", "group_rotations_half_angle_grad"]
+__all__ = [
+    "entry_table",
+    "gather_rotations",
+    "group_rotations",
+    "group_rotations_half_angle_grad",
+    "rotation_index",
+]
 
 
 @tensor_table_cache(maxsize=64)
@@ -30,27 +36,42 @@ def _entry_index(slots: int, device: torch.device) -> torch.Tensor:
     return torch.cat(rows).to(device)
 
 
-def _factors(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``(slots, 4**slots, M)``: every slot's 2x2 entry ``[[a, b], [c, d]]`` (each
-    ``(slots, M)``, one column per group) placed at each entry of the group matrix.  One gather
-    along the leading (contiguous) dimension."""
-    slots = a.shape[0]
-    entries = torch.stack((a, b, c, d), dim=1).flatten(0, 1)  # (4 slots, M)
-    return entries.index_select(0, _entry_index(slots, a.device)).unflatten(0, (slots, -1))
+def entry_table(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``(..., 4 n)``: the RY entries ``(cos, -sin, sin, cos)`` of each of ``n`` half angles
+    (``cos``, ``sin``: ``(..., n)``), angle-major: what ``gather_rotations`` reads."""
+    return torch.stack((cos, -sin, sin, cos), dim=-1).flatten(-2)
 
 
-def _slot_major(x: torch.Tensor) -> torch.Tensor:
-    """``(..., c)`` -> ``(c, M)``, one column per group."""
-    return x.reshape(-1, x.shape[-1]).T
+@tensor_table_cache(maxsize=256)
+def rotation_index(slot_angles: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
+    """``(M c 4**c,)`` long: for group ``g`` (major) of ``M`` groups of ``c`` slots, slot ``t``
+    and entry ``(i, j)`` of its matrix, the position ``4 a + 2 bit_t(i) + bit_t(j)`` of its
+    factor in an ``entry_table``, ``a = slot_angles[g][t]`` the slot's angle.  Built once."""
+    slots = len(slot_angles[0])
+    local = _entry_index(slots, torch.device("cpu")).view(slots, -1)  # 4 t + 2 bit_t(i) + bit_t(j)
+    shift = 4 * (torch.tensor(slot_angles, dtype=torch.long) - torch.arange(slots))
+    return (local + shift[:, :, None]).flatten().to(device)
+
+
+def gather_rotations(table: torch.Tensor, index: torch.Tensor, slots: int) -> torch.Tensor:
+    """``(..., M, 2**c, 2**c)``: the group matrices ``kron(RY(slot c-1), ..., RY(slot 0))`` of
+    the ``M`` groups of ``rotation_index``, from ``table (..., 4 n)`` (``entry_table``).  One
+    gather and one product, O(M c 4**c); contiguous."""
+    d = 1 << slots
+    width = table.shape[-1]
+    if table.dim() > 1:  # several tables: one flat gather, each table's index offset by its start
+        starts = torch.arange(0, table.numel(), width, device=table.device)
+        index = (starts[:, None] + index).flatten()
+    factors = table.reshape(-1).index_select(0, index).view(-1, slots, d * d)
+    return factors.prod(1).view(*table.shape[:-1], -1, d, d)
 
 
 def group_rotations(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``(..., 2**c, 2**c)`` group matrices from ``cos``, ``sin`` ``(..., c)`` of the half
-    angles.  O(c 4**c) per group, in a gather and a product."""
-    c, s = _slot_major(cos), _slot_major(sin)
-    d = 1 << c.shape[0]
-    # (4**c, M) -> contiguous (M, 4**c): a strided view would make every matmul copy it
-    return _factors(c, -s, s, c).prod(0).T.contiguous().view(*cos.shape[:-1], d, d)
+    angles (slot ``t``'s angle at position ``t``).  O(c 4**c) per group."""
+    slots = cos.shape[-1]
+    index = _entry_index(slots, cos.device)
+    return gather_rotations(entry_table(cos, sin), index, slots).squeeze(-3)
 
 
 @tensor_table_cache(maxsize=64)

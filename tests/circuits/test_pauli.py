@@ -274,14 +274,29 @@ def test_gradients_match_autograd_through_the_dense_reference(n, depth):
         torch.testing.assert_close(got_t, want_t, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("n,depth", [(7, 2), (13, 1)])
-def test_gradcheck_multi_group_registers_and_a_batch(n, depth):
-    # two groups (4 + 3 qubits, stages merged across the even CZ layer) and three (4 + 4 + 5:
-    # the middle group's batched product); a batch of two circuits runs as batched products
+@pytest.mark.parametrize("n,depth", [(7, 2), (11, 1), (13, 2)])
+def test_gradients_of_multi_group_registers_and_a_batch(n, depth):
+    # two groups (4 + 3 qubits: stages merged across the even CZ layer) and three (4 + 4 + 3,
+    # 4 + 4 + 5: the middle group's batched product); a batch of two circuits runs as batched
+    # products.  Reference: autograd through the gate-by-gate statevector simulation.
     a = rand_angles(pauli_num_params(n, depth), seed=n, lead=(2,)).requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: pauli_stiefel(t, n, depth, 2), (a,))
-    x = torch.randn(2**n, 2, dtype=F64, generator=torch.Generator().manual_seed(1), requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t, y: pauli_apply(t[0], n, depth, y), (a, x))
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2**n, 3, dtype=F64, generator=g, requires_grad=True)
+    r_cols = torch.randn(2, 2**n, 4, dtype=F64, generator=g)
+    r_apply = torch.randn(2, 2**n, 3, dtype=F64, generator=g)
+    eye = torch.eye(2**n, 4, dtype=F64)
+    got = torch.autograd.grad(
+        (r_cols * pauli_stiefel(a, n, depth, 4)).sum() + (r_apply * pauli_apply(a, n, depth, x)).sum(),
+        (a, x),
+    )
+    want = torch.autograd.grad(
+        sum((r_cols[b] * statevector_pauli(a[b], n, depth, eye)).sum()
+            + (r_apply[b] * statevector_pauli(a[b], n, depth, x)).sum() for b in range(2)),
+        (a, x),
+    )
+    for got_t, want_t in zip(got, want, strict=True):
+        torch.testing.assert_close(got_t, want_t, atol=1e-10, rtol=0)
+    assert torch.autograd.gradcheck(lambda t: pauli_stiefel(t, 7, 1, 2), (a[:, :19],))
 
 
 def test_a_second_derivative_raises_instead_of_returning_a_wrong_one():
