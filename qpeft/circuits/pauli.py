@@ -21,8 +21,8 @@ Conventions (the circuit-export code must match them):
 
 Evaluation never forms ``Q``: the circuit is applied to ``K`` columns.  Python and per-op
 overhead dominate at these sizes, so the circuit runs as a few matrix products: the register is
-cut into ``ceil(n / 6)`` groups of adjacent qubits (group 0 the least significant; every group
-but the top one of the same even size, so every boundary sits at an even qubit), a sub-layer's
+cut into groups of adjacent qubits (``_group_sizes``: group 0 the least significant, groups of 4
+under a top group of 2 to 5, so every boundary sits at an even qubit), a sub-layer's
 RYs are the Kronecker product of one ``d_j x d_j`` matrix per group (``ry_groups``), and the
 state of every column is held as a ``d_{g-1} x ... x d_0`` tensor that group ``j`` multiplies
 along its axis.  Even-layer CZ pairs never straddle a boundary, so an even CZ layer is a
@@ -107,31 +107,23 @@ def pauli_gates(n_qubits: int, depth: int) -> list[tuple[str, tuple[int, ...], i
     return gates
 
 
-#: Most qubits per group: a group's RYs act as one dense ``2**c x 2**c`` matrix.  Registers of up
-#: to ``WIDE_GROUPS_UP_TO`` qubits take groups of up to 6 (fewer, larger products: per-op
-#: overhead dominates there); larger ones groups of 4 (plus a top group of up to 5), where the
-#: products' arithmetic, ``N K sum_j 2**c_j`` per stage, dominates.
-GROUP_QUBITS = 6
-WIDE_GROUPS_UP_TO = 10
+#: Most qubits per group: a group's RYs act as one dense ``2**c x 2**c`` matrix.  Measured
+#: (forward + backward of whole factors, one process): groups of 6 made the 64-wide A2 circuits
+#: of SmolLM2's factors and the 4096-wide 7B factors slower than groups of 4; per-op overhead
+#: and the products' arithmetic balance near 4.
+GROUP_QUBITS = 5
 
 
 @functools.lru_cache(maxsize=64)
 def _group_sizes(n_qubits: int) -> tuple[int, ...]:
-    """Qubits per group, group 0 (least significant) first, every group but the highest of
-    the same even size, so that every group boundary sits at an even qubit.  Then no even-layer
-    CZ pair ``(2i, 2i + 1)`` straddles two groups, and an even CZ layer is a diagonal inside each
-    group (``_plan`` folds it into the group matrices).  ``ceil(n / 6)`` balanced groups up to
-    ``WIDE_GROUPS_UP_TO`` qubits, then groups of 4 under a top group of 1 to 5."""
-    if n_qubits > WIDE_GROUPS_UP_TO:
-        low = (n_qubits - 2) // 4
-        return (4,) * low + (n_qubits - 4 * low,)
-    count = -(-n_qubits // GROUP_QUBITS)
-    if count == 1:
+    """Qubits per group, group 0 (least significant) first: one group up to ``GROUP_QUBITS``
+    qubits, else groups of 4 under a top group of 2 to 5.  Every group boundary sits at an even
+    qubit, so no even-layer CZ pair ``(2i, 2i + 1)`` straddles two groups: an even CZ layer is a
+    diagonal inside each group (``_plan`` folds it into the group matrices)."""
+    if n_qubits <= GROUP_QUBITS:
         return (n_qubits,)
-    low = 2 * round(n_qubits / (2 * count))
-    while n_qubits - (count - 1) * low > GROUP_QUBITS:
-        low += 2
-    return (low,) * (count - 1) + (n_qubits - (count - 1) * low,)
+    low = (n_qubits - 2) // 4
+    return (4,) * low + (n_qubits - 4 * low,)
 
 
 def _slot_angles(n_qubits: int, depth: int) -> list[list[list[int]]]:

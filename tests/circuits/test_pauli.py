@@ -314,5 +314,5 @@ def test_qubit_groups_sit_on_even_boundaries(n):
 
     sizes = _group_sizes(n)
     assert sum(sizes) == n and len(sizes) <= max(1, -(-n // 4))
-    assert all(1 <= s <= GROUP_QUBITS for s in sizes)
+    assert all(1 <= s <= GROUP_QUBITS for s in sizes) and (len(sizes) == 1) == (n <= GROUP_QUBITS)
     assert all(s % 2 == 0 for s in sizes[:-1])
