@@ -211,6 +211,156 @@ def rotation_costs(
     return {"activations": scale * rotate(tokens), "weight": weight}
 
 
+def _segments(v: torch.Tensor, plan: BlockPlan) -> list[torch.Tensor]:
+    """Views of ``v`` [T, d] per block segment, blocks first: per order j [N, T, c_j], then the
+    identity pad [N, T, pad] if any (strided views, no copy)."""
+    sizes = [*plan.dims, plan.pad] if plan.pad else list(plan.dims)
+    blocks = v[:, : plan.num_blocks * plan.block_size].unflatten(-1, (plan.num_blocks, -1))
+    return [s.transpose(0, 1) for s in blocks.split(sizes, dim=-1)]
+
+
+def _apply_blocks(v: torch.Tensor, mats: list[torch.Tensor], plan: BlockPlan,
+                  add: torch.Tensor | None = None) -> torch.Tensor:
+    """Q·v_t + ``add`` for every row v_t of ``v`` [T, d] (``add`` [d] or None), Q given by the
+    explicit block matrices ``mats[j]`` [N_A, c_j, c_j]: one (b)addbmm per order written straight
+    into the output's strided segments, a copy for the identity rows; no concatenation.
+    Not differentiable (``out=``): autograd goes through :class:`_BlockRotate`.
+    Cost: T·N·Σ_j c_j² multiply-adds, one pass over v."""
+    out = torch.empty_like(v, memory_format=torch.contiguous_format)
+    n_blk = plan.num_blocks
+    adds = [None] * (len(plan.dims) + 1) if add is None else _segments(add[None], plan)
+    for j, (src, dst) in enumerate(zip(_segments(v, plan), _segments(out, plan), strict=True)):
+        if j == len(mats):  # the identity pad
+            if add is None:
+                dst.copy_(src)
+            else:
+                torch.add(src, adds[j], out=dst)
+            continue
+        mat = mats[j].expand(n_blk, *mats[j].shape[1:]).mT
+        if add is None:
+            torch.bmm(src, mat, out=dst)
+        else:
+            torch.baddbmm(adds[j], src, mat, out=dst)
+    if plan.leftover:
+        rest = slice(n_blk * plan.block_size, None)
+        if add is None:
+            out[:, rest].copy_(v[:, rest])
+        else:
+            torch.add(v[:, rest], add[rest], out=out[:, rest])
+    return out
+
+
+def _block_grads(grad: torch.Tensor, v: torch.Tensor, plan: BlockPlan, n_a: list[int],
+                 fixed: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Gradients of the block matrices of ``y_t = Q·(v_t − fixed) + …``: per order j,
+    Σ_t g_t,seg (v_t − fixed)_segᵀ [N_A_j, c_j, c_j] (summed over the blocks when the matrix is
+    shared, ``n_a[j]`` = 1), from ``grad`` and ``v`` [T, d]. The shift by ``fixed`` is a rank-1
+    correction with the gradient's column sums. Cost: T·N·Σ_j c_j² (one bmm per order)."""
+    g_sum = None if fixed is None else _segments(grad.sum(0, keepdim=True), plan)
+    f_segs = None if fixed is None else _segments(fixed[None].to(v.dtype), plan)
+    grads = []
+    for j, (g_seg, v_seg) in enumerate(zip(_segments(grad, plan), _segments(v, plan))):
+        if j == len(plan.dims):
+            break
+        gm = torch.bmm(g_seg.mT, v_seg)  # [N, c, c]
+        if fixed is not None:
+            gm = gm - g_sum[j].mT * f_segs[j]
+        grads.append(gm.sum(0, keepdim=True) if n_a[j] == 1 and plan.num_blocks > 1 else gm)
+    return grads
+
+
+class _BlockRotate(torch.autograd.Function):
+    """``Q·(v − fixed) + fixed`` for v [T, d] (fixed [d] or None), Q = ⊕_blocks(⊕_j mats[j]_i ⊕ I)
+    ⊕ I given by explicit block matrices: forward :func:`_apply_blocks` (no concatenation);
+    backward grad v = Qᵀ·g (this function on the transposed matrices), grad mats =
+    :func:`_block_grads`, grad fixed = (I − Q)ᵀ Σ_t g_t. One autograd node instead of a split,
+    transposes, a matmul per order and a concatenation. Backward built from differentiable
+    ops (double backward works). Cost: T·N·Σ_j c_j² each way, 2x for the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, v: torch.Tensor, fixed: torch.Tensor | None, plan: BlockPlan,
+                *mats: torch.Tensor) -> torch.Tensor:
+        mats = list(mats)
+        add = None
+        if fixed is not None:  # Q(v − f) + f = Q·v + (f − Q·f)
+            fixed = fixed.to(v.dtype)
+            add = fixed - _apply_blocks(fixed[None], mats, plan)[0]
+        ctx.plan = plan
+        ctx.save_for_backward(v, fixed, *mats)
+        return _apply_blocks(v, mats, plan, add)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        v, fixed, *mats = ctx.saved_tensors
+        plan = ctx.plan
+        grad = grad.contiguous()
+        needs = ctx.needs_input_grad
+        grad_v = grad_fixed = None
+        transposed = [m.mT for m in mats]
+        if needs[0]:
+            grad_v = _BlockRotate.apply(grad, None, plan, *transposed)
+        if needs[1]:
+            g_sum = grad.sum(0, keepdim=True)
+            grad_fixed = (g_sum - _BlockRotate.apply(g_sum, None, plan, *transposed))[0]
+        grad_mats = [None] * len(mats)
+        if any(needs[3:]):
+            grad_mats = _block_grads(grad, v, plan, [m.shape[0] for m in mats], fixed)
+        return (grad_v, grad_fixed, None, *grad_mats)
+
+
+class _RotatedLinear(torch.autograd.Function):
+    """``Q·(x·Wᵀ) + b`` for x [T, d_in], a frozen weight [d_out, d_in] (bias [d_out] or None) and
+    an output-side Q of explicit block matrices, as one node: what the layer computes as
+    ``Q·(base(x) − b) + b``, without the rotation about the bias.
+
+    Forward: x·Wᵀ, then :func:`_apply_blocks` with b as the shift. Backward: grad x =
+    g·(Q·W), Q folded into W's d_in columns once, when d_in < T (else (Qᵀ·g)·W); grad mats =
+    :func:`_block_grads` of g and the saved x·Wᵀ; grad b = Σ_t g_t. The weight gets no gradient
+    (only called with a frozen one). Cost: the linear's T·d_in·d_out each way plus
+    T·N·Σ_j c_j² forward and min(T, d_in)·N·Σ_j c_j² + T·N·Σ_j c_j² backward, where autograd
+    through base and rotation would rotate the T gradient rows."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                plan: BlockPlan, *mats: torch.Tensor) -> torch.Tensor:
+        y0 = x @ weight.mT
+        ctx.plan = plan
+        ctx.save_for_backward(y0, weight, *mats)
+        return _apply_blocks(y0, list(mats), plan, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        y0, weight, *mats = ctx.saved_tensors
+        plan = ctx.plan
+        grad = grad.contiguous()
+        needs = ctx.needs_input_grad
+        grad_x = grad_bias = None
+        if needs[0]:
+            if weight.shape[1] < grad.shape[0]:  # rotate W's d_in columns, not the T rows of g
+                grad_x = grad @ _BlockRotate.apply(weight.mT, None, plan, *mats).mT
+            else:
+                grad_x = _BlockRotate.apply(grad, None, plan, *[m.mT for m in mats]) @ weight
+        if needs[2]:
+            grad_bias = grad.sum(0)
+        grad_mats = [None] * len(mats)
+        if any(needs[4:]):
+            grad_mats = _block_grads(grad, y0, plan, [m.shape[0] for m in mats])
+        return (grad_x, None, grad_bias, None, *grad_mats)
+
+
+def _all_explicit(mats: list[torch.Tensor | CompoundOperator], tokens: int,
+                  n_blocks: int) -> list[torch.Tensor] | None:
+    """The orders as explicit block matrices when :func:`order_costs` counts every one cheaper
+    formed than applied as an action on ``tokens`` vectors; None if any order takes the action."""
+    out = []
+    for mat in mats:
+        costs = order_costs(mat, tokens, n_blocks)
+        if "action" in costs and costs["action"] < costs["explicit"]:
+            return None
+        out.append(as_matrix(mat))
+    return out
+
+
 def block_rotate(
     v: torch.Tensor, mats: list[torch.Tensor], plan: BlockPlan, fixed: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -219,11 +369,15 @@ def block_rotate(
 
     ``mats[j]``: [N_A, c_j, c_j] with N_A ∈ {1, N} (1 = shared by all blocks),
     c_j = plan.dims[j], or a :class:`CompoundOperator` on [N_A, n, n], then formed or applied as
-    its action, whichever :func:`order_costs` counts cheaper for this many vectors. One batched
-    matmul (or action) per order (``fixed`` folded in as a per-block shift) and one
-    concatenation; no d x d matrix. Cost per vector: O(N · Σ_j min(c_j², action_j))."""
+    its action, whichever :func:`order_costs` counts cheaper for this many vectors. All orders
+    explicit: one :class:`_BlockRotate` node. Otherwise one batched matmul (or action) per
+    order (``fixed`` folded in as a per-block shift) and one concatenation; no d x d matrix.
+    Cost per vector: O(N · Σ_j min(c_j², action_j))."""
     n_blk, b = plan.num_blocks, plan.block_size
     flat = v.reshape(-1, plan.d)
+    explicit = _all_explicit(mats, flat.shape[0], n_blk)
+    if explicit is not None:
+        return _BlockRotate.apply(flat, fixed, plan, *explicit).view(*v.shape[:-1], plan.d)
     sizes = [*plan.dims, plan.pad] if plan.pad else list(plan.dims)
     # split (not slices): its backward is one concatenation instead of a zero-filled
     # full-size gradient per slice
@@ -405,9 +559,7 @@ class QuICLayer(WeightMergeLayer):
         no gradient); None otherwise. Linear / Conv1D only."""
         plan, side = self.quic_plan[name], self.quic_settings[name].side
         base = self.get_base_layer()
-        if type(base) is not nn.Linear and not (Conv1D and type(base) is Conv1D):
-            # a subclass (bitsandbytes' packed weights, a custom forward) computes its own way:
-            # x·W'ᵀ + b by hand would bypass it, so rotate the activations around its forward
+        if not self._plain_linear():
             return None
         other = self.in_features if side == "output" else self.out_features
         needs_grad = torch.is_grad_enabled() and (
@@ -420,6 +572,37 @@ class QuICLayer(WeightMergeLayer):
         bias = None if base.bias is None else base.bias.to(x.dtype)
         return torch.nn.functional.linear(x, matrix, bias)
 
+    def _plain_linear(self) -> bool:
+        """Whether the base layer is exactly ``nn.Linear`` / transformers ``Conv1D``, so that its
+        output may be computed by hand as x·Wᵀ + b. A subclass (bitsandbytes' packed weights, a
+        custom forward) computes its own way: the adapter then rotates around its forward."""
+        base = self.get_base_layer()
+        return type(base) is nn.Linear or bool(Conv1D and type(base) is Conv1D)
+
+    def _forward_fused(
+        self, name: str, x: torch.Tensor, mats: list[torch.Tensor | CompoundOperator]
+    ) -> torch.Tensor | None:
+        """Q·(x·Wᵀ) + b as one :class:`_RotatedLinear` node for an output-side adapter on a
+        frozen plain linear layer whose input is in the compute dtype (no autocast) and whose
+        orders are all formed explicitly at this token count; None otherwise."""
+        base = self.get_base_layer()
+        if self.quic_settings[name].side != "output" or not self._plain_linear():
+            return None
+        weight = weight_to_matrix(base, base.weight)
+        bias = base.bias
+        if (weight.requires_grad or x.dtype != weight.dtype
+                or x.dtype != _compute_dtype(self.quic_params[name].dtype)
+                or (bias is not None and bias.dtype != x.dtype)
+                or torch.is_autocast_enabled(x.device.type)):
+            return None
+        plan = self.quic_plan[name]
+        flat = x.reshape(-1, x.shape[-1])
+        explicit = _all_explicit(mats, flat.shape[0], plan.num_blocks)
+        if explicit is None:
+            return None
+        out = _RotatedLinear.apply(flat, weight, bias, plan, *explicit)
+        return out.view(*x.shape[:-1], plan.d)
+
     def _forward_active(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
         kept = [a for a in active if self._kept(a)]
@@ -427,6 +610,8 @@ class QuICLayer(WeightMergeLayer):
         ops = {name: self.forward_matrices(name) for name in kept}
         if len(kept) == 1 and self.kind != "conv2d" and not args and not kwargs:
             rotated = self._forward_rotated_weight(kept[0], x, ops[kept[0]])
+            if rotated is None:
+                rotated = self._forward_fused(kept[0], x, ops[kept[0]])
             if rotated is not None:
                 return rotated
         ins = [a for a in kept if self.quic_settings[a].side == "input"]
