@@ -67,9 +67,11 @@ def base_matrices(
     lead = params.shape[:-1]
     if base_map == "cayley":
         # I + S in one gather; I - S = (I + S)ᵀ, and (I - S)(I + S)^-1 = (I + S)^-1 (I - S)
-        # (the factors commute). S is skew by construction: no check, no host sync.
+        # (the factors commute). S is skew by construction, so I + S is invertible (eigenvalues
+        # 1 + iλ): solve_ex skips the singularity check that torch.linalg.solve reads back on
+        # the host (one sync per layer forward on accelerators; lu_solve's pivot check remains)
         eye_plus_s = _skew_embedding(params, n, 1.0)
-        return torch.linalg.solve(eye_plus_s, eye_plus_s.mT)
+        return torch.linalg.solve_ex(eye_plus_s, eye_plus_s.mT)[0]
     if base_map == "exp":
         # imported here so that `import qpeft` never depends on the Lie module's import order
         from qpeft.circuits.lie import expm_orthogonal
