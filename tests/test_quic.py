@@ -688,7 +688,7 @@ def test_rotated_linear_node_matches_dense_q_with_gradients(tokens, bias, shared
     weight = torch.randn(26, 17, generator=gen, dtype=torch.float64)
     b = torch.randn(26, generator=gen, dtype=torch.float64).requires_grad_() if bias else None
     x = torch.randn(tokens, 17, generator=gen, dtype=torch.float64).requires_grad_()
-    got = _RotatedLinear.apply(x, weight, b, plan, *mats)
+    got = _RotatedLinear.apply(x, weight, plan, *mats, *([b] if bias else []))
     want = torch.nn.functional.linear(x, weight) @ _dense_q(mats, plan).T
     if bias:
         want = want + b
@@ -737,5 +737,25 @@ def test_fused_layer_forward_equals_the_rotate_around_base_path(kind, tokens, mo
         y = layer(x)
         results.append((y.detach(), *_grads(y, [x, layer.quic_params["default"]])))
     assert len(calls) == 1  # the plain layer fused, the subclass did not
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("bias,side,tokens", [
+    (True, "output", 6), (False, "output", 40), (True, "input", 6),
+])
+def test_one_node_paths_compile_in_one_graph(bias, side, tokens):
+    """torch.compile(fullgraph=True) traces the _RotatedLinear / _BlockRotate nodes, forward and
+    backward (no graph break), and gives eager's output and gradients (float64)."""
+    torch.manual_seed(0)
+    layer = quic_layer(nn.Linear(23, 40, bias=bias, dtype=torch.float64).requires_grad_(False),
+                       side=side)
+    layer.quic_params["default"].data = layer.quic_params["default"].data.double()
+    x0 = torch.randn(tokens, 23, dtype=torch.float64)
+    results = []
+    for run in (layer, torch.compile(layer, backend="aot_eager", fullgraph=True)):
+        x = x0.clone().requires_grad_()
+        y = run(x)
+        results.append((y.detach(), *_grads(y, [x, layer.quic_params["default"]])))
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)

@@ -225,31 +225,36 @@ def _apply_blocks(v: torch.Tensor, mats: list[torch.Tensor], plan: BlockPlan,
                   add: torch.Tensor | None = None) -> torch.Tensor:
     """Q·v_t + ``add`` for every row v_t of ``v`` [T, d] (``add`` [d] or None), Q given by the
     explicit block matrices ``mats[j]`` [N_A, c_j, c_j]: one (b)addbmm per order written straight
-    into the output's strided segments, a copy for the identity rows; no concatenation.
-    Not differentiable (``out=``): autograd goes through :class:`_BlockRotate`.
-    Cost: T·N·Σ_j c_j² multiply-adds, one pass over v."""
-    out = torch.empty_like(v, memory_format=torch.contiguous_format)
+    into the output's strided segments, copies for the identity rows; no concatenation. Under
+    torch.compile, which cannot trace ``out=`` into strided views, the segments are computed
+    apart and concatenated. Not differentiable in eager mode (``out=``): autograd goes through
+    :class:`_BlockRotate` / :class:`_RotatedLinear`. Cost: T·N·Σ_j c_j² multiply-adds."""
     n_blk = plan.num_blocks
-    adds = [None] * (len(plan.dims) + 1) if add is None else _segments(add[None], plan)
-    for j, (src, dst) in enumerate(zip(_segments(v, plan), _segments(out, plan), strict=True)):
-        if j == len(mats):  # the identity pad
-            if add is None:
-                dst.copy_(src)
-            else:
-                torch.add(src, adds[j], out=dst)
-            continue
-        mat = mats[j].expand(n_blk, *mats[j].shape[1:]).mT
-        if add is None:
-            torch.bmm(src, mat, out=dst)
-        else:
-            torch.baddbmm(adds[j], src, mat, out=dst)
-    if plan.leftover:
-        rest = slice(n_blk * plan.block_size, None)
-        if add is None:
-            out[:, rest].copy_(v[:, rest])
-        else:
-            torch.add(v[:, rest], add[rest], out=out[:, rest])
-    return out
+    out = None
+    if not torch.compiler.is_compiling():
+        out = torch.empty_like(v, memory_format=torch.contiguous_format)
+    srcs = _segments(v, plan)
+    dsts = [None] * len(srcs) if out is None else _segments(out, plan)
+    shifts = [None] * len(srcs) if add is None else _segments(add[None], plan)
+    parts = []
+    for j, (src, dst, shift) in enumerate(zip(srcs, dsts, shifts, strict=True)):
+        if j < len(mats):
+            mat = mats[j].expand(n_blk, *mats[j].shape[1:]).mT
+            into = {} if dst is None else {"out": dst}
+            parts.append(torch.bmm(src, mat, **into) if shift is None
+                         else torch.baddbmm(shift, src, mat, **into))
+        else:  # the identity pad
+            parts.append(src if shift is None else src + shift)
+            if dst is not None:
+                dst.copy_(parts[-1])
+    rest = slice(n_blk * plan.block_size, None)
+    leftover = v[:, rest] if add is None else v[:, rest] + add[rest]
+    if out is not None:
+        if plan.leftover:
+            out[:, rest].copy_(leftover)
+        return out
+    rotated = torch.cat([p.transpose(0, 1) for p in parts], dim=-1).flatten(1)
+    return torch.cat([rotated, leftover], dim=-1) if plan.leftover else rotated
 
 
 def _block_grads(grad: torch.Tensor, v: torch.Tensor, plan: BlockPlan, n_a: list[int],
@@ -271,48 +276,60 @@ def _block_grads(grad: torch.Tensor, v: torch.Tensor, plan: BlockPlan, n_a: list
     return grads
 
 
+def _rotate_rows(v: torch.Tensor, mats: list[torch.Tensor], plan: BlockPlan) -> torch.Tensor:
+    """Q·v_t for the rows of v [T, d] inside a backward: a :class:`_BlockRotate` node when
+    autograd records it (double backward), else the bare :func:`_apply_blocks` (torch.compile
+    mistraces a Function applied inside another's backward: it drops non-tensor arguments)."""
+    if torch.is_grad_enabled():
+        return _BlockRotate.apply(v, plan, *mats)
+    return _apply_blocks(v, mats, plan)
+
+
 class _BlockRotate(torch.autograd.Function):
-    """``Q·(v − fixed) + fixed`` for v [T, d] (fixed [d] or None), Q = ⊕_blocks(⊕_j mats[j]_i ⊕ I)
+    """``Q·(v − fixed) + fixed`` for v [T, d] (fixed [d] optional), Q = ⊕_blocks(⊕_j mats[j]_i ⊕ I)
     ⊕ I given by explicit block matrices: forward :func:`_apply_blocks` (no concatenation);
     backward grad v = Qᵀ·g (this function on the transposed matrices), grad mats =
     :func:`_block_grads`, grad fixed = (I − Q)ᵀ Σ_t g_t. One autograd node instead of a split,
     transposes, a matmul per order and a concatenation. Backward built from differentiable
-    ops (double backward works). Cost: T·N·Σ_j c_j² each way, 2x for the backward."""
+    ops (double backward works). Cost: T·N·Σ_j c_j² each way, 2x for the backward.
+
+    Arguments ``(v, plan, *mats[, fixed])``: the optional tensor rides at the end."""
 
     @staticmethod
-    def forward(ctx: Any, v: torch.Tensor, fixed: torch.Tensor | None, plan: BlockPlan,
-                *mats: torch.Tensor) -> torch.Tensor:
-        mats = list(mats)
+    def forward(ctx: Any, v: torch.Tensor, plan: BlockPlan, *tensors: torch.Tensor) -> torch.Tensor:
+        mats, fixed = list(tensors[: len(plan.dims)]), tensors[len(plan.dims):]
         add = None
-        if fixed is not None:  # Q(v − f) + f = Q·v + (f − Q·f)
-            fixed = fixed.to(v.dtype)
-            add = fixed - _apply_blocks(fixed[None], mats, plan)[0]
+        if fixed:  # Q(v − f) + f = Q·v + (f − Q·f)
+            fixed = [fixed[0].to(v.dtype)]
+            add = fixed[0] - _apply_blocks(fixed[0][None], mats, plan)[0]
         ctx.plan = plan
-        ctx.save_for_backward(v, fixed, *mats)
+        ctx.save_for_backward(v, *mats, *fixed)
         return _apply_blocks(v, mats, plan, add)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        v, fixed, *mats = ctx.saved_tensors
         plan = ctx.plan
+        v, *mats = ctx.saved_tensors
+        mats, fixed = mats[: len(plan.dims)], (mats[len(plan.dims):] or [None])[0]
         grad = grad.contiguous()
         needs = ctx.needs_input_grad
-        grad_v = grad_fixed = None
         transposed = [m.mT for m in mats]
-        if needs[0]:
-            grad_v = _BlockRotate.apply(grad, None, plan, *transposed)
-        if needs[1]:
-            g_sum = grad.sum(0, keepdim=True)
-            grad_fixed = (g_sum - _BlockRotate.apply(g_sum, None, plan, *transposed))[0]
+        grad_v = _rotate_rows(grad, transposed, plan) if needs[0] else None
         grad_mats = [None] * len(mats)
-        if any(needs[3:]):
+        if any(needs[2 : 2 + len(mats)]):
             grad_mats = _block_grads(grad, v, plan, [m.shape[0] for m in mats], fixed)
-        return (grad_v, grad_fixed, None, *grad_mats)
+        if fixed is None:
+            return (grad_v, None, *grad_mats)
+        grad_fixed = None
+        if needs[-1]:
+            g_sum = grad.sum(0, keepdim=True)
+            grad_fixed = (g_sum - _rotate_rows(g_sum, transposed, plan))[0]
+        return (grad_v, None, *grad_mats, grad_fixed)
 
 
 class _RotatedLinear(torch.autograd.Function):
-    """``Q·(x·Wᵀ) + b`` for x [T, d_in], a frozen weight [d_out, d_in] (bias [d_out] or None) and
-    an output-side Q of explicit block matrices, as one node: what the layer computes as
+    """``Q·(x·Wᵀ) + b`` for x [T, d_in], a frozen weight [d_out, d_in] (bias [d_out] optional)
+    and an output-side Q of explicit block matrices, as one node: what the layer computes as
     ``Q·(base(x) − b) + b``, without the rotation about the bias.
 
     Forward: x·Wᵀ, then :func:`_apply_blocks` with b as the shift. Backward: grad x =
@@ -320,15 +337,19 @@ class _RotatedLinear(torch.autograd.Function):
     :func:`_block_grads` of g and the saved x·Wᵀ; grad b = Σ_t g_t. The weight gets no gradient
     (only called with a frozen one). Cost: the linear's T·d_in·d_out each way plus
     T·N·Σ_j c_j² forward and min(T, d_in)·N·Σ_j c_j² + T·N·Σ_j c_j² backward, where autograd
-    through base and rotation would rotate the T gradient rows."""
+    through base and rotation would rotate the T gradient rows.
+
+    Arguments ``(x, weight, plan, *mats[, bias])``, as for :class:`_BlockRotate`."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                plan: BlockPlan, *mats: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, plan: BlockPlan,
+                *tensors: torch.Tensor) -> torch.Tensor:
+        mats, bias = list(tensors[: len(plan.dims)]), tensors[len(plan.dims):]
         y0 = x @ weight.mT
         ctx.plan = plan
+        ctx.has_bias = bool(bias)
         ctx.save_for_backward(y0, weight, *mats)
-        return _apply_blocks(y0, list(mats), plan, bias)
+        return _apply_blocks(y0, mats, plan, bias[0] if bias else None)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -336,18 +357,18 @@ class _RotatedLinear(torch.autograd.Function):
         plan = ctx.plan
         grad = grad.contiguous()
         needs = ctx.needs_input_grad
-        grad_x = grad_bias = None
+        grad_x = None
         if needs[0]:
             if weight.shape[1] < grad.shape[0]:  # rotate W's d_in columns, not the T rows of g
-                grad_x = grad @ _BlockRotate.apply(weight.mT, None, plan, *mats).mT
+                grad_x = grad @ _rotate_rows(weight.mT, mats, plan).mT
             else:
-                grad_x = _BlockRotate.apply(grad, None, plan, *[m.mT for m in mats]) @ weight
-        if needs[2]:
-            grad_bias = grad.sum(0)
+                grad_x = _rotate_rows(grad, [m.mT for m in mats], plan) @ weight
         grad_mats = [None] * len(mats)
-        if any(needs[4:]):
+        if any(needs[3 : 3 + len(mats)]):
             grad_mats = _block_grads(grad, y0, plan, [m.shape[0] for m in mats])
-        return (grad_x, None, grad_bias, None, *grad_mats)
+        if not ctx.has_bias:
+            return (grad_x, None, None, *grad_mats)
+        return (grad_x, None, None, *grad_mats, grad.sum(0) if needs[-1] else None)
 
 
 def _all_explicit(mats: list[torch.Tensor | CompoundOperator], tokens: int,
@@ -379,7 +400,8 @@ def block_rotate(
     flat = v.reshape(-1, plan.d)
     explicit = _all_explicit(mats, flat.shape[0], n_blk)
     if explicit is not None:
-        return _BlockRotate.apply(flat, fixed, plan, *explicit).view(*v.shape[:-1], plan.d)
+        tensors = explicit if fixed is None else [*explicit, fixed]
+        return _BlockRotate.apply(flat, plan, *tensors).view(*v.shape[:-1], plan.d)
     sizes = [*plan.dims, plan.pad] if plan.pad else list(plan.dims)
     # split (not slices): its backward is one concatenation instead of a zero-filled
     # full-size gradient per slice
@@ -602,7 +624,8 @@ class QuICLayer(WeightMergeLayer):
         explicit = _all_explicit(mats, flat.shape[0], plan.num_blocks)
         if explicit is None:
             return None
-        out = _RotatedLinear.apply(flat, weight, bias, plan, *explicit)
+        tensors = explicit if bias is None else [*explicit, bias]
+        out = _RotatedLinear.apply(flat, weight, plan, *tensors)
         return out.view(*x.shape[:-1], plan.d)
 
     def _forward_active(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
