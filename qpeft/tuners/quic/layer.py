@@ -297,26 +297,28 @@ class _BlockRotate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, v: torch.Tensor, plan: BlockPlan, *tensors: torch.Tensor) -> torch.Tensor:
-        mats, fixed = list(tensors[: len(plan.dims)]), tensors[len(plan.dims):]
+        k = len(plan.dims)
+        mats = list(tensors[:k])
+        fixed = tensors[k].to(v.dtype) if len(tensors) > k else None
         add = None
-        if fixed:  # Q(v − f) + f = Q·v + (f − Q·f)
-            fixed = [fixed[0].to(v.dtype)]
-            add = fixed[0] - _apply_blocks(fixed[0][None], mats, plan)[0]
+        if fixed is not None:  # Q(v − f) + f = Q·v + (f − Q·f)
+            add = fixed - _apply_blocks(fixed[None], mats, plan)[0]
         ctx.plan = plan
-        ctx.save_for_backward(v, *mats, *fixed)
+        ctx.save_for_backward(v, *mats, *([] if fixed is None else [fixed]))
         return _apply_blocks(v, mats, plan, add)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         plan = ctx.plan
-        v, *mats = ctx.saved_tensors
-        mats, fixed = mats[: len(plan.dims)], (mats[len(plan.dims):] or [None])[0]
+        k = len(plan.dims)
+        v, *rest = ctx.saved_tensors
+        mats, fixed = rest[:k], (rest[k] if len(rest) > k else None)
         grad = grad.contiguous()
         needs = ctx.needs_input_grad
         transposed = [m.mT for m in mats]
         grad_v = _rotate_rows(grad, transposed, plan) if needs[0] else None
         grad_mats = [None] * len(mats)
-        if any(needs[2 : 2 + len(mats)]):
+        if any(needs[2 : 2 + k]):
             grad_mats = _block_grads(grad, v, plan, [m.shape[0] for m in mats], fixed)
         if fixed is None:
             return (grad_v, None, *grad_mats)
