@@ -265,10 +265,10 @@ def _block_grads(grad: torch.Tensor, v: torch.Tensor, plan: BlockPlan, n_a: list
     correction with the gradient's column sums. Cost: T·N·Σ_j c_j² (one bmm per order)."""
     g_sum = None if fixed is None else _segments(grad.sum(0, keepdim=True), plan)
     f_segs = None if fixed is None else _segments(fixed[None].to(v.dtype), plan)
+    k = len(plan.dims)  # the identity pad's segment (if any) comes last and has no matrix
     grads = []
-    for j, (g_seg, v_seg) in enumerate(zip(_segments(grad, plan), _segments(v, plan))):
-        if j == len(plan.dims):
-            break
+    for j, (g_seg, v_seg) in enumerate(zip(_segments(grad, plan)[:k], _segments(v, plan)[:k],
+                                           strict=True)):
         gm = torch.bmm(g_seg.mT, v_seg)  # [N, c, c]
         if fixed is not None:
             gm = gm - g_sum[j].mT * f_segs[j]
