@@ -570,22 +570,23 @@ def test_three_paths_equal_dense_q_forward_and_gradients(side, orders, num_adapt
 
 
 def test_cost_model_choices():
-    """Estimated costs: the action for large n (LLaMA-7B's n = 51), the explicit compound for
-    small n (MiniLM's n = 15 at 2,048 tokens and SmolLM2's n = 19 at 512, where the action's
-    memory-bound gathers make it slower), the rotated weight only without gradient and with more
-    tokens than W's other side."""
+    """Estimated costs pick the path measured faster (one thread, adapter share of forward +
+    backward): the action for large n at few tokens (LLaMA-7B's n = 51 at 128), the explicit
+    compound for small n (MiniLM's n = 15 at 2,048 tokens, SmolLM2's n = 19 at 512) and for
+    n = 28..51 at 2,048 tokens, where the action's memory-bound gathers make it slower; the
+    rotated weight only without gradient and with more tokens than W's other side."""
     from qpeft.tuners.quic.layer import CompoundOperator, order_costs, rotation_costs
 
     def op(n, k, n_a=3):
         return CompoundOperator(torch.zeros(n_a, n, n), k)
 
     big = order_costs(op(51, 2), 128, 3)
-    assert big["action"] == 128 * 3 * (2 * 2 * 51**3 + 64 * 51**2)
-    assert big["explicit"] == 2 * 1275**2 * 3 + 128 * 3 * 1275**2
+    assert big["action"] == 128 * 3 * (7 * 2 * 51**3 + 250 * 51**2)
+    assert big["explicit"] == 256 * 2 * 1275**2 * 3 + 128 * 3 * 1275**2
     assert big["action"] < big["explicit"]
     small = order_costs(op(4, 2), 1000, 3)
     assert small["explicit"] < small["action"]
-    for n, tokens in ((15, 2048), (19, 512)):
+    for n, tokens in ((15, 2048), (19, 512), (28, 512), (32, 2048), (51, 2048)):
         costs = order_costs(op(n, 2), tokens, 3)
         assert costs["explicit"] < costs["action"], (n, tokens)
     assert set(order_costs(op(5, 1), 10, 3)) == {"explicit"}

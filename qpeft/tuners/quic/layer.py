@@ -165,29 +165,33 @@ def compound_blocks(params: torch.Tensor, plan: BlockPlan, settings: QuICSetting
     return [as_matrix(op) for op in compound_operators(params, plan, settings)]
 
 
-#: The action's counted multiply-adds are weighted to compare with the explicit compound's in
-#: time (fitted to forward+backward timings of both paths on one thread, n = 10..51, 128..2,048
-#: tokens, 3 blocks, AMD EPYC / AVX2): its matmuls contract over n only (A·X·Aᵀ), about
-#: half the rate of the C(n,2)-deep explicit product, and each vector moves ~n² elements through
-#: memory-bound gathers and copies (antisymmetric embedding, tokens-last layout, output gather),
-#: each worth ~64 multiply-adds. Explicit wins up to n ≈ 25 (MiniLM's n = 15, SmolLM2's 19),
-#: the action from n ≈ 30 (4.7× fewer counted multiply-adds at LLaMA-7B's n = 51).
-_ACTION_FLOP_WEIGHT = 2
-_ACTION_MOVES_PER_N2 = 64
+#: Weights that make the counted multiply-adds of the two paths compare in time, fitted to the
+#: adapter's share (layer forward+backward minus the frozen linear's) of both paths, one thread,
+#: n = 19..51, 128..2,048 tokens, 3 blocks, AMD EPYC / AVX2, after the explicit path became one
+#: node (:class:`_BlockRotate` / :class:`_RotatedLinear`): the action's matmuls contract over n
+#: only (A·X·Aᵀ) and run at a fraction of the C(n,2)-deep explicit product's rate, and each
+#: vector moves ~n² elements through memory-bound gathers and copies; forming C_2 (and its
+#: backward) is memory-bound too, ~256 counted multiply-adds per k·C² entry. With these every
+#: one of the 18 measured choices is the faster path: explicit at MiniLM's n = 15 and SmolLM2's
+#: 19, and up to n ≈ 40 from 512 tokens; the action for n ≳ 24 at 128 tokens (LLaMA-7B's
+#: n = 51: 3x faster there, 10% slower at 2,048 tokens, where the explicit one is chosen).
+_ACTION_FLOP_WEIGHT = 7
+_ACTION_MOVES_PER_N2 = 250
+_FORM_WEIGHT = 256
 
 
 def order_costs(op: torch.Tensor | CompoundOperator, tokens: int, n_blocks: int) -> dict[str, int]:
     """Estimated cost (multiply-add equivalents, forward) of one order on ``tokens`` vectors of
-    ``n_blocks`` blocks: ``explicit`` = forming C_k (k·C² per distinct block, as the Laplace
-    recursion) + tokens·C² per block; ``action`` = tokens·(2·compound_apply_cost + 64·n²) per
-    block (its weights: see ``_ACTION_FLOP_WEIGHT``). An explicit tensor has only ``explicit``
+    ``n_blocks`` blocks: ``explicit`` = forming C_k (256·k·C² per distinct block, as the Laplace
+    recursion) + tokens·C² per block; ``action`` = tokens·(7·compound_apply_cost + 250·n²) per
+    block (the weights: see ``_ACTION_FLOP_WEIGHT``). An explicit tensor has only ``explicit``
     (tokens·C²). O(1)."""
     if not isinstance(op, CompoundOperator):
         return {"explicit": tokens * n_blocks * op.shape[-1] ** 2}
     n, k = op.base.shape[-1], op.k
     c = math.comb(n, k)
     n_a = op.base.shape[-3] if op.base.dim() >= 3 else 1
-    form = 0 if k == 1 else k * c * c * n_a
+    form = 0 if k == 1 else _FORM_WEIGHT * k * c * c * n_a
     costs = {"explicit": form + tokens * n_blocks * c * c}
     if 1 < k < n:
         apply = _ACTION_FLOP_WEIGHT * compound_apply_cost(n, k) + _ACTION_MOVES_PER_N2 * n * n
