@@ -570,22 +570,23 @@ def test_three_paths_equal_dense_q_forward_and_gradients(side, orders, num_adapt
 
 
 def test_cost_model_choices():
-    """Estimated costs: the action for large n (LLaMA-7B's n = 51), the explicit compound for
-    small n (MiniLM's n = 15 at 2,048 tokens and SmolLM2's n = 19 at 512, where the action's
-    memory-bound gathers make it slower), the rotated weight only without gradient and with more
-    tokens than W's other side."""
+    """Estimated costs pick the path measured faster (one thread, adapter share of forward +
+    backward): the action for large n at few tokens (LLaMA-7B's n = 51 at 128), the explicit
+    compound for small n (MiniLM's n = 15 at 2,048 tokens, SmolLM2's n = 19 at 512) and for
+    n = 28..51 at 2,048 tokens, where the action's memory-bound gathers make it slower; the
+    rotated weight only without gradient and with more tokens than W's other side."""
     from qpeft.tuners.quic.layer import CompoundOperator, order_costs, rotation_costs
 
     def op(n, k, n_a=3):
         return CompoundOperator(torch.zeros(n_a, n, n), k)
 
     big = order_costs(op(51, 2), 128, 3)
-    assert big["action"] == 128 * 3 * (2 * 2 * 51**3 + 64 * 51**2)
-    assert big["explicit"] == 2 * 1275**2 * 3 + 128 * 3 * 1275**2
+    assert big["action"] == 128 * 3 * (7 * 2 * 51**3 + 250 * 51**2)
+    assert big["explicit"] == 256 * 2 * 1275**2 * 3 + 128 * 3 * 1275**2
     assert big["action"] < big["explicit"]
     small = order_costs(op(4, 2), 1000, 3)
     assert small["explicit"] < small["action"]
-    for n, tokens in ((15, 2048), (19, 512)):
+    for n, tokens in ((15, 2048), (19, 512), (28, 512), (32, 2048), (51, 2048)):
         costs = order_costs(op(n, 2), tokens, 3)
         assert costs["explicit"] < costs["action"], (n, tokens)
     assert set(order_costs(op(5, 1), 10, 3)) == {"explicit"}
@@ -617,3 +618,145 @@ def test_base_matrices_equal_the_entrywise_reference_with_gradients(base_map, n)
     torch.testing.assert_close(got, ref, atol=1e-10, rtol=0)
     torch.testing.assert_close(grad_got, grad_ref, atol=1e-10, rtol=0)
     assert grad_ref.abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# the one-node explicit paths (_BlockRotate, _RotatedLinear) against dense Q with autograd
+
+
+def _dense_q(mats: list[torch.Tensor], plan) -> torch.Tensor:
+    """Dense Q [d, d] from block matrices [N_A, c, c] through differentiable block_diag."""
+    eye_pad = torch.eye(plan.pad, dtype=mats[0].dtype)
+    blocks = [torch.block_diag(*[m[min(i, m.shape[0] - 1)] for m in mats], eye_pad)
+              for i in range(plan.num_blocks)]
+    return torch.block_diag(*blocks, torch.eye(plan.leftover, dtype=mats[0].dtype))
+
+
+def _grads(out: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    return torch.autograd.grad((out * weights).sum(), inputs)
+
+
+@pytest.mark.parametrize("d,n_blocks,orders,shared", [
+    (26, 2, [1, 2], False),  # pad and leftover
+    (40, 3, [1, 2], True),  # shared matrices: gradients summed over blocks
+    (30, 1, [2, 3], False),
+    (12, 3, [1], False),
+])
+@pytest.mark.parametrize("with_fixed", [False, True])
+def test_block_rotate_node_matches_dense_q_with_gradients(d, n_blocks, orders, shared, with_fixed):
+    """block_rotate on explicit matrices (one _BlockRotate node): Q (v − f) + f and the
+    gradients in v, every block matrix and f equal autograd through the dense Q (float64)."""
+    plan = block_plan(d, n_blocks, orders)
+    gen = torch.Generator().manual_seed(d)
+    n_a = 1 if shared else n_blocks
+    mats = [torch.randn(n_a, c, c, generator=gen, dtype=torch.float64).requires_grad_()
+            for c in plan.dims]
+    v = torch.randn(7, d, generator=gen, dtype=torch.float64).requires_grad_()
+    f = torch.randn(d, generator=gen, dtype=torch.float64).requires_grad_() if with_fixed else None
+    got = block_rotate(v.view(7, 1, d), mats, plan, f).view(7, d)
+    q = _dense_q(mats, plan)
+    want = v @ q.T if f is None else (v - f) @ q.T + f
+    inputs = [v, *mats] + ([f] if with_fixed else [])
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    for g_got, g_want in zip(_grads(got, inputs), _grads(want, inputs), strict=True):
+        torch.testing.assert_close(g_got, g_want, atol=1e-10, rtol=0)
+
+
+def test_block_rotate_node_double_backward():
+    """The node's backward is differentiable (gradgradcheck in v, the matrices and f)."""
+    plan = block_plan(11, 2, [1, 2])
+    gen = torch.Generator().manual_seed(3)
+    mats = [torch.randn(2, c, c, generator=gen, dtype=torch.float64).requires_grad_()
+            for c in plan.dims]
+    v = torch.randn(3, 11, generator=gen, dtype=torch.float64).requires_grad_()
+    f = torch.randn(11, generator=gen, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradgradcheck(
+        lambda v, f, *m: block_rotate(v, list(m), plan, f), (v, f, *mats))
+
+
+@pytest.mark.parametrize("tokens", [5, 40])  # fewer / more tokens than d_in: both grad x forms
+@pytest.mark.parametrize("bias,shared", [(True, False), (False, True)])
+def test_rotated_linear_node_matches_dense_q_with_gradients(tokens, bias, shared):
+    """_RotatedLinear: Q (x Wᵀ) + b and the gradients in x, the block matrices and b equal
+    autograd through F.linear and the dense Q (float64), whichever side grad x rotates."""
+    from qpeft.tuners.quic.layer import _RotatedLinear
+
+    plan = block_plan(26, 2, [1, 2])
+    gen = torch.Generator().manual_seed(tokens)
+    mats = [torch.randn(1 if shared else 2, c, c, generator=gen, dtype=torch.float64)
+            .requires_grad_() for c in plan.dims]
+    weight = torch.randn(26, 17, generator=gen, dtype=torch.float64)
+    b = torch.randn(26, generator=gen, dtype=torch.float64).requires_grad_() if bias else None
+    x = torch.randn(tokens, 17, generator=gen, dtype=torch.float64).requires_grad_()
+    got = _RotatedLinear.apply(x, weight, plan, *mats, *([b] if bias else []))
+    want = torch.nn.functional.linear(x, weight) @ _dense_q(mats, plan).T
+    if bias:
+        want = want + b
+    inputs = [x, *mats] + ([b] if bias else [])
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    for g_got, g_want in zip(_grads(got, inputs), _grads(want, inputs), strict=True):
+        torch.testing.assert_close(g_got, g_want, atol=1e-10, rtol=0)
+
+
+class _LinearSubclass(nn.Linear):
+    """Not a plain nn.Linear: the layer rotates around its forward (the autograd path)."""
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("tokens", [4, 60])
+def test_fused_layer_forward_equals_the_rotate_around_base_path(kind, tokens, monkeypatch):
+    """An output-side adapter on a frozen plain Linear / Conv1D trains through one
+    _RotatedLinear node; its output and gradients (input, adapter) equal those of the path
+    that rotates the base layer's output (a Linear subclass, float64, 1e-10)."""
+    import qpeft.tuners.quic.layer as layer_mod
+
+    calls = []
+    real_apply = layer_mod._RotatedLinear.apply
+    monkeypatch.setattr(layer_mod._RotatedLinear, "apply",
+                        lambda *a: calls.append(1) or real_apply(*a))
+    torch.manual_seed(0)
+    if kind == "linear":
+        fused_base = nn.Linear(23, 40, dtype=torch.float64)
+        plain = _LinearSubclass(23, 40, dtype=torch.float64)
+        plain.load_state_dict(fused_base.state_dict())
+    else:
+        fused_base = _conv1d(23, 40).double()
+        plain = _LinearSubclass(23, 40, dtype=torch.float64)
+        with torch.no_grad():
+            plain.weight.copy_(fused_base.weight.T)
+            plain.bias.copy_(fused_base.bias)
+    x0 = torch.randn(2, tokens // 2, 23, dtype=torch.float64)
+    results = []
+    for base in (fused_base, plain):
+        for p in base.parameters():
+            p.requires_grad_(False)
+        torch.manual_seed(1)
+        layer = quic_layer(base, num_blocks=3, orders=[1, 2])
+        layer.quic_params["default"].data = layer.quic_params["default"].data.double()
+        x = x0.clone().requires_grad_()
+        y = layer(x)
+        results.append((y.detach(), *_grads(y, [x, layer.quic_params["default"]])))
+    assert len(calls) == 1  # the plain layer fused, the subclass did not
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("bias,side,tokens", [
+    (True, "output", 6), (False, "output", 40), (True, "input", 6),
+])
+def test_one_node_paths_compile_in_one_graph(bias, side, tokens):
+    """torch.compile(fullgraph=True) traces the _RotatedLinear / _BlockRotate nodes, forward and
+    backward (no graph break), and gives eager's output and gradients (float64)."""
+    torch.manual_seed(0)
+    layer = quic_layer(nn.Linear(23, 40, bias=bias, dtype=torch.float64).requires_grad_(False),
+                       side=side)
+    layer.quic_params["default"].data = layer.quic_params["default"].data.double()
+    x0 = torch.randn(tokens, 23, dtype=torch.float64)
+    results = []
+    for run in (layer, torch.compile(layer, backend="aot_eager", fullgraph=True)):
+        x = x0.clone().requires_grad_()
+        y = run(x)
+        results.append((y.detach(), *_grads(y, [x, layer.quic_params["default"]])))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)

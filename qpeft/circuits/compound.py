@@ -196,9 +196,12 @@ class _SecondCompoundColumns(torch.autograd.Function):
     Entry (J, I), J = (p, q), I = (i, j): the (p, q) entry of the antisymmetric
     O_I = r0_I r1_Iᵀ - r1_I r0_Iᵀ (r0_I = a[i, :], r1_I = a[j, :]): one broadcast product
     [B, n, n, C] and two row gathers. Backward: with Ĝ_I the antisymmetric embedding of column I
-    of the output gradient, grad r0_I = Ĝ_I conj(r1_I), grad r1_I = Ĝ_Iᵀ conj(r0_I), added back
-    into rows i and j of a. O(C n²) time and memory each way (in block chunks). Built from
-    differentiable ops (double backward works)."""
+    of the output gradient, grad a[i, :] gets Ĝ_I conj(a[j, :]) and grad a[j, :] gets
+    Ĝ_Iᵀ conj(a[i, :]) = -Ĝ_I conj(a[i, :]) for I = (i, j): one matmul per block,
+    H[y, (p, I)] = Σ_q conj(a[y, q]) Ĝ_I[q, p] = -(Ĝ_I conj(a[y, :]))[p] for every row y, then
+    grad a[x, p] = -Σ_y s(x, y) H[y, (p, {x, y})] (s the sign of the ordering; one n³ gather and
+    a sum). O(C n²) memory each way, O(C n²) time forward and O(C n³) (one matmul) backward, in
+    block chunks. Built from differentiable ops (double backward works)."""
 
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor) -> torch.Tensor:
@@ -216,18 +219,32 @@ class _SecondCompoundColumns(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         (a,) = ctx.saved_tensors
         bsz, n = a.shape[0], a.shape[-1]
-        first, second = _pair_tables(n, str(a.device))[:2]
         table = _signed_pair_table(n, str(a.device))
-        r0, r1 = _pair_columns(a)
-        g0, g1 = [], []
+        partner, sign = _pair_partner_table(n, str(a.device))
+        neg_sign = -sign.to(grad.dtype)
+        a_conj = a.conj()
+        parts = []
         for blk in _block_chunks(bsz, n):
             g = grad[blk]
             rows = torch.cat([g, -g, g.new_zeros(g.shape[0], 1, g.shape[-1])], dim=1)
-            g_hat = rows.index_select(1, table).view(g.shape[0], n, n, -1)  # [b, p, q, I]
-            g0.append((g_hat * r1[blk, None, :, :].conj()).sum(2))
-            g1.append((g_hat * r0[blk, :, None, :].conj()).sum(1))
-        grad_t = torch.zeros_like(a.mT).index_add(-1, first, torch.cat(g0))
-        return grad_t.index_add(-1, second, torch.cat(g1)).mT
+            g_hat = rows.index_select(1, table).view(g.shape[0], n, -1)  # [b, q, (p, I)]
+            h = torch.bmm(a_conj[blk], g_hat)  # [b, y, (p, I)]
+            picked = h.flatten(1).index_select(1, partner).view(-1, n, n, n)  # [b, x, y, p]
+            parts.append((picked * neg_sign).sum(2))  # [b, x, p]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+@tensor_table_cache(maxsize=64)
+def _pair_partner_table(n: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Over the n x n x n grid (x, y, p), row-major [n³]: the entry (y, p, {x, y}) of a row-major
+    [n, n, C(n,2)] tensor (pair rank 0 on the diagonal x = y); and over (x, y) [n, n, 1] the
+    sign +1 for x < y, -1 for x > y, 0 on the diagonal."""
+    rank, sign, _ = _antisymmetric_tables(n, 2, "cpu")
+    c = math.comb(n, 2)
+    steps = torch.arange(n)
+    partner = rank.view(n, n, 1) + steps.view(1, n, 1) * (n * c) + steps.view(1, 1, n) * c
+    dev = torch.device(device)
+    return partner.flatten().to(dev), sign.view(n, n, 1).to(dev)
 
 
 def _second_compound(a: torch.Tensor) -> torch.Tensor:

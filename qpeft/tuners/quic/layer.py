@@ -67,9 +67,11 @@ def base_matrices(
     lead = params.shape[:-1]
     if base_map == "cayley":
         # I + S in one gather; I - S = (I + S)ᵀ, and (I - S)(I + S)^-1 = (I + S)^-1 (I - S)
-        # (the factors commute). S is skew by construction: no check, no host sync.
+        # (the factors commute). S is skew by construction, so I + S is invertible (eigenvalues
+        # 1 + iλ): solve_ex skips the singularity check that torch.linalg.solve reads back on
+        # the host (one sync per layer forward on accelerators; lu_solve's pivot check remains)
         eye_plus_s = _skew_embedding(params, n, 1.0)
-        return torch.linalg.solve(eye_plus_s, eye_plus_s.mT)
+        return torch.linalg.solve_ex(eye_plus_s, eye_plus_s.mT)[0]
     if base_map == "exp":
         # imported here so that `import qpeft` never depends on the Lie module's import order
         from qpeft.circuits.lie import expm_orthogonal
@@ -163,29 +165,33 @@ def compound_blocks(params: torch.Tensor, plan: BlockPlan, settings: QuICSetting
     return [as_matrix(op) for op in compound_operators(params, plan, settings)]
 
 
-#: The action's counted multiply-adds are weighted to compare with the explicit compound's in
-#: time (fitted to forward+backward timings of both paths on one thread, n = 10..51, 128..2,048
-#: tokens, 3 blocks, AMD EPYC / AVX2): its matmuls contract over n only (A·X·Aᵀ), about
-#: half the rate of the C(n,2)-deep explicit product, and each vector moves ~n² elements through
-#: memory-bound gathers and copies (antisymmetric embedding, tokens-last layout, output gather),
-#: each worth ~64 multiply-adds. Explicit wins up to n ≈ 25 (MiniLM's n = 15, SmolLM2's 19),
-#: the action from n ≈ 30 (4.7× fewer counted multiply-adds at LLaMA-7B's n = 51).
-_ACTION_FLOP_WEIGHT = 2
-_ACTION_MOVES_PER_N2 = 64
+#: Weights that make the counted multiply-adds of the two paths compare in time, fitted to the
+#: adapter's share (layer forward+backward minus the frozen linear's) of both paths, one thread,
+#: n = 19..51, 128..2,048 tokens, 3 blocks, AMD EPYC / AVX2, after the explicit path became one
+#: node (:class:`_BlockRotate` / :class:`_RotatedLinear`): the action's matmuls contract over n
+#: only (A·X·Aᵀ) and run at a fraction of the C(n,2)-deep explicit product's rate, and each
+#: vector moves ~n² elements through memory-bound gathers and copies; forming C_2 (and its
+#: backward) is memory-bound too, ~256 counted multiply-adds per k·C² entry. With these every
+#: one of the 18 measured choices is the faster path: explicit at MiniLM's n = 15 and SmolLM2's
+#: 19, and up to n ≈ 40 from 512 tokens; the action for n ≳ 24 at 128 tokens (LLaMA-7B's
+#: n = 51: 3x faster there, 10% slower at 2,048 tokens, where the explicit one is chosen).
+_ACTION_FLOP_WEIGHT = 7
+_ACTION_MOVES_PER_N2 = 250
+_FORM_WEIGHT = 256
 
 
 def order_costs(op: torch.Tensor | CompoundOperator, tokens: int, n_blocks: int) -> dict[str, int]:
     """Estimated cost (multiply-add equivalents, forward) of one order on ``tokens`` vectors of
-    ``n_blocks`` blocks: ``explicit`` = forming C_k (k·C² per distinct block, as the Laplace
-    recursion) + tokens·C² per block; ``action`` = tokens·(2·compound_apply_cost + 64·n²) per
-    block (its weights: see ``_ACTION_FLOP_WEIGHT``). An explicit tensor has only ``explicit``
+    ``n_blocks`` blocks: ``explicit`` = forming C_k (256·k·C² per distinct block, as the Laplace
+    recursion) + tokens·C² per block; ``action`` = tokens·(7·compound_apply_cost + 250·n²) per
+    block (the weights: see ``_ACTION_FLOP_WEIGHT``). An explicit tensor has only ``explicit``
     (tokens·C²). O(1)."""
     if not isinstance(op, CompoundOperator):
         return {"explicit": tokens * n_blocks * op.shape[-1] ** 2}
     n, k = op.base.shape[-1], op.k
     c = math.comb(n, k)
     n_a = op.base.shape[-3] if op.base.dim() >= 3 else 1
-    form = 0 if k == 1 else k * c * c * n_a
+    form = 0 if k == 1 else _FORM_WEIGHT * k * c * c * n_a
     costs = {"explicit": form + tokens * n_blocks * c * c}
     if 1 < k < n:
         apply = _ACTION_FLOP_WEIGHT * compound_apply_cost(n, k) + _ACTION_MOVES_PER_N2 * n * n
@@ -211,6 +217,179 @@ def rotation_costs(
     return {"activations": scale * rotate(tokens), "weight": weight}
 
 
+def _segments(v: torch.Tensor, plan: BlockPlan) -> list[torch.Tensor]:
+    """Views of ``v`` [T, d] per block segment, blocks first: per order j [N, T, c_j], then the
+    identity pad [N, T, pad] if any (strided views, no copy)."""
+    sizes = [*plan.dims, plan.pad] if plan.pad else list(plan.dims)
+    blocks = v[:, : plan.num_blocks * plan.block_size].unflatten(-1, (plan.num_blocks, -1))
+    return [s.transpose(0, 1) for s in blocks.split(sizes, dim=-1)]
+
+
+def _apply_blocks(v: torch.Tensor, mats: list[torch.Tensor], plan: BlockPlan,
+                  add: torch.Tensor | None = None) -> torch.Tensor:
+    """Q·v_t + ``add`` for every row v_t of ``v`` [T, d] (``add`` [d] or None), Q given by the
+    explicit block matrices ``mats[j]`` [N_A, c_j, c_j]: one (b)addbmm per order written straight
+    into the output's strided segments, copies for the identity rows; no concatenation. Under
+    torch.compile, which cannot trace ``out=`` into strided views, the segments are computed
+    apart and concatenated. Not differentiable in eager mode (``out=``): autograd goes through
+    :class:`_BlockRotate` / :class:`_RotatedLinear`. Cost: T·N·Σ_j c_j² multiply-adds."""
+    n_blk = plan.num_blocks
+    out = None
+    if not torch.compiler.is_compiling():
+        out = torch.empty_like(v, memory_format=torch.contiguous_format)
+    srcs = _segments(v, plan)
+    dsts = [None] * len(srcs) if out is None else _segments(out, plan)
+    shifts = [None] * len(srcs) if add is None else _segments(add[None], plan)
+    parts = []
+    for j, (src, dst, shift) in enumerate(zip(srcs, dsts, shifts, strict=True)):
+        if j < len(mats):
+            mat = mats[j].expand(n_blk, *mats[j].shape[1:]).mT
+            into = {} if dst is None else {"out": dst}
+            parts.append(torch.bmm(src, mat, **into) if shift is None
+                         else torch.baddbmm(shift, src, mat, **into))
+        else:  # the identity pad
+            parts.append(src if shift is None else src + shift)
+            if dst is not None:
+                dst.copy_(parts[-1])
+    rest = slice(n_blk * plan.block_size, None)
+    leftover = v[:, rest] if add is None else v[:, rest] + add[rest]
+    if out is not None:
+        if plan.leftover:
+            out[:, rest].copy_(leftover)
+        return out
+    rotated = torch.cat([p.transpose(0, 1) for p in parts], dim=-1).flatten(1)
+    return torch.cat([rotated, leftover], dim=-1) if plan.leftover else rotated
+
+
+def _block_grads(grad: torch.Tensor, v: torch.Tensor, plan: BlockPlan, n_a: list[int],
+                 fixed: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Gradients of the block matrices of ``y_t = Q·(v_t − fixed) + …``: per order j,
+    Σ_t g_t,seg (v_t − fixed)_segᵀ [N_A_j, c_j, c_j] (summed over the blocks when the matrix is
+    shared, ``n_a[j]`` = 1), from ``grad`` and ``v`` [T, d]. The shift by ``fixed`` is a rank-1
+    correction with the gradient's column sums. Cost: T·N·Σ_j c_j² (one bmm per order)."""
+    g_sum = None if fixed is None else _segments(grad.sum(0, keepdim=True), plan)
+    f_segs = None if fixed is None else _segments(fixed[None].to(v.dtype), plan)
+    k = len(plan.dims)  # the identity pad's segment (if any) comes last and has no matrix
+    grads = []
+    for j, (g_seg, v_seg) in enumerate(zip(_segments(grad, plan)[:k], _segments(v, plan)[:k],
+                                           strict=True)):
+        gm = torch.bmm(g_seg.mT, v_seg)  # [N, c, c]
+        if fixed is not None:
+            gm = gm - g_sum[j].mT * f_segs[j]
+        grads.append(gm.sum(0, keepdim=True) if n_a[j] == 1 and plan.num_blocks > 1 else gm)
+    return grads
+
+
+def _rotate_rows(v: torch.Tensor, mats: list[torch.Tensor], plan: BlockPlan) -> torch.Tensor:
+    """Q·v_t for the rows of v [T, d] inside a backward: a :class:`_BlockRotate` node when
+    autograd records it (double backward), else the bare :func:`_apply_blocks` (torch.compile
+    mistraces a Function applied inside another's backward: it drops non-tensor arguments)."""
+    if torch.is_grad_enabled():
+        return _BlockRotate.apply(v, plan, *mats)
+    return _apply_blocks(v, mats, plan)
+
+
+class _BlockRotate(torch.autograd.Function):
+    """``Q·(v − fixed) + fixed`` for v [T, d] (fixed [d] optional), Q = ⊕_blocks(⊕_j mats[j]_i ⊕ I)
+    ⊕ I given by explicit block matrices: forward :func:`_apply_blocks` (no concatenation);
+    backward grad v = Qᵀ·g (this function on the transposed matrices), grad mats =
+    :func:`_block_grads`, grad fixed = (I − Q)ᵀ Σ_t g_t. One autograd node instead of a split,
+    transposes, a matmul per order and a concatenation. Backward built from differentiable
+    ops (double backward works). Cost: T·N·Σ_j c_j² each way, 2x for the backward.
+
+    Arguments ``(v, plan, *mats[, fixed])``: the optional tensor rides at the end."""
+
+    @staticmethod
+    def forward(ctx: Any, v: torch.Tensor, plan: BlockPlan, *tensors: torch.Tensor) -> torch.Tensor:
+        k = len(plan.dims)
+        mats = list(tensors[:k])
+        fixed = tensors[k].to(v.dtype) if len(tensors) > k else None
+        add = None
+        if fixed is not None:  # Q(v − f) + f = Q·v + (f − Q·f)
+            add = fixed - _apply_blocks(fixed[None], mats, plan)[0]
+        ctx.plan = plan
+        ctx.save_for_backward(v, *mats, *([] if fixed is None else [fixed]))
+        return _apply_blocks(v, mats, plan, add)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        plan = ctx.plan
+        k = len(plan.dims)
+        v, *rest = ctx.saved_tensors
+        mats, fixed = rest[:k], (rest[k] if len(rest) > k else None)
+        grad = grad.contiguous()
+        needs = ctx.needs_input_grad
+        transposed = [m.mT for m in mats]
+        grad_v = _rotate_rows(grad, transposed, plan) if needs[0] else None
+        grad_mats = [None] * len(mats)
+        if any(needs[2 : 2 + k]):
+            grad_mats = _block_grads(grad, v, plan, [m.shape[0] for m in mats], fixed)
+        if fixed is None:
+            return (grad_v, None, *grad_mats)
+        grad_fixed = None
+        if needs[-1]:
+            g_sum = grad.sum(0, keepdim=True)
+            grad_fixed = (g_sum - _rotate_rows(g_sum, transposed, plan))[0]
+        return (grad_v, None, *grad_mats, grad_fixed)
+
+
+class _RotatedLinear(torch.autograd.Function):
+    """``Q·(x·Wᵀ) + b`` for x [T, d_in], a frozen weight [d_out, d_in] (bias [d_out] optional)
+    and an output-side Q of explicit block matrices, as one node: what the layer computes as
+    ``Q·(base(x) − b) + b``, without the rotation about the bias.
+
+    Forward: x·Wᵀ, then :func:`_apply_blocks` with b as the shift. Backward: grad x =
+    g·(Q·W), Q folded into W's d_in columns once, when d_in < T (else (Qᵀ·g)·W); grad mats =
+    :func:`_block_grads` of g and the saved x·Wᵀ; grad b = Σ_t g_t. The weight gets no gradient
+    (only called with a frozen one). Cost: the linear's T·d_in·d_out each way plus
+    T·N·Σ_j c_j² forward and min(T, d_in)·N·Σ_j c_j² + T·N·Σ_j c_j² backward, where autograd
+    through base and rotation would rotate the T gradient rows.
+
+    Arguments ``(x, weight, plan, *mats[, bias])``, as for :class:`_BlockRotate`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, plan: BlockPlan,
+                *tensors: torch.Tensor) -> torch.Tensor:
+        mats, bias = list(tensors[: len(plan.dims)]), tensors[len(plan.dims):]
+        y0 = x @ weight.mT
+        ctx.plan = plan
+        ctx.has_bias = bool(bias)
+        ctx.save_for_backward(y0, weight, *mats)
+        return _apply_blocks(y0, mats, plan, bias[0] if bias else None)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        y0, weight, *mats = ctx.saved_tensors
+        plan = ctx.plan
+        grad = grad.contiguous()
+        needs = ctx.needs_input_grad
+        grad_x = None
+        if needs[0]:
+            if weight.shape[1] < grad.shape[0]:  # rotate W's d_in columns, not the T rows of g
+                grad_x = grad @ _rotate_rows(weight.mT, mats, plan).mT
+            else:
+                grad_x = _rotate_rows(grad, [m.mT for m in mats], plan) @ weight
+        grad_mats = [None] * len(mats)
+        if any(needs[3 : 3 + len(mats)]):
+            grad_mats = _block_grads(grad, y0, plan, [m.shape[0] for m in mats])
+        if not ctx.has_bias:
+            return (grad_x, None, None, *grad_mats)
+        return (grad_x, None, None, *grad_mats, grad.sum(0) if needs[-1] else None)
+
+
+def _all_explicit(mats: list[torch.Tensor | CompoundOperator], tokens: int,
+                  n_blocks: int) -> list[torch.Tensor] | None:
+    """The orders as explicit block matrices when :func:`order_costs` counts every one cheaper
+    formed than applied as an action on ``tokens`` vectors; None if any order takes the action."""
+    out = []
+    for mat in mats:
+        costs = order_costs(mat, tokens, n_blocks)
+        if "action" in costs and costs["action"] < costs["explicit"]:
+            return None
+        out.append(as_matrix(mat))
+    return out
+
+
 def block_rotate(
     v: torch.Tensor, mats: list[torch.Tensor], plan: BlockPlan, fixed: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -219,11 +398,16 @@ def block_rotate(
 
     ``mats[j]``: [N_A, c_j, c_j] with N_A ∈ {1, N} (1 = shared by all blocks),
     c_j = plan.dims[j], or a :class:`CompoundOperator` on [N_A, n, n], then formed or applied as
-    its action, whichever :func:`order_costs` counts cheaper for this many vectors. One batched
-    matmul (or action) per order (``fixed`` folded in as a per-block shift) and one
-    concatenation; no d x d matrix. Cost per vector: O(N · Σ_j min(c_j², action_j))."""
+    its action, whichever :func:`order_costs` counts cheaper for this many vectors. All orders
+    explicit: one :class:`_BlockRotate` node. Otherwise one batched matmul (or action) per
+    order (``fixed`` folded in as a per-block shift) and one concatenation; no d x d matrix.
+    Cost per vector: O(N · Σ_j min(c_j², action_j))."""
     n_blk, b = plan.num_blocks, plan.block_size
     flat = v.reshape(-1, plan.d)
+    explicit = _all_explicit(mats, flat.shape[0], n_blk)
+    if explicit is not None:
+        tensors = explicit if fixed is None else [*explicit, fixed]
+        return _BlockRotate.apply(flat, plan, *tensors).view(*v.shape[:-1], plan.d)
     sizes = [*plan.dims, plan.pad] if plan.pad else list(plan.dims)
     # split (not slices): its backward is one concatenation instead of a zero-filled
     # full-size gradient per slice
@@ -405,9 +589,7 @@ class QuICLayer(WeightMergeLayer):
         no gradient); None otherwise. Linear / Conv1D only."""
         plan, side = self.quic_plan[name], self.quic_settings[name].side
         base = self.get_base_layer()
-        if type(base) is not nn.Linear and not (Conv1D and type(base) is Conv1D):
-            # a subclass (bitsandbytes' packed weights, a custom forward) computes its own way:
-            # x·W'ᵀ + b by hand would bypass it, so rotate the activations around its forward
+        if not self._plain_linear():
             return None
         other = self.in_features if side == "output" else self.out_features
         needs_grad = torch.is_grad_enabled() and (
@@ -420,6 +602,38 @@ class QuICLayer(WeightMergeLayer):
         bias = None if base.bias is None else base.bias.to(x.dtype)
         return torch.nn.functional.linear(x, matrix, bias)
 
+    def _plain_linear(self) -> bool:
+        """Whether the base layer is exactly ``nn.Linear`` / transformers ``Conv1D``, so that its
+        output may be computed by hand as x·Wᵀ + b. A subclass (bitsandbytes' packed weights, a
+        custom forward) computes its own way: the adapter then rotates around its forward."""
+        base = self.get_base_layer()
+        return type(base) is nn.Linear or bool(Conv1D and type(base) is Conv1D)
+
+    def _forward_fused(
+        self, name: str, x: torch.Tensor, mats: list[torch.Tensor | CompoundOperator]
+    ) -> torch.Tensor | None:
+        """Q·(x·Wᵀ) + b as one :class:`_RotatedLinear` node for an output-side adapter on a
+        frozen plain linear layer whose input is in the compute dtype (no autocast) and whose
+        orders are all formed explicitly at this token count; None otherwise."""
+        base = self.get_base_layer()
+        if self.quic_settings[name].side != "output" or not self._plain_linear():
+            return None
+        weight = weight_to_matrix(base, base.weight)
+        bias = base.bias
+        if (weight.requires_grad or x.dtype != weight.dtype
+                or x.dtype != _compute_dtype(self.quic_params[name].dtype)
+                or (bias is not None and bias.dtype != x.dtype)
+                or torch.is_autocast_enabled(x.device.type)):
+            return None
+        plan = self.quic_plan[name]
+        flat = x.reshape(-1, x.shape[-1])
+        explicit = _all_explicit(mats, flat.shape[0], plan.num_blocks)
+        if explicit is None:
+            return None
+        tensors = explicit if bias is None else [*explicit, bias]
+        out = _RotatedLinear.apply(flat, weight, plan, *tensors)
+        return out.view(*x.shape[:-1], plan.d)
+
     def _forward_active(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
         kept = [a for a in active if self._kept(a)]
@@ -427,6 +641,8 @@ class QuICLayer(WeightMergeLayer):
         ops = {name: self.forward_matrices(name) for name in kept}
         if len(kept) == 1 and self.kind != "conv2d" and not args and not kwargs:
             rotated = self._forward_rotated_weight(kept[0], x, ops[kept[0]])
+            if rotated is None:
+                rotated = self._forward_fused(kept[0], x, ops[kept[0]])
             if rotated is not None:
                 return rotated
         ins = [a for a in kept if self.quic_settings[a].side == "input"]
