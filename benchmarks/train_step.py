@@ -47,8 +47,10 @@ def measure_memory(kind: str, method: str, quick: bool) -> dict[str, Any]:
                                + (["--quick"] if quick else []), timeout=900)
 
 
-def measure_time(kind: str, methods: list[str], quick: bool) -> dict[str, Any]:
-    """Round-robin step timings of ``methods`` on one model; per-method errors are recorded."""
+def measure_time(kind: str, methods: list[str], quick: bool,
+                 rounds: int | None = None) -> dict[str, Any]:
+    """Round-robin step timings of ``methods`` on one model (``rounds`` timed rounds, default
+    11, 4 for SmolLM2); per-method errors are recorded."""
     spec = M.model_spec(kind, quick)
     base = M.load_base(kind, quick)
     batch = M.make_batch(spec, base.config.vocab_size)
@@ -62,6 +64,7 @@ def measure_time(kind: str, methods: list[str], quick: bool) -> dict[str, Any]:
         except Exception as err:  # a method that cannot be built is reported, not fatal
             out[method] = {"error": f"{type(err).__name__}: {err}"}
     warmup, repeats = (1, 2) if quick else ((1, 4) if kind == "smollm2" else (2, 11))
+    repeats = rounds or repeats
     times = C.round_robin(steps, warmup, repeats)
     for method, ts in times.items():
         out[method].update(C.summarize(ts))
@@ -72,7 +75,7 @@ def measure_time(kind: str, methods: list[str], quick: bool) -> dict[str, Any]:
 
 def run(quick: bool = False, out_dir: Path = C.RESULTS_DIR,
         models: tuple[str, ...] = M.MODEL_KINDS, methods: tuple[str, ...] = M.METHODS,
-        memory: bool = True) -> dict[str, Any]:
+        memory: bool = True, rounds: int | None = None) -> dict[str, Any]:
     """Time and memory for every model x method; writes ``train_step.json`` / ``.md``."""
     C.setup_torch()
     avail = M.available_methods()
@@ -82,7 +85,7 @@ def run(quick: bool = False, out_dir: Path = C.RESULTS_DIR,
                               "models": {}}
     for kind in models:
         spec = M.model_spec(kind, quick)
-        rows = measure_time(kind, use, quick)
+        rows = measure_time(kind, use, quick, rounds)
         gc.collect()
         if memory:
             for method in use:
@@ -149,13 +152,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", nargs="+", default=list(M.MODEL_KINDS), choices=M.MODEL_KINDS)
     p.add_argument("--methods", nargs="+", default=list(M.METHODS), choices=M.METHODS)
     p.add_argument("--no-memory", action="store_true", help="skip the per-method subprocesses")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="timed rounds per model (default 11; 4 for SmolLM2, whose steps are long)")
     p.add_argument("--memory-worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.memory_worker:
         print(json.dumps(memory_worker(a.memory_worker[0], a.memory_worker[1], a.quick, a.steps)))
         return
-    result = run(a.quick, a.out, tuple(a.models), tuple(a.methods), not a.no_memory)
+    result = run(a.quick, a.out, tuple(a.models), tuple(a.methods), not a.no_memory, a.rounds)
     print(render(result))
 
 

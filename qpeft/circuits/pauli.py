@@ -208,7 +208,9 @@ class _Bucket(NamedTuple):
     sub-layer matrices come from one angle gather (``angles``, ``(M c,)``, group-major) and one
     product; their stage matrices are ``outer * even @ inner`` (a merged pair: an even
     sub-layer after the one before it, the even CZ layer's diagonal ``even (d,)`` between) and
-    then the ``singles`` left alone, all indices into the ``M`` sub-layer matrices."""
+    then the ``singles`` left alone, all indices into the ``M`` sub-layer matrices; each
+    sub-layer matrix is used once, and ``unmerge`` puts ``outer, inner, singles`` back in
+    order."""
 
     size: int
     angles: torch.Tensor
@@ -216,6 +218,7 @@ class _Bucket(NamedTuple):
     outer: torch.Tensor
     inner: torch.Tensor
     singles: torch.Tensor
+    unmerge: torch.Tensor
     even: torch.Tensor
 
 
@@ -296,6 +299,7 @@ def _plan(program: tuple[Step, ...], depth: int, total: int, device: torch.devic
             _Bucket(size, index(b["angles"]),
                     rotation_index(tuple(map(tuple, b["angles"])), device),
                     index(b["outer"]), index(b["inner"]), index(b["singles"]),
+                    torch.argsort(index(b["outer"] + b["inner"] + b["singles"])),
                     even_diagonal(size))
             for size, b in sizes_seen.items()
         ),
@@ -307,35 +311,30 @@ def _plan(program: tuple[Step, ...], depth: int, total: int, device: torch.devic
     )
 
 
-def _stage_matrices(bucket: _Bucket, rot: torch.Tensor) -> torch.Tensor:
+def _stage_matrices(
+    bucket: _Bucket, rot: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(*B, K, d, d)``: the bucket's stage matrices from its sub-layer matrices
-    ``rot (*B, M, d, d)``: the merged pairs ``outer diag(even) inner``, then the singles."""
-    parts = []
-    if bucket.outer.numel():
-        even = bucket.even.to(rot.dtype)
-        outer, inner = rot.index_select(-3, bucket.outer), rot.index_select(-3, bucket.inner)
-        parts.append(torch.matmul(outer * even, inner))
-    if bucket.singles.numel():
-        parts.append(rot.index_select(-3, bucket.singles))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-3)
+    ``rot (*B, M, d, d)`` — the merged pairs ``outer diag(even) inner``, then the singles —
+    and the two factors of the merged pairs (``outer diag(even)``, ``inner``: the backward's)."""
+    outer = rot.index_select(-3, bucket.outer) * bucket.even.to(rot.dtype)
+    inner = rot.index_select(-3, bucket.inner)
+    singles = rot.index_select(-3, bucket.singles)
+    return torch.cat((torch.matmul(outer, inner), singles), dim=-3), outer, inner
 
 
 def _stage_matrices_backward(
-    bucket: _Bucket, rot: torch.Tensor, grad: torch.Tensor
+    bucket: _Bucket, outer: torch.Tensor, inner: torch.Tensor, grad: torch.Tensor
 ) -> torch.Tensor:
     """``(*B, M, d, d)``: the sub-layer matrices' gradient from the stage matrices'
-    ``grad (*B, K, d, d)``: for ``P = A D B``, ``dA = (G B^T) D`` and ``dB = D (A^T G)``."""
-    out = torch.zeros_like(rot)
+    ``grad (*B, K, d, d)`` and ``_stage_matrices``' factors: for ``P = A D B``,
+    ``dA = (G B^T) D`` and ``dB = (A D)^T G``; the singles pass through."""
     merged = bucket.outer.numel()
-    if merged:
-        even = bucket.even.to(rot.dtype)
-        g = grad[..., :merged, :, :]
-        outer, inner = rot.index_select(-3, bucket.outer), rot.index_select(-3, bucket.inner)
-        out.index_add_(-3, bucket.outer, torch.matmul(g, inner.mT) * even)
-        out.index_add_(-3, bucket.inner, torch.matmul(outer.mT, g) * even[:, None])
-    if bucket.singles.numel():
-        out.index_add_(-3, bucket.singles, grad[..., merged:, :, :])
-    return out
+    g = grad[..., :merged, :, :]
+    d_outer = torch.matmul(g, inner.mT) * bucket.even.to(grad.dtype)
+    d_inner = torch.matmul(outer.mT, g)
+    parts = (d_outer, d_inner, grad[..., merged:, :, :])
+    return torch.cat(parts, dim=-3).index_select(-3, bucket.unmerge)
 
 
 def _to_groups(block: torch.Tensor, d0: int) -> torch.Tensor:
@@ -438,9 +437,10 @@ class _Program(torch.autograd.Function):
         rotations = [  # (*B, M_u, d, d) sub-layer matrices per group size
             gather_rotations(table, b.rotations, b.size) for b in plan.buckets
         ]
-        stages = [  # (*B, K_u, d, d)
+        merged = [  # (stages (*B, K_u, d, d), the merged pairs' two factors) per group size
             _stage_matrices(b, r) for b, r in zip(plan.buckets, rotations, strict=True)
         ]
+        stages = [m[0] for m in merged]
         mats = _matrices(plan, stages)
         cs: tuple[torch.Tensor, ...] = ()
         if plan.phis is not None:  # (*B, levels, 1, 1)
@@ -465,8 +465,9 @@ class _Program(torch.autograd.Function):
                 saved += [new_top, new_bottom]
                 level += 1
         ctx.program, ctx.depth, ctx.total = program, depth, total
-        ctx.n_tables = 2 * len(rotations) + len(cs)
-        ctx.save_for_backward(*rotations, *stages, *cs, *saved)
+        tables = [t for m in merged for t in m]  # stages, outer, inner per group size
+        ctx.n_tables = len(tables) + len(rotations) + len(cs)
+        ctx.save_for_backward(*tables, *rotations, *cs, *saved)
         return y
 
     @staticmethod
@@ -476,11 +477,13 @@ class _Program(torch.autograd.Function):
         tables, saved = tensors[: ctx.n_tables], list(tensors[ctx.n_tables :])
         plan = _plan(program, ctx.depth, ctx.total, grad.device)
         u = len(plan.buckets)
-        rotations, stages = tables[:u], tables[u : 2 * u]
+        stages = tables[0 : 3 * u : 3]
+        factors = list(zip(tables[1 : 3 * u : 3], tables[2 : 3 * u : 3], strict=True))
+        rotations = tables[3 * u : 4 * u]
         mats = _matrices(plan, stages)
         mat_grads = _locate(plan.stages, [[None] * r.shape[-3] for r in stages])
         if plan.phis is not None:
-            cos, sin = tables[2 * u :]
+            cos, sin = tables[4 * u :]
             phi_grads: list[torch.Tensor | None] = [None] * cos.shape[-3]
         g = grad.clone(memory_format=torch.contiguous_format)
         circuit, level = len(plan.stages), 0 if plan.phis is None else plan.phis.shape[0]
@@ -505,8 +508,10 @@ class _Program(torch.autograd.Function):
                 g_bottom.copy_(bottom_in)
         angles_grad = grad.new_zeros(*grad.shape[:-2], ctx.total + 1)
         per_bucket = _gather_by_bucket(plan.stages, mat_grads, [r.shape[-3] for r in stages])
-        for bucket, rotation, grads in zip(plan.buckets, rotations, per_bucket, strict=True):
-            rot_grad = _stage_matrices_backward(bucket, rotation, torch.stack(grads, dim=-3))
+        for bucket, rotation, (outer, inner), grads in zip(
+            plan.buckets, rotations, factors, per_bucket, strict=True
+        ):
+            rot_grad = _stage_matrices_backward(bucket, outer, inner, torch.stack(grads, dim=-3))
             half_grad = group_rotations_half_angle_grad(rotation, rot_grad)
             angles_grad.index_add_(-1, bucket.angles, half_grad.flatten(-2) * 0.5)
         if plan.phis is not None:
