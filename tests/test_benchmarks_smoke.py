@@ -281,7 +281,7 @@ def test_scale_only_70b_keeps_the_7b_tables(tmp_path):
 
 @pytest.mark.parametrize(("d_in", "tokens", "forms_c2"), [
     (256, 1, False),  # one token: C_2 applied as the action
-    (256, 64, True),  # more tokens: C_2 formed
+    (256, 512, True),  # many tokens: C_2 formed (at n = 16 the crossover is ~70 tokens)
     (1, 4096, False),  # many tokens, W one column wide: the weight path rotates that column
 ])
 def test_quic_generation_forms_what_the_forward_forms(d_in, tokens, forms_c2, monkeypatch):
