@@ -146,6 +146,17 @@ def _slot_angles(n_qubits: int, depth: int) -> list[list[list[int]]]:
     return out
 
 
+def _cz_diagonal(bits: int, first: int) -> torch.Tensor:
+    """``(2**bits,)`` long: the +-1 diagonal of CZ on the pairs ``(q, q + 1)``,
+    ``q = first, first + 2, ...`` below ``bits - 1`` (``first`` 0: the even layer, 1: the odd
+    one), qubit ``q`` being bit ``q`` of the basis index.  O(bits 2**bits)."""
+    index = torch.arange(1 << bits)
+    parity = torch.zeros_like(index)
+    for q in range(first, bits - 1, 2):
+        parity ^= ((index >> q) & 1) & ((index >> (q + 1)) & 1)
+    return 1 - 2 * parity
+
+
 class _Layout(NamedTuple):
     """How a circuit on ``n`` qubits runs on ``m`` columns: the state is one contiguous
     ``(N / d_0, m, d_0)`` tensor (entry ``[I, k, i_0]`` = amplitude ``I d_0 + i_0`` of column
@@ -176,12 +187,7 @@ def _layout(n_qubits: int, m: int, dtype: torch.dtype, device: torch.device) -> 
         above //= d
         shapes.append((d, -1) if above == 1 else (above, d, -1))
         kinds.append(1 if above == 1 else 2)
-    _, n_o = _layer_qubits(n_qubits)
-    index = torch.arange(big_n)
-    parity = torch.zeros_like(index)
-    for q in range(1, n_o, 2):  # CZ on (1,2), (3,4), ...
-        parity ^= ((index >> q) & 1) & ((index >> (q + 1)) & 1)
-    signs = (1 - 2 * parity).reshape(-1, 1, d0).expand(-1, m, -1).contiguous()
+    signs = _cz_diagonal(n_qubits, first=1).reshape(-1, 1, d0).expand(-1, m, -1).contiguous()
     signs = signs.to(device=device, dtype=dtype)
     return _Layout(
         shapes=tuple(shapes),
@@ -282,13 +288,6 @@ def _plan(program: tuple[Step, ...], depth: int, total: int, device: torch.devic
     def index(values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).flatten().to(device)
 
-    def even_diagonal(size: int) -> torch.Tensor:
-        i = torch.arange(1 << size)
-        parity = torch.zeros_like(i)
-        for t in range(0, size - 1, 2):
-            parity ^= ((i >> t) & 1) & ((i >> (t + 1)) & 1)
-        return (1 - 2 * parity).to(device)
-
     def position(size: int, kind: str, p: int) -> tuple[int, int]:
         merged = len(sizes_seen[size]["outer"])
         return order[size], p if kind == "merged" else merged + p
@@ -300,7 +299,7 @@ def _plan(program: tuple[Step, ...], depth: int, total: int, device: torch.devic
                     rotation_index(tuple(map(tuple, b["angles"])), device),
                     index(b["outer"]), index(b["inner"]), index(b["singles"]),
                     torch.argsort(index(b["outer"] + b["inner"] + b["singles"])),
-                    even_diagonal(size))
+                    _cz_diagonal(size, first=0).to(device))
             for size, b in sizes_seen.items()
         ),
         stages=tuple(
