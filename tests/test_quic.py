@@ -742,6 +742,36 @@ def test_fused_layer_forward_equals_the_rotate_around_base_path(kind, tokens, mo
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
 
 
+def test_a_hooked_base_layer_is_not_computed_by_hand():
+    """A forward hook on the base Linear (accelerate's offloading hooks load the weight in one;
+    a user's may change the output) must run: the layer rotates around the base forward, as for
+    a Linear subclass, instead of fusing x·Wᵀ + b by hand — same output and gradients."""
+    torch.manual_seed(0)
+    hooked = nn.Linear(23, 40, dtype=torch.float64)
+    hooked.register_forward_hook(lambda module, args, out: 2 * out)
+
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    reference = Doubled(23, 40, dtype=torch.float64)
+    reference.load_state_dict(hooked.state_dict())
+    x0 = torch.randn(30, 23, dtype=torch.float64)
+    results = []
+    for base in (hooked, reference):
+        for p in base.parameters():
+            p.requires_grad_(False)
+        torch.manual_seed(1)
+        layer = quic_layer(base, num_blocks=3, orders=[1, 2])
+        layer.quic_params["default"].data = layer.quic_params["default"].data.double()
+        layer.quic_params["default"].data.normal_()
+        x = x0.clone().requires_grad_()
+        y = layer(x)
+        results.append((y.detach(), *_grads(y, [x, layer.quic_params["default"]])))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
 @pytest.mark.parametrize("bias,side,tokens", [
     (True, "output", 6), (False, "output", 40), (True, "input", 6),
 ])

@@ -603,11 +603,14 @@ class QuICLayer(WeightMergeLayer):
         return torch.nn.functional.linear(x, matrix, bias)
 
     def _plain_linear(self) -> bool:
-        """Whether the base layer is exactly ``nn.Linear`` / transformers ``Conv1D``, so that its
-        output may be computed by hand as x·Wᵀ + b. A subclass (bitsandbytes' packed weights, a
-        custom forward) computes its own way: the adapter then rotates around its forward."""
+        """Whether the base layer is exactly ``nn.Linear`` / transformers ``Conv1D`` with no
+        forward hooks, so that its output may be computed by hand as x·Wᵀ + b. A subclass
+        (bitsandbytes' packed weights, a custom forward) or a hooked layer (accelerate's
+        offloading hooks, which load the weight in a pre-hook; a user's output hook) computes its
+        own way: the adapter then rotates around its forward."""
         base = self.get_base_layer()
-        return type(base) is nn.Linear or bool(Conv1D and type(base) is Conv1D)
+        plain = type(base) is nn.Linear or bool(Conv1D and type(base) is Conv1D)
+        return plain and not (base._forward_hooks or base._forward_pre_hooks)
 
     def _forward_fused(
         self, name: str, x: torch.Tensor, mats: list[torch.Tensor | CompoundOperator]
