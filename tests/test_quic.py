@@ -699,6 +699,22 @@ def test_rotated_linear_node_matches_dense_q_with_gradients(tokens, bias, shared
         torch.testing.assert_close(g_got, g_want, atol=1e-10, rtol=0)
 
 
+def _frozen_base_run(base: nn.Module, x0: torch.Tensor, perturb: bool = False) -> tuple:
+    """A float64 QuIC layer (3 blocks, orders 1 and 2, seed 1; parameters redrawn N(0, 1) with
+    ``perturb``) on the frozen ``base``: its output on ``x0`` and the gradients of the input and
+    the adapter parameters."""
+    for p in base.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(1)
+    layer = quic_layer(base, num_blocks=3, orders=[1, 2])
+    layer.quic_params["default"].data = layer.quic_params["default"].data.double()
+    if perturb:
+        layer.quic_params["default"].data.normal_()
+    x = x0.clone().requires_grad_()
+    y = layer(x)
+    return (y.detach(), *_grads(y, [x, layer.quic_params["default"]]))
+
+
 class _LinearSubclass(nn.Linear):
     """Not a plain nn.Linear: the layer rotates around its forward (the autograd path)."""
 
@@ -727,16 +743,7 @@ def test_fused_layer_forward_equals_the_rotate_around_base_path(kind, tokens, mo
             plain.weight.copy_(fused_base.weight.T)
             plain.bias.copy_(fused_base.bias)
     x0 = torch.randn(2, tokens // 2, 23, dtype=torch.float64)
-    results = []
-    for base in (fused_base, plain):
-        for p in base.parameters():
-            p.requires_grad_(False)
-        torch.manual_seed(1)
-        layer = quic_layer(base, num_blocks=3, orders=[1, 2])
-        layer.quic_params["default"].data = layer.quic_params["default"].data.double()
-        x = x0.clone().requires_grad_()
-        y = layer(x)
-        results.append((y.detach(), *_grads(y, [x, layer.quic_params["default"]])))
+    results = [_frozen_base_run(base, x0) for base in (fused_base, plain)]
     assert len(calls) == 1  # the plain layer fused, the subclass did not
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
@@ -757,17 +764,7 @@ def test_a_hooked_base_layer_is_not_computed_by_hand():
     reference = Doubled(23, 40, dtype=torch.float64)
     reference.load_state_dict(hooked.state_dict())
     x0 = torch.randn(30, 23, dtype=torch.float64)
-    results = []
-    for base in (hooked, reference):
-        for p in base.parameters():
-            p.requires_grad_(False)
-        torch.manual_seed(1)
-        layer = quic_layer(base, num_blocks=3, orders=[1, 2])
-        layer.quic_params["default"].data = layer.quic_params["default"].data.double()
-        layer.quic_params["default"].data.normal_()
-        x = x0.clone().requires_grad_()
-        y = layer(x)
-        results.append((y.detach(), *_grads(y, [x, layer.quic_params["default"]])))
+    results = [_frozen_base_run(base, x0, perturb=True) for base in (hooked, reference)]
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
 
