@@ -240,6 +240,33 @@ def test_gradient_accumulation_over_two_forwards():
             torch.testing.assert_close(p.grad, 2 * g1[n])
 
 
+def test_a_training_step_simulates_the_circuit_once_with_per_layer_gradients(monkeypatch):
+    """Four layers read one generator: the circuit runs once in the forward and once in the
+    backward (not once per layer), and the gradients equal those of per-layer generation."""
+    import qpeft.tuners._shared as shared
+    from qpeft.tuners.qpa import generator as generator_module
+
+    model = stack_model(dtype=torch.float64)
+    with torch.no_grad():
+        model.base_model.generator().gain.fill_(0.7)  # theta gets a gradient
+    x = torch.randn(4, 64, dtype=torch.float64)
+    calls = []
+    simulate = generator_module.qnn_probabilities
+    monkeypatch.setattr(generator_module, "qnn_probabilities",
+                        lambda *a, **k: calls.append(1) or simulate(*a, **k))
+    model.train()
+    model(x).pow(2).sum().backward()
+    assert len(calls) == 2
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    monkeypatch.setattr(shared, "_shareable", lambda params: False)  # every layer on its own
+    model(x).pow(2).sum().backward()
+    assert len(calls) == 2 + 4
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(got[n], p.grad, atol=1e-12, rtol=1e-12, msg=n)
+
+
 def test_gain_gets_gradient_at_init_and_theta_after_one_step():
     model = stack_model()
     gen = model.base_model.generator()

@@ -23,6 +23,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from qpeft.tuners._shared import same_values
+
 try:  # peft >= 0.21: one object per quantized layer that dequantizes / requantizes its weight
     from peft.utils.quantization_utils import resolve_quantization_backend
 except ImportError:  # pragma: no cover - older peft: quantized bases cannot be merged into
@@ -111,9 +113,10 @@ class QpeftTuner(BaseTuner):
     :meth:`_update_layer` (add an adapter to a layer that is already ours).
 
     Execution model: every layer computes its output from its own parameters inside its own
-    forward (circuits, compounds and QPA slices are generated there, never cached across
-    layers or forwards), so gradient checkpointing, FSDP's per-layer unsharding,
-    ``torch.compile`` and per-row adapter routing see an ordinary module."""
+    forward (circuits, compounds and QPA slices are generated there; the one value shared
+    across layers, QPA's circuit probabilities, is an autograd node built to be invisible to
+    wrappers: ``qpeft.tuners._shared``), so gradient checkpointing, FSDP's per-layer
+    unsharding, ``torch.compile`` and per-row adapter routing see an ordinary module."""
 
     method_label: str = "qpeft"
 
@@ -245,7 +248,7 @@ class WeightMergeLayer(BaseTunerLayer):
             return build()
         cache = self.__dict__.setdefault("_qpeft_eval_cache", {})
         hit = cache.get(slot)
-        if hit is not None and _same_values(hit[0], params):
+        if hit is not None and same_values(hit[0], params):
             return hit[1]
         # built as ordinary tensors even inside torch.inference_mode(): a kept result may be
         # used later by a forward that autograd records (frozen adapter, input with a gradient)
@@ -396,13 +399,6 @@ class WeightMergeLayer(BaseTunerLayer):
                 weight = self._read_base_weight()
                 restored = self._unmerged_weight(name, weight)
                 self._write_base_weight(restored.to(weight.dtype).contiguous())
-
-
-def _same_values(snapshot: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> bool:
-    return len(snapshot) == len(params) and all(
-        a.dtype == b.dtype and a.device == b.device and a.shape == b.shape and torch.equal(a, b)
-        for a, b in zip(snapshot, params, strict=True)
-    )
 
 
 def _numel(value: Any) -> int:

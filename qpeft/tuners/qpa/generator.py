@@ -28,6 +28,7 @@ from torch import nn
 
 from qpeft.circuits._checks import check_positive_int
 from qpeft.circuits.statevector import MAX_QUBITS, qnn_num_params, qnn_probabilities
+from qpeft.tuners._shared import SharedValue
 
 REFERENCE_HIDDEN = (32, 64, 128, 128, 64, 32, 32)
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "none")
@@ -109,6 +110,15 @@ _ACTIVATION_FNS = {
 }
 
 
+def _circuit_probabilities(theta: torch.Tensor) -> torch.Tensor:
+    """The QNN's 2**N probabilities from angles ``theta`` [L, N]; half-precision angles (a model
+    cast with ``.half()`` after wrapping) run in float32. No input checks: theta is the
+    generator's own parameter (the finiteness check is a reduction and a device sync)."""
+    if theta.dtype not in (torch.float32, torch.float64):
+        theta = theta.float()
+    return qnn_probabilities(theta, validate=False)
+
+
 def _activation(name: str):
     if name not in _ACTIVATION_FNS:
         raise ValueError(f"mlp_activation must be one of {ACTIVATIONS}, got {name!r}")
@@ -123,7 +133,8 @@ class QPAGenerator(nn.Module):
     ``(lora_B, lora_A)`` alone: the circuit (all 2**N probabilities), then the MLP only on the
     chunks that hold the layer's numbers (centring: the mean in closed form from input sums when
     the MLP is affine, else from every chunk's hidden activations). So each adapted layer
-    generates its own factors inside its own forward, with nothing cached.
+    generates its own factors inside its own forward; only the circuit's probabilities, a
+    function of theta alone, are computed once and shared while training (``_probabilities``).
     Cost of a full generation: O(L*N*2**N) circuit + O(n_ch * (sum of MLP layer sizes)) MLP."""
 
     def __init__(
@@ -182,6 +193,9 @@ class QPAGenerator(nn.Module):
                 self.register_parameter(f"mlp_weight_{k}", nn.Parameter(linear.weight.data))
                 self.register_parameter(f"mlp_bias_{k}", nn.Parameter(linear.bias.data))
         self.gain = nn.Parameter(torch.full((1,), float(gain_init))) if output_gain else None
+        # every layer's forward reads the circuit's probabilities: simulated once per training
+        # step, not once per layer (qpeft.tuners._shared: why that is safe under any wrapper)
+        self._probabilities = SharedValue(_circuit_probabilities)
         idx = torch.arange(self.n_chunks)
         bits = (idx.unsqueeze(1) >> torch.arange(self.n_qubits)) & 1
         self.register_buffer("bits", (1 - 2 * bits).float(), persistent=False)
@@ -215,14 +229,10 @@ class QPAGenerator(nn.Module):
         return x
 
     def transformed_probabilities(self) -> torch.Tensor:
-        """``p~`` [2**N] from the circuit (see the module docstring). O(L*N*2**N).
-        Half-precision angles (a model cast with ``.half()`` after wrapping) run in float32."""
-        theta = self.theta
-        if theta.dtype not in (torch.float32, torch.float64):
-            theta = theta.float()
-        # theta is this module's own [L, N] parameter: no per-forward input checks (the
-        # finiteness check is a reduction and a device sync in every adapted layer)
-        p = qnn_probabilities(theta, validate=False)
+        """``p~`` [2**N] from the circuit (see the module docstring). O(L*N*2**N) the first time
+        in a training step; the probabilities are then shared while theta keeps its values
+        (:class:`qpeft.tuners._shared.SharedValue`), the O(2**N) transform is not."""
+        p = self._probabilities(self.theta)
         n = self.n_qubits
         if self.prob_transform == "centered":
             return p * 2**n - 1
