@@ -241,8 +241,9 @@ def test_gradient_accumulation_over_two_forwards():
 
 
 def test_a_training_step_simulates_the_circuit_once_with_per_layer_gradients(monkeypatch):
-    """Four layers read one generator: the circuit runs once in the forward and once in the
-    backward (not once per layer), and the gradients equal those of per-layer generation."""
+    """Four layers read one generator: the circuit is simulated once (not once per layer; its
+    backward differentiates that one simulation), and the gradients equal those of per-layer
+    generation."""
     import qpeft.tuners._shared as shared
     from qpeft.tuners.qpa import generator as generator_module
 
@@ -256,12 +257,12 @@ def test_a_training_step_simulates_the_circuit_once_with_per_layer_gradients(mon
                         lambda *a, **k: calls.append(1) or simulate(*a, **k))
     model.train()
     model(x).pow(2).sum().backward()
-    assert len(calls) == 2
+    assert len(calls) == 1
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    monkeypatch.setattr(shared, "_shareable", lambda params: False)  # every layer on its own
+    monkeypatch.setattr(shared, "_recording", lambda: False)  # every layer on its own
     model(x).pow(2).sum().backward()
-    assert len(calls) == 2 + 4
+    assert len(calls) == 1 + 4
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(got[n], p.grad, atol=1e-12, rtol=1e-12, msg=n)

@@ -433,3 +433,111 @@ def test_a_side_of_width_one_has_no_empty_parameter_and_everything_trains(method
     loaded.base_model.model.layer.base_layer.load_state_dict(
         model.base_model.model.layer.base_layer.state_dict())
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# one batched generation of every circuit layer per training step (SharedCircuits)
+
+
+class _Tower(nn.Module):
+    """Two blocks of (q 24->24, v 24->12, o 12->24): three circuit widths, six layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"q": nn.Linear(24, 24), "v": nn.Linear(24, 12), "o": nn.Linear(12, 24)})
+            for _ in range(2))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b["o"](torch.tanh(b["v"](torch.tanh(b["q"](x)))))
+        return x
+
+
+def _tower(**kw):
+    torch.manual_seed(0)
+    cfg = QuantumPEFTConfig(r=3, depth=2, target_modules=["q", "v", "o"], init_weights=False,
+                            circuit_dtype="float64", **kw)
+    return get_peft_model(_Tower().double(), cfg)
+
+
+def _train_grads(model, x):
+    model.zero_grad(set_to_none=True)
+    model(x).square().sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_training_step_generates_all_circuit_layers_in_one_batched_call(monkeypatch) -> None:
+    """Six layers, three widths: one stiefel_many call (three programs) per step instead of six
+    factor pairs, with the gradients of per-layer generation (float64, 1e-12)."""
+    import qpeft.tuners._shared as shared
+    from qpeft.tuners.quantum_peft import layer as layer_module
+
+    model = _tower()
+    x = torch.randn(5, 24, dtype=torch.float64)
+    batched, alone = [], []
+    many, pair = layer_module.stiefel_many, layer_module.stiefel_pair
+    monkeypatch.setattr(layer_module, "stiefel_many", lambda *a, **k: batched.append(1) or many(*a, **k))
+    monkeypatch.setattr(layer_module, "stiefel_pair", lambda *a, **k: alone.append(1) or pair(*a, **k))
+    model.train()
+    got = _train_grads(model, x)
+    assert (len(batched), len(alone)) == (1, 0)
+    monkeypatch.setattr(shared, "_recording", lambda: False)  # every layer on its own
+    want = _train_grads(model, x)
+    assert (len(batched), len(alone)) == (1, 6)
+    assert got.keys() == want.keys() and len(got) == 6 * 3
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-12, rtol=1e-12, msg=name)
+
+
+def test_a_layer_left_out_of_the_forward_gets_no_gradient() -> None:
+    """Like an expert a router skipped: the batched generation covers it, its angles get None."""
+    model = _tower()
+    x = torch.randn(5, 24, dtype=torch.float64)
+    model.train()
+    block = model.base_model.model.blocks[1]
+    block["o"](torch.tanh(block["v"](x))).sum().backward()  # q of block 1 and block 0 unused
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is None for n, g in grads.items() if "blocks.0." in n or "blocks.1.q." in n)
+    assert all(g is not None for n, g in grads.items() if "blocks.1.o." in n or "blocks.1.v." in n)
+
+
+def test_a_member_that_is_no_plain_parameter_makes_each_layer_generate_alone(monkeypatch) -> None:
+    """E.g. FSDP2 keeps other blocks' angles as DTensor shards: the batched call is skipped and
+    every layer generates its own factors, with the same gradients."""
+    from qpeft.tuners.quantum_peft import layer as layer_module
+
+    model = _tower()
+    x = torch.randn(5, 24, dtype=torch.float64)
+    model.train()
+    want = _train_grads(model, x)
+    batched = []
+    many = layer_module.stiefel_many
+    monkeypatch.setattr(layer_module, "stiefel_many", lambda *a, **k: batched.append(1) or many(*a, **k))
+    layer = model.base_model.model.blocks[0]["q"]
+    original = layer.qpeft_angles_u["default"]
+    monkeypatch.setattr(layer, "angles", lambda name: (original * 1.0, layer.qpeft_angles_v[name]))
+    model.zero_grad(set_to_none=True)
+    model(x).square().sum().backward()
+    assert batched == []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, want[n], atol=1e-12, rtol=1e-12, msg=n)
+
+
+def test_copies_share_their_own_generation_and_deleting_an_adapter_leaves_it() -> None:
+    import copy
+
+    model = _tower()
+    copied = copy.deepcopy(model)
+    groups = {id(m._qpeft_shared["default"][0]) for m in copied.modules()
+              if isinstance(m, QuantumPEFTLayer)}
+    assert len(groups) == 1
+    (group,) = {m._qpeft_shared["default"][0] for m in copied.modules() if isinstance(m, QuantumPEFTLayer)}
+    assert all(any(layer is m for m in copied.modules()) for layer in group.layers)
+    model.add_adapter("second", QuantumPEFTConfig(r=2, target_modules=["q", "v"]))
+    model.delete_adapter("default")
+    assert all("default" not in m._qpeft_shared for m in model.modules() if isinstance(m, QuantumPEFTLayer))
+    model.set_adapter("second")
+    model.train()
+    model(torch.randn(2, 24, dtype=torch.float64)).sum().backward()

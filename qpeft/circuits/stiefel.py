@@ -14,6 +14,7 @@ Methods (``STIEFEL_METHODS``):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -31,6 +32,7 @@ __all__ = [
     "stiefel_num_params",
     "stiefel",
     "stiefel_pair",
+    "stiefel_many",
     "stiefel_init",
 ]
 
@@ -126,6 +128,37 @@ def stiefel_pair(
         for m, p, n in zip(methods, params, dims, strict=True)
     )
     return u, v
+
+
+def stiefel_many(
+    methods: Sequence[str],
+    params: Sequence[torch.Tensor],
+    dims: Sequence[int],
+    k: int,
+    depth: int,
+) -> list[torch.Tensor]:
+    """``[stiefel(m, p, n, k, depth) for m, p, n in zip(methods, params, dims)]`` for circuit
+    methods (``"pauli"`` / ``"generalized"``), one batched call per (method, width): ``B``
+    factors of one width cost about one factor's op count (the dispatch), ``B`` times its
+    arithmetic. ``params[i]``: ``(P_i,)``, all one dtype and device; no NaN check (the layers'
+    forward path). Same values as one ``stiefel`` call each, float rounding aside."""
+    if not len(methods) == len(params) == len(dims):
+        raise ValueError(
+            f"got {len(methods)} methods, {len(params)} parameter vectors and {len(dims)} dims"
+        )
+    batches: dict[tuple[str, int], list[int]] = {}
+    for i, (method, n) in enumerate(zip(methods, dims, strict=True)):
+        if method not in ("pauli", "generalized"):
+            raise ValueError(f"stiefel_many batches circuit methods only, got {method!r}")
+        _check(method, n, k, depth)
+        batches.setdefault((method, n), []).append(i)
+    factors: list[torch.Tensor | None] = [None] * len(params)
+    for (method, n), members in batches.items():
+        stacked = torch.stack([params[i] for i in members])
+        out = stiefel(method, stacked, n, k, depth, check_values=False)
+        for i, factor in zip(members, out.unbind(0), strict=True):
+            factors[i] = factor
+    return factors  # type: ignore[return-value]
 
 
 def stiefel_init(

@@ -1,26 +1,37 @@
-"""One value computed from a few parameters and shared by every layer that reads it.
+"""Small matrices of many layers generated in one batched call and shared while training.
 
-QPA's generator circuit turns one small angle tensor into the probabilities every adapted layer
-slices its LoRA factors from. Simulating it in every layer's forward (and backward) is the same
-work 2 x (number of layers) times per step. :class:`SharedValue` computes it once while the
-parameters keep their values and hands every reader the same tensor, so autograd sums the
-readers' gradients and runs the value's backward once.
+Two generations repeat the same work in every adapted layer of a training step:
 
-Why this stays correct under every wrapper a layer may run in:
+- QPA: every layer slices its LoRA factors from the same generator circuit's probabilities, a
+  function of one angle tensor: simulated 2 x (number of layers) times per step.
+- Quantum-PEFT: every layer runs its own small circuits; dozens of layers with the same widths
+  run the same program, one autograd node each, where one batched call would do.
 
-- **One autograd node that saves nothing through autograd** (:class:`_Recomputed`): it keeps a
-  snapshot of the parameters' values on its context and recomputes the value in its backward.
-  Gradient checkpointing counts the tensors a region saves and checks the recomputation saves
-  the same ones; a layer that computed the value and a layer that reused it save the same
-  tensors, so both ``use_reentrant`` modes work. The backward can run any number of times: every
-  graph that reused the value (micro-batches, a checkpointed region's recomputation) has its own.
-- **Reuse is by identity and value**: the same parameter objects holding the same values (compared
-  by value: ``.data`` writes and FSDP's unsharding bypass version counters), under the same
-  autocast state. A replaced or changed parameter computes afresh.
-- **Only while autograd records** (grad mode, a parameter that needs a gradient): evaluation has
-  the layers' own reuse (:meth:`WeightMergeLayer._generated`). Never under ``torch.compile`` or a
-  ``torch.func`` transform (they trace the plain computation), nor for tensor subclasses (an
-  FSDP2 ``DTensor`` shard: the plain computation raises peft's usual error).
+:class:`SharedOutputs` runs the generation of all *members* (QPA: the one generator;
+Quantum-PEFT: every adapted layer of an adapter) as one call when the first layer asks, and hands
+each later reader its member's outputs while that member's parameters are unchanged. Why this is
+invisible to every wrapper a layer may run in:
+
+- **One autograd node that saves nothing through autograd** (:class:`_Detached`): the generation
+  runs on detached copies of the parameters under ``torch.enable_grad()`` and saved-tensor hooks
+  that keep tensors as they are, so nothing reaches an enclosing checkpoint's hooks; the node's
+  backward differentiates that inner graph and keeps it. So a gradient-checkpointed layer saves
+  the same tensors whether it generated the outputs, reused them, or generated its member alone
+  (the fallback below), and recomputation matches; and the node's backward runs once per graph
+  that reused it (micro-batches, reentrant recomputation, backwards in any order).
+- **Per-member gradients**: a member whose outputs no reader used gets no gradient (``None``,
+  as if it had generated on its own), e.g. an expert a mixture-of-experts router skipped.
+- **Reuse is by identity and value**: the member's parameter objects, holding the same values
+  (compared by value: ``.data`` writes and FSDP's unsharding bypass version counters), with the
+  same ``requires_grad``, under the same autocast state. Anything else generates afresh.
+- **Batched only over plain parameters on one device**: when any member's parameters are
+  tensor subclasses (FSDP2's DTensor shards of other blocks), FSDP1-flattened or DeepSpeed
+  parameters, on another device or dtype, or on the meta device (offloaded), the asking layer
+  generates its own member alone, still as one such node.
+- **Only while autograd records**: not under ``no_grad`` / ``inference_mode`` (evaluation has the
+  layers' own reuse, :meth:`WeightMergeLayer._generated`), ``torch.compile`` or ``torch.func``
+  transforms (they trace the plain generation), nor when no parameter of the member needs a
+  gradient.
 
 Pure torch (no peft): QPA's generator uses it without any model.
 """
@@ -33,11 +44,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-__all__ = ["SharedValue", "same_values"]
+__all__ = ["SharedOutputs", "same_values"]
 
-AutocastState = tuple[str, bool, torch.dtype]
+Params = tuple[torch.Tensor, ...]
+Outputs = tuple[torch.Tensor, ...]
 
 
 def same_values(snapshot: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> bool:
@@ -49,77 +60,147 @@ def same_values(snapshot: Sequence[torch.Tensor], params: Sequence[torch.Tensor]
     )
 
 
-def _autocast_state(device_type: str) -> AutocastState:
-    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
-class _Recomputed(torch.autograd.Function):
-    """``fn(*params)`` as one node with nothing saved through autograd: the backward reruns
-    ``fn`` on the parameters' values at forward time (``snapshot``), under the forward's autocast
-    state, and differentiates that. Cost: the backward is ``fn``'s forward + backward."""
+class _Detached(torch.autograd.Function):
+    """``fn(*params)`` (a tuple of tensors) as one node that saves nothing through autograd.
 
-    @staticmethod
-    def forward(ctx: Any, fn: Callable[..., torch.Tensor], snapshot: tuple[torch.Tensor, ...],
-                autocast: AutocastState, *params: torch.Tensor) -> torch.Tensor:
-        ctx.fn, ctx.snapshot, ctx.autocast = fn, snapshot, autocast
-        return fn(*params)
+    ``param_member[i]`` / ``output_member[j]``: which member parameter ``i`` / output ``j``
+    belongs to; a parameter gets a gradient only if some output of its member got one. The
+    inner graph is kept (``retain_graph``) until the node is freed."""
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        needed = ctx.needs_input_grad[3:]
-        device_type, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            inputs = [s.detach().requires_grad_(n) for s, n in zip(ctx.snapshot, needed, strict=True)]
-            value = ctx.fn(*inputs)
-            grads = iter(torch.autograd.grad(value, [x for x in inputs if x.requires_grad], grad))
-        return (None, None, None, *(next(grads) if n else None for n in needed))
+    def forward(ctx: Any, fn: Callable[..., Outputs], param_member: tuple[int, ...],
+                output_member: tuple[int, ...], *params: torch.Tensor) -> Outputs:
+        inputs = tuple(p.detach().requires_grad_(p.requires_grad) for p in params)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+            outputs = tuple(fn(*inputs))
+        ctx.inner = (inputs, outputs)
+        ctx.param_member, ctx.output_member = param_member, output_member
+        ctx.set_materialize_grads(False)
+        return tuple(o.detach() for o in outputs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "qpeft's shared generation does not support higher-order gradients "
+                "(create_graph=True); its backward is computed outside the outer graph"
+            )
+        inputs, outputs = ctx.inner
+        used = {m for m, g in zip(ctx.output_member, grads, strict=True) if g is not None}
+        pairs = [(o, g) for o, g in zip(outputs, grads, strict=True)
+                 if g is not None and o.requires_grad]
+        wanted = [i for i, (x, m) in enumerate(zip(inputs, ctx.param_member, strict=True))
+                  if x.requires_grad and m in used]
+        result: list[torch.Tensor | None] = [None] * len(inputs)
+        if pairs and wanted:
+            got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
+                                      [g for _, g in pairs], retain_graph=True, allow_unused=True)
+            for i, g in zip(wanted, got, strict=True):
+                result[i] = g
+        return (None, None, None, *result)
 
 
-def _shareable(params: Sequence[torch.Tensor]) -> bool:
+def _recording() -> bool:
     return (
         torch.is_grad_enabled()
         and not torch.is_inference_mode_enabled()
         and not torch.compiler.is_compiling()
         and not torch._C._are_functorch_transforms_active()
-        and any(p.requires_grad for p in params)
-        and all(type(p) in (torch.Tensor, nn.Parameter) for p in params)
     )
 
 
-class SharedValue:
-    """``fn(*params)``, computed once while ``params`` keep their values and shared by every
-    caller (see the module docstring). ``fn`` must be a pure function of its tensor arguments
-    returning one tensor, and picklable (a module-level function or a ``functools.partial``).
+def _plain(p: torch.Tensor, device: torch.device, dtype: torch.dtype) -> bool:
+    """A parameter the batched generation may read and send gradients to directly."""
+    return (
+        type(p) is nn.Parameter
+        and p.device == device
+        and p.dtype == dtype
+        and p.device.type != "meta"
+        and not getattr(p, "_fsdp_flattened", False)
+        and not hasattr(p, "ds_id")
+    )
 
-    A copy (``copy.deepcopy``, pickling a model) starts empty. Lookup cost: one ``torch.equal``
-    per parameter."""
 
-    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
-        self.fn = fn
-        self._entry: tuple[Any, ...] | None = None  # (refs, snapshot, autocast, value), one tuple
+class SharedOutputs:
+    """Outputs of every member's generation, computed in one batched call and shared (see the
+    module docstring).
 
-    def __call__(self, *params: torch.Tensor) -> torch.Tensor:
-        if not _shareable(params):
-            return self.fn(*params)
-        autocast = _autocast_state(params[0].device.type)
+    ``generate_all(params)``: ``params[m]`` is member ``m``'s parameter tuple; returns one tuple
+    of ``n_outputs`` tensors per member. ``generate_one(m, own)``: member ``m`` alone, the same
+    values. Both must be pure functions of their tensor arguments.
+
+    A copy (``copy.deepcopy``, pickling a model) starts empty. Lookup cost for a reader: one
+    ``torch.equal`` per parameter of its member."""
+
+    def __init__(self, generate_all: Callable[[list[Params]], list[Outputs]],
+                 generate_one: Callable[[int, Params], Outputs], n_outputs: int) -> None:
+        self.generate_all = generate_all
+        self.generate_one = generate_one
+        self.n_outputs = n_outputs
+        self._entry: tuple[Any, ...] | None = None  # one tuple, replaced whole
+
+    def outputs(self, member: int, own: Params, gather: Callable[[], list[Params] | None]) -> Outputs:
+        """Member ``member``'s outputs given its parameters ``own``; ``gather()`` returns every
+        member's current parameters (``None`` when some member cannot be read)."""
+        if not (_recording() and any(p.requires_grad for p in own)):
+            return tuple(self.generate_one(member, own))
+        state = _autocast_state(own[0].device.type)
         entry = self._entry  # read once: a concurrent caller replaces the whole tuple
         if entry is not None:
-            refs, snapshot, state, value = entry
-            if (state == autocast and all(r() is p for r, p in zip(refs, params, strict=True))
-                    and same_values(snapshot, params)):
-                return value
-        snapshot = tuple(p.detach().clone() for p in params)
-        value = _Recomputed.apply(self.fn, snapshot, autocast, *params)
-        self._entry = (tuple(weakref.ref(p) for p in params), snapshot, autocast, value)
-        return value
+            refs, snapshots, flags, entry_state, outputs = entry
+            if (entry_state == state and member < len(refs)
+                    and all(r() is p for r, p in zip(refs[member], own, strict=True))
+                    and flags[member] == tuple(p.requires_grad for p in own)
+                    and same_values(snapshots[member], own)):
+                return outputs[member]
+        params = gather()
+        if (params is None or member >= len(params)
+                or any(a is not b for a, b in zip(params[member], own, strict=True))
+                or not all(_plain(p, own[0].device, own[0].dtype) for ps in params for p in ps)):
+            # this member alone, as the same kind of node (checkpointing sees the same saved
+            # tensors either way); nothing kept
+            return _Detached.apply(lambda *ps: self.generate_one(member, ps), (0,) * len(own),
+                                   (0,) * self.n_outputs, *own)
+        sizes = [len(ps) for ps in params]
+
+        def generate(*flat: torch.Tensor) -> Outputs:
+            grouped, start = [], 0
+            for n in sizes:
+                grouped.append(flat[start:start + n])
+                start += n
+            return tuple(t for outs in self.generate_all(grouped) for t in outs)
+
+        flat_outputs = _Detached.apply(
+            generate,
+            tuple(m for m, n in enumerate(sizes) for _ in range(n)),
+            tuple(m for m in range(len(params)) for _ in range(self.n_outputs)),
+            *(p for ps in params for p in ps),
+        )
+        k = self.n_outputs
+        outputs = [tuple(flat_outputs[m * k:(m + 1) * k]) for m in range(len(params))]
+        self._entry = (
+            [tuple(weakref.ref(p) for p in ps) for ps in params],
+            [tuple(p.detach().clone() for p in ps) for ps in params],
+            [tuple(p.requires_grad for p in ps) for ps in params],
+            state,
+            outputs,
+        )
+        return outputs[member]
 
     def clear(self) -> None:
-        """Forget the kept value (the next call computes afresh)."""
+        """Forget the kept outputs (the next reader generates afresh)."""
         self._entry = None
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> SharedValue:
-        return SharedValue(self.fn)
+    def __deepcopy__(self, memo: dict[int, Any]) -> SharedOutputs:
+        return SharedOutputs(self.generate_all, self.generate_one, self.n_outputs)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"fn": self.fn, "_entry": None}
+        return {**self.__dict__, "_entry": None}
+
+
+def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
+    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)

@@ -128,3 +128,35 @@ def test_pair_equals_two_separate_factors_values_and_gradients(methods, dims, k)
     grads_alone = torch.autograd.grad(loss(alone), live)
     for got, want in zip(grads_pair, grads_alone, strict=True):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+def test_many_circuit_factors_batched_per_width_equal_one_call_each():
+    """stiefel_many: factors of mixed methods and widths, values and gradients as one stiefel
+    call each (float64, 1e-12)."""
+    from qpeft.circuits.stiefel import stiefel_many
+
+    k, depth = 3, 2
+    g = torch.Generator().manual_seed(5)
+    methods = ["generalized", "pauli", "generalized", "pauli", "generalized"]
+    dims = [12, 16, 12, 16, 7]
+    params = [stiefel_init(m, n, k, depth, g, F64).requires_grad_() for m, n in zip(methods, dims, strict=True)]
+    weights = [torch.randn(n, k, generator=g, dtype=F64) for n in dims]
+    many = stiefel_many(methods, params, dims, k, depth)
+    alone = [stiefel(m, p, n, k, depth) for m, p, n in zip(methods, params, dims, strict=True)]
+    for got, want in zip(many, alone, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    def loss(factors):
+        return sum((w * f).sum() for w, f in zip(weights, factors, strict=True))
+    for got, want in zip(torch.autograd.grad(loss(many), params),
+                         torch.autograd.grad(loss(alone), params), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+def test_many_refuses_lie_methods_and_mismatched_lists():
+    from qpeft.circuits.stiefel import stiefel_many
+
+    p = stiefel_init("lie_exp", 8, 2, 1, torch.Generator().manual_seed(0), F64)
+    with pytest.raises(ValueError, match="circuit methods only"):
+        stiefel_many(["lie_exp"], [p], [8], 2, 1)
+    with pytest.raises(ValueError, match="2 methods, 1 parameter vectors"):
+        stiefel_many(["pauli", "pauli"], [p], [8], 2, 1)

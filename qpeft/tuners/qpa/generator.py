@@ -28,7 +28,7 @@ from torch import nn
 
 from qpeft.circuits._checks import check_positive_int
 from qpeft.circuits.statevector import MAX_QUBITS, qnn_num_params, qnn_probabilities
-from qpeft.tuners._shared import SharedValue
+from qpeft.tuners._shared import SharedOutputs
 
 REFERENCE_HIDDEN = (32, 64, 128, 128, 64, 32, 32)
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "none")
@@ -119,6 +119,15 @@ def _circuit_probabilities(theta: torch.Tensor) -> torch.Tensor:
     return qnn_probabilities(theta, validate=False)
 
 
+def _all_probabilities(params: list[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
+    """:func:`_circuit_probabilities` for :class:`SharedOutputs`' one member (the generator)."""
+    return [(_circuit_probabilities(theta),) for (theta,) in params]
+
+
+def _one_probabilities(member: int, params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return (_circuit_probabilities(params[0]),)
+
+
 def _activation(name: str):
     if name not in _ACTIVATION_FNS:
         raise ValueError(f"mlp_activation must be one of {ACTIVATIONS}, got {name!r}")
@@ -195,7 +204,7 @@ class QPAGenerator(nn.Module):
         self.gain = nn.Parameter(torch.full((1,), float(gain_init))) if output_gain else None
         # every layer's forward reads the circuit's probabilities: simulated once per training
         # step, not once per layer (qpeft.tuners._shared: why that is safe under any wrapper)
-        self._probabilities = SharedValue(_circuit_probabilities)
+        self._probabilities = SharedOutputs(_all_probabilities, _one_probabilities, n_outputs=1)
         idx = torch.arange(self.n_chunks)
         bits = (idx.unsqueeze(1) >> torch.arange(self.n_qubits)) & 1
         self.register_buffer("bits", (1 - 2 * bits).float(), persistent=False)
@@ -231,8 +240,9 @@ class QPAGenerator(nn.Module):
     def transformed_probabilities(self) -> torch.Tensor:
         """``p~`` [2**N] from the circuit (see the module docstring). O(L*N*2**N) the first time
         in a training step; the probabilities are then shared while theta keeps its values
-        (:class:`qpeft.tuners._shared.SharedValue`), the O(2**N) transform is not."""
-        p = self._probabilities(self.theta)
+        (:class:`qpeft.tuners._shared.SharedOutputs`), the O(2**N) transform is not."""
+        theta = self.theta
+        (p,) = self._probabilities.outputs(0, (theta,), lambda: [(theta,)])
         n = self.n_qubits
         if self.prob_transform == "centered":
             return p * 2**n - 1

@@ -8,6 +8,7 @@ cast to the input's dtype. The forward costs like LoRA at rank K plus the genera
 
 from __future__ import annotations
 
+import copy
 import math
 import zlib
 from dataclasses import dataclass
@@ -17,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qpeft.circuits.stiefel import stiefel_init, stiefel_num_params, stiefel_pair
+from qpeft.circuits.stiefel import stiefel_init, stiefel_many, stiefel_num_params, stiefel_pair
 from qpeft.tuners._common import WeightMergeLayer, matrix_to_weight
+from qpeft.tuners._shared import Params, SharedOutputs
 
 from .config import QuantumPEFTConfig
 
@@ -86,6 +88,87 @@ def _seed(init_seed: int, module_name: str, side: str) -> int:
     return zlib.crc32(f"{init_seed}:{module_name}:{side}".encode()) & 0x7FFFFFFF
 
 
+def _quantize_params(p: torch.Tensor, method: str, bits: int) -> torch.Tensor:
+    if method in ANGLE_PARAMETERIZATIONS:
+        return quantize_angles(p, bits)
+    return quantize_symmetric(p, bits)
+
+
+def circuit_params(spec: AdapterSpec, angles_u: torch.Tensor,
+                   angles_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw angles -> what the circuits consume: the circuit dtype, and the quantization grid
+    (straight-through) when the adapter quantizes. O(P_u + P_v)."""
+    au, av = angles_u.to(spec.circuit_dtype), angles_v.to(spec.circuit_dtype)
+    if spec.quantize_bits is not None:
+        au = _quantize_params(au, spec.method_u, spec.quantize_bits)
+        av = _quantize_params(av, spec.method_v, spec.quantize_bits)
+    return au, av
+
+
+def stiefel_factors(spec: AdapterSpec, angles: Params) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U [d_out, K], V [d_in, K]) of one adapter layer from its raw (angles_u, angles_v)."""
+    au, av = circuit_params(spec, *angles)
+    return stiefel_pair((spec.method_u, spec.method_v), (au, av),
+                        (spec.out_features, spec.in_features), spec.r, spec.depth)
+
+
+def is_circuit_layer(spec: AdapterSpec, angles: Params) -> bool:
+    """Both sides are circuits with free angles: the layers :class:`SharedCircuits` batches."""
+    return all(m in ANGLE_PARAMETERIZATIONS for m in (spec.method_u, spec.method_v)) and all(
+        a.numel() for a in angles)
+
+
+class SharedCircuits:
+    """The circuit factors (U, V) of every circuit layer of one adapter (its *members*),
+    generated as one batched program per width (:func:`stiefel_many`) by the first layer that
+    asks in a training step and shared through :class:`SharedOutputs` (see
+    ``qpeft/tuners/_shared.py``: why that is correct under checkpointing, FSDP, DDP, compile).
+    E.g. SmolLM2's 30 q_proj and 30 v_proj layers: two programs (widths 576 and 192) instead of
+    60. Outside training, or when some member cannot be read as a plain parameter, a layer
+    generates its own factors as before."""
+
+    def __init__(self, layers: list[QuantumPEFTLayer], adapter_name: str) -> None:
+        self.layers = layers
+        self.adapter_name = adapter_name
+        self.specs = [layer.qpeft_spec[adapter_name] for layer in layers]
+        self.shared = SharedOutputs(self.generate_all, self.generate_one, n_outputs=2)
+
+    def generate_one(self, member: int, angles: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        return stiefel_factors(self.specs[member], angles)
+
+    def generate_all(self, params: list[Params]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        methods, angles, dims = [], [], []
+        for spec, raw in zip(self.specs, params, strict=True):
+            methods += [spec.method_u, spec.method_v]
+            angles += circuit_params(spec, *raw)
+            dims += [spec.out_features, spec.in_features]
+        spec = self.specs[0]  # one adapter: one r and depth
+        factors = stiefel_many(methods, angles, dims, spec.r, spec.depth)
+        return list(zip(factors[0::2], factors[1::2], strict=True))
+
+    def gather(self) -> list[Params] | None:
+        """Every member's current (angles_u, angles_v); None if a member lost the adapter."""
+        params = []
+        for layer in self.layers:
+            if self.adapter_name not in layer.qpeft_lambda:
+                return None
+            params.append(layer.angles(self.adapter_name))
+        return params
+
+    def outputs(self, member: int, angles: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.shared.outputs(member, angles, self.gather)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SharedCircuits:
+        # registered before the layers are copied: every copied layer then points at this one
+        # (the layers may still be half-built here: nothing is read from them)
+        new = SharedCircuits.__new__(SharedCircuits)
+        memo[id(self)] = new
+        new.layers = copy.deepcopy(self.layers, memo)
+        new.adapter_name, new.specs = self.adapter_name, list(self.specs)
+        new.shared = SharedOutputs(new.generate_all, new.generate_one, n_outputs=2)
+        return new
+
+
 class QuantumPEFTLayer(WeightMergeLayer):
     """Mixin holding the Quantum-PEFT tensors of one adapted layer, keyed by adapter name.
 
@@ -94,7 +177,7 @@ class QuantumPEFTLayer(WeightMergeLayer):
     domains only, ``qpeft_gain[name]`` [1]."""
 
     adapter_layer_names = ("qpeft_angles_u", "qpeft_angles_v", "qpeft_lambda", "qpeft_gain")
-    other_param_names = ("qpeft_r", "qpeft_spec")
+    other_param_names = ("qpeft_r", "qpeft_spec", "_qpeft_shared")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self._init_base_layer(base_layer, **kwargs)
@@ -104,6 +187,8 @@ class QuantumPEFTLayer(WeightMergeLayer):
         self.qpeft_gain = nn.ParameterDict({})
         self.qpeft_r: dict[str, int] = {}
         self.qpeft_spec: dict[str, AdapterSpec] = {}
+        # adapter -> (its SharedCircuits, this layer's member index); set by the tuner
+        self._qpeft_shared: dict[str, tuple[SharedCircuits, int]] = {}
 
     def update_layer(self, adapter_name: str, config: QuantumPEFTConfig, module_name: str = "") -> None:
         """Create adapter ``adapter_name`` from ``config`` on this layer. ``module_name`` names the
@@ -167,27 +252,18 @@ class QuantumPEFTLayer(WeightMergeLayer):
     def circuit_params(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The (angles_u, angles_v) the circuits consume: cast to the circuit dtype and, when the
         adapter quantizes, snapped to its grid (straight-through). O(P_u + P_v)."""
-        spec = self.qpeft_spec[adapter_name]
-        au, av = (a.to(spec.circuit_dtype) for a in self.angles(adapter_name))
-        if spec.quantize_bits is not None:
-            au = self._quantize_params(au, spec.method_u, spec.quantize_bits)
-            av = self._quantize_params(av, spec.method_v, spec.quantize_bits)
-        return au, av
+        return circuit_params(self.qpeft_spec[adapter_name], *self.angles(adapter_name))
 
     def stiefel_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(U [d_out, K], V [d_in, K]) with orthonormal columns, in the adapter's circuit dtype,
         generated from the current angles. Cost O(L·n·N·K) for Pauli circuits; O(N·K²) for Lie
-        maps; never N x N."""
-        spec = self.qpeft_spec[adapter_name]
-        au, av = self.circuit_params(adapter_name)
-        return stiefel_pair((spec.method_u, spec.method_v), (au, av),
-                            (spec.out_features, spec.in_features), spec.r, spec.depth)
-
-    @staticmethod
-    def _quantize_params(p: torch.Tensor, method: str, bits: int) -> torch.Tensor:
-        if method in ANGLE_PARAMETERIZATIONS:
-            return quantize_angles(p, bits)
-        return quantize_symmetric(p, bits)
+        maps; never N x N. While training, a layer whose two sides are circuits reads them from
+        its adapter's :class:`SharedCircuits` (every layer's circuits in one batched call)."""
+        shared = self._qpeft_shared.get(adapter_name)
+        if shared is None:
+            return stiefel_factors(self.qpeft_spec[adapter_name], self.angles(adapter_name))
+        circuits, member = shared
+        return circuits.outputs(member, self.angles(adapter_name))
 
     def effective_lambda(self, adapter_name: str) -> torch.Tensor:
         """λ_eff [K] in the circuit dtype: domain map, quantization, intrinsic-rank mask and
@@ -320,6 +396,7 @@ class QuantumPEFTConv2d(nn.Module, QuantumPEFTLayer):
 
 __all__ = [
     "AdapterSpec",
+    "SharedCircuits",
     "QuantumPEFTConv2d",
     "QuantumPEFTLayer",
     "QuantumPEFTLinear",

@@ -10,7 +10,13 @@ from torch import nn
 
 from qpeft.tuners._common import QpeftTuner, layer_kind
 
-from .layer import QuantumPEFTConv2d, QuantumPEFTLayer, QuantumPEFTLinear
+from .layer import (
+    QuantumPEFTConv2d,
+    QuantumPEFTLayer,
+    QuantumPEFTLinear,
+    SharedCircuits,
+    is_circuit_layer,
+)
 
 _ADAPTER_TENSORS = QuantumPEFTLayer.adapter_layer_names
 
@@ -33,6 +39,25 @@ class QuantumPEFTModel(QpeftTuner):
     def _new_layer(self, target: nn.Module, adapter_name: str, config: Any, module_name: str) -> nn.Module:
         cls = QuantumPEFTConv2d if layer_kind(target) == "conv2d" else QuantumPEFTLinear
         return cls(target, adapter_name, config=config, module_name=module_name)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """peft's injection, then one :class:`SharedCircuits` for the adapter's circuit layers
+        (per r / depth / circuit dtype), so a training step generates them in one batched call."""
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        groups: dict[tuple[Any, ...], list[QuantumPEFTLayer]] = {}
+        for module in model.modules():
+            if not isinstance(module, QuantumPEFTLayer):
+                continue
+            module._qpeft_shared.pop(adapter_name, None)
+            spec = module.qpeft_spec.get(adapter_name)
+            if spec is not None and is_circuit_layer(spec, module.angles(adapter_name)):
+                groups.setdefault((spec.r, spec.depth, spec.circuit_dtype), []).append(module)
+        for layers in groups.values():
+            if len(layers) < 2:  # one layer: nothing to batch
+                continue
+            circuits = SharedCircuits(layers, adapter_name)
+            for member, layer in enumerate(layers):
+                layer._qpeft_shared[adapter_name] = (circuits, member)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
