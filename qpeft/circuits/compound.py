@@ -22,6 +22,7 @@ step of every recursion, and QuIC's most used order); k = n is det(a) (1 x 1).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -411,7 +412,7 @@ def largest_block_size(b: int, orders: Sequence[int]) -> int:
 
 # ---------------------------------------------------------------- the action of C_k(a), unformed
 
-_APPLY_CHUNK_ELEMENTS = 1 << 22  # per-chunk [B, n, n, t] temporaries of compound_apply (16 MiB f32)
+_APPLY_CHUNK_ELEMENTS = 1 << 21  # per-chunk [B, n, t, n] temporaries of compound_apply (8 MiB f32)
 
 
 def compound_apply_cost(n: int, k: int) -> int:
@@ -465,28 +466,69 @@ def _signed_pair_table(n: int, device: str) -> torch.Tensor:
     return table.to(torch.device(device))
 
 
-def _embed_pairs_columns(x: torch.Tensor, n: int) -> torch.Tensor:
-    """x [B, t, C(n,2)] -> X [B, n, n, t]: X[:, p, q, :] = ±x[:, :, pair(p, q)] (antisymmetric in
-    p, q; tokens last, so each entry is a contiguous row copy and A·X is one matmul). The
-    sign is folded into the gather (rows [x; -x; 0]): no separate pass over the n² rows."""
-    bsz, t, c = x.shape
-    cols = x.transpose(1, 2)
-    rows = torch.cat([cols, -cols, x.new_zeros(bsz, 1, t)], dim=1)  # differentiable (2nd order)
-    return rows.index_select(1, _signed_pair_table(n, str(x.device))).view(bsz, n, n, t)
+@functools.lru_cache(maxsize=64)
+def _pair_offsets(n: int) -> tuple[int, ...]:
+    """Rank of the pair (p, p+1) among the lexicographic 2-subsets, per p: the pairs (p, q),
+    q > p, are the contiguous ranks offsets[p] .. offsets[p] + n - 2 - p."""
+    return tuple(p * n - p * (p + 1) // 2 for p in range(n))
+
+
+def _embed_pairs_rows(x: torch.Tensor, n: int, buf: torch.Tensor) -> torch.Tensor:
+    """x [B, T, C(n,2)] (unit inner stride) -> ``buf`` [B, n, T, n]: buf[:, p, t, q] = X_t[p, q],
+    the antisymmetric embedding of x_t, row index outermost and tokens in the middle, so that
+    both A·X_t and X_t·Aᵀ over all tokens are single matrix products. Slice copies (row p of
+    the upper triangle is a contiguous run of x), no concatenation or gather. O(n²) per token."""
+    offs = _pair_offsets(n)
+    buf.diagonal(dim1=1, dim2=3).zero_()
+    for p in range(n - 1):
+        run = x[:, :, offs[p]:offs[p] + n - 1 - p]
+        buf[:, p, :, p + 1:].copy_(run)
+        torch.neg(run.transpose(1, 2), out=buf[:, p + 1:, :, p])
+    return buf
 
 
 def _second_apply_chunk(a: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
-    """For a [B, n, n], x [B, t, C(n,2)]: writes y_t = C_2(a)·x_t into ``out`` [B, C(n,2), t].
+    """For a [B, n, n], x [B, t, C(n,2)]: writes y_t = C_2(a)·x_t into ``out`` [B, t, C(n,2)]
+    (any strides with a unit inner one; x likewise).
 
-    Y_t = A·X_t·Aᵀ on the tokens-last layout [B, p, q, t]: A·X (contract p) is one matmul
-    [n, n] @ [n, n·t] per block; (A·X)·Aᵀ (contract q) is B·n matmuls [n, n] @ [n, t]; the
-    entries p < q of Y are y. 2n³ multiply-adds per token."""
+    With U_t the strictly upper triangle of X_t (X_t = U_t − U_tᵀ), W_t = A·U_t·Aᵀ and
+    A·X_t·Aᵀ = W_t − W_tᵀ, so y_t = upper(W_t − W_tᵀ). V_t = U_t·Aᵀ row by row: row p of U_t
+    is the contiguous run x_t[offsets[p]:] over columns p+1.., so V[:, p] = x_run·A[:, p+1:]ᵀ,
+    one matmul per p straight from x (no embedding); then W = A·V as one matmul over all
+    tokens ([p, t, j] layout); the upper triangle of W − Wᵀ is written run by run into
+    ``out``. 1.5n³ multiply-adds per token."""
     bsz, t, _ = x.shape
     n = a.shape[-1]
-    upper = _pair_tables(n, str(a.device))[2]
-    z = torch.bmm(a, _embed_pairs_columns(x, n).view(bsz, n, n * t)).view(bsz, n, n, t)
-    y = torch.matmul(a[:, None], z).view(bsz, n * n, t)
-    out.copy_(y.index_select(1, upper))
+    offs = _pair_offsets(n)
+    v = x.new_empty(bsz, n - 1, t, n)
+    for p in range(n - 1):
+        torch.bmm(x[:, :, offs[p]:offs[p] + n - 1 - p], a[:, :, p + 1:].mT, out=v[:, p])
+    w = torch.bmm(a[:, :, : n - 1], v.view(bsz, n - 1, t * n)).view(bsz, n, t, n)  # [i, t, j]
+    for i in range(n - 1):
+        torch.sub(w[:, i, :, i + 1:], w[:, i + 1:, :, i].transpose(1, 2),
+                  out=out[:, :, offs[i]:offs[i] + n - 1 - i])
+
+
+def _second_apply_backward_chunk(a: torch.Tensor, x: torch.Tensor, g: torch.Tensor,
+                                 grad_x: torch.Tensor | None) -> torch.Tensor | None:
+    """One token chunk of the backward of y_t = C_2(a)·x_t, outside autograd: writes
+    grad x_t = C_2(a)ᵀ g_t = upper(Aᵀ·Ĝ_t·A) into ``grad_x`` (if given) and returns this chunk's
+    grad a = Σ_t Ĝ_tᵀ·A·X_t = Σ_t (Ĝ_t·A)·X_tᵀ (if x is given), with Ĝ_t, X_t the antisymmetric
+    embeddings. Both share S_t = Ĝ_t·A; in the [row, token, column] layout every product is one
+    matrix product over all tokens. 3n³ multiply-adds per token (2n³ for one of the two)."""
+    bsz, t, _ = g.shape
+    n = a.shape[-1]
+    buf = g.new_empty(bsz, n, t, n)
+    s = torch.bmm(_embed_pairs_rows(g, n, buf).view(bsz, n * t, n), a)  # [i, t, m] = (Ĝ_t A)
+    if grad_x is not None:
+        z = torch.bmm(a.mT, s.view(bsz, n, t * n)).view(bsz, n, t, n)  # [p, t, m] = Aᵀ Ĝ_t A
+        offs = _pair_offsets(n)
+        for p in range(n - 1):
+            grad_x[:, :, offs[p]:offs[p] + n - 1 - p].copy_(z[:, p, :, p + 1:])
+    if x is None:
+        return None
+    emb = _embed_pairs_rows(x, n, buf).view(bsz, n, t * n)  # [j, t, m] = X_t[j, m]
+    return torch.bmm(s.view(bsz, n, t * n), emb.mT)
 
 
 def _token_chunks(tokens: int, per_token: int) -> list[slice]:
@@ -494,15 +536,20 @@ def _token_chunks(tokens: int, per_token: int) -> list[slice]:
     return [slice(s, s + step) for s in range(0, tokens, step)]
 
 
+def _unit_inner(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 class _SecondCompoundApply(torch.autograd.Function):
     """y_t = C_2(a)·x_t for a [B, n, n], x [B, T, C(n,2)], never forming C_2(a).
 
-    Forward: Y_t = A·X_t·Aᵀ (X_t the antisymmetric embedding of x_t), 2n³ per token, in token
-    chunks so that temporaries stay small; only a and x are saved (an explicit compound keeps
+    Forward: :func:`_second_apply_chunk` (1.5n³ per token), in token chunks so that the
+    [B, n, t, n] temporaries stay in cache; only a and x are saved (an explicit compound keeps
     its C(n,2)² matrix, autograd through A·X·Aᵀ would keep [T, n, n] tensors).
-    Backward: grad x = C_2(a)ᵀ g = C_2(aᵀ) g (the same kernel with aᵀ); with Ĝ_t the
-    antisymmetric embedding of g_t, grad a = Σ_t Ĝ_tᵀ·(A·X_t) (A·X_t recomputed), 4n³ per
-    token in all. Built from differentiable ops (double backward works)."""
+    Backward: grad x = C_2(a)ᵀ g = C_2(aᵀ) g and grad a = Σ_t Ĝ_tᵀ·(A·X_t) (Ĝ_t the
+    antisymmetric embedding of g_t), sharing Ĝ_t·A (:func:`_second_apply_backward_chunk`,
+    3n³ per token). When the backward is itself recorded (double backward) it is built from
+    differentiable ops instead (:func:`_second_apply_backward_differentiable`)."""
 
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -512,27 +559,57 @@ class _SecondCompoundApply(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         a, x = ctx.saved_tensors
+        need_a, need_x = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():
+            return _second_apply_backward_differentiable(a, x, grad, need_a, need_x)
         bsz, n = a.shape[0], a.shape[-1]
-        grad_a = grad_x = None
-        if ctx.needs_input_grad[1]:
-            grad_x = _SecondCompoundApply.apply(a.mT, grad)
-        if ctx.needs_input_grad[0]:
-            grad_a = torch.zeros_like(a)
-            for s in _token_chunks(x.shape[1], bsz * n * n):
-                t = x[:, s].shape[1]
-                z = torch.bmm(a, _embed_pairs_columns(x[:, s], n).view(bsz, n, n * t))
-                g_hat = _embed_pairs_columns(grad[:, s], n)  # [B, m, i, t]
-                # grad a[i, j] = Σ_{m,t} Ĝ[m, i, t] (A X)[m, j, t]
-                grad_a = grad_a + torch.matmul(g_hat, z.view(bsz, n, n, t).mT).sum(1)
+        grad, x = _unit_inner(grad), _unit_inner(x)
+        grad_x = grad.new_empty(grad.shape) if need_x else None
+        grad_a = torch.zeros_like(a) if need_a else None
+        for s in _token_chunks(x.shape[1], bsz * n * n):
+            part = _second_apply_backward_chunk(a, x[:, s] if need_a else None, grad[:, s],
+                                                grad_x[:, s] if need_x else None)
+            if need_a:
+                grad_a += part
         return grad_a, grad_x
 
 
+def _embed_pairs_columns(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x [B, t, C(n,2)] -> X [B, n, n, t]: X[:, p, q, :] = ±x[:, :, pair(p, q)] (antisymmetric in
+    p, q; tokens last), by differentiable ops (a concatenation and a gather)."""
+    bsz, t, c = x.shape
+    cols = x.transpose(1, 2)
+    rows = torch.cat([cols, -cols, x.new_zeros(bsz, 1, t)], dim=1)
+    return rows.index_select(1, _signed_pair_table(n, str(x.device))).view(bsz, n, n, t)
+
+
+def _second_apply_backward_differentiable(
+    a: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, need_a: bool, need_x: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The backward of :class:`_SecondCompoundApply` from differentiable ops (double backward):
+    grad x through the same Function on aᵀ, grad a = Σ_t Ĝ_tᵀ·(A·X_t) in token chunks."""
+    bsz, n = a.shape[0], a.shape[-1]
+    grad_a = grad_x = None
+    if need_x:
+        grad_x = _SecondCompoundApply.apply(a.mT, grad)
+    if need_a:
+        grad_a = torch.zeros_like(a)
+        for s in _token_chunks(x.shape[1], bsz * n * n):
+            t = x[:, s].shape[1]
+            z = torch.bmm(a, _embed_pairs_columns(x[:, s], n).view(bsz, n, n * t))
+            g_hat = _embed_pairs_columns(grad[:, s], n)  # [B, m, i, t]
+            # grad a[i, j] = Σ_{m,t} Ĝ[m, i, t] (A X)[m, j, t]
+            grad_a = grad_a + torch.matmul(g_hat, z.view(bsz, n, n, t).mT).sum(1)
+    return grad_a, grad_x
+
+
 def _second_apply(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """y = C_2(a)·x in token chunks: [B, T, C(n,2)] (a transposed view of [B, C(n,2), T])."""
-    out = x.new_empty(x.shape[0], x.shape[2], x.shape[1])
+    """y = C_2(a)·x [B, T, C(n,2)] in token chunks (outside autograd)."""
+    x = _unit_inner(x)
+    out = x.new_empty(x.shape)
     for s in _token_chunks(x.shape[1], a.shape[0] * a.shape[-1] ** 2):
-        _second_apply_chunk(a, x[:, s], out[:, :, s])
-    return out.transpose(1, 2)
+        _second_apply_chunk(a, x[:, s], out[:, s])
+    return out
 
 
 def _mode_products(a: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
