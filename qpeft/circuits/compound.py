@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from qpeft.circuits._cache import tensor_table_cache
+from qpeft.circuits._precision import without_autocast
 from qpeft.circuits._checks import check_positive_int
 
 __all__ = [
@@ -248,6 +249,7 @@ def _pair_partner_table(n: int, device: str) -> tuple[torch.Tensor, torch.Tensor
     return partner.flatten().to(dev), sign.view(n, n, 1).to(dev)
 
 
+@without_autocast
 def _second_compound(a: torch.Tensor) -> torch.Tensor:
     """C_2(a) for a [..., n, n], n >= 2: [..., C(n,2), C(n,2)] through _SecondCompound, or for
     n <= 24 as the transposed view of _SecondCompoundColumns' contiguous C_2(a)ᵀ (what

@@ -44,6 +44,7 @@ from typing import NamedTuple
 import torch
 
 from qpeft.circuits._cache import tensor_table_cache
+from qpeft.circuits._precision import without_autocast
 from qpeft.circuits._checks import (
     check_finite,
     check_float_dtype,
@@ -550,6 +551,7 @@ def _gather_by_bucket(where: tuple, located: list, counts: list[int]) -> list[li
     return out
 
 
+@without_autocast
 def run_program(
     angles: torch.Tensor, x: torch.Tensor, program: tuple[Step, ...], depth: int
 ) -> torch.Tensor:

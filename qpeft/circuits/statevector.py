@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from qpeft.circuits._cache import tensor_table_cache
+from qpeft.circuits._precision import without_autocast
 from qpeft.circuits._checks import (
     check_finite,
     check_float_dtype,
@@ -189,6 +190,11 @@ class _Circuit(torch.autograd.Function):
         return torch.cat(theta_grad[::-1], dim=-1), None, None, None
 
 
+@without_autocast
+def _run_circuit(theta: torch.Tensor, groups: tuple, gather, inverse) -> torch.Tensor:
+    return _Circuit.apply(theta, groups, gather, inverse)
+
+
 def qnn_statevector(theta: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
     """Real amplitudes of the QNN state, batched over leading dims.
 
@@ -218,7 +224,7 @@ def qnn_statevector(theta: torch.Tensor, *, validate: bool = True) -> torch.Tens
     flat = theta.reshape(-1, depth, n)
     gather = _ladder_gather_index(n, theta.device) if n > 1 else None
     inverse = _ladder_inverse_index(n, theta.device) if n > 1 else None
-    state = _Circuit.apply(flat, tuple(qubit_groups(n)), gather, inverse)
+    state = _run_circuit(flat, tuple(qubit_groups(n)), gather, inverse)
     return state.reshape(*lead, 2**n)
 
 
