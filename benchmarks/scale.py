@@ -58,26 +58,29 @@ def layer_config(quick: bool) -> Any:
     return llama_config(64, 128, 4, 4) if quick else llama_config(4096, 11008, 32, 32)
 
 
-class OneLayer(nn.Module):
-    """A decoder layer with its rotary embedding: hidden [B, T, d] -> hidden [B, T, d]."""
+class DecoderLayers(nn.Module):
+    """``layers`` decoder layers sharing one rotary embedding: hidden [B, T, d] -> [B, T, d]."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, layers: int = 1) -> None:
         super().__init__()
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
         self.config = config
-        self.layer = LlamaDecoderLayer(config, layer_idx=0)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, layer_idx=i) for i in range(layers))
         self.rotary = LlamaRotaryEmbedding(config)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(hidden.shape[1])[None]
-        out = self.layer(hidden, position_embeddings=self.rotary(hidden, pos), position_ids=pos)
-        return out[0] if isinstance(out, tuple) else out
+        pos = torch.arange(hidden.shape[1], device=hidden.device)[None]
+        rotary = self.rotary(hidden, pos)
+        for layer in self.layers:
+            out = layer(hidden, position_embeddings=rotary, position_ids=pos)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
 
 
-def build_layer(quick: bool) -> OneLayer:
+def build_layer(quick: bool) -> DecoderLayers:
     torch.manual_seed(0)
-    return OneLayer(layer_config(quick)).train()
+    return DecoderLayers(layer_config(quick)).train()
 
 
 def method_config(method: str) -> Any:
@@ -91,7 +94,7 @@ def method_config(method: str) -> Any:
     return M.method_config(method, TARGETS_7B, None)
 
 
-def wrap(method: str, base: OneLayer) -> nn.Module:
+def wrap(method: str, base: DecoderLayers) -> nn.Module:
     import peft
 
     import qpeft  # noqa: F401  (registers the qpeft methods)
