@@ -590,6 +590,10 @@ def test_cost_model_choices():
         costs = order_costs(op(n, 2), tokens, 3)
         assert costs["explicit"] < costs["action"], (n, tokens)
     assert set(order_costs(op(5, 1), 10, 3)) == {"explicit"}
+    # off the CPU (a meta tensor stands in for an accelerator's) the action is unweighted: it
+    # runs as a few large kernels, so it wins wherever it has fewer multiply-adds
+    accel = order_costs(CompoundOperator(torch.zeros(3, 51, 51, device="meta"), 2), 2048, 3)
+    assert accel["action"] == 2048 * 3 * 2 * 51**3 < accel["explicit"]
     plan = block_plan(4096, 3, [1, 2])
     ops = [op(plan.n, 1), op(plan.n, 2)]
     train = rotation_costs(ops, plan, 2048, 4096, needs_grad=True)

@@ -71,3 +71,34 @@ def test_order_two_action_float32_matches_float64():
     ref = compound_apply(a, x, 2)
     got = compound_apply(a.float(), x.float(), 2)
     torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [2, 6, 11])
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("pieces", [1, 4])
+def test_accelerator_order_two_path_equals_minors(n, strided, pieces):
+    """On an accelerator ``compound_apply(a, x, 2)`` runs as mode products (a few large kernels
+    instead of the CPU kernel's per-row loops, cut into token pieces): the same values and
+    gradients, run here on the CPU by calling it directly."""
+    mod = sys.modules["qpeft.circuits.compound"]
+    blocks, tokens, c = 3, 8, math.comb(n, 2)
+    a = _rand(blocks, n, n, seed=n).requires_grad_()
+    x = (_segments(tokens, blocks, c, seed=n + 1) if strided
+         else _rand(blocks, tokens, c, seed=n + 1)).requires_grad_()
+    w = _rand(blocks, tokens, c, seed=n + 2)
+    got = mod._mode_products(a, x, 2, pieces)
+    torch.testing.assert_close(got, x @ minors_compound(a, 2).mT, rtol=0, atol=1e-10)
+    ga, gx = torch.autograd.grad((got * w).sum(), (a, x))
+    ra, rx = torch.autograd.grad((mod.compound_apply(a, x, 2) * w).sum(), (a, x))
+    torch.testing.assert_close(ga, ra, rtol=0, atol=1e-10)
+    torch.testing.assert_close(gx, rx, rtol=0, atol=1e-10)
+
+
+def test_token_pieces_divide_the_tokens_and_keep_pieces_large():
+    mod = sys.modules["qpeft.circuits.compound"]
+    assert mod._token_pieces(2048, 2048 * 51) == 64
+    assert mod._token_pieces(128, 128 * 51) == 8  # 816 rows each
+    assert mod._token_pieces(7, 7 * 51) == 1
+    for tokens, rows in ((96, 96 * 11), (2048, 2048 * 51), (100, 100 * 51)):
+        pieces = mod._token_pieces(tokens, rows)
+        assert tokens % pieces == 0 and (pieces == 1 or rows // pieces >= 512)

@@ -169,3 +169,24 @@ def test_saved_from_the_gpu_loads_on_the_cpu(method: str, tmp_path) -> None:
     with torch.no_grad():
         got = loaded(input_ids=ids).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@needs_cuda
+@pytest.mark.parametrize("k", [2, 3])
+def test_compound_action_on_the_gpu_equals_the_cpu(k: int) -> None:
+    """The accelerator's order-k action (mode products) against the CPU kernel, float64."""
+    from qpeft.circuits.compound import compound_apply
+
+    g = torch.Generator().manual_seed(k)
+    n, c = 11, {2: 55, 3: 165}[k]
+    a = torch.randn(3, n, n, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 40, c, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 40, c, generator=g, dtype=torch.float64)
+    ref = compound_apply(a, x, k)
+    ref_grads = torch.autograd.grad((ref * w).sum(), (a, x))
+    a_gpu, x_gpu = (t.detach().to(CUDA).requires_grad_() for t in (a, x))
+    got = compound_apply(a_gpu, x_gpu, k)
+    got_grads = torch.autograd.grad((got * w.to(CUDA)).sum(), (a_gpu, x_gpu))
+    torch.testing.assert_close(got.cpu(), ref, rtol=0, atol=1e-10)
+    for g_got, g_ref in zip(got_grads, ref_grads, strict=True):
+        torch.testing.assert_close(g_got.cpu(), g_ref, rtol=0, atol=1e-10)

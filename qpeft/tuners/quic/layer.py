@@ -184,7 +184,9 @@ def order_costs(op: torch.Tensor | CompoundOperator, tokens: int, n_blocks: int)
     """Estimated cost (multiply-add equivalents, forward) of one order on ``tokens`` vectors of
     ``n_blocks`` blocks: ``explicit`` = forming C_k (256·k·C² per distinct block, as the Laplace
     recursion) + tokens·C² per block; ``action`` = tokens·(7·compound_apply_cost + 250·n²) per
-    block (the weights: see ``_ACTION_FLOP_WEIGHT``). An explicit tensor has only ``explicit``
+    block on the CPU (the weights: see ``_ACTION_FLOP_WEIGHT``), tokens·compound_apply_cost on
+    an accelerator (unweighted: there the action runs as a few large kernels, see
+    :func:`~qpeft.circuits.compound.compound_apply`). An explicit tensor has only ``explicit``
     (tokens·C²). O(1)."""
     if not isinstance(op, CompoundOperator):
         return {"explicit": tokens * n_blocks * op.shape[-1] ** 2}
@@ -194,7 +196,10 @@ def order_costs(op: torch.Tensor | CompoundOperator, tokens: int, n_blocks: int)
     form = 0 if k == 1 else _FORM_WEIGHT * k * c * c * n_a
     costs = {"explicit": form + tokens * n_blocks * c * c}
     if 1 < k < n:
-        apply = _ACTION_FLOP_WEIGHT * compound_apply_cost(n, k) + _ACTION_MOVES_PER_N2 * n * n
+        if op.base.device.type == "cpu":
+            apply = _ACTION_FLOP_WEIGHT * compound_apply_cost(n, k) + _ACTION_MOVES_PER_N2 * n * n
+        else:  # an accelerator runs the action as a few large kernels at full rate
+            apply = compound_apply_cost(n, k)
         costs["action"] = tokens * n_blocks * apply
     return costs
 
