@@ -240,32 +240,58 @@ def test_gradient_accumulation_over_two_forwards():
             torch.testing.assert_close(p.grad, 2 * g1[n])
 
 
-def test_a_training_step_simulates_the_circuit_once_with_per_layer_gradients(monkeypatch):
-    """Four layers read one generator: the circuit is simulated once (not once per layer; its
-    backward differentiates that one simulation), and the gradients equal those of per-layer
-    generation."""
+@pytest.mark.parametrize("center_output", [False, True])
+def test_a_training_step_generates_once_with_per_layer_gradients(monkeypatch, center_output):
+    """Four layers read one generator: the circuit is simulated and the MLP run once per step
+    (not once per layer; the backward differentiates that one generation), and the gradients
+    equal those of per-layer generation (each layer's own chunks)."""
     import qpeft.tuners._shared as shared
     from qpeft.tuners.qpa import generator as generator_module
 
-    model = stack_model(dtype=torch.float64)
+    model = stack_model(dtype=torch.float64, center_output=center_output)
     with torch.no_grad():
         model.base_model.generator().gain.fill_(0.7)  # theta gets a gradient
     x = torch.randn(4, 64, dtype=torch.float64)
-    calls = []
-    simulate = generator_module.qnn_probabilities
+    circuits, mlps = [], []
+    simulate, hidden = generator_module.qnn_probabilities, QPAGenerator._hidden
     monkeypatch.setattr(generator_module, "qnn_probabilities",
-                        lambda *a, **k: calls.append(1) or simulate(*a, **k))
+                        lambda *a, **k: circuits.append(1) or simulate(*a, **k))
+    monkeypatch.setattr(QPAGenerator, "_hidden",
+                        lambda self, *a: mlps.append(1) or hidden(self, *a))
     model.train()
     model(x).pow(2).sum().backward()
-    assert len(calls) == 1
+    assert (len(circuits), len(mlps)) == (1, 1)
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     monkeypatch.setattr(shared, "_recording", lambda: False)  # every layer on its own
     model(x).pow(2).sum().backward()
-    assert len(calls) == 1 + 4
+    assert (len(circuits), len(mlps)) == (1 + 4, 1 + 4)
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(got[n], p.grad, atol=1e-12, rtol=1e-12, msg=n)
+
+
+def test_a_deep_copy_trains_its_own_generator():
+    """The shared generation is bound to its generator: a copied model's training step reads
+    and differentiates the copy's parameters, never the original's."""
+    import copy
+
+    model = stack_model().train()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.base_model.generator().gain.fill_(0.5)
+    x = torch.randn(4, 64)
+    twin(x).pow(2).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None for p in twin.parameters() if p.requires_grad)
+    with torch.no_grad():
+        expected = twin(x)
+    torch.testing.assert_close(twin.train()(x), expected)
+    # the copy's generation is bound to the copy (a reference to the original would keep the
+    # original model alive as long as the copy)
+    gen = twin.base_model.generator()
+    assert gen._generated.generate_all.__self__ is gen
+    assert gen._generated.generate_one.__self__ is gen
 
 
 def test_gain_gets_gradient_at_init_and_theta_after_one_step():

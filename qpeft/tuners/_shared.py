@@ -38,6 +38,7 @@ Pure torch (no peft): QPA's generator uses it without any model.
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -133,8 +134,9 @@ class SharedOutputs:
     of ``n_outputs`` tensors per member. ``generate_one(m, own)``: member ``m`` alone, the same
     values. Both must be pure functions of their tensor arguments.
 
-    A copy (``copy.deepcopy``, pickling a model) starts empty. Lookup cost for a reader: one
-    ``torch.equal`` per parameter of its member."""
+    A copy (``copy.deepcopy``, pickling a model) starts empty; the functions may be bound
+    methods of the module that owns this object (a deep copy then binds the copy's). Lookup
+    cost for a reader: one ``torch.equal`` per parameter of its member."""
 
     def __init__(self, generate_all: Callable[[list[Params]], list[Outputs]],
                  generate_one: Callable[[int, Params], Outputs], n_outputs: int) -> None:
@@ -142,6 +144,14 @@ class SharedOutputs:
         self.generate_one = generate_one
         self.n_outputs = n_outputs
         self._entry: tuple[Any, ...] | None = None  # one tuple, replaced whole
+
+    def batchable(self, params: list[Params]) -> bool:
+        """Whether :meth:`outputs` would generate (or reuse) all members of ``params`` in one
+        batched call now, rather than each asking member alone: autograd is recording, some
+        parameter needs a gradient, and all are plain parameters on one device and dtype."""
+        first = params[0][0]
+        return (_recording() and any(p.requires_grad for ps in params for p in ps)
+                and all(_plain(p, first.device, first.dtype) for ps in params for p in ps))
 
     def outputs(self, member: int, own: Params, gather: Callable[[], list[Params] | None]) -> Outputs:
         """Member ``member``'s outputs given its parameters ``own``; ``gather()`` returns every
@@ -196,7 +206,10 @@ class SharedOutputs:
         self._entry = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SharedOutputs:
-        return SharedOutputs(self.generate_all, self.generate_one, self.n_outputs)
+        # bound methods are copied through ``memo``: a copied module's SharedOutputs calls the
+        # copy's methods, not the original's
+        return SharedOutputs(copy.deepcopy(self.generate_all, memo),
+                             copy.deepcopy(self.generate_one, memo), self.n_outputs)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_entry": None}

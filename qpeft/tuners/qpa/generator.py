@@ -141,10 +141,13 @@ class QPAGenerator(nn.Module):
     returns the flat generated vector [m]; :meth:`factors` generates one layer's
     ``(lora_B, lora_A)`` alone: the circuit (all 2**N probabilities), then the MLP only on the
     chunks that hold the layer's numbers (centring: the mean in closed form from input sums when
-    the MLP is affine, else from every chunk's hidden activations). So each adapted layer
-    generates its own factors inside its own forward; only the circuit's probabilities, a
-    function of theta alone, are computed once and shared while training (``_probabilities``).
-    Cost of a full generation: O(L*N*2**N) circuit + O(n_ch * (sum of MLP layer sizes)) MLP."""
+    the MLP is affine, else from every chunk's hidden activations). So each adapted layer can
+    generate its own factors inside its own forward. While training, the first layer's
+    :meth:`factors` generates every layer's numbers in one call (circuit and MLP) and the
+    others read theirs (``_generated``, a :class:`SharedOutputs`); where that cannot batch (a
+    sharded or offloaded generator) each layer generates its own slice, sharing only the
+    circuit's probabilities (``_probabilities``). Cost of a full generation: O(L*N*2**N)
+    circuit + O(n_ch * (sum of MLP layer sizes)) MLP."""
 
     def __init__(
         self,
@@ -202,8 +205,12 @@ class QPAGenerator(nn.Module):
                 self.register_parameter(f"mlp_weight_{k}", nn.Parameter(linear.weight.data))
                 self.register_parameter(f"mlp_bias_{k}", nn.Parameter(linear.bias.data))
         self.gain = nn.Parameter(torch.full((1,), float(gain_init))) if output_gain else None
-        # every layer's forward reads the circuit's probabilities: simulated once per training
-        # step, not once per layer (qpeft.tuners._shared: why that is safe under any wrapper)
+        # while training, the first layer's forward generates every layer's numbers (circuit and
+        # MLP, one call) and the others read their slices (qpeft.tuners._shared: why that is
+        # safe under any wrapper); where that cannot batch (a sharded or offloaded generator),
+        # each layer runs the MLP on its own chunks, reading one shared circuit simulation
+        self._generated = SharedOutputs(self._generate_all_from, self._generate_one_from,
+                                        n_outputs=len(self.shapes))
         self._probabilities = SharedOutputs(_all_probabilities, _one_probabilities, n_outputs=1)
         idx = torch.arange(self.n_chunks)
         bits = (idx.unsqueeze(1) >> torch.arange(self.n_qubits)) & 1
@@ -226,12 +233,13 @@ class QPAGenerator(nn.Module):
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """The mapping MLP on ``x`` [n, N+1] -> [n, n_mlp]; activation between layers only."""
         weight, bias = self.mlp_layers()[-1]
-        return torch.nn.functional.linear(self._hidden(x), weight, bias)
+        return torch.nn.functional.linear(self._hidden(x, self.mlp_layers()), weight, bias)
 
-    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """The MLP up to (not including) its output layer: [n, N+1] -> [n, last hidden width]."""
+    def _hidden(self, x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The MLP ``layers`` up to (not including) the output layer: [n, N+1] -> [n, last
+        hidden width]."""
         act = _activation(self.activation)
-        for weight, bias in self.mlp_layers()[:-1]:
+        for weight, bias in layers[:-1]:
             x = torch.nn.functional.linear(x, weight, bias)
             if act is not None:
                 x = act(x)
@@ -243,6 +251,10 @@ class QPAGenerator(nn.Module):
         (:class:`qpeft.tuners._shared.SharedOutputs`), the O(2**N) transform is not."""
         theta = self.theta
         (p,) = self._probabilities.outputs(0, (theta,), lambda: [(theta,)])
+        return self._transform(p)
+
+    def _transform(self, p: torch.Tensor) -> torch.Tensor:
+        """``p~`` from the probabilities ``p`` [2**N]. O(2**N)."""
         n = self.n_qubits
         if self.prob_transform == "centered":
             return p * 2**n - 1
@@ -257,53 +269,81 @@ class QPAGenerator(nn.Module):
         bits = self.bits[first:last].to(device=pt.device, dtype=dtype)
         return torch.cat([bits, pt[first:last].to(dtype).unsqueeze(1)], dim=1)
 
-    def _output_mean(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _output_mean(self, hidden: torch.Tensor,
+                     layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Mean of the m generated numbers from every chunk's last hidden activations
         [n_ch, h]: the output layer is affine, so the sum over a chunk's outputs is
         ``h · Σ_j W_j + Σ_j b_j``. O(n_ch · h)."""
-        weight, bias = self.mlp_layers()[-1]
+        weight, bias = layers[-1]
         full = self.n_chunks - 1
         rest = self.m - full * self.n_mlp  # outputs used from the last chunk (1..n_mlp)
         total = hidden[:full].sum(0) @ weight.sum(0) + full * bias.sum()
         total = total + hidden[full] @ weight[:rest].sum(0) + bias[:rest].sum()
         return total / self.m
 
-    def _affine_output_mean(self, pt: torch.Tensor) -> torch.Tensor:
+    def _affine_output_mean(self, pt: torch.Tensor,
+                            layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """:meth:`_output_mean` when the MLP has no activation (affine end to end): the sum of
         the full chunks' hidden activations is the body applied to the sum of their inputs
         (each bias counted once per chunk), so no chunk's hidden row is formed. O(N·h + Σ
         MLP layer sizes) instead of O(n_ch · Σ MLP layer sizes)."""
-        weight, bias = self.mlp_layers()[-1]
+        weight, bias = layers[-1]
         full = self.n_chunks - 1
         rest = self.m - full * self.n_mlp
         inputs = self._mlp_input(pt, 0, self.n_chunks)
         # row 0: Σ of the full chunks' inputs (bias weight ``full``); row 1: the last chunk
         x = torch.stack((inputs[:full].sum(0), inputs[full]))
         counts = torch.tensor([[float(full)], [1.0]], dtype=x.dtype, device=x.device)
-        for w, b in self.mlp_layers()[:-1]:
+        for w, b in layers[:-1]:
             x = x @ w.T + counts * b
         total = x[0] @ weight.sum(0) + full * bias.sum() + x[1] @ weight[:rest].sum(0)
         return (total + bias[:rest].sum()) / self.m
 
-    def _generate_span(self, start: int, stop: int) -> torch.Tensor:
+    def _generate_span(self, start: int, stop: int, pt: torch.Tensor | None = None,
+                       layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                       ) -> torch.Tensor:
         """Generated numbers ``[start, stop)`` of the flat vector (centred when configured, gain
-        not applied): the MLP runs on the chunks holding them only, except that centring with
-        a nonlinear MLP needs every chunk's last hidden activations."""
-        pt = self.transformed_probabilities()
+        not applied) from ``p~`` ``pt`` and the MLP ``layers`` (default: the generator's own):
+        the MLP runs on the chunks holding them only, except that centring with a nonlinear MLP
+        needs every chunk's last hidden activations."""
+        pt = self.transformed_probabilities() if pt is None else pt
+        layers = self.mlp_layers() if layers is None else layers
         first, last = start // self.n_mlp, (stop - 1) // self.n_mlp + 1
         mean = None
         if self.center_output and self.activation != "none":
-            every = self._hidden(self._mlp_input(pt, 0, self.n_chunks))
-            hidden, mean = every[first:last], self._output_mean(every)
+            every = self._hidden(self._mlp_input(pt, 0, self.n_chunks), layers)
+            hidden, mean = every[first:last], self._output_mean(every, layers)
         else:
-            hidden = self._hidden(self._mlp_input(pt, first, last))
+            hidden = self._hidden(self._mlp_input(pt, first, last), layers)
             if self.center_output:
-                mean = self._affine_output_mean(pt)
-        weight, bias = self.mlp_layers()[-1]
+                mean = self._affine_output_mean(pt, layers)
+        weight, bias = layers[-1]
         rows = torch.nn.functional.linear(hidden, weight, bias).reshape(-1)
         offset = first * self.n_mlp
         flat = rows[start - offset : stop - offset]
         return flat if mean is None else flat - mean
+
+    def _shared_params(self) -> tuple[torch.Tensor, ...]:
+        """What the whole generation reads: theta, then each MLP layer's weight and bias."""
+        return (self.theta, *(t for pair in self.mlp_layers() for t in pair))
+
+    def _generate_from(self, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The flat vector [m] from ``params`` (as :meth:`_shared_params` orders them) in place of
+        the generator's own: the pure function :class:`SharedOutputs` runs."""
+        theta, *mlp = params
+        layers = list(zip(mlp[0::2], mlp[1::2], strict=True))
+        return self._generate_span(0, self.m, self._transform(_circuit_probabilities(theta)), layers)
+
+    def _layer_numbers_from(self, params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Every layer's ``r·(d_out + d_in)`` numbers, as separate outputs (a slice of one flat
+        output would send each layer a gradient the size of the whole vector)."""
+        return self._generate_from(params).split([self.r * (o + i) for o, i in self.shapes])
+
+    def _generate_all_from(self, params: list[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
+        return [self._layer_numbers_from(ps) for ps in params]
+
+    def _generate_one_from(self, member: int, params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return self._layer_numbers_from(params)
 
     def generate(self) -> torch.Tensor:
         """The flat generated vector [m] (the gain is not applied). O(circuit + MLP)."""
@@ -331,7 +371,11 @@ class QPAGenerator(nn.Module):
             raise ValueError(f"layer index must be in [0, {len(self.shapes) - 1}], got {index}")
         d_out, d_in = self.shapes[index]
         start = self.offsets[index]
-        return self._split(self._generate_span(start, start + self.r * (d_out + d_in)), index)
+        stop = start + self.r * (d_out + d_in)
+        own = self._shared_params()
+        if self._generated.batchable([own]):
+            return self._split(self._generated.outputs(0, own, lambda: [own])[index], index)
+        return self._split(self._generate_span(start, stop), index)
 
     def all_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """:meth:`factors` of every layer from one full generation (export, merging all)."""
