@@ -27,8 +27,8 @@ class QPAModel(QpeftTuner):
     builds one :class:`QPAGenerator` for all of them (slicing order = module order), registers it
     in this tuner's ``qpa_generator`` ModuleDict (checkpoint key ``base_model.qpa_generator.*``)
     and records the layout in ``config.layout``. Each layer generates its own slice of the
-    factors in its forward; the circuit's probabilities are computed once per training step and
-    shared (``qpeft.tuners._shared``)."""
+    factors in its forward; while training, the whole generation (circuit and MLP) runs once
+    per step and is shared (``qpeft.tuners._shared``)."""
 
     prefix: str = "qpa_"
     method_label = "QPA"
