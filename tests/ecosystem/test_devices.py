@@ -190,3 +190,17 @@ def test_compound_action_on_the_gpu_equals_the_cpu(k: int) -> None:
     torch.testing.assert_close(got.cpu(), ref, rtol=0, atol=1e-10)
     for g_got, g_ref in zip(got_grads, ref_grads, strict=True):
         torch.testing.assert_close(g_got.cpu(), g_ref, rtol=0, atol=1e-10)
+
+
+@needs_cuda
+def test_same_values_on_the_gpu_compares_every_tensor() -> None:
+    """The one-sync comparison on an accelerator: any differing entry of any tensor counts."""
+    from qpeft.tuners._shared import same_values
+
+    params = [torch.randn(5, 3, device=CUDA), torch.randn(7, device=CUDA)]
+    snapshot = [p.clone() for p in params]
+    assert same_values(snapshot, params)
+    params[1][6] += 1e-6
+    assert not same_values(snapshot, params)
+    assert not same_values(snapshot[:1], params)
+    assert not same_values([snapshot[0].double(), snapshot[1]], params)
