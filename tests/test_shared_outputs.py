@@ -208,3 +208,21 @@ def _all_fn(params):
 
 def _one_fn(member, params):
     return _circuit_like(params[0])
+
+
+@pytest.mark.parametrize("one_sync", [False, True], ids=["per-tensor", "one-sync"])
+def test_same_values_sees_any_changed_entry(one_sync: bool) -> None:
+    """Both comparisons (per tensor on the CPU; one read-back on an accelerator, run here on
+    CPU tensors) report a change in any entry of any tensor, and equal values as equal."""
+    from qpeft.tuners import _shared
+
+    compare = _shared._all_equal_one_sync if one_sync else _shared.same_values
+    params = [torch.randn(5, 3), torch.randn(7), torch.randn(())]
+    snapshot = [p.clone() for p in params]
+    assert compare(snapshot, params)
+    for i, p in enumerate(params):
+        changed = [q.clone() for q in params]
+        changed[i].view(-1)[-1] += 1e-6
+        assert not compare(snapshot, changed), i
+    nan = [torch.tensor([float("nan")])]
+    assert not compare(nan, [nan[0].clone()])  # as torch.equal: NaN never equals itself

@@ -63,6 +63,11 @@ def same_values(snapshot: Sequence[torch.Tensor], params: Sequence[torch.Tensor]
     devices = {p.device for p in params}
     if len(devices) != 1 or next(iter(devices)).type in ("cpu", "meta"):
         return all(torch.equal(a, b) for a, b in zip(snapshot, params, strict=True))
+    return _all_equal_one_sync(snapshot, params)
+
+
+def _all_equal_one_sync(snapshot: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> bool:
+    """Every ``snapshot[i] == params[i]`` entrywise (same shapes, one device), read back once."""
     return bool(torch.stack([torch.eq(a, b).all() for a, b in zip(snapshot, params, strict=True)])
                 .all())
 
