@@ -10,7 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _common as C
-from benchmarks import compounds, generation, merged, mixed_batch, param_counts, scale, train_step
+from benchmarks import (
+    compounds,
+    generation,
+    merged,
+    mixed_batch,
+    param_counts,
+    scale,
+    scale_cuda,
+    train_step,
+)
 
 SECTIONS = (
     ("train_step", train_step, "1. Training step and peak memory",
@@ -27,6 +36,11 @@ SECTIONS = (
      "python -m benchmarks.mixed_batch"),
     ("scale", scale, "7. LLaMA-7B- and 70B-shaped decoder layers (issue 15)",
      "python -m benchmarks.scale"),
+)
+#: Rendered when their results exist, never run by ``python -m benchmarks all`` (they need a GPU).
+GPU_SECTIONS = (
+    ("scale_cuda", scale_cuda, "8. LLaMA-7B-shaped layers on a GPU (bfloat16 base)",
+     "python -m benchmarks.scale_cuda"),
 )
 
 
@@ -116,8 +130,9 @@ def headline(results: dict[str, Any]) -> list[str]:
 def write_doc(out_dir: Path = C.RESULTS_DIR, doc: Path = C.DOC_PATH,
               run_info: dict[str, Any] | None = None, notes: str = "") -> Path:
     """Render every available result into ``doc``; returns its path."""
-    results = {name: C.load_result(name, out_dir) for name, *_ in SECTIONS}
-    machine = next((r["machine"] for r in results.values() if r), C.machine_facts())
+    results = {name: C.load_result(name, out_dir) for name, *_ in SECTIONS + GPU_SECTIONS}
+    machine = next((results[name]["machine"] for name, *_ in SECTIONS if results[name]),
+                   C.machine_facts())
     rel = os.path.relpath(out_dir, doc.parent)
     quick = any(r and r.get("quick") for r in results.values())
     lines = ["# Benchmarks", ""]
@@ -136,6 +151,7 @@ def write_doc(out_dir: Path = C.RESULTS_DIR, doc: Path = C.DOC_PATH,
         "python -m benchmarks all --quick   # toy sizes, ~1-3 minutes (what the smoke test runs)",
     ]
     lines += [f"{cmd}   # one benchmark alone" for _, _, _, cmd in SECTIONS]
+    lines += [f"{cmd}   # needs a CUDA GPU; not part of `all`" for _, _, _, cmd in GPU_SECTIONS]
     lines += ["python -m benchmarks report   # re-render this page from benchmarks/results/*.json",
               "```", "", "## Machine", ""]
     facts = dict(machine)
@@ -149,7 +165,7 @@ def write_doc(out_dir: Path = C.RESULTS_DIR, doc: Path = C.DOC_PATH,
                   C.md_table(["target", "measured", "verdict"], rows)]
     if notes:
         lines += ["", "## Findings", "", notes.strip()]
-    for name, module, title, cmd in SECTIONS:
+    for name, module, title, cmd in SECTIONS + GPU_SECTIONS:
         lines += ["", f"## {title}", "", f"`{cmd}` — " + (module.__doc__ or "").strip()
                   .split("\n\n")[0].replace("\n", " "), ""]
         result = results[name]

@@ -237,7 +237,7 @@ def _mem_available_gib() -> float:
 def base_step(quick: bool, tokens: int) -> tuple[Callable[[], None] | None, dict[str, Any]]:
     """The real layer's forward+backward at ``tokens`` (fp32, frozen weights, gradient to the
     input only), or None with the reason when its weights do not fit with the margin."""
-    from benchmarks.scale import OneLayer
+    from benchmarks.scale import DecoderLayers
 
     config = layer_config(quick)
     weights_gib = dense_gib(linear_shapes(config))
@@ -249,7 +249,7 @@ def base_step(quick: bool, tokens: int) -> tuple[Callable[[], None] | None, dict
                            f"{free:.1f} GiB is available (needs {BASE_MARGIN_GIB:.0f} GiB more)")
         return None, info
     torch.manual_seed(0)
-    layer = OneLayer(config).requires_grad_(False)
+    layer = DecoderLayers(config).requires_grad_(False)
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(1, tokens, config.hidden_size, generator=g).requires_grad_(True)
 

@@ -157,6 +157,20 @@ def test_report_renders(tmp_path):
     assert "_Not run._" in text  # the other sections were not run in this folder
 
 
+def test_report_renders_a_stored_gpu_result(tmp_path):
+    """The GPU section (never run here: no GPU) renders from its stored result."""
+    import shutil
+
+    from benchmarks._common import RESULTS_DIR
+
+    shutil.copy(RESULTS_DIR / "scale_cuda.json", tmp_path / "scale_cuda.json")
+    doc = tmp_path / "b.md"
+    bench_main(["report", "--out", str(tmp_path), "--doc", str(doc)])
+    text = doc.read_text()
+    section = text[text.index("## 8. LLaMA-7B-shaped layers on a GPU"):]
+    assert "NVIDIA" in section and "| peft LoRA r=8 |" in section and "8 layers" in section
+
+
 @pytest.mark.parametrize("bad", [0, -1])
 def test_round_robin_rejects_bad_repeats(bad):
     from benchmarks._common import round_robin
