@@ -220,7 +220,7 @@ def test_same_values_sees_any_changed_entry(one_sync: bool) -> None:
     params = [torch.randn(5, 3), torch.randn(7), torch.randn(())]
     snapshot = [p.clone() for p in params]
     assert compare(snapshot, params)
-    for i, p in enumerate(params):
+    for i in range(len(params)):
         changed = [q.clone() for q in params]
         changed[i].view(-1)[-1] += 1e-6
         assert not compare(snapshot, changed), i

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 
 from qpeft.circuits._cache import tensor_table_cache
-from qpeft.circuits._precision import without_autocast
 from qpeft.circuits._checks import check_positive_int
+from qpeft.circuits._precision import without_autocast
 
 __all__ = [
     "compound_dim",

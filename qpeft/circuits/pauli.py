@@ -44,7 +44,6 @@ from typing import NamedTuple
 import torch
 
 from qpeft.circuits._cache import tensor_table_cache
-from qpeft.circuits._precision import without_autocast
 from qpeft.circuits._checks import (
     check_finite,
     check_float_dtype,
@@ -52,6 +51,7 @@ from qpeft.circuits._checks import (
     check_last_dim,
     check_positive_int,
 )
+from qpeft.circuits._precision import without_autocast
 from qpeft.circuits.ry_groups import (
     entry_table,
     gather_rotations,

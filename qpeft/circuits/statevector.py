@@ -23,13 +23,13 @@ from __future__ import annotations
 import torch
 
 from qpeft.circuits._cache import tensor_table_cache
-from qpeft.circuits._precision import without_autocast
 from qpeft.circuits._checks import (
     check_finite,
     check_float_dtype,
     check_in_range,
     check_positive_int,
 )
+from qpeft.circuits._precision import without_autocast
 from qpeft.circuits.ry_groups import group_rotations, group_rotations_half_angle_grad
 
 #: Largest register simulated: 2**24 amplitudes are 64 MiB in float32 per circuit and per saved
