@@ -53,3 +53,17 @@ def batch(rows: int = 3, length: int = 10, seed: int = 1) -> dict[str, torch.Ten
 def adapter_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()
             if p.requires_grad and p.grad is not None}
+
+
+def row_by_row(model: torch.nn.Module, ids: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """The logits of each row of ``ids`` run alone with its adapter (``"__base__"``: none):
+    what a mixed-adapter batch must equal."""
+    rows = []
+    for row, name in zip(ids, names, strict=True):
+        if name == "__base__":
+            with model.disable_adapter():
+                rows.append(model(input_ids=row[None]).logits)
+        else:
+            model.set_adapter(name)
+            rows.append(model(input_ids=row[None]).logits)
+    return torch.cat(rows)

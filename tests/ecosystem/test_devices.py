@@ -13,7 +13,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-from .llm import METHODS, adapter_grads, batch, method_config, tiny_llama
+from .llm import METHODS, adapter_grads, batch, method_config, row_by_row, tiny_llama
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -135,15 +135,8 @@ def test_mixed_adapter_batch_on_the_gpu(method: str) -> None:
     names = ["a", "b", "__base__", "a"]
     with torch.no_grad():
         mixed = model(input_ids=ids, adapter_names=names).logits
-        rows = []
-        for row, name in zip(ids, names, strict=True):
-            if name == "__base__":
-                with model.disable_adapter():
-                    rows.append(model(input_ids=row[None]).logits)
-            else:
-                model.set_adapter(name)
-                rows.append(model(input_ids=row[None]).logits)
-    torch.testing.assert_close(mixed, torch.cat(rows), atol=1e-5, rtol=1e-5)
+        expected = row_by_row(model, ids, names)
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
 
 
 @needs_cuda

@@ -8,7 +8,15 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from .llm import METHODS, QPEFT_METHODS, adapter_grads, batch, method_config, tiny_llama
+from .llm import (
+    METHODS,
+    QPEFT_METHODS,
+    adapter_grads,
+    batch,
+    method_config,
+    row_by_row,
+    tiny_llama,
+)
 
 
 def _loss_and_grads(model, inputs, run=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -104,18 +112,6 @@ def _two_adapter_model(method: str):
     return model.eval()
 
 
-def _row_by_row(model, ids: torch.Tensor, names: list[str]) -> torch.Tensor:
-    rows = []
-    for row, name in zip(ids, names, strict=True):
-        if name == "__base__":
-            with model.disable_adapter():
-                rows.append(model(input_ids=row[None]).logits)
-        else:
-            model.set_adapter(name)
-            rows.append(model(input_ids=row[None]).logits)
-    return torch.cat(rows)
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_mixed_adapter_batch_routes_each_row_to_its_adapter(method: str) -> None:
     model = _two_adapter_model(method)
@@ -123,7 +119,7 @@ def test_mixed_adapter_batch_routes_each_row_to_its_adapter(method: str) -> None
     names = ["a", "b", "__base__", "b", "a", "__base__"]
     with torch.no_grad():
         mixed = model(input_ids=ids, adapter_names=names).logits
-        expected = _row_by_row(model, ids, names)
+        expected = row_by_row(model, ids, names)
         model.set_adapter("a")
         only_a = model(input_ids=ids).logits
     torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
