@@ -137,6 +137,11 @@ def _plain(p: torch.Tensor, device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
+def _all_plain(params: list[Params], like: torch.Tensor) -> bool:
+    """Every parameter of every member is plain (:func:`_plain`) on ``like``'s device and dtype."""
+    return all(_plain(p, like.device, like.dtype) for ps in params for p in ps)
+
+
 class SharedOutputs:
     """Outputs of every member's generation, computed in one batched call and shared (see the
     module docstring).
@@ -160,9 +165,8 @@ class SharedOutputs:
         """Whether :meth:`outputs` would generate (or reuse) all members of ``params`` in one
         batched call now, rather than each asking member alone: autograd is recording, some
         parameter needs a gradient, and all are plain parameters on one device and dtype."""
-        first = params[0][0]
         return (_recording() and any(p.requires_grad for ps in params for p in ps)
-                and all(_plain(p, first.device, first.dtype) for ps in params for p in ps))
+                and _all_plain(params, params[0][0]))
 
     def outputs(self, member: int, own: Params, gather: Callable[[], list[Params] | None]) -> Outputs:
         """Member ``member``'s outputs given its parameters ``own``; ``gather()`` returns every
@@ -181,7 +185,7 @@ class SharedOutputs:
         params = gather()
         if (params is None or member >= len(params)
                 or any(a is not b for a, b in zip(params[member], own, strict=True))
-                or not all(_plain(p, own[0].device, own[0].dtype) for ps in params for p in ps)):
+                or not _all_plain(params, own[0])):
             # this member alone, as the same kind of node (checkpointing sees the same saved
             # tensors either way); nothing kept
             return _Detached.apply(lambda *ps: self.generate_one(member, ps), (0,) * len(own),
