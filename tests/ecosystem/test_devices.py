@@ -96,14 +96,20 @@ def _train(model, inputs, steps: int = 3, autocast: bool = False) -> list[float]
     return losses
 
 
+def _float32_run(method: str, device: str):
+    """A float32 model on ``device`` in train mode, a batch there, and its float32 loss."""
+    inputs = _on(batch(), torch.device(device))
+    model = get_peft_model(tiny_llama(), method_config(method)).to(device).train()
+    with torch.no_grad():
+        loss32 = model(**inputs).loss.item()
+    return model, inputs, loss32
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", METHODS)
 def test_a_bfloat16_base_trains(method: str, device: str) -> None:
     """peft's default for a half-precision base: the adapter is kept in float32."""
-    inputs = _on(batch(), torch.device(device))
-    reference = get_peft_model(tiny_llama(), method_config(method)).to(device).train()
-    with torch.no_grad():
-        loss32 = reference(**inputs).loss.item()
+    _, inputs, loss32 = _float32_run(method, device)
     model = get_peft_model(tiny_llama().to(device, torch.bfloat16), method_config(method)).train()
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -117,10 +123,7 @@ def test_a_bfloat16_base_trains(method: str, device: str) -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_autocast_bfloat16_trains_and_matches_float32(method: str, device: str) -> None:
     """The circuits run in float32 under autocast (their kernels' backward sees no bfloat16)."""
-    inputs = _on(batch(), torch.device(device))
-    model = get_peft_model(tiny_llama(), method_config(method)).to(device).train()
-    with torch.no_grad():
-        loss32 = model(**inputs).loss.item()
+    model, inputs, loss32 = _float32_run(method, device)
     losses = _train(model, inputs, autocast=True)
     assert abs(losses[0] - loss32) < 2e-2 * abs(loss32)
 
