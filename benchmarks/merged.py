@@ -100,10 +100,8 @@ def run(quick: bool = False, out_dir: Path = C.RESULTS_DIR,
         methods: tuple[str, ...] = M.METHODS) -> dict[str, Any]:
     """Every model x method; writes ``merged.json`` / ``.md``."""
     C.setup_torch()
-    avail = M.available_methods()
-    use = [m for m in methods if avail.get(m)]
+    use = list(methods)
     result: dict[str, Any] = {"benchmark": NAME, "quick": quick, "machine": C.machine_facts(),
-                              "unavailable": [m for m in methods if not avail.get(m)],
                               "models": {}}
     for kind in models:
         result["models"][kind] = bench_model(kind, use, quick)
@@ -128,9 +126,6 @@ def render(result: dict[str, Any]) -> str:
             + C.md_table(["merged model", "same modules as base", "forward median (ms)",
                           "forward / base", "max |merged - adapter|", "max |merged - base|"],
                          rows))
-    if result.get("unavailable"):
-        parts.append("Not measured (method not available in this checkout): "
-                     + ", ".join(result["unavailable"]))
     parts.append("Forward / base is the median of per-round ratios (base and merged model "
                  "timed moments apart in each round).")
     return "\n\n".join(parts)

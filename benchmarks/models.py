@@ -15,18 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
-PEFT_METHODS = ("lora", "oft", "boft", "hra")
-QPEFT_METHODS = ("quantum_peft", "quic", "qpa")
+import qpeft  # noqa: F401  (registers every method)
+from qpeft.tuners.registry import get_method, methods
+
+# every registered method with a benchmark configuration, by its registry key ("quantum_peft")
+PEFT_METHODS = tuple(s.key for s in methods(ours=False) if s.benchmark_config)
+QPEFT_METHODS = tuple(s.key for s in methods(ours=True) if s.benchmark_config)
 METHODS = PEFT_METHODS + QPEFT_METHODS
-METHOD_LABELS = {
-    "lora": "peft LoRA r=8",
-    "oft": "peft OFT (block 32)",
-    "boft": "peft BOFT (block 8, 1 factor: peft forces 1 on CPU)",
-    "hra": "peft HRA r=8",
-    "quantum_peft": "Quantum-PEFT K=8, L=1",
-    "quic": "QuIC C1⊕C2, N=3",
-    "qpa": "QPA r=8",
-}
+METHOD_LABELS = {s.key: s.benchmark_label for s in methods() if s.benchmark_config}
 MODEL_KINDS = ("minilm", "smollm2")
 
 
@@ -104,41 +100,13 @@ def make_batch(spec: ModelSpec, vocab_size: int, seed: int = 0) -> dict[str, tor
     return batch
 
 
-def available_methods() -> dict[str, bool]:
-    """Which methods can be built now (the qpeft tuners register when ``import qpeft`` runs)."""
-    import qpeft
-
-    out = {m: True for m in PEFT_METHODS}
-    names = {"quantum_peft": "QuantumPEFTConfig", "quic": "QuICConfig", "qpa": "QPAConfig"}
-    for method, cls in names.items():
-        out[method] = hasattr(qpeft, cls)
-    return out
-
-
 def method_config(method: str, targets: Iterable[str], task_type: str | None) -> Any:
-    """The adapter config of ``method`` on ``targets`` (settings in :data:`METHOD_LABELS`)."""
-    import peft
-
-    targets = list(targets)
-    common: dict[str, Any] = {"target_modules": targets, "task_type": task_type}
-    if method == "lora":
-        return peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, **common)
-    if method == "oft":
-        return peft.OFTConfig(oft_block_size=32, r=0, **common)
-    if method == "boft":
-        return peft.BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=1, boft_dropout=0.0,
-                               **common)
-    if method == "hra":
-        return peft.HRAConfig(r=8, **common)
-    import qpeft
-
-    if method == "quantum_peft":
-        return qpeft.QuantumPEFTConfig(r=8, depth=1, **common)
-    if method == "quic":
-        return qpeft.QuICConfig(num_blocks=3, orders=[1, 2], **common)
-    if method == "qpa":
-        return qpeft.QPAConfig(r=8, **common)
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    """The adapter config of ``method`` on ``targets`` (its registry ``benchmark_config``,
+    described in :data:`METHOD_LABELS`)."""
+    spec = get_method(method)
+    if spec.benchmark_config is None:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return spec.benchmark_config(list(targets), task_type)
 
 
 def clone_sharing(model: nn.Module, keep: Callable[[str], bool] = lambda name: True) -> nn.Module:
@@ -158,8 +126,6 @@ def clone_sharing(model: nn.Module, keep: Callable[[str], bool] = lambda name: T
 def wrap(method: str, base: nn.Module, spec: ModelSpec) -> nn.Module:
     """``peft.get_peft_model`` of a weight-sharing clone of ``base`` for ``method``."""
     import peft
-
-    import qpeft  # noqa: F401  (registers the qpeft methods)
 
     cfg = method_config(method, spec.targets, spec.task_type)
     return peft.get_peft_model(clone_sharing(base), cfg)

@@ -78,10 +78,8 @@ def run(quick: bool = False, out_dir: Path = C.RESULTS_DIR,
         memory: bool = True, rounds: int | None = None) -> dict[str, Any]:
     """Time and memory for every model x method; writes ``train_step.json`` / ``.md``."""
     C.setup_torch()
-    avail = M.available_methods()
-    use = [m for m in methods if avail.get(m)]
+    use = list(methods)
     result: dict[str, Any] = {"benchmark": NAME, "quick": quick, "machine": C.machine_facts(),
-                              "unavailable": [m for m in methods if not avail.get(m)],
                               "models": {}}
     for kind in models:
         spec = M.model_spec(kind, quick)
@@ -136,9 +134,6 @@ def render(result: dict[str, Any]) -> str:
                 ["method", "trainable", "step median (s)", "step / LoRA", "step / OFT",
                  "peak RSS (MiB)",
                  "peak / LoRA", "step memory (MiB)", "step mem / LoRA"], rows))
-    if result.get("unavailable"):
-        parts.append("Not measured (method not available in this checkout): "
-                     + ", ".join(result["unavailable"]))
     parts.append("Step ratios are medians of per-round ratios: each round runs every method "
                  "once, interleaved, so a method and its reference are timed moments apart.")
     return "\n\n".join(parts)

@@ -6,17 +6,25 @@
 
 from __future__ import annotations
 
+from qpeft._quiet import hide_import_noise
+
+with hide_import_noise():  # bitsandbytes' offline-kernel warning on peft's import (see _quiet)
+    import peft  # noqa: F401
+
 from qpeft.counting import ParameterCount, count_trainable
 from qpeft.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict
 
-# Importing each method's package registers it with peft (qpeft/_peft_registry.py).
+# Importing qpeft.tuners registers every method (qpeft/tuners/registry.py), ours with peft too.
 from qpeft.tuners.qpa import QPAConfig, QPAModel
 from qpeft.tuners.quantum_peft import QuantumPEFTConfig, QuantumPEFTModel
 from qpeft.tuners.quic import QuICConfig, QuICModel
+from qpeft.tuners.registry import MethodOption, MethodSpec, get_method, methods, register_method
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MethodOption",
+    "MethodSpec",
     "ParameterCount",
     "QPAConfig",
     "QPAModel",
@@ -26,8 +34,11 @@ __all__ = [
     "QuantumPEFTModel",
     "count_trainable",
     "example_configs",
+    "get_method",
     "hotswap_adapter",
     "hotswap_adapter_from_state_dict",
+    "methods",
+    "register_method",
     "__version__",
 ]
 

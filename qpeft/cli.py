@@ -20,7 +20,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from qpeft.train.methods import METHODS, OPTION_SPECS
+from qpeft._quiet import quiet_cli
+from qpeft.train.methods import default_learning_rate, method_names
+from qpeft.tuners.registry import all_options
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -80,11 +82,11 @@ def _lr_map(text: str) -> dict[str, float]:
 def add_method_options(parser: argparse.ArgumentParser) -> None:
     """``--rank``, ``--depth``, ``--orders``, ... (default: the method's own default)."""
     group = parser.add_argument_group("method options (each applies to some methods only)")
-    for spec in OPTION_SPECS:
-        flag = "--" + spec.name.replace("_", "-")
-        typ = str if spec.name == "orders" else spec.type
-        group.add_argument(flag, dest=f"opt_{spec.name}", type=typ, default=None,
-                           metavar=spec.metavar or spec.name.upper(), help=spec.help)
+    for option in all_options().values():
+        # parsed per method by the option's own parser (qpeft.train.methods.resolve_options)
+        typ = option.parse if option.parse in (int, float, str) else str
+        group.add_argument(option.flag, dest=f"opt_{option.name}", type=typ, default=None,
+                           metavar=option.metavar or option.name.upper(), help=option.help)
     group.add_argument("--target-modules", type=_csv_list, default=None, metavar="A,B",
                        help="modules to adapt (default: the bundled model's, else peft's default "
                             "for the architecture, e.g. q_proj,v_proj for LLaMA, c_attn for GPT-2)")
@@ -100,7 +102,9 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
                    help="global batch per micro-step (split across processes)")
     g.add_argument("--grad-accum", type=_positive_int, default=1,
                    help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (AdamW); default: each method's own (see "
+                        "docs/results.md), recorded in results.json")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--warmup-ratio", type=float, default=0.06,
                    help="fraction of steps of linear warm-up (then linear decay to 0)")
@@ -149,16 +153,27 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {s.name: getattr(args, f"opt_{s.name}") for s in OPTION_SPECS
-            if getattr(args, f"opt_{s.name}") is not None}
+    return {name: getattr(args, f"opt_{name}") for name in all_options()
+            if getattr(args, f"opt_{name}") is not None}
+
+
+def _learning_rate(args: argparse.Namespace, method: str) -> tuple[float, str]:
+    """``(lr, where it comes from)``: ``--lr`` when given, else the method's default."""
+    if args.lr is not None:
+        return args.lr, "--lr"
+    try:
+        return default_learning_rate(method)
+    except ValueError:
+        return default_learning_rate("lora")  # an unknown method is reported by the run itself
 
 
 def _spec_from_args(args: argparse.Namespace, method: str) -> Any:
     from qpeft.train.finetune import FinetuneSpec
     from qpeft.train.loop import TrainConfig
 
+    lr, lr_source = _learning_rate(args, method)
     train = TrainConfig(
-        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr,
         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
         max_steps=args.max_steps, epochs=args.epochs, eval_batch_size=args.eval_batch_size,
         checkpoint_every=args.checkpoint_every, max_grad_norm=args.max_grad_norm,
@@ -177,7 +192,7 @@ def _spec_from_args(args: argparse.Namespace, method: str) -> Any:
         skip_bad_records=args.skip_bad_records,
         gradient_checkpointing=args.gradient_checkpointing,
         load_in_bits=getattr(args, "load_in_bits", None), overwrite=getattr(args, "overwrite", False),
-        resume=getattr(args, "resume", False))
+        resume=getattr(args, "resume", False), lr_source=lr_source)
 
 
 # ----------------------------------------------------------------------------- finetune
@@ -189,7 +204,7 @@ def _add_finetune(sub: Any) -> None:
         description="Fine-tune MODEL on TASK (or your own CSV/JSONL) with METHOD; writes "
                     "OUTPUT_DIR/results.json and the adapter (peft format) in OUTPUT_DIR/adapter/.")
     p.add_argument("--method", required=True, metavar="METHOD",
-                   help=f"one of: {', '.join(METHODS)}")
+                   help=f"one of: {', '.join(method_names())}")
     p.add_argument("--model", required=True, metavar="MODEL", help=MODEL_HELP)
     _add_data_source(p)
     p.add_argument("--output-dir", default="runs/finetune", help="where results and adapter go")
@@ -253,13 +268,14 @@ def _add_compare(sub: Any) -> None:
     p.add_argument("--model", required=True, metavar="MODEL", help=MODEL_HELP)
     _add_data_source(p)
     p.add_argument("--methods", required=True, type=_csv_list, metavar="A,B,C",
-                   help=f"comma-separated, from: {', '.join(METHODS)}")
+                   help=f"comma-separated, from: {', '.join(method_names())}")
     p.add_argument("--seeds", type=_positive_int, default=1,
                    help="seeds per method (--seed, --seed+1, ...): mean ± std")
     p.add_argument("--output-dir", default="runs/compare")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison")
     p.add_argument("--lr-for", type=_lr_map, default=None, metavar="M=LR,...",
-                   help="per-method learning rates, e.g. qpa=1e-4 (default: --lr for all)")
+                   help="per-method learning rates, e.g. qpa=1e-4 (default: --lr for all, or "
+                        "each method's own without --lr)")
     add_train_options(p)
     add_method_options(p)
     p.set_defaults(func=_cmd_compare)
@@ -271,7 +287,7 @@ def _compare(args: argparse.Namespace, methods: Sequence[str], seeds: int) -> in
     from qpeft.train.compare import run_compare
 
     start = time.perf_counter()
-    base = _spec_from_args(args, methods[0] if methods and methods[0] in METHODS else "lora")
+    base = _spec_from_args(args, methods[0] if methods and methods[0] in method_names() else "lora")
     result = run_compare(base, list(methods), seeds, args.output_dir,
                          overwrite=args.overwrite, command=_command(),
                          lr_for=getattr(args, "lr_for", None),
@@ -331,7 +347,7 @@ def _add_count(sub: Any) -> None:
         description="Wrap MODEL (or a transformers config.json, instantiated on the meta "
                     "device without weights) with METHOD and list the trainable parameters.")
     p.add_argument("--method", required=True, metavar="METHOD",
-                   help=f"one of: {', '.join(METHODS)}")
+                   help=f"one of: {', '.join(method_names())}")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", metavar="MODEL", help=MODEL_HELP + " (no weights are loaded "
                      "for a folder or hub id: its config is built on the meta device)")
@@ -366,10 +382,8 @@ def _cmd_count(args: argparse.Namespace) -> int:
 
 
 def _add_export_lora(sub: Any) -> None:
-    try:
-        from qpeft.tuners.qpa.export import add_export_lora_parser
-    except ImportError:  # pragma: no cover - QPA is part of qpeft
-        return
+    from qpeft.export.lora import add_export_lora_parser
+
     add_export_lora_parser(sub)
 
 
@@ -401,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qpeft",
         description="Quantum-inspired PEFT (Quantum-PEFT, QuIC, QPA) next to LoRA/OFT/BOFT/HRA: "
                     "fine-tune, compare and count on offline models and data.")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every third-party warning (hidden by default: known, "
+                             "harmless ones such as bitsandbytes' offline-kernel message)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS.values():
         add(sub)
@@ -428,6 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     global _ARGV
     _ARGV = list(argv) if argv is not None else list(sys.argv[1:])
+    quiet_cli(show_all="--verbose" in _ARGV)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -15,14 +15,13 @@ from torch import nn
 import qpeft
 from qpeft import count_trainable
 from qpeft.circuits.statevector import qnn_probabilities
+from qpeft.export.lora import add_export_lora_parser
 from qpeft.tuners.qpa import (
     QPAConfig,
     QPAGenerator,
-    add_export_lora_parser,
     chunking,
     export_lora,
     generator_num_params,
-    main_export_lora,
 )
 from qpeft.tuners.qpa.generator import REFERENCE_HIDDEN
 from tests.contract import harness as h
@@ -447,7 +446,9 @@ def test_export_python_and_cli_entry_points(tmp_path):
         torch.testing.assert_close(lora(x), model(x), atol=1e-6, rtol=1e-6)
     sd = model.base_model.lora_state_dict()
     assert sorted(sd) == sorted(k for k in sd if k.endswith((".lora_A.weight", ".lora_B.weight")))
-    assert main_export_lora([str(tmp_path / "qpa"), str(tmp_path / "cli")]) == 0
+    from qpeft.cli import main as cli_main
+
+    assert cli_main(["export-lora", str(tmp_path / "qpa"), str(tmp_path / "cli")]) == 0
     assert (tmp_path / "cli" / "adapter_model.safetensors").is_file()
     parser = argparse.ArgumentParser()
     add_export_lora_parser(parser.add_subparsers(dest="command"))

@@ -2,7 +2,8 @@
 
 ``export_circuits(adapter_dir, out_dir, format="qasm3")`` (a saved adapter folder) and
 ``export_model_circuits(model, out_dir, ...)`` (an in-memory peft model) write, per adapted
-module, the circuits that generate it (see ``qpeft.export.adapters``) and ``manifest.json``.
+module, the circuits that generate it (see ``qpeft.export.adapters``) and ``manifest.json``;
+``qpeft.export.lora`` writes an adapter as a plain peft LoRA checkpoint where its method can.
 The ``qasm3`` format is written by qpeft itself and needs no qiskit; ``qiskit-qpy`` needs
 ``pip install 'qpeft[qiskit]'``.  Importing this package never imports qiskit.
 
@@ -19,21 +20,19 @@ import re
 from pathlib import Path
 from typing import Any
 
+from qpeft.circuits.ir import RBS_DECOMPOSITION, Circuit, circuit_depth, expand_rbs, gate_counts
 from qpeft.export.adapters import (
-    CIRCUIT_PEFT_TYPES,
     DEFAULT_MAX_QUBITS,
     CircuitRecord,
     SkipRecord,
     circuits_from_checkpoint,
     circuits_from_model,
 )
-from qpeft.export.ir import RBS_DECOMPOSITION, Circuit, circuit_depth, expand_rbs, gate_counts
 from qpeft.export.qasm import to_qasm3
 
 __all__ = [
     "FORMATS",
     "DEFAULT_MAX_QUBITS",
-    "CIRCUIT_PEFT_TYPES",
     "BASIS_ORDERING",
     "CircuitRecord",
     "SkipRecord",
@@ -142,7 +141,7 @@ def export_model_circuits(
     model: Any, out_dir: str | Path, format: str = "qasm3", adapter_name: str = "default",
     max_qubits: int = DEFAULT_MAX_QUBITS,
 ) -> Path:
-    """Export adapter ``adapter_name`` of an in-memory peft model (Quantum-PEFT, QuIC or QPA).
+    """Export adapter ``adapter_name`` of an in-memory peft model (a method with a circuit form).
 
     Returns ``out_dir``.  ValueError for adapters without a circuit form (e.g. LoRA), a bad
     ``format`` or a circuit wider than ``max_qubits``."""
@@ -173,7 +172,8 @@ def add_export_circuits_parser(subparsers: Any) -> argparse.ArgumentParser:
     [--max-qubits N]`` to an argparse ``subparsers``; ``args.func(args)`` runs it (returns 0)."""
     parser = subparsers.add_parser(
         "export-circuits",
-        help="write a Quantum-PEFT / QuIC / QPA adapter's circuits as OpenQASM 3 or Qiskit QPY",
+        help="write a qpeft adapter's circuits (Quantum-PEFT, QuIC, QPA) as OpenQASM 3 or "
+        "Qiskit QPY",
     )
     parser.add_argument("adapter_dir", help="folder of a saved qpeft adapter")
     parser.add_argument("out_dir", help="folder to write the circuits and manifest.json to")

@@ -1,14 +1,14 @@
-"""OpenQASM 3 text for :class:`~qpeft.export.ir.Circuit` (written by qpeft, no qiskit needed).
+"""OpenQASM 3 text for :class:`~qpeft.circuits.ir.Circuit` (written by qpeft, no qiskit needed).
 
 The file uses ``stdgates.inc`` (``ry``, ``z``, ``h``, ``cz``, ``cx``), the ``ctrl @`` /
 ``negctrl @`` modifiers for controlled gates, and, when the circuit has RBS gates, one gate
-definition ``rbs(theta) a, b`` in those standard gates (see ``qpeft.export.ir``).  Angles are
+definition ``rbs(theta) a, b`` in those standard gates (see ``qpeft.circuits.ir``).  Angles are
 written with ``repr`` (the shortest decimal that round-trips the float64 value exactly).
 """
 
 from __future__ import annotations
 
-from qpeft.export.ir import RBS_DECOMPOSITION, Circuit, Gate
+from qpeft.circuits.ir import RBS_DECOMPOSITION, Circuit, Gate
 
 __all__ = ["to_qasm3", "RBS_QASM_DEFINITION"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qpeft.export.ir import RBS_DECOMPOSITION, Circuit
+from qpeft.circuits.ir import RBS_DECOMPOSITION, Circuit
 
 __all__ = ["require_qiskit", "to_qiskit", "rbs_gate", "write_qpy", "read_qpy", "qasm3_loads"]
 
@@ -26,7 +26,7 @@ def require_qiskit() -> Any:
 
 def rbs_gate(theta: float) -> Any:
     """The RBS gate as a Qiskit ``Gate`` named ``rbs`` whose definition is the standard-gate
-    decomposition of ``qpeft.export.ir.RBS_DECOMPOSITION`` (qubit 0 of the gate = first wire)."""
+    decomposition of ``qpeft.circuits.ir.RBS_DECOMPOSITION`` (qubit 0 of the gate = first wire)."""
     require_qiskit()
     from qiskit.circuit import Gate as QGate
     from qiskit.circuit import QuantumCircuit

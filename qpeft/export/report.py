@@ -3,8 +3,7 @@
 ``python -m qpeft.export.report OUT_DIR [OUT_DIR ...] [--transpile]`` prints one line per distinct
 circuit shape of each export folder; ``python -m qpeft.export.report --minilm WORK_DIR
 [--transpile]`` first builds MiniLM query/value adapters of each method (untrained, generic
-angles: the circuits' shapes do not depend on the values), saves and exports them under ``WORK_DIR`` (QuIC with ``init_weights=False``: a transpiler would delete the identity gates of
-a zero initialisation).  ``--transpile`` adds
+angles: the circuits' shapes do not depend on the values), saves and exports them under ``WORK_DIR`` (each method's ``circuit_examples``).  ``--transpile`` adds
 Qiskit's transpilation to ``cx, rz, sx, x`` (all-to-all connectivity, optimization level 1).
 """
 
@@ -55,22 +54,15 @@ def summarize(out_dir: str | Path, transpile: bool = False) -> str:
 
 
 def minilm_adapters() -> dict[str, Any]:
-    """The configs behind the docs' MiniLM numbers (query/value, each method's defaults)."""
-    import qpeft
+    """The configs behind the docs' MiniLM numbers (query/value): every registered method's
+    ``circuit_examples``."""
+    from qpeft.tuners.registry import methods
 
-    qv = ["query", "value"]
-    return {
-        "quantum_peft_L1": qpeft.QuantumPEFTConfig(target_modules=qv, r=8, depth=1,
-                                                   task_type="SEQ_CLS"),
-        "quantum_peft_L2": qpeft.QuantumPEFTConfig(target_modules=qv, r=8, depth=2,
-                                                   task_type="SEQ_CLS"),
-        "quic_cayley": qpeft.QuICConfig(target_modules=qv, task_type="SEQ_CLS", init_weights=False),
-        "quic_rbs_pyramid": qpeft.QuICConfig(target_modules=qv, base_map="rbs",
-                                             task_type="SEQ_CLS", init_weights=False),
-        "quic_rbs_butterfly": qpeft.QuICConfig(target_modules=qv, base_map="rbs",
-                                               rbs_layout="butterfly", task_type="SEQ_CLS", init_weights=False),
-        "qpa": qpeft.QPAConfig(target_modules=qv, task_type="SEQ_CLS", init_seed=0),
-    }
+    out: dict[str, Any] = {}
+    for spec in methods():
+        if spec.circuit_examples is not None:
+            out.update(spec.circuit_examples(["query", "value"], "SEQ_CLS"))
+    return out
 
 
 def _build_minilm(work: Path) -> list[Path]:

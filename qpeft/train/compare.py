@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from qpeft.train.finetune import FinetuneSpec, RunError, check_output_dir, load_data, run_finetune
-from qpeft.train.methods import METHOD_OPTIONS, check_method
+from qpeft.train.methods import check_method, default_learning_rate
 from qpeft.train.results import atomic_write_json
+from qpeft.tuners.registry import get_method
 
 COMPARE_NAME = "compare.json"
 PLOT_NAME = "pareto.png"
@@ -146,6 +147,17 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
+def _learning_rate(base: FinetuneSpec, method: str,
+                   lr_for: dict[str, float] | None) -> tuple[float, str]:
+    """``(lr, source)`` of ``method``'s runs: ``--lr-for`` first, then a ``--lr`` given for
+    all, else the method's own default."""
+    if method in (lr_for or {}):
+        return lr_for[method], "--lr-for"
+    if base.lr_source.startswith("default"):
+        return default_learning_rate(method)
+    return base.train.lr, base.lr_source
+
+
 def run_compare(base: FinetuneSpec, methods: Sequence[str], seeds: int, output_dir: str,
                 *, overwrite: bool = False, command: list[str] | None = None,
                 lr_for: dict[str, float] | None = None,
@@ -180,15 +192,15 @@ def run_compare(base: FinetuneSpec, methods: Sequence[str], seeds: int, output_d
     specs = []
     for method in methods:
         usable = {k: v for k, v in base.method_options.items()
-                  if v is not None and k in METHOD_OPTIONS[method]}
+                  if v is not None and get_method(method).option(k) is not None}
+        lr, lr_source = _learning_rate(base, method, lr_for)
         for s in range(seeds):
             spec = dataclasses.replace(
                 base, method=method, method_options=usable, seed=base.seed + s,
                 data_seed=base.seed if base.data_seed is None else base.data_seed,
                 output_dir=str(out / method / f"seed{base.seed + s}"), overwrite=overwrite,
-                resume=False, train=dataclasses.replace(
-                    base.train, seed=base.seed + s,
-                    lr=(lr_for or {}).get(method, base.train.lr)))
+                resume=False, lr_source=lr_source,
+                train=dataclasses.replace(base.train, seed=base.seed + s, lr=lr))
             from qpeft.train.finetune import validate_spec
 
             validate_spec(spec)
@@ -207,7 +219,8 @@ def run_compare(base: FinetuneSpec, methods: Sequence[str], seeds: int, output_d
             "method", "seed", "metric", "metric_value", "trainable_params", "adapter_params",
             "total_params", "train_seconds", "peak_memory_mb", "steps", "method_options",
             "exact_match", "gradient_checkpointing", "sharding", "skipped_records")}
-                    | {"output_dir": spec.output_dir, "lr": spec.train.lr})
+                    | {"output_dir": spec.output_dir, "lr": spec.train.lr,
+                       "lr_source": spec.lr_source})
     rows = summarise(runs)
     from qpeft.train.finetune import model_source
 

@@ -97,12 +97,14 @@ class FinetuneSpec:
     load_in_bits: int | None = None  # 4 / 8: quantize the base's linear layers (bitsandbytes)
     overwrite: bool = False
     resume: bool = False
+    #: where ``train.lr`` comes from: "--lr", "--lr-for" or "default for <method>"
+    lr_source: str = "given"
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields that make two runs the same run (not the output folder, resume flags,
         progress bars or checkpoint frequency)."""
         d = dataclasses.asdict(self)
-        for key in ("output_dir", "overwrite", "resume"):
+        for key in ("output_dir", "overwrite", "resume", "lr_source"):
             d.pop(key)
         for key in ("progress", "checkpoint_every"):
             d["train"].pop(key)
@@ -552,6 +554,8 @@ def run_finetune(spec: FinetuneSpec, *, command: list[str] | None = None,
         "method_options": resolve_options(spec.method, spec.method_options),
         "peft_config": config.to_dict(),
         "train_config": dataclasses.asdict(spec.train),
+        "lr": spec.train.lr,
+        "lr_source": spec.lr_source,
         "data_config": {k: getattr(spec, k) for k in (
             "max_length", "block_size", "max_blocks", "max_eval_blocks", "image_size",
             "max_train", "max_eval", "eval_fraction", "packing", "skip_bad_records")},

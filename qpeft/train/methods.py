@@ -1,160 +1,77 @@
-"""The fine-tuning methods the CLI knows, and how their peft configs are built.
+"""From command-line method names and options to peft configs, through the method registry.
 
-``METHODS`` lists the command-line names. Three are qpeft's own (registered with peft by
-``import qpeft``), four are peft's built-ins used as baselines. Every method takes the same
-generic options (``rank``, ``depth``, ``orders``, ...); :data:`METHOD_OPTIONS` says which option
-feeds which config field of which method, so an option that does not apply to a method is an
-error rather than silently ignored.
+Each method declares its options, their defaults and its learning rate in its own folder
+(:mod:`qpeft.tuners.registry`); this module only resolves what a user typed against that: an
+option that does not apply to a method is an error naming the methods it applies to, never
+silently ignored.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-METHODS: tuple[str, ...] = ("quantum-peft", "quic", "qpa", "lora", "oft", "boft", "hra")
-OUR_METHODS: tuple[str, ...] = ("quantum-peft", "quic", "qpa")
-
-
-def _parse_orders(value: Any) -> list[int]:
-    if isinstance(value, str):
-        parts = [p.strip() for p in value.split(",") if p.strip()]
-        try:
-            return [int(p) for p in parts]
-        except ValueError:
-            raise ValueError(
-                f"--orders must be a comma-separated list of integers, got {value!r}"
-            ) from None
-    return [int(v) for v in value]
-
-
-@dataclasses.dataclass(frozen=True)
-class OptionSpec:
-    """One generic method option as the CLI shows it (``--name`` with ``type``)."""
-
-    name: str
-    type: Callable[[Any], Any]
-    help: str
-    metavar: str | None = None
-
-
-OPTION_SPECS: tuple[OptionSpec, ...] = (
-    OptionSpec("rank", int, "adapter rank: LoRA/HRA r, Quantum-PEFT K, QPA LoRA rank; OFT blocks"),
-    OptionSpec("alpha", float, "LoRA/QPA scaling alpha"),
-    OptionSpec("dropout", float, "adapter dropout (default 0: deterministic runs)"),
-    OptionSpec("depth", int, "circuit depth L (Quantum-PEFT, QPA)"),
-    OptionSpec("stiefel", str,
-               "Quantum-PEFT Stiefel parametrisation (pauli, generalized, lie_exp, ...)"),
-    OptionSpec("orders", _parse_orders, "QuIC compound orders, e.g. 1,2", metavar="K1,K2"),
-    OptionSpec("num_blocks", int, "QuIC number of diagonal blocks"),
-    OptionSpec("base_map", str, "QuIC map to the base rotations (cayley, exp, rbs, free)"),
-    OptionSpec("layout", str, "QuIC Givens layout with --base-map rbs (pyramid, brick, butterfly)"),
-    OptionSpec("n_mlp", int, "QPA MLP hidden width"),
-    OptionSpec("oft_block_size", int, "OFT/BOFT block size"),
-    OptionSpec("butterfly", int, "BOFT number of butterfly factors"),
+import qpeft  # noqa: F401  (registers every method: qpeft's own and peft's baselines)
+from qpeft.tuners.registry import (
+    MethodSpec,
+    all_options,
+    get_method,
+    method_names,
+    option_users,
 )
-OPTION_NAMES: tuple[str, ...] = tuple(s.name for s in OPTION_SPECS)
 
-# method -> {generic option -> config field}
-METHOD_OPTIONS: dict[str, dict[str, str]] = {
-    "lora": {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"},
-    "oft": {"rank": "r", "oft_block_size": "oft_block_size", "dropout": "module_dropout"},
-    "boft": {"oft_block_size": "boft_block_size", "butterfly": "boft_n_butterfly_factor",
-             "dropout": "boft_dropout"},
-    "hra": {"rank": "r"},
-    "quantum-peft": {"rank": "r", "depth": "depth", "stiefel": "parameterization",
-                     "alpha": "alpha"},
-    "quic": {"orders": "orders", "num_blocks": "num_blocks", "base_map": "base_map",
-             "layout": "rbs_layout", "dropout": "module_dropout"},
-    "qpa": {"rank": "r", "depth": "depth", "n_mlp": "n_mlp", "alpha": "lora_alpha",
-            "dropout": "lora_dropout"},
-}
-
-# Defaults chosen for the CLI (a config's own default applies to anything not listed).
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.0},
-    "oft": {"oft_block_size": 32},
-    "boft": {"oft_block_size": 4, "butterfly": 1},
-    "hra": {"rank": 8},
-    "quantum-peft": {"rank": 8},
-    "quic": {},
-    "qpa": {"rank": 8},
-}
-
-# method -> (attribute of the config's module, qualified import path)
-# our methods' packages (imported if ``qpeft`` does not export the config class yet)
-_PACKAGES: dict[str, str] = {"quantum-peft": "qpeft.tuners.quantum_peft",
-                             "quic": "qpeft.tuners.quic", "qpa": "qpeft.tuners.qpa"}
-
-_CONFIG_CLASSES: dict[str, tuple[str, str]] = {
-    "lora": ("peft", "LoraConfig"),
-    "oft": ("peft", "OFTConfig"),
-    "boft": ("peft", "BOFTConfig"),
-    "hra": ("peft", "HRAConfig"),
-    "quantum-peft": ("qpeft", "QuantumPEFTConfig"),
-    "quic": ("qpeft", "QuICConfig"),
-    "qpa": ("qpeft", "QPAConfig"),
-}
+__all__ = [
+    "build_peft_config",
+    "check_method",
+    "config_class",
+    "default_learning_rate",
+    "method_names",
+    "resolve_options",
+]
 
 
 def check_method(method: str) -> str:
-    """Return ``method`` if it is one of :data:`METHODS`; else ValueError listing them."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    """Return ``method`` if it is a registered method's name; else ValueError listing them."""
+    if method not in method_names():
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(method_names())}")
     return method
 
 
 def config_class(method: str) -> type:
-    """The peft config class of ``method`` (ValueError if this install does not have it)."""
-    import importlib
+    """The peft config class of ``method``."""
+    return get_method(check_method(method)).config_cls
 
-    check_method(method)
-    module_name, cls_name = _CONFIG_CLASSES[method]
-    module = importlib.import_module(module_name)
-    cls = getattr(module, cls_name, None)
-    if cls is None and method in _PACKAGES:
-        try:
-            cls = getattr(importlib.import_module(_PACKAGES[method]), cls_name, None)
-        except ImportError as exc:
-            raise ValueError(
-                f"method {method!r} is not available in this install: importing "
-                f"{_PACKAGES[method]} failed ({exc})"
-            ) from None
-    if cls is None:
+
+def default_learning_rate(method: str) -> tuple[float, str]:
+    """``(lr, why)``: the learning rate the CLI uses for ``method`` when ``--lr`` is not given."""
+    spec = get_method(check_method(method))
+    return spec.learning_rate, spec.learning_rate_note or f"default for {spec.name}"
+
+
+def _check_applies(spec: MethodSpec, name: str) -> None:
+    if spec.option(name) is None:
+        flag = "--" + name.replace("_", "-")
         raise ValueError(
-            f"method {method!r} is not available in this install: {module_name}.{cls_name} "
-            f"is missing"
-        )
-    return cls
+            f"{flag} does not apply to method {spec.name!r} (it applies to: "
+            f"{', '.join(option_users(name))}); options of {spec.name!r}: "
+            + ", ".join(o.flag for o in spec.options))
 
 
 def resolve_options(method: str, options: dict[str, Any] | None) -> dict[str, Any]:
-    """Merge CLI defaults with the options given (``None`` values mean "not given").
-
-    Returns ``{generic option: value}``. ValueError names an option that does not apply to
-    ``method`` and lists the methods it applies to. O(#options).
-    """
-    check_method(method)
+    """The method's CLI defaults updated with the options given (``None`` = not given), each
+    parsed by its option's parser: ``{option name: value}``. ValueError names an unknown option,
+    or one that does not apply to ``method`` and the methods it applies to. O(#options)."""
+    spec = get_method(check_method(method))
     given = {k: v for k, v in (options or {}).items() if v is not None}
-    unknown = sorted(set(given) - set(OPTION_NAMES))
+    unknown = sorted(set(given) - set(all_options()))
     if unknown:
-        raise ValueError(f"unknown method option(s) {unknown}; valid: {', '.join(OPTION_NAMES)}")
-    allowed = METHOD_OPTIONS[method]
+        raise ValueError(f"unknown method option(s) {unknown}; valid: {', '.join(all_options())}")
     for name in given:
-        if name not in allowed:
-            users = [m for m in METHODS if name in METHOD_OPTIONS[m]]
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(
-                f"{flag} does not apply to method {method!r} (it applies to: {', '.join(users)}); "
-                f"options of {method!r}: "
-                + ", ".join("--" + o.replace("_", "-") for o in allowed)
-            )
-    resolved = dict(METHOD_DEFAULTS[method])
+        _check_applies(spec, name)
+    resolved = dict(spec.defaults)
     resolved.update(given)
-    if "orders" in resolved:
-        resolved["orders"] = _parse_orders(resolved["orders"])
-    return resolved
+    return {name: spec.option(name).parse(value) for name, value in resolved.items()}
 
 
 def build_peft_config(
@@ -172,22 +89,22 @@ def build_peft_config(
     "CAUSAL_LM") or None for a plain ``PeftModel``. ValueError for an unknown method, an option
     that does not apply, or a value the config rejects (message names the option). O(1).
     """
+    spec = get_method(check_method(method))
     resolved = resolve_options(method, options)
-    cls = config_class(method)
+    cls = spec.config_cls
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for name, value in resolved.items():
-        field = METHOD_OPTIONS[method][name]
+        field = spec.option(name).field
         if field not in fields:
             raise ValueError(
-                f"{cls.__name__} has no field {field!r} for option --{name.replace('_', '-')}"
-            )
+                f"{cls.__name__} has no field {field!r} for option --{name.replace('_', '-')}")
         kwargs[field] = value
-    given = {k for k, v in (options or {}).items() if v is not None}
-    if method == "oft" and "rank" in given and "oft_block_size" not in given:
-        kwargs["oft_block_size"] = 0  # peft takes either r or oft_block_size
-    kwargs["target_modules"] = list(target_modules) if not isinstance(
-        target_modules, str) else target_modules
+    if spec.build_config is not None:
+        given = {k for k, v in (options or {}).items() if v is not None}
+        kwargs = spec.build_config(kwargs, given)
+    kwargs["target_modules"] = (list(target_modules) if not isinstance(target_modules, str)
+                                else target_modules)
     if modules_to_save:
         kwargs["modules_to_save"] = list(modules_to_save)
     if task_type is not None:

@@ -286,3 +286,13 @@ def test_help_lists_every_command(cli, capsys):
 def test_export_lora_bad_folder_exits_2(cli, tmp_path):
     status, _, err = cli("export-lora", str(tmp_path / "missing"), str(tmp_path / "out"))
     assert status == 2 and "missing" in err
+
+
+def test_export_lora_refuses_a_method_without_an_exact_lora_form_in_one_line(cli, tmp_path):
+    import json
+
+    (tmp_path / "oft").mkdir()
+    (tmp_path / "oft" / "adapter_config.json").write_text(json.dumps({"peft_type": "OFT"}))
+    status, _, err = cli("export-lora", str(tmp_path / "oft"), str(tmp_path / "out"))
+    assert status == 2 and "'OFT' adapter" in err and "QPA" in err
+    assert len(err.strip().splitlines()) == 1

@@ -6,9 +6,9 @@ Use (``make test-peft`` does this)::
 
 What it does, without changing peft's test file:
 - when pytest has imported peft's ``test_custom_models`` module and before it collects its test
-  classes, appends :data:`rows.TEST_CASES` to the module's ``TEST_CASES``,
-  :data:`rows.MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES` to ``MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES`` and
-  qpeft's config classes to ``ALL_PEFT_CONFIG_CLASSES`` (the parametrize marks hold these very
+  classes, appends every registered qpeft method's rows (:func:`rows.collect`) to the module's
+  ``TEST_CASES`` and ``MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES``, and their config classes to
+  ``ALL_PEFT_CONFIG_CLASSES`` (the parametrize marks hold these very
   lists, so the new rows become ordinary parametrized tests);
 - deselects every test that is not a qpeft row (``QPEFT_PEFT_MATRIX_ALL=1`` keeps peft's own);
 - skips the (test, row) pairs :func:`rows.limitation` names, each with its stated reason, and
@@ -27,17 +27,20 @@ import pytest
 from tests.peft_matrix import rows
 
 _INJECTED = "_qpeft_rows_injected"
+_METHOD_OF: dict[type, str] = {}  # config class -> method label, filled by _inject
 
 
 def _inject(module: Any) -> None:
     """Add qpeft's rows to peft's lists (once per module object)."""
     if getattr(module, _INJECTED, False):
         return
-    module.TEST_CASES.extend(rows.TEST_CASES)
-    module.MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES.extend(rows.MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES)
+    test_cases, multi, method_of = rows.collect()
+    module.TEST_CASES.extend(test_cases)
+    module.MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES.extend(multi)
     classes = getattr(module, "ALL_PEFT_CONFIG_CLASSES", None)
     if classes is not None:
-        classes.extend(cls for cls in rows.QPEFT_CONFIG_CLASSES if cls not in classes)
+        classes.extend(cls for cls in method_of if cls not in classes)
+    _METHOD_OF.update(method_of)
     setattr(module, _INJECTED, True)
 
 
@@ -55,7 +58,7 @@ def method_of(item: pytest.Item) -> str | None:
     callspec = getattr(item, "callspec", None)
     if callspec is None:
         return None
-    return rows.METHOD_OF.get(callspec.params.get("config_cls"))
+    return _METHOD_OF.get(callspec.params.get("config_cls"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,24 +1,27 @@
 """QPA (Quantum Parameter Adaptation) as a native peft method: ``qpeft.QPAConfig``.
 
-Registered with peft at import (name ``qpa``, prefix ``qpa_``)."""
+Importing this package registers the method (and with peft: name ``qpa``, prefix ``qpa_``).
+The folder: ``config.py``, ``generator.py`` (the QNN + MLP that generates LoRA factors),
+``layer.py``, ``model.py``, ``export.py`` (LoRA and circuit export), ``peft_matrix.py`` and
+``method.py`` (:data:`METHOD`)."""
 
-from qpeft._peft_registry import register
 from qpeft.tuners.qpa.config import QPAConfig
-from qpeft.tuners.qpa.export import add_export_lora_parser, export_lora, main_export_lora
+from qpeft.tuners.qpa.export import export_lora
 from qpeft.tuners.qpa.generator import QPAGenerator, chunking, generator_num_params
 from qpeft.tuners.qpa.layer import QPALayer
+from qpeft.tuners.qpa.method import METHOD
 from qpeft.tuners.qpa.model import QPAModel
+from qpeft.tuners.registry import register_method
 
-register("qpa", QPAConfig, QPAModel, "qpa_")
+register_method(METHOD)
 
 __all__ = [
+    "METHOD",
     "QPAConfig",
     "QPAGenerator",
     "QPALayer",
     "QPAModel",
-    "add_export_lora_parser",
     "chunking",
     "export_lora",
     "generator_num_params",
-    "main_export_lora",
 ]

@@ -1,27 +1,30 @@
-"""Export a trained QPA adapter as a plain peft LoRA checkpoint (no qpeft needed to load it).
+"""QPA out of qpeft: as a plain peft LoRA checkpoint, and as its circuit.
 
-The generator runs once; its factors become ``lora_A`` / ``lora_B`` tensors with
-``lora_alpha / r`` equal to QPA's scaling, so ``delta_W`` is identical. Needs only the adapter
-folder (the layer layout is recorded in ``adapter_config.json`` at injection), not the base model.
+LoRA (``qpeft export-lora``): the generator runs once; its factors become ``lora_A`` /
+``lora_B`` tensors with ``lora_alpha / r`` equal to QPA's scaling, so ``delta_W`` is identical.
+Needs only the adapter folder (the layer layout is recorded in ``adapter_config.json`` at
+injection), not the base model; stock peft loads the result without qpeft.
 
-CLI wiring (qpeft/cli.py): ``add_export_lora_parser(subparsers)`` adds ``export-lora ADAPTER_DIR
-OUT_DIR [--base-model NAME_OR_PATH]`` and sets ``func``; or call ``main_export_lora(argv)``.
+Circuit (``qpeft export-circuits``): the one model-wide QNN (RY + CNOT ladder, trained angles)
+with its measurement.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from qpeft.circuits.builders import qnn_circuit
+from qpeft.tuners._export import CircuitRecord, SkipRecord, check_width, read_adapter_dir
 from qpeft.tuners.qpa.config import QPAConfig, build_generator
 from qpeft.tuners.qpa.generator import QPAGenerator
 
-__all__ = ["add_export_lora_parser", "export_lora", "lora_tensors", "main_export_lora"]
+__all__ = ["circuits_from_checkpoint", "circuits_from_model", "export_lora",
+           "generator_from_checkpoint", "lora_tensors"]
 
 _GEN_KEY = ".qpa_generator."
 
@@ -52,34 +55,26 @@ def lora_tensors(generator: QPAGenerator, layout: Sequence[Sequence[Any]]) -> di
 
 
 def _read_qpa_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    config_file = adapter_dir / "adapter_config.json"
-    if not config_file.is_file():
-        raise ValueError(f"adapter_dir {str(adapter_dir)!r} has no adapter_config.json")
-    config = json.loads(config_file.read_text())
+    config, tensors = read_adapter_dir(adapter_dir)
     peft_type = config.get("peft_type")
     if peft_type != "QPA":
         raise ValueError(
             f"adapter_dir {str(adapter_dir)!r} holds a {peft_type!r} adapter, not a QPA one "
-            "(peft_type must be 'QPA'); only QPA adapters can be exported to LoRA"
+            "(peft_type must be 'QPA')"
         )
     if not config.get("layout"):
         raise ValueError(
             f"adapter_dir {str(adapter_dir)!r}: its config has no 'layout' (saved by an older "
             "qpeft?); load it with PeftModel.from_pretrained and call merge_and_unload instead"
         )
-    weights_file = adapter_dir / "adapter_model.safetensors"
-    if weights_file.is_file():
-        tensors = load_file(str(weights_file))
-    elif (adapter_dir / "adapter_model.bin").is_file():
-        tensors = torch.load(adapter_dir / "adapter_model.bin", weights_only=True)
-    else:
-        raise ValueError(f"adapter_dir {str(adapter_dir)!r} has no adapter_model.safetensors")
     return config, tensors
 
 
-def _generator_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Tensor]):
+def generator_from_checkpoint(
+    config: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> tuple[QPAConfig, QPAGenerator]:
+    """``(config, generator)`` rebuilt from a saved QPA adapter's config dict and tensors, in
+    the dtype it was trained in. ValueError when the tensors do not fit the config."""
     known = set(QPAConfig.__dataclass_fields__)
     qpa_config = QPAConfig(**{k: v for k, v in config.items() if k in known and k != "peft_type"})
     shapes = [(int(o), int(i)) for _, _, o, i, _ in qpa_config.layout]
@@ -118,10 +113,8 @@ def export_lora(
     from safetensors.torch import save_file
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    if not adapter_dir.is_dir():
-        raise ValueError(f"adapter_dir {str(adapter_dir)!r} is not a directory")
     config, tensors = _read_qpa_adapter(adapter_dir)
-    qpa_config, generator = _generator_from_checkpoint(config, tensors)
+    qpa_config, generator = generator_from_checkpoint(config, tensors)
     lora = lora_tensors(generator, qpa_config.layout)
     kinds = {row[1] for row in qpa_config.layout}
     lora_config = LoraConfig(
@@ -145,32 +138,33 @@ def export_lora(
     return out_dir
 
 
-def add_export_lora_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``export-lora ADAPTER_DIR OUT_DIR [--base-model X]`` to an argparse ``subparsers``;
-    the parsed namespace's ``func(args)`` runs the export and prints the output folder."""
-    parser = subparsers.add_parser(
-        "export-lora",
-        help="write a QPA adapter as a plain peft LoRA checkpoint (loads without qpeft)",
-    )
-    parser.add_argument("adapter_dir", help="folder of a saved QPA adapter")
-    parser.add_argument("out_dir", help="folder to write the LoRA adapter to")
-    parser.add_argument(
-        "--base-model", default=None, help="base_model_name_or_path to record (default: QPA's)"
-    )
-    parser.set_defaults(func=_run_export)
-    return parser
+def _qnn_records(theta: torch.Tensor, n_chunks: int, max_qubits: int,
+                 module: str = "qpa_generator") -> list[CircuitRecord | SkipRecord]:
+    """The model-wide QPA circuit: theta [L, N] -> RY/CNOT-ladder QNN plus measurement. O(L N)."""
+    circuit = qnn_circuit(theta, f"{module}.qnn", measure=True)
+    check_width(circuit, module, "qnn", max_qubits)
+    n = circuit.num_qubits
+    info = {
+        "n_qubits": n, "depth_L": int(theta.shape[0]), "n_chunks_used": int(n_chunks),
+        "reads_as": "measurement probabilities p_i, i = 0..2**N-1 (little-endian), of which the "
+        f"first {n_chunks} feed the generator MLP",
+        "shots_note": "estimating every p_i to a relative error eps needs about 2**N / eps**2 "
+        "shots (p_i is about 2**-N)",
+    }
+    return [CircuitRecord(circuit, module, "qnn", "qpa", info)]
 
 
-def _run_export(args: argparse.Namespace) -> int:
-    path = export_lora(args.adapter_dir, args.out_dir, base_model=args.base_model)
-    print(f"wrote LoRA adapter to {path}")
-    return 0
+def circuits_from_model(model: nn.Module, adapter_name: str,
+                        max_qubits: int) -> list[CircuitRecord | SkipRecord]:
+    """The QNN of adapter ``adapter_name`` of a loaded peft model."""
+    tuner = model.base_model if hasattr(model, "base_model") else model
+    generator = tuner.generator(adapter_name)
+    return _qnn_records(generator.theta, generator.n_chunks, max_qubits)
 
 
-def main_export_lora(argv: Sequence[str] | None = None) -> int:
-    """``qpeft export-lora`` as a standalone entry point: parses ``argv`` and exports."""
-    parser = argparse.ArgumentParser(prog="qpeft")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_export_lora_parser(sub)
-    args = parser.parse_args(["export-lora", *(argv or [])])
-    return args.func(args)
+def circuits_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                             base_tree: Callable[[], nn.Module | None],
+                             max_qubits: int) -> list[CircuitRecord | SkipRecord]:
+    """The QNN read from a saved adapter (the folder alone)."""
+    _, generator = generator_from_checkpoint(config, tensors)
+    return _qnn_records(generator.theta, generator.n_chunks, max_qubits)

@@ -1,8 +1,10 @@
-"""QuIC: quantum-inspired compound adapters as a native peft method (papers.md §2).
+"""QuIC: quantum-inspired compound adapters as a native peft method (docs/methods/quic.md).
 
-Importing this package registers ``PeftType.QUIC`` with peft (prefix ``quic_``)."""
+Importing this package registers the method (and ``PeftType.QUIC`` with peft, prefix ``quic_``).
+The folder: ``config.py``, ``layer.py``, ``model.py``, ``export.py`` (circuits),
+``peft_matrix.py`` and ``method.py`` (:data:`METHOD`)."""
 
-from qpeft import _peft_registry
+from qpeft.tuners.registry import register_method
 
 from .config import (
     BlockPlan,
@@ -14,11 +16,13 @@ from .config import (
     quic_reference_count,
 )
 from .layer import QuICLayer, QuICModule, base_matrices, block_rotate
+from .method import METHOD
 from .model import QuICModel
 
-_peft_registry.register("quic", QuICConfig, QuICModel, "quic_")
+register_method(METHOD)
 
 __all__ = [
+    "METHOD",
     "BlockPlan",
     "QuICConfig",
     "QuICLayer",

@@ -5,26 +5,23 @@ from __future__ import annotations
 import peft
 import pytest
 
-import qpeft  # noqa: F401  (registers our methods)
-from qpeft.train.methods import METHOD_OPTIONS, METHODS, build_peft_config, resolve_options
+from qpeft.train.methods import (
+    build_peft_config,
+    default_learning_rate,
+    method_names,
+    resolve_options,
+)
+from qpeft.tuners.registry import all_options, get_method
 
 
-def _available(method: str) -> bool:
-    from qpeft.train.methods import config_class
-
-    try:
-        config_class(method)
-        return True
-    except ValueError:
-        return False
+def test_the_registered_methods_are_ours_then_peft_baselines() -> None:
+    assert method_names()[:7] == ("quantum-peft", "quic", "qpa", "lora", "oft", "boft", "hra")
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", method_names())
 def test_every_method_builds_a_peft_config(method: str) -> None:
-    if not _available(method):
-        pytest.skip(f"{method} not in this install yet")
     config = build_peft_config(method, ["query", "value"], ["classifier"], task_type="SEQ_CLS")
-    assert isinstance(config, peft.PeftConfig)
+    assert isinstance(config, peft.PeftConfig) and type(config) is get_method(method).config_cls
     assert set(config.target_modules) == {"query", "value"}
     assert list(config.modules_to_save) == ["classifier"]
 
@@ -36,12 +33,12 @@ def test_options_map_to_config_fields() -> None:
     assert (c.r, c.oft_block_size) == (4, 0)
     c = build_peft_config("boft", ["q"], options={"oft_block_size": 2, "butterfly": 2})
     assert (c.boft_block_size, c.boft_n_butterfly_factor) == (2, 2)
-    if _available("quic"):
-        c = build_peft_config("quic", ["q"], options={"orders": "1,3", "num_blocks": 2})
-        assert list(c.orders) == [1, 3] and c.num_blocks == 2
-    if _available("qpa"):
-        c = build_peft_config("qpa", ["q"], options={"rank": 2, "depth": 3, "n_mlp": 16})
-        assert (c.r, c.depth, c.n_mlp) == (2, 3, 16)
+    c = build_peft_config("quic", ["q"], options={"orders": "1,3", "num_blocks": 2})
+    assert list(c.orders) == [1, 3] and c.num_blocks == 2
+    c = build_peft_config("qpa", ["q"], options={"rank": 2, "depth": 3, "n_mlp": 16})
+    assert (c.r, c.depth, c.n_mlp) == (2, 3, 16)
+    c = build_peft_config("quantum-peft", ["q"], options={"rank": 3, "stiefel": "lie_exp"})
+    assert (c.r, c.parameterization) == (3, "lie_exp")
 
 
 def test_unknown_method_lists_the_valid_ones() -> None:
@@ -54,6 +51,8 @@ def test_option_that_does_not_apply_is_an_error() -> None:
         resolve_options("lora", {"depth": 2})
     with pytest.raises(ValueError, match="--orders must be a comma-separated list"):
         resolve_options("quic", {"orders": "1,x"})
+    with pytest.raises(ValueError, match="unknown method option"):
+        resolve_options("lora", {"no_such_option": 1})
 
 
 def test_value_rejected_by_the_config_names_the_method() -> None:
@@ -61,9 +60,9 @@ def test_value_rejected_by_the_config_names_the_method() -> None:
         build_peft_config("oft", ["q"], options={"rank": 4, "oft_block_size": 8})
 
 
-def test_option_table_is_consistent() -> None:
-    from qpeft.train.methods import METHOD_DEFAULTS, OPTION_NAMES
-
-    for method in METHODS:
-        assert set(METHOD_OPTIONS[method]) <= set(OPTION_NAMES)
-        assert set(METHOD_DEFAULTS[method]) <= set(METHOD_OPTIONS[method])
+@pytest.mark.parametrize("method", method_names())
+def test_defaults_are_options_of_the_method(method: str) -> None:
+    spec = get_method(method)
+    assert set(spec.defaults) <= {o.name for o in spec.options} <= set(all_options())
+    lr, why = default_learning_rate(method)
+    assert lr > 0 and why

@@ -24,7 +24,7 @@ from qpeft.circuits import (
     qnn_probabilities,
     qnn_statevector,
 )
-from qpeft.export.builders import (
+from qpeft.circuits.builders import (
     generalized_circuit,
     orthogonal_rbs_circuit,
     pauli_circuit,
@@ -32,7 +32,7 @@ from qpeft.export.builders import (
     qubits_for_dim,
     rbs_circuit,
 )
-from qpeft.export.ir import Circuit, Gate, circuit_depth, expand_rbs, gate_counts
+from qpeft.circuits.ir import Circuit, Gate, circuit_depth, expand_rbs, gate_counts
 from qpeft.export.qasm import to_qasm3
 
 pytest.importorskip("qiskit")

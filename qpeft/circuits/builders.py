@@ -2,7 +2,7 @@
 
 Every builder reads the angle layout from ``qpeft.circuits`` (``pauli_gates``, ``split_sizes``,
 ``givens_pairs``, ``givens_decompose``) instead of re-deriving it, and returns an
-:class:`~qpeft.export.ir.Circuit` in the little-endian convention of ``qpeft.export.ir``.
+:class:`~qpeft.circuits.ir.Circuit` in the little-endian convention of ``qpeft.circuits.ir``.
 
 * :func:`pauli_circuit`: Quantum-PEFT's RY + CZ circuit on ``log2 N`` qubits; its first K
   columns are ``pauli_stiefel``.
@@ -27,9 +27,9 @@ import torch
 
 from qpeft.circuits._checks import check_positive_int
 from qpeft.circuits.givens import givens_decompose, givens_num_params, givens_pairs
+from qpeft.circuits.ir import Circuit, Gate
 from qpeft.circuits.pauli import is_power_of_two, pauli_gates, pauli_num_params
 from qpeft.circuits.qsd import generalized_num_params, split_sizes
-from qpeft.export.ir import Circuit, Gate
 
 __all__ = [
     "qubits_for_dim",

@@ -1,0 +1,87 @@
+"""What the methods' export hooks share: reading a saved adapter folder, and the records of
+exported circuits (``qpeft export-circuits``; written to files by :mod:`qpeft.export`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qpeft.circuits.ir import Circuit
+
+#: circuits wider than this raise ValueError unless the caller raises the limit
+DEFAULT_MAX_QUBITS = 32
+_PREFIX = "base_model.model."
+
+
+@dataclass
+class CircuitRecord:
+    """One exported circuit: the ``module`` it generates, its ``role`` there ("U", "V",
+    "block3", "blocks", "qnn"), the ``method`` (registry key) and construction details in
+    ``info`` (JSON-able)."""
+
+    circuit: Circuit
+    module: str
+    role: str
+    method: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SkipRecord:
+    """A part of an adapter with no circuit form, and why."""
+
+    module: str
+    role: str
+    reason: str
+
+
+def check_width(circuit: Circuit, module: str, role: str, max_qubits: int) -> None:
+    """ValueError naming the module when ``circuit`` is wider than ``max_qubits``."""
+    if circuit.num_qubits > max_qubits:
+        raise ValueError(
+            f"module {module!r} ({role}) needs a circuit of {circuit.num_qubits} qubits, more than "
+            f"max_qubits={max_qubits}; raise max_qubits (--max-qubits) to export it anyway, or "
+            "leave the module out"
+        )
+
+
+def read_adapter_dir(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(adapter_config.json as a dict, {key: tensor})`` of a folder written by
+    ``save_pretrained``; ValueError naming the folder when it or either file is missing."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise ValueError(f"adapter_dir {str(adapter_dir)!r} is not a directory")
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        raise ValueError(f"adapter_dir {str(adapter_dir)!r} has no adapter_config.json")
+    config = json.loads(config_file.read_text())
+    weights = adapter_dir / "adapter_model.safetensors"
+    if weights.is_file():
+        return config, load_file(str(weights))
+    if (adapter_dir / "adapter_model.bin").is_file():
+        return config, torch.load(adapter_dir / "adapter_model.bin", weights_only=True)
+    raise ValueError(f"adapter_dir {str(adapter_dir)!r} has no adapter_model.safetensors")
+
+
+def tensors_by_module(tensors: Mapping[str, torch.Tensor], suffix: str) -> dict[str, torch.Tensor]:
+    """``{module name: tensor}`` for keys ``base_model.model.<module>.<suffix>[.<adapter>]``."""
+    out = {}
+    for key, value in tensors.items():
+        body = key.removeprefix(_PREFIX)
+        head, sep, tail = body.rpartition(f".{suffix}")
+        if sep and (tail == "" or tail.count(".") == 1):
+            out[head] = value
+    return out
+
+
+def config_from_dict(cls: type, config: Mapping[str, Any]) -> Any:
+    """``cls`` built from a saved config dict (keys the class does not know are dropped)."""
+    known = set(cls.__dataclass_fields__)
+    return cls(**{k: v for k, v in config.items() if k in known and k != "peft_type"})

@@ -1,0 +1,144 @@
+"""Quantum-PEFT's circuits: per adapted module, the circuit of U (``d_out``) and of V (``d_in``).
+
+The first K columns of each circuit's unitary, restricted to the basis states ``0..d-1``, are U
+(V). Lie-algebra parameterizations have no circuit form here (recorded as skipped, with the
+reason). Used by ``qpeft export-circuits`` through the method registry.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from qpeft.circuits.builders import generalized_circuit, pauli_circuit
+from qpeft.circuits.stiefel import stiefel_num_params
+from qpeft.tuners._common import matrix_shape
+from qpeft.tuners._export import (
+    CircuitRecord,
+    SkipRecord,
+    check_width,
+    config_from_dict,
+    tensors_by_module,
+)
+from qpeft.tuners.quantum_peft.config import QuantumPEFTConfig, resolve_parameterization
+from qpeft.tuners.quantum_peft.layer import ANGLE_PARAMETERIZATIONS, quantize_angles
+
+Record = CircuitRecord | SkipRecord
+
+
+def _side_record(module: str, role: str, angles: torch.Tensor, method: str, d: int, k: int,
+                 depth: int, max_qubits: int) -> Record:
+    if method not in ("pauli", "generalized"):
+        return SkipRecord(
+            module, role,
+            f"parameterization {method!r}: {role} = exp(S)[:, :K] (Lie algebra) is a dense "
+            f"{d}x{d} orthogonal map with no compact gate form; use parameterization='pauli' or "
+            "'generalized' for circuits",
+        )
+    if d == 1:
+        return SkipRecord(module, role, "dimension 1: the 1x1 identity, no qubits")
+    name = f"{module}.{role}"
+    if method == "pauli":
+        circuit = pauli_circuit(angles, int(math.log2(d)), depth, name)
+        construction = "pauli"
+    else:
+        circuit = generalized_circuit(angles, d, depth, name)
+        construction = "pauli" if d & (d - 1) == 0 else "generalized (binary cosine-sine split)"
+    check_width(circuit, module, role, max_qubits)
+    info = {
+        "dim": d, "k": k, "depth_L": depth, "construction": construction,
+        "num_params": stiefel_num_params(method, d, k, depth),
+        "reads_as": (
+            f"{role} = first {k} columns of the circuit's unitary, rows 0..{d - 1}"
+            + (f" (dimension {d} embedded in the first {d} of {2 ** circuit.num_qubits} basis "
+               "states; the others are never reached from them)" if d & (d - 1) else "")
+        ),
+    }
+    return CircuitRecord(circuit, module, role, "quantum_peft", info)
+
+
+def module_records(
+    module: str, angles_u: torch.Tensor, angles_v: torch.Tensor, method_u: str, method_v: str,
+    d_out: int, d_in: int, r: int, depth: int, quantize_bits: int | None, max_qubits: int,
+) -> list[Record]:
+    """Circuits of U (``d_out``) and V (``d_in``) of one module, with the angles as the forward
+    pass uses them (quantized to ``quantize_bits`` when set). O(L log**2 d) gates per side."""
+    out: list[Record] = []
+    for role, angles, method, d in (("U", angles_u, method_u, d_out), ("V", angles_v, method_v, d_in)):
+        a = angles.detach().double()
+        if quantize_bits is not None and method in ANGLE_PARAMETERIZATIONS:
+            a = quantize_angles(a, quantize_bits)
+        out.append(_side_record(module, role, a, method, d, r, depth, max_qubits))
+    return out
+
+
+def circuits_from_model(model: nn.Module, adapter_name: str, max_qubits: int) -> list[Record]:
+    """Records of adapter ``adapter_name`` of a loaded peft model. O(total gates)."""
+    records: list[Record] = []
+    for name, module in model.named_modules():
+        if adapter_name in getattr(module, "qpeft_spec", {}):
+            s = module.qpeft_spec[adapter_name]
+            records += module_records(
+                name.removeprefix("base_model.model."), *module.angles(adapter_name),
+                s.method_u, s.method_v, s.out_features, s.in_features, s.r, s.depth,
+                s.quantize_bits, max_qubits)
+    return records
+
+
+def _infer_dim(p: int, k: int, depth: int, parameterization: str, auto_generalize: bool,
+               max_qubits: int) -> int | None:
+    """The one dimension d (K <= d <= 2**min(max_qubits, 16)) whose Stiefel count is ``p``, or
+    None when there is none or several."""
+    found = []
+    for d in range(max(k, 1), 2 ** min(max_qubits, 16) + 1):
+        try:
+            method = resolve_parameterization(parameterization, d, auto_generalize)
+        except ValueError:
+            continue
+        if stiefel_num_params(method, d, k, depth) == p:
+            found.append(d)
+            if len(found) > 1:
+                return None
+    return found[0] if found else None
+
+
+def _module_shape(module: str, tree: nn.Module | None, qc: QuantumPEFTConfig, counts: list[int],
+                  max_qubits: int) -> tuple[int, int]:
+    if tree is not None:
+        try:
+            return matrix_shape(tree.get_submodule(module))
+        except (AttributeError, ValueError):
+            pass
+    dims = [_infer_dim(c, qc.r, qc.depth, qc.parameterization, qc.auto_generalize, max_qubits)
+            for c in counts]
+    if None in dims:
+        raise ValueError(
+            f"module {module!r}: its layer sizes cannot be read from the checkpoint alone (the "
+            "angle counts fit several sizes); pass base_model= (the base model or its folder) "
+            "or export from the loaded model with export_model_circuits")
+    return dims[0], dims[1]
+
+
+def circuits_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                             base_tree: Callable[[], nn.Module | None],
+                             max_qubits: int) -> list[Record]:
+    """Records read from a saved adapter. Each layer's ``(d_out, d_in)`` comes from
+    ``base_tree()`` (the base model, on the meta device) or, failing that, from the angle counts
+    when exactly one size fits (ValueError otherwise, naming the module)."""
+    qc = config_from_dict(QuantumPEFTConfig, config)
+    us = tensors_by_module(tensors, "qpeft_angles_u")
+    vs = tensors_by_module(tensors, "qpeft_angles_v")
+    tree = base_tree()
+    records: list[Record] = []
+    for module in sorted(set(us) | set(vs)):  # a side of width 1 stores no angles
+        empty = next(iter((us | vs).values())).new_zeros(0)
+        u, v = us.get(module, empty), vs.get(module, empty)
+        d_out, d_in = _module_shape(module, tree, qc, [int(u.numel()), int(v.numel())], max_qubits)
+        method_u, method_v = qc.side_methods(d_out, d_in, f"module {module!r}")
+        records += module_records(module, u, v, method_u, method_v, d_out, d_in, qc.r, qc.depth,
+                                  qc.quantize_bits, max_qubits)
+    return records

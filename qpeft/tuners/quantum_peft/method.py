@@ -1,0 +1,36 @@
+"""Quantum-PEFT as the rest of qpeft sees it: one :class:`~qpeft.tuners.registry.MethodSpec`."""
+
+from __future__ import annotations
+
+from qpeft.tuners.quantum_peft import export
+from qpeft.tuners.quantum_peft.config import QuantumPEFTConfig
+from qpeft.tuners.quantum_peft.model import QuantumPEFTModel
+from qpeft.tuners.quantum_peft.peft_matrix import peft_matrix_rows
+from qpeft.tuners.registry import MethodOption, MethodSpec
+
+METHOD = MethodSpec(
+    name="quantum-peft",
+    label="Quantum-PEFT",
+    config_cls=QuantumPEFTConfig,
+    model_cls=QuantumPEFTModel,
+    prefix="qpeft_",
+    options=(
+        MethodOption("rank", "r", int, "adapter rank (LoRA/HRA r, Quantum-PEFT K, QPA LoRA rank, "
+                     "OFT number of blocks)"),
+        MethodOption("depth", "depth", int, "circuit depth L (Quantum-PEFT, QPA)"),
+        MethodOption("stiefel", "parameterization", str,
+                     "Quantum-PEFT Stiefel parametrisation (pauli, generalized, lie_exp, ...)"),
+        MethodOption("alpha", "alpha", float, "scaling alpha (LoRA, QPA, Quantum-PEFT)"),
+    ),
+    defaults={"rank": 8},
+    benchmark_config=lambda targets, task_type: QuantumPEFTConfig(
+        r=8, depth=1, target_modules=targets, task_type=task_type),
+    benchmark_label="Quantum-PEFT K=8, L=1",
+    circuits_from_model=export.circuits_from_model,
+    circuits_from_checkpoint=export.circuits_from_checkpoint,
+    circuit_examples=lambda targets, task_type: {
+        f"quantum_peft_L{depth}": QuantumPEFTConfig(target_modules=targets, r=8, depth=depth,
+                                                    task_type=task_type)
+        for depth in (1, 2)},
+    peft_matrix=peft_matrix_rows,
+)

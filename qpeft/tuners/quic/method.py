@@ -1,0 +1,58 @@
+"""QuIC as the rest of qpeft sees it: one :class:`~qpeft.tuners.registry.MethodSpec`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qpeft.tuners.quic import export
+from qpeft.tuners.quic.config import QuICConfig
+from qpeft.tuners.quic.model import QuICModel
+from qpeft.tuners.quic.peft_matrix import peft_matrix_rows
+from qpeft.tuners.registry import MethodOption, MethodSpec
+
+
+def parse_orders(value: Any) -> list[int]:
+    """``"1,2"`` (command line) or a sequence of ints -> ``[1, 2]``; ValueError naming --orders."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        try:
+            return [int(p) for p in parts]
+        except ValueError:
+            raise ValueError(
+                f"--orders must be a comma-separated list of integers, got {value!r}") from None
+    return [int(v) for v in value]
+
+
+METHOD = MethodSpec(
+    name="quic",
+    label="QuIC",
+    config_cls=QuICConfig,
+    model_cls=QuICModel,
+    prefix="quic_",
+    options=(
+        MethodOption("orders", "orders", parse_orders, "QuIC compound orders, e.g. 1,2",
+                     metavar="K1,K2"),
+        MethodOption("num_blocks", "num_blocks", int, "QuIC number of diagonal blocks"),
+        MethodOption("base_map", "base_map", str,
+                     "QuIC map to the base rotations (cayley, exp, rbs, free)"),
+        MethodOption("layout", "rbs_layout", str,
+                     "QuIC Givens layout with --base-map rbs (pyramid, brick, butterfly)"),
+        MethodOption("dropout", "module_dropout", float,
+                     "adapter dropout (default 0: deterministic runs)"),
+    ),
+    benchmark_config=lambda targets, task_type: QuICConfig(
+        num_blocks=3, orders=[1, 2], target_modules=targets, task_type=task_type),
+    benchmark_label="QuIC C1⊕C2, N=3",
+    circuits_from_model=export.circuits_from_model,
+    circuits_from_checkpoint=export.circuits_from_checkpoint,
+    # init_weights=False: a transpiler would delete the identity gates of a zero initialisation
+    circuit_examples=lambda targets, task_type: {
+        "quic_cayley": QuICConfig(target_modules=targets, task_type=task_type,
+                                  init_weights=False),
+        "quic_rbs_pyramid": QuICConfig(target_modules=targets, base_map="rbs",
+                                       task_type=task_type, init_weights=False),
+        "quic_rbs_butterfly": QuICConfig(target_modules=targets, base_map="rbs",
+                                         rbs_layout="butterfly", task_type=task_type,
+                                         init_weights=False)},
+    peft_matrix=peft_matrix_rows,
+)
