@@ -1,8 +1,8 @@
-"""Benchmark 5: every parameter count in ``../shared/papers.md``, computed by qpeft next to the
+"""Benchmark 5: every parameter count the three papers publish, computed by qpeft next to the
 published number.
 
 Counts come from qpeft's own count functions (``pauli_num_params``, the configs'
-``count_module`` / ``count_shared``, :func:`qpeft.counting.count_trainable`,
+``count_module`` / ``count_shared``, :func:`qpeft.tuners.counting.count_trainable`,
 ``qpeft.tuners.quic.config.count_reference``) on transformers configs instantiated on the meta
 device (no weights). LoRA baselines are counted by peft itself (``get_peft_model`` on the same
 meta models). A row's ``match`` compares at the precision the paper printed (exact integers,
@@ -191,7 +191,7 @@ def quic_rows() -> list[dict]:
                      "count_trainable", "the paper's code stores dense n×n blocks"))
     rows.append(_row(p, "  2-class head", c["modules_to_save"], 1538, "modules_to_save"))
     rows.append(_row(p, "  adapter + head", c["reference"] + c["modules_to_save"], "0.04M",
-                     "sum", "papers.md: ≈ '0.03M' is the adapter alone (34,848); with the "
+                     "sum", "the paper's ≈ '0.03M' is the adapter alone (34,848); with the "
                      "head it is 36,386"))
     rows.append(_row(p, "  adapter alone ≈ '0.03M'", c["reference"], "0.03M", "reference"))
     c4 = deberta([1, 2], 3, qv, 2, num_adapters=4)
@@ -218,7 +218,7 @@ def quic_rows() -> list[dict]:
 
 
 def qpa_rows() -> list[dict]:
-    from qpeft.counting import count_trainable
+    from qpeft.tuners.counting import count_trainable
     from qpeft.tuners.qpa.config import QPAConfig
     from qpeft.tuners.qpa.generator import chunking
 

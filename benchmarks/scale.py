@@ -31,9 +31,9 @@ from torch import nn
 from benchmarks import _common as C
 from benchmarks import models as M
 from benchmarks import scale_generation as G
+from benchmarks.decoder import TARGETS_7B, DecoderLayers, llama_config, method_config
 
 NAME = "scale"
-TARGETS_7B = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = ("lora", "oft", "vera", "fourierft", "quantum_peft", "quic", "qpa")
 LABELS = {**M.METHOD_LABELS, "vera": "peft VeRA (r=256)", "fourierft": "peft FourierFT (n=1000)"}
 TOKENS = (128, 2048)
@@ -45,53 +45,14 @@ TARGETS = {  # method: (max step / LoRA, max step / OFT, max peak memory / LoRA)
 }
 
 
-def llama_config(hidden: int, intermediate: int, heads: int, kv_heads: int) -> Any:
-    """A ``LlamaConfig`` of one decoder layer's shape (random init, no hub)."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate,
-                       num_attention_heads=heads, num_key_value_heads=kv_heads)
-
-
 def layer_config(quick: bool) -> Any:
     """The 7B shape (quick: 64 / 128, 4 heads)."""
     return llama_config(64, 128, 4, 4) if quick else llama_config(4096, 11008, 32, 32)
 
 
-class DecoderLayers(nn.Module):
-    """``layers`` decoder layers sharing one rotary embedding: hidden [B, T, d] -> [B, T, d]."""
-
-    def __init__(self, config: Any, layers: int = 1) -> None:
-        super().__init__()
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-
-        self.config = config
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, layer_idx=i) for i in range(layers))
-        self.rotary = LlamaRotaryEmbedding(config)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(hidden.shape[1], device=hidden.device)[None]
-        rotary = self.rotary(hidden, pos)
-        for layer in self.layers:
-            out = layer(hidden, position_embeddings=rotary, position_ids=pos)
-            hidden = out[0] if isinstance(out, tuple) else out
-        return hidden
-
-
 def build_layer(quick: bool) -> DecoderLayers:
     torch.manual_seed(0)
     return DecoderLayers(layer_config(quick)).train()
-
-
-def method_config(method: str) -> Any:
-    """LoRA/OFT/qpeft as in ``benchmarks.models``; VeRA and FourierFT with peft's defaults."""
-    import peft
-
-    if method == "vera":
-        return peft.VeraConfig(target_modules=list(TARGETS_7B))
-    if method == "fourierft":
-        return peft.FourierFTConfig(target_modules=list(TARGETS_7B))
-    return M.method_config(method, TARGETS_7B, None)
 
 
 def wrap(method: str, base: DecoderLayers) -> nn.Module:

@@ -3,7 +3,7 @@
 Shape: ``LlamaConfig(hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
 num_key_value_heads=8)``, all 7 linear modules adapted (q 8192→8192, k/v 8192→1024, o 8192→8192,
 gate/up 8192→28672, down 28672→8192), each method with the same settings as the 7B table
-(:func:`benchmarks.scale.method_config`). The adapted modules wrap stand-in linears whose weights
+(:func:`benchmarks.decoder.method_config`). The adapted modules wrap stand-in linears whose weights
 take no memory (zero-stride views of one zero): only the adapters exist, and no base matmul runs.
 
 Timed, per method: one forward+backward of what each adapted layer's forward builds from its
@@ -64,7 +64,7 @@ GIB = 1024**3
 
 def layer_config(quick: bool) -> Any:
     """The 70B shape (quick: 64 / 160, 4 heads, 2 KV heads: the same grouped-query layout)."""
-    from benchmarks.scale import llama_config
+    from benchmarks.decoder import llama_config
 
     return llama_config(64, 160, 4, 2) if quick else llama_config(8192, 28672, 64, 8)
 
@@ -103,7 +103,7 @@ def wrap(method: str, shapes: dict[str, tuple[int, int]]) -> nn.Module:
     import peft
 
     import qpeft  # noqa: F401  (registers the qpeft methods)
-    from benchmarks.scale import method_config
+    from benchmarks.decoder import method_config
 
     return peft.get_peft_model(StandInLinears(shapes), method_config(method))
 
@@ -237,7 +237,7 @@ def _mem_available_gib() -> float:
 def base_step(quick: bool, tokens: int) -> tuple[Callable[[], None] | None, dict[str, Any]]:
     """The real layer's forward+backward at ``tokens`` (fp32, frozen weights, gradient to the
     input only), or None with the reason when its weights do not fit with the margin."""
-    from benchmarks.scale import DecoderLayers
+    from benchmarks.decoder import DecoderLayers
 
     config = layer_config(quick)
     weights_gib = dense_gib(linear_shapes(config))

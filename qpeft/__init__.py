@@ -11,8 +11,8 @@ from qpeft._quiet import hide_import_noise
 with hide_import_noise():  # bitsandbytes' offline-kernel warning on peft's import (see _quiet)
     import peft  # noqa: F401
 
-from qpeft.counting import ParameterCount, count_trainable
 from qpeft.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict
+from qpeft.tuners.counting import ParameterCount, count_trainable
 
 # Importing qpeft.tuners registers every method (qpeft/tuners/registry.py), ours with peft too.
 from qpeft.tuners.qpa import QPAConfig, QPAModel

@@ -115,6 +115,20 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
                         "for --resume")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward (transformers models; "
+                        "non-reentrant): less memory, more compute")
+    q = g.add_mutually_exclusive_group()
+    q.add_argument("--load-in-4bit", dest="load_in_bits", action="store_const", const=4,
+                   help="quantize the base model's linear layers to 4-bit nf4 (bitsandbytes, "
+                        "QLoRA-style; heads stay in full precision); needs qpeft[bnb]")
+    q.add_argument("--load-in-8bit", dest="load_in_bits", action="store_const", const=8,
+                   help="quantize the base model's linear layers to 8-bit (LLM.int8())")
+    add_data_options(parser)
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """Data-size and data-format options shared by finetune/compare."""
     d = parser.add_argument_group("data")
     d.add_argument("--max-train", type=_positive_int, default=None,
                    help="subsample the training set (stratified, seeded)")
@@ -141,15 +155,6 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--skip-bad-records", action="store_true",
                    help="instruction data: skip bad records (counted in results.json) instead "
                         "of stopping at the first one")
-    g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in the backward (transformers models; "
-                        "non-reentrant): less memory, more compute")
-    q = g.add_mutually_exclusive_group()
-    q.add_argument("--load-in-4bit", dest="load_in_bits", action="store_const", const=4,
-                   help="quantize the base model's linear layers to 4-bit nf4 (bitsandbytes, "
-                        "QLoRA-style; heads stay in full precision); needs qpeft[bnb]")
-    q.add_argument("--load-in-8bit", dest="load_in_bits", action="store_const", const=8,
-                   help="quantize the base model's linear layers to 8-bit (LLM.int8())")
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -441,7 +446,7 @@ def _is_main_process() -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``qpeft`` / ``python -m qpeft``; returns the exit status (2: bad input)."""
     from qpeft.assets import AssetError
-    from qpeft.train.finetune import RunError
+    from qpeft.train.errors import RunError
 
     global _ARGV
     _ARGV = list(argv) if argv is not None else list(sys.argv[1:])

@@ -114,7 +114,7 @@ def hotswap_adapter(
     from peft import PeftConfig
     from peft.utils import load_peft_weights
 
-    import qpeft  # noqa: F401  (registers qpeft's methods so their configs load)
+    import qpeft.tuners  # noqa: F401  (registers qpeft's methods so their configs load)
 
     path = os.fspath(model_name_or_path)
     config = PeftConfig.from_pretrained(path)

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import BertConfig, LlamaConfig
 
 import qpeft
-from qpeft.counting import count_trainable, lora_trainable
+from qpeft.tuners.counting import count_trainable, lora_trainable
 from qpeft.tuners.qpa.config import REFERENCE_N_MLP, build_generator
 from qpeft.tuners.qpa.generator import REFERENCE_HIDDEN, generator_num_params
 

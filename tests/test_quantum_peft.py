@@ -15,7 +15,7 @@ from torch import nn
 import qpeft  # noqa: F401  (registers the method with peft)
 from qpeft.circuits.pauli import pauli_gates
 from qpeft.circuits.stiefel import stiefel_num_params
-from qpeft.counting import count_trainable
+from qpeft.tuners.counting import count_trainable
 from qpeft.tuners.quantum_peft import QuantumPEFTConfig, QuantumPEFTLayer
 from qpeft.tuners.quantum_peft.layer import quantize_angles, quantize_symmetric
 from tests.contract import harness as h

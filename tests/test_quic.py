@@ -19,7 +19,7 @@ import qpeft  # noqa: F401  (registers QuIC with peft)
 # the default base map (Cayley) comes from the circuits core's Lie module
 pytest.importorskip("qpeft.circuits.lie", reason="qpeft.circuits.lie (cayley/expm) not present")
 from qpeft.circuits.givens import givens_pairs
-from qpeft.counting import count_trainable
+from qpeft.tuners.counting import count_trainable
 from qpeft.tuners.quic import (
     QuICConfig,
     QuICModule,
@@ -130,7 +130,10 @@ def test_block_plan_is_the_largest_fitting_n(d, n_blocks, orders):
         return
     plan = block_plan(d, n_blocks, sorted(orders))
     assert plan.n >= n_min and size(plan.n) == plan.d_comp <= b < size(plan.n + 1)
-    assert plan.pad >= 0 and 0 <= plan.leftover < n_blocks
+    # every row is accounted for: n_blocks blocks of d_comp compound rows + pad identity rows,
+    # and the rows that do not fill a block
+    assert plan.block_size == b and plan.pad == b - size(plan.n)
+    assert n_blocks * (plan.d_comp + plan.pad) + plan.leftover == d
 
 
 def _deberta(num_labels: int):

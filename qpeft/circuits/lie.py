@@ -3,7 +3,7 @@
 Dense maps on ``(..., n, n)`` skew ``S``: ``cayley`` (``(I - S)(I + S)^-1``), ``expm_orthogonal``
 (``exp(S)``) and ``taylor_orthogonal`` (truncated Taylor series of ``exp``, approximate).
 
-``lie_stiefel`` (papers.md section 1, "Lie-algebra / Taylor parameterization") returns
+``lie_stiefel`` (docs/methods/quantum_peft.md, "Lie-algebra / Taylor parameterization") returns
 ``f(S)[:, :k]`` for ``S = [[C, -B^T], [B, 0]]``, ``C`` in so(k), ``B`` in R^{(n-k) x k}, with
 ``f`` = exp, Cayley or truncated Taylor, in ``O(n k**2 + k**3)`` and without forming ``S``:
 

@@ -1,6 +1,6 @@
 """The Pauli ("simplified two-design") RY + CZ circuit of Quantum-PEFT, evaluated on K columns.
 
-Circuit on ``n`` qubits, ``N = 2**n`` (papers.md section 1)::
+Circuit on ``n`` qubits, ``N = 2**n`` (Koike-Akino et al., ICLR 2025; docs/methods/quantum_peft.md)::
 
     RY on every qubit                                   (n angles)
     repeat L times:

@@ -1,6 +1,6 @@
 """Orthogonal circuits on any dimension N: a binary cosine-sine (quantum-Shannon-type) split.
 
-Construction (papers.md section 1, "Any N"; the paper's own construction is unreadable, this is
+Construction (docs/methods/quantum_peft.md, "Any N"; the paper's own construction is unreadable, this is
 qpeft's design).  ``Q_N`` is the ``N x N`` orthogonal matrix
 
 * ``N = 1``: ``Q = [[1]]`` (no parameters);

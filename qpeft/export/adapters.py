@@ -108,7 +108,7 @@ def _meta_shapes(config: dict[str, Any], base_model: Any) -> Any:
         return None
     import transformers
 
-    from qpeft.counting import model_from_config
+    from qpeft.tuners.counting import model_from_config
 
     auto = getattr(transformers, _TASK_AUTO.get(str(config.get("task_type")), "AutoModel"))
     path = Path(str(source))

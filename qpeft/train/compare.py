@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from qpeft.train.finetune import FinetuneSpec, RunError, check_output_dir, load_data, run_finetune
+from qpeft.train.errors import RunError
+from qpeft.train.finetune import FinetuneSpec, check_output_dir, load_data, run_finetune
 from qpeft.train.methods import check_method, default_learning_rate
 from qpeft.train.results import atomic_write_json
 from qpeft.tuners.registry import get_method
@@ -158,17 +159,9 @@ def _learning_rate(base: FinetuneSpec, method: str,
     return base.train.lr, base.lr_source
 
 
-def run_compare(base: FinetuneSpec, methods: Sequence[str], seeds: int, output_dir: str,
-                *, overwrite: bool = False, command: list[str] | None = None,
-                lr_for: dict[str, float] | None = None,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run each method for ``seeds`` seeds (``base.seed``, +1, ...) with ``base``'s budget.
-
-    Method options in ``base.method_options`` are passed to the methods they apply to and
-    skipped for the others. ``lr_for``: per-method learning rates replacing ``base.train.lr``
-    (methods differ in the step size they tolerate; recorded per run). Writes ``output_dir/<method>/seed<s>/`` runs, ``compare.json`` and
-    ``pareto.png``; returns the compare.json content. RunError before any run for bad input.
-    """
+def _check_inputs(methods: Sequence[str], seeds: int, lr_for: dict[str, float] | None) -> None:
+    """RunError for an empty or repeated method list, an unknown method, a ``--lr-for`` that
+    names a method not compared or a learning rate <= 0, or ``seeds`` < 1."""
     if not methods:
         raise RunError("--methods is empty; give a comma-separated list, e.g. lora,quic")
     for m in methods:
@@ -185,6 +178,20 @@ def run_compare(base: FinetuneSpec, methods: Sequence[str], seeds: int, output_d
             raise RunError(f"--lr-for {m}={lr}: the learning rate must be > 0")
     if seeds < 1:
         raise RunError(f"--seeds must be >= 1, got {seeds}")
+
+
+def run_compare(base: FinetuneSpec, methods: Sequence[str], seeds: int, output_dir: str,
+                *, overwrite: bool = False, command: list[str] | None = None,
+                lr_for: dict[str, float] | None = None,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run each method for ``seeds`` seeds (``base.seed``, +1, ...) with ``base``'s budget.
+
+    Method options in ``base.method_options`` are passed to the methods they apply to and
+    skipped for the others. ``lr_for``: per-method learning rates replacing ``base.train.lr``
+    (methods differ in the step size they tolerate; recorded per run). Writes ``output_dir/<method>/seed<s>/`` runs, ``compare.json`` and
+    ``pareto.png``; returns the compare.json content. RunError before any run for bad input.
+    """
+    _check_inputs(methods, seeds, lr_for)
     out = Path(output_dir)
     if (out / COMPARE_NAME).exists() and not overwrite:
         raise RunError(f"--output-dir {str(out)!r} holds a comparison already (compare.json); "

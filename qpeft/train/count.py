@@ -9,10 +9,12 @@ to each construction) is computed too and must agree; a disagreement is reported
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from qpeft.train.errors import RunError
 from qpeft.train.methods import build_peft_config, check_method
 
 
@@ -61,102 +63,94 @@ def _group(model: torch.nn.Module) -> tuple[dict[str, int], dict[str, int], int]
     return per_module, heads, other
 
 
-def count_for_cli(method: str, *, model: str | None = None, config_file: str | None = None,
-                  num_labels: int | None = None, target_modules: list[str] | None = None,
-                  options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The count table as a dict (``text`` holds the printed table). O(model modules).
+@dataclass
+class _Base:
+    """The model a count wraps, where it came from and what the config needs to know."""
 
-    ``model``: an installed model name; ``config_file``: a transformers ``config.json`` for a
-    model that need not be installed. Raises ``RunError`` (exit 2) for bad input.
-    """
-    import peft
+    model: torch.nn.Module
+    source: str
+    targets: list[str] | str
+    modules_to_save: list[str] | None
+    task_type: str | None
 
-    import qpeft
-    from qpeft.train.finetune import RunError, model_kind
+
+def _meta_base(model: str | None, config_file: str | None, num_labels: int | None,
+               target_modules: list[str] | None) -> _Base:
+    """A transformers config (a ``config.json``, a folder, a GGUF file or a hub id) built on
+    the meta device: no weights are read."""
+    from qpeft.assets.sources import HEAD_NAMES, default_target_modules, read_source_config
+    from qpeft.train.finetune import model_source
+    from qpeft.tuners.counting import model_from_config, read_model_config
 
     try:
-        check_method(method)
+        if config_file is not None:
+            raw: Any = read_model_config(config_file)
+            model_type, source = raw["model_type"], str(config_file)
+        else:
+            raw = read_source_config(model_source(model))
+            model_type, source = raw.model_type, model
     except ValueError as exc:
-        raise RunError(str(exc)) from None
+        raise RunError(f"--config-file: {exc}" if config_file else str(exc)) from None
+    auto, task_type = _auto_class(raw, num_labels)
+    if num_labels is not None:
+        if isinstance(raw, dict):
+            raw = {**raw, "num_labels": num_labels}
+            raw.pop("id2label", None)
+            raw.pop("label2id", None)
+        else:
+            raw.num_labels = num_labels
+    targets = target_modules or default_target_modules(model_type)
+    if not targets:
+        raise RunError(f"peft has no default target modules for model_type {model_type!r}; "
+                       "pass --target-modules")
+    try:
+        base = model_from_config(raw, auto)
+    except (ValueError, KeyError) as exc:
+        raise RunError(f"{source!r}: cannot build {auto.__name__} from its config: "
+                       f"{exc}") from None
     modules_to_save = None
-    source_kind = "bundled"
-    if model is not None:
-        from qpeft.train.finetune import model_source
+    if task_type == "SEQ_CLS":  # the fresh head trains in full, as in finetune
+        names = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
+        modules_to_save = [h for h in HEAD_NAMES if h in names] or None
+    return _Base(base, source, targets, modules_to_save, task_type)
 
-        source_kind = model_source(model).kind
-    if config_file is not None or source_kind != "bundled":
-        from qpeft.assets.sources import default_target_modules, read_source_config
 
-        try:
-            if config_file is not None:
-                raw: Any = qpeft.counting.read_model_config(config_file)
-                model_type = raw["model_type"]
-                source = str(config_file)
-            else:
-                raw = read_source_config(model_source(model))
-                model_type = raw.model_type
-                source = model
-        except ValueError as exc:
-            raise RunError(f"--config-file: {exc}" if config_file else str(exc)) from None
-        auto, task_type = _auto_class(raw, num_labels)
-        if num_labels is not None:
-            if isinstance(raw, dict):
-                raw = {**raw, "num_labels": num_labels}
-                raw.pop("id2label", None)
-                raw.pop("label2id", None)
-            else:
-                raw.num_labels = num_labels
-        targets = target_modules or default_target_modules(model_type)
-        if not targets:
-            raise RunError(f"peft has no default target modules for model_type "
-                           f"{model_type!r}; pass --target-modules")
-        try:
-            base = qpeft.counting.model_from_config(raw, auto)
-        except (ValueError, KeyError) as exc:
-            raise RunError(f"{source!r}: cannot build {auto.__name__} from its config: "
-                           f"{exc}") from None
-        if task_type == "SEQ_CLS":  # the fresh head trains in full, as in finetune
-            from qpeft.assets.sources import HEAD_NAMES
+def _bundled_base(model: str, num_labels: int | None,
+                  target_modules: list[str] | None) -> _Base:
+    """A bundled model, loaded as ``finetune`` loads it (its default head and targets)."""
+    from accelerate.utils import set_seed
 
-            names = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
-            modules_to_save = [h for h in HEAD_NAMES if h in names] or None
-    else:
-        from accelerate.utils import set_seed
+    from qpeft.train.finetune import PEFT_TASK_TYPES, load_model, model_kind
 
-        from qpeft.train.finetune import PEFT_TASK_TYPES, load_model
-
-        kind = model_kind(model)
-        if kind != "causal-lm" and num_labels is None:
-            num_labels = 5 if kind == "text-classification" else 10
-        set_seed(0)
-        try:
-            loaded = load_model(model, num_labels if kind != "causal-lm" else None)
-        except ValueError as exc:
-            raise RunError(str(exc)) from None
-        base, task_type = loaded.model, PEFT_TASK_TYPES[loaded.kind]
-        targets = target_modules or loaded.default_target_modules
-        modules_to_save = loaded.modules_to_save
-        source = model
-    total_base = sum(p.numel() for p in base.parameters())
+    kind = model_kind(model)
+    if kind != "causal-lm" and num_labels is None:
+        num_labels = 5 if kind == "text-classification" else 10
+    set_seed(0)
     try:
-        config = build_peft_config(method, targets, modules_to_save, task_type=task_type,
-                                   options=options)
+        loaded = load_model(model, num_labels if kind != "causal-lm" else None)
     except ValueError as exc:
         raise RunError(str(exc)) from None
-    closed_form = lora = None
-    if hasattr(config, "count_module"):
-        try:
-            counts = qpeft.count_trainable(config, base)
-            closed_form = counts.total
-            # what peft's LoRA at the same rank (default 8) trains on the same modules
-            lora = counts.lora_equivalent(getattr(config, "r", None) or 8)
-        except ValueError:
-            closed_form = lora = None
+    return _Base(loaded.model, model, target_modules or loaded.default_target_modules,
+                 loaded.modules_to_save, PEFT_TASK_TYPES[loaded.kind])
+
+
+def _closed_form(config: Any, base: torch.nn.Module) -> tuple[int | None, int | None]:
+    """(closed-form total, LoRA at the same rank on the same modules) for configs that count
+    themselves (``count_module``), else (None, None)."""
+    if not hasattr(config, "count_module"):
+        return None, None
+    from qpeft.tuners.counting import count_trainable
+
     try:
-        wrapped = peft.get_peft_model(base, config)
-    except (ValueError, NotImplementedError, RuntimeError) as exc:
-        raise RunError(f"cannot apply {method} to {source}: {exc}") from None
-    per_module, heads, other = _group(wrapped)
+        counts = count_trainable(config, base)
+    except ValueError:
+        return None, None
+    return counts.total, counts.lora_equivalent(getattr(config, "r", None) or 8)
+
+
+def _table(method: str, source: str, adapted: int, per_module: dict[str, int],
+           heads: dict[str, int], other: int, total_base: int, lora: int | None,
+           rank: int, closed_form: int | None) -> str:
     total = sum(per_module.values()) + sum(heads.values()) + other
     rows = [("module", "trainable")]
     rows += [(k, f"{v:,}") for k, v in per_module.items()]
@@ -166,7 +160,6 @@ def count_for_cli(method: str, *, model: str | None = None, config_file: str | N
     rows.append(("total trainable", f"{total:,}"))
     adapter = total - sum(heads.values())
     if lora:
-        rank = getattr(config, "r", None) or 8
         rows.append((f"LoRA r={rank} on the same modules", f"{lora:,}"))
         rows.append(("adapter / LoRA", f"{100 * adapter / lora:.2f} %"))
     rows.append(("base model parameters", f"{total_base:,}"))
@@ -176,14 +169,50 @@ def count_for_cli(method: str, *, model: str | None = None, config_file: str | N
     lines = [f"{a:<{w0}}  {b:>{w1}}" for a, b in rows]
     lines.insert(1, "-" * len(lines[0]))
     lines.insert(len(lines) - (5 if lora else 3), "-" * len(lines[0]))
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    adapted = sum(isinstance(m, BaseTunerLayer) for m in wrapped.modules())
     header = f"{method} on {source}: {adapted} adapted modules"
     if closed_form is not None and closed_form != total:
         header += f"  [WARNING: closed-form count_trainable says {closed_form:,}]"
-    return {"method": method, "source": source, "per_module": per_module,
-            "modules_to_save": heads, "shared": other, "total": total,
+    return header + "\n" + "\n".join(lines)
+
+
+def count_for_cli(method: str, *, model: str | None = None, config_file: str | None = None,
+                  num_labels: int | None = None, target_modules: list[str] | None = None,
+                  options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The count table as a dict (``text`` holds the printed table). O(model modules).
+
+    ``model``: an installed model name; ``config_file``: a transformers ``config.json`` for a
+    model that need not be installed. Raises ``RunError`` (exit 2) for bad input.
+    """
+    import peft
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from qpeft.train.finetune import model_source
+
+    try:
+        check_method(method)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+    if config_file is not None or model_source(model).kind != "bundled":
+        base = _meta_base(model, config_file, num_labels, target_modules)
+    else:
+        base = _bundled_base(model, num_labels, target_modules)
+    total_base = sum(p.numel() for p in base.model.parameters())
+    try:
+        config = build_peft_config(method, base.targets, base.modules_to_save,
+                                   task_type=base.task_type, options=options)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+    closed_form, lora = _closed_form(config, base.model)
+    try:
+        wrapped = peft.get_peft_model(base.model, config)
+    except (ValueError, NotImplementedError, RuntimeError) as exc:
+        raise RunError(f"cannot apply {method} to {base.source}: {exc}") from None
+    per_module, heads, other = _group(wrapped)
+    adapted = sum(isinstance(m, BaseTunerLayer) for m in wrapped.modules())
+    text = _table(method, base.source, adapted, per_module, heads, other, total_base, lora,
+                  getattr(config, "r", None) or 8, closed_form)
+    return {"method": method, "source": base.source, "per_module": per_module,
+            "modules_to_save": heads, "shared": other,
+            "total": sum(per_module.values()) + sum(heads.values()) + other,
             "base_params": total_base, "closed_form_total": closed_form,
-            "lora_equivalent": lora,
-            "peft_config": config.to_dict(), "text": header + "\n" + "\n".join(lines)}
+            "lora_equivalent": lora, "peft_config": config.to_dict(), "text": text}

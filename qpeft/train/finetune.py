@@ -35,18 +35,18 @@ import torch
 from qpeft.assets.sft import SFTRecord, jsonl_kind, load_sft
 from qpeft.assets.sources import ModelSource, read_source_config, resolve_model_source
 from qpeft.train import sharding
+from qpeft.train.checkpoint import CHECKPOINT_NAME
 from qpeft.train.data import CausalLMData, ImageData, PreparedData, TextClassificationData
-from qpeft.train.loop import CHECKPOINT_NAME, TrainConfig, TrainResult, evaluate, train
+from qpeft.train.errors import RunError
+from qpeft.train.loop import TrainConfig, TrainResult, check_data_sizes, evaluate, train
 from qpeft.train.methods import build_peft_config, check_method, config_class, resolve_options
 from qpeft.train.results import (
     RESULTS_NAME,
     RUN_NAME,
     atomic_write_json,
-    count_parameters,
-    package_versions,
-    peak_memory_mb,
     read_json,
     reset_peak_memory,
+    results_record,
 )
 from qpeft.train.sft import SFTData, exact_match
 
@@ -58,10 +58,6 @@ PEFT_TASK_TYPES: dict[str, str | None] = {"text-classification": "SEQ_CLS",
                                           "causal-lm": "CAUSAL_LM",
                                           "image-classification": None}
 OWNED_NAMES: tuple[str, ...] = (RUN_NAME, RESULTS_NAME, CHECKPOINT_NAME, "adapter")
-
-
-class RunError(ValueError):
-    """A bad input to a run: one clear message; the CLI prints it and exits with status 2."""
 
 
 @dataclasses.dataclass
@@ -163,9 +159,9 @@ def _check_model_readable(source: ModelSource) -> None:
     """Read a folder's config.json, or a hub id's config (fails fast offline)."""
     try:
         if source.kind == "folder":
-            import qpeft.counting
+            import qpeft.tuners.counting
 
-            qpeft.counting.read_model_config(source.location)
+            qpeft.tuners.counting.read_model_config(source.location)
         elif source.kind == "hub":
             read_source_config(source)
     except ValueError as exc:
@@ -421,19 +417,25 @@ def _save_adapter(model: Any, out: Path, state_dict: dict[str, torch.Tensor] | N
         os.replace(tmp, final)
 
 
-def run_finetune(spec: FinetuneSpec, *, command: list[str] | None = None,
-                 task_data: Any | None = None, on_step: Any = None) -> dict[str, Any]:
-    """Run ``spec`` and return the results dict (also written to ``output_dir/results.json``).
+@dataclasses.dataclass
+class _Prepared:
+    """What a run has after loading, before training."""
 
-    ``task_data``: an already loaded TaskData to reuse (compare runs several methods on one
-    task). RunError for any bad input, raised before anything is written.
-    """
+    accelerator: Any
+    mode: str
+    task: Any
+    loaded: Any
+    model: Any
+    config: Any
+    train_data: PreparedData
+    eval_data: PreparedData
+    memory_kind: str
+    load_seconds: float
+
+
+def _new_accelerator(spec: FinetuneSpec) -> Any:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
-    kind = validate_spec(spec)
-    mode = check_output_dir(spec)
-    out = Path(spec.output_dir)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     try:
         plan = sharding.fsdp_plan(accelerator)
@@ -442,13 +444,11 @@ def run_finetune(spec: FinetuneSpec, *, command: list[str] | None = None,
     if plan is not None and plan.sharded_by == "qpeft" and spec.load_in_bits:
         raise RunError("--load-in-4bit / --load-in-8bit cannot be combined with FSDP on CPU "
                        "(bitsandbytes' packed weights are not sharded); drop one of them")
-    memory_kind = reset_peak_memory()
-    t_load = time.perf_counter()
-    try:
-        task = task_data if task_data is not None else load_data(spec)
-    except ValueError as exc:  # AssetError is a ValueError
-        raise RunError(str(exc)) from None
-    set_seed(spec.seed)
+    return accelerator
+
+
+def _load_base(spec: FinetuneSpec, task: Any, kind: str) -> Any:
+    """The LoadedModel of ``spec``: quantized and checkpointed as asked."""
     try:
         loaded = load_model(spec.model, task.num_labels, kind)
     except ValueError as exc:
@@ -464,108 +464,89 @@ def run_finetune(spec: FinetuneSpec, *, command: list[str] | None = None,
             raise RunError(str(exc)) from None
     if spec.gradient_checkpointing:
         enable_gradient_checkpointing(loaded.model, spec.model)
-    model, config = wrap_model(spec, loaded)
+    return loaded
+
+
+def _prepared_data(spec: FinetuneSpec, loaded: Any, task: Any) -> tuple[PreparedData, PreparedData]:
     try:
         train_data, eval_data = prepare_data(spec, loaded, task)
         if spec.eval_generate and not eval_data.generation_examples(1):
             raise ValueError("--eval-generate needs held-out prompt/completion or messages "
                              "records; the evaluation data are plain text")
-        if len(train_data) < spec.train.batch_size:
-            raise ValueError(f"the training set has {len(train_data)} examples, fewer than "
-                             f"--batch-size {spec.train.batch_size}")
-        if len(eval_data) == 0:
-            raise ValueError("the evaluation set is empty")
+        check_data_sizes(len(train_data), len(eval_data), spec.train.batch_size)
     except ValueError as exc:
         raise RunError(str(exc)) from None
-    load_seconds = time.perf_counter() - t_load
+    return train_data, eval_data
 
-    fingerprint = spec.fingerprint()
+
+def _prepare(spec: FinetuneSpec, task_data: Any | None) -> _Prepared:
+    """Validate, then load data and model and wrap it: every RunError comes from here, before
+    anything is written."""
+    from accelerate.utils import set_seed
+
+    kind = validate_spec(spec)
+    mode = check_output_dir(spec)
+    accelerator = _new_accelerator(spec)
+    memory_kind = reset_peak_memory()
+    t_load = time.perf_counter()
+    try:
+        task = task_data if task_data is not None else load_data(spec)
+    except ValueError as exc:  # AssetError is a ValueError
+        raise RunError(str(exc)) from None
+    set_seed(spec.seed)
+    loaded = _load_base(spec, task, kind)
+    model, config = wrap_model(spec, loaded)
+    train_data, eval_data = _prepared_data(spec, loaded, task)
+    return _Prepared(accelerator, mode, task, loaded, model, config, train_data, eval_data,
+                     memory_kind, time.perf_counter() - t_load)
+
+
+def _start_output_dir(spec: FinetuneSpec, mode: str, accelerator: Any,
+                      command: list[str] | None) -> None:
+    """Create the output folder (clearing a replaced run) and write ``run.json``."""
+    out = Path(spec.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if mode == "overwrite":
             _clear_owned(out)
         if mode != "resume":
-            atomic_write_json({"fingerprint": fingerprint, "command": command or sys.argv},
+            atomic_write_json({"fingerprint": spec.fingerprint(), "command": command or sys.argv},
                               out / RUN_NAME)
     accelerator.wait_for_everyone()
 
+
+def run_finetune(spec: FinetuneSpec, *, command: list[str] | None = None,
+                 task_data: Any | None = None, on_step: Any = None) -> dict[str, Any]:
+    """Run ``spec`` and return the results dict (also written to ``output_dir/results.json``).
+
+    ``task_data``: an already loaded TaskData to reuse (compare runs several methods on one
+    task). RunError for any bad input, raised before anything is written.
+    """
+    run = _prepare(spec, task_data)
+    accelerator, model, out = run.accelerator, run.model, Path(spec.output_dir)
+    _start_output_dir(spec, run.mode, accelerator, command)
     metric_before = None
-    if spec.eval_before and mode != "resume":
-        metric_before, _ = evaluate(model, eval_data, accelerator=accelerator,
+    if spec.eval_before and run.mode != "resume":
+        metric_before, _ = evaluate(model, run.eval_data, accelerator=accelerator,
                                     batch_size=spec.train.eval_batch_size,
                                     progress=spec.train.progress)
-    result: TrainResult = train(model, train_data, eval_data, spec.train, accelerator=accelerator,
-                                checkpoint_dir=out, resume=mode == "resume",
-                                fingerprint=fingerprint, on_step=on_step)
+    result: TrainResult = train(model, run.train_data, run.eval_data, spec.train,
+                                accelerator=accelerator, checkpoint_dir=out,
+                                resume=run.mode == "resume", fingerprint=spec.fingerprint(),
+                                on_step=on_step)
     unwrapped = accelerator.unwrap_model(model)
     generation = None
     if spec.eval_generate:
         with sharding.root_unsharded(model):  # every rank generates the same completions
-            generation = exact_match(unwrapped, loaded.tokenizer,
-                                     eval_data.generation_examples(spec.eval_generate),
+            generation = exact_match(unwrapped, run.loaded.tokenizer,
+                                     run.eval_data.generation_examples(spec.eval_generate),
                                      device=accelerator.device)
-    trainable, total = count_parameters(unwrapped)
-    head = 0
-    for name, p in unwrapped.named_parameters():
-        if p.requires_grad and "modules_to_save" in name:
-            head += p.numel()
-    skipped = list(getattr(task, "split", {}).get("skipped", []))
-    for part in (train_data, eval_data):
-        skipped += getattr(part, "skipped", [])
-    results = {
-        "method": spec.method,
-        "model": spec.model,
-        "model_source": dataclasses.asdict(model_source(spec.model)),
-        "task": spec.task or ("sft" if is_sft(task) else "table"),
-        "train_file": spec.train_file,
-        "seed": spec.seed,
-        "trainable_params": trainable,
-        "adapter_params": trainable - head,
-        "head_params": head,
-        "total_params": total,
-        "metric": result.metric_name,
-        "metric_value": result.metric,
-        result.metric_name: result.metric,
-        "metric_before": metric_before,
-        "eval_loss": result.eval_loss,
-        "exact_match": None if generation is None else generation["exact_match"],
-        "eval_generate": 0 if generation is None else generation["count"],
-        "generations": None if generation is None else generation["generations"],
-        "gradient_checkpointing": spec.gradient_checkpointing,
-        "sharding": result.sharding,
-        "load_in_bits": spec.load_in_bits,
-        "skipped_records": len(skipped),
-        "skipped": skipped,
-        "truncated_completions": getattr(train_data, "truncated", 0)
-        + getattr(eval_data, "truncated", 0),
-        "final_train_loss": result.losses[-1] if result.losses else None,
-        "train_seconds": result.train_seconds,
-        "load_seconds": load_seconds,
-        "peak_memory_mb": peak_memory_mb(),
-        "peak_memory_kind": memory_kind,
-        "steps": result.steps,
-        "resumed_from_step": result.resumed_from_step,
-        "examples_seen": result.steps * spec.train.batch_size * spec.train.grad_accum,
-        "train_size": len(train_data),
-        "eval_size": len(eval_data),
-        "split": getattr(task, "split", None),
-        "label_names": getattr(task, "label_names", None),
-        "target_modules": list(spec.target_modules or loaded.default_target_modules),
-        "method_options": resolve_options(spec.method, spec.method_options),
-        "peft_config": config.to_dict(),
-        "train_config": dataclasses.asdict(spec.train),
-        "lr": spec.train.lr,
-        "lr_source": spec.lr_source,
-        "data_config": {k: getattr(spec, k) for k in (
-            "max_length", "block_size", "max_blocks", "max_eval_blocks", "image_size",
-            "max_train", "max_eval", "eval_fraction", "packing", "skip_bad_records")},
-        "num_processes": accelerator.num_processes,
-        "device": str(accelerator.device),
-        "torch_threads": torch.get_num_threads(),
-        "versions": package_versions(),
-        "command": command or sys.argv,
-        "losses": result.losses,
-    }
+    context = {"model_source": dataclasses.asdict(model_source(spec.model)),
+               "task": spec.task or ("sft" if is_sft(run.task) else "table"),
+               "method_options": resolve_options(spec.method, spec.method_options)}
+    results = results_record(spec, result, unwrapped, run, context=context,
+                             metric_before=metric_before, generation=generation,
+                             command=command)
     full = sharding.full_state_dict(model) if sharding.is_sharded(model) else None  # collective
     if accelerator.is_main_process:
         _save_adapter(unwrapped, out, full)

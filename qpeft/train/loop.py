@@ -9,9 +9,9 @@ to float rounding. Gradient accumulation is explicit (``no_sync`` on all but the
 micro-batch) rather than Accelerate's dataloader-driven counter, because the loop owns the
 data order and must resume in the middle of an epoch.
 
-Checkpoints (``checkpoint.pt``, written by rank 0 to a temporary file and ``os.replace``-d into
-place) hold the trainable tensors, optimizer and scheduler states, RNG states, the step and the
-elapsed training time: resuming continues the run exactly where it stopped.
+Checkpoints (:mod:`qpeft.train.checkpoint`) hold the trainable tensors, optimizer and scheduler
+states, RNG states, the step and the elapsed training time: resuming continues the run exactly
+where it stopped.
 
 Under ``accelerate launch`` with an FSDP config the model is sharded with FSDP2: by accelerate
 on GPUs, by qpeft itself on CPU, where accelerate does not do FSDP (:mod:`qpeft.train.sharding`).
@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -37,10 +35,9 @@ from typing import Any
 
 import torch
 
-from qpeft.train import sharding
+from qpeft.train import checkpoint, sharding
+from qpeft.train.checkpoint import CHECKPOINT_NAME, trainable_state  # noqa: F401  (re-exported)
 from qpeft.train.data import Batch, PreparedData, logits_of, loss_and_stats
-
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 @dataclasses.dataclass
@@ -127,51 +124,6 @@ class EpochOrder:
         return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``{name: tensor}`` (detached clones) of every parameter with ``requires_grad``."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _rng_state() -> dict[str, Any]:
-    """Every RNG the loop touches, as plain tensors / ints / tuples, so the checkpoint loads with
-    ``torch.load(weights_only=True)`` (no pickled objects, no code run on load)."""
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    try:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos),
-                          int(has_gauss), float(cached))
-    except ImportError:  # pragma: no cover - numpy ships with torch
-        pass
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` atomically: temporary file in the same folder, fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _freeze_batchnorm_stats(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
@@ -241,6 +193,60 @@ def evaluate(model: torch.nn.Module, data: PreparedData, *, accelerator: Any,
     return num / den, mean_loss
 
 
+def check_data_sizes(n_train: int, n_eval: int, batch_size: int) -> None:
+    """ValueError when the training set cannot fill one batch or the evaluation set is empty."""
+    if n_train < batch_size:
+        raise ValueError(f"the training set has {n_train} examples, fewer than --batch-size "
+                         f"{batch_size}; lower --batch-size")
+    if n_eval == 0:
+        raise ValueError("the evaluation set is empty")
+
+
+def _prepare_model(model: torch.nn.Module, accelerator: Any,
+                   ) -> tuple[torch.nn.Module, sharding.FsdpPlan | None, dict[str, Any] | None]:
+    """The model as it trains (FSDP2-sharded by accelerate or qpeft, or DDP/plain through
+    accelerate), its FSDP plan and what results.json records about the sharding."""
+    world = accelerator.num_processes
+    plan = sharding.fsdp_plan(accelerator)
+    if plan is not None and plan.sharded_by == "qpeft":
+        # accelerate does not shard on CPU (and its prepare would wrap the model in DDP)
+        shard_record = sharding.shard_fsdp2(model, plan.plugin)
+    else:
+        model = accelerator.prepare(model)
+        shard_record = None
+    record = _sharding_record(model, plan, shard_record, world)
+    if record is not None and accelerator.is_main_process:
+        wrapped = f"{', '.join(record['blocks'])} + root" if record["blocks"] else "root only"
+        print(f"[qpeft] FSDP{record['version']}: {record['units']} fully_shard units "
+              f"({wrapped}) over {world} processes, "
+              f"sharded by {record['sharded_by']}; {record['dtensor_parameters']} of "
+              f"{record['parameters']} parameters are DTensors", file=sys.stderr, flush=True)
+    return model, plan, record
+
+
+def _accumulate(model: torch.nn.Module, train_data: PreparedData, order: EpochOrder, step: int,
+                config: TrainConfig, accelerator: Any, qpeft_sharded: bool) -> torch.Tensor:
+    """Forward and backward of the ``grad_accum`` micro-batches of optimizer step ``step``
+    (this rank's rows of each); returns the step's mean loss on this rank, not synced."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    local = config.batch_size // world
+    step_loss = torch.zeros((), device=accelerator.device)
+    for micro in range(config.grad_accum):
+        k = step * config.grad_accum + micro
+        batch = train_data.batch(order.micro_batch(k))
+        batch = batch.rows(rank * local, (rank + 1) * local).to(accelerator.device)
+        sync = micro == config.grad_accum - 1
+        if qpeft_sharded:
+            context = sharding.gradient_sync(model, sync)
+        else:
+            context = nullcontext() if sync else accelerator.no_sync(model)
+        with context:
+            loss, _, _ = loss_and_stats(train_data.kind, _forward(model, batch), batch.labels)
+            accelerator.backward(loss / config.grad_accum)
+        step_loss += loss.detach() / config.grad_accum
+    return step_loss
+
+
 def train(
     model: torch.nn.Module,
     train_data: PreparedData,
@@ -265,92 +271,40 @@ def train(
 
     config.validate()
     accelerator = accelerator or Accelerator()
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if config.batch_size % world:
+    if config.batch_size % accelerator.num_processes:
         raise ValueError(
             f"batch_size ({config.batch_size}) must be divisible by the number of processes "
-            f"({world}): it is the global batch, split evenly across ranks"
-        )
-    n = len(train_data)
-    if n < config.batch_size:
-        raise ValueError(
-            f"the training set has {n} examples, fewer than batch_size={config.batch_size}; "
-            f"lower --batch-size"
-        )
-    if len(eval_data) == 0:
-        raise ValueError("the evaluation set is empty")
-    kind = train_data.kind
-    total = config.total_steps(n)
-    local = config.batch_size // world
-
-    plan = sharding.fsdp_plan(accelerator)
-    if plan is not None and plan.sharded_by == "qpeft":
-        # accelerate does not shard on CPU (and its prepare would wrap the model in DDP)
-        shard_record = sharding.shard_fsdp2(model, plan.plugin)
-    else:
-        model = accelerator.prepare(model)
-        shard_record = None
-    record = _sharding_record(model, plan, shard_record, world)
-    if record is not None and accelerator.is_main_process:
-        wrapped = f"{', '.join(record['blocks'])} + root" if record["blocks"] else "root only"
-        print(f"[qpeft] FSDP{record['version']}: {record['units']} fully_shard units "
-              f"({wrapped}) over {world} processes, "
-              f"sharded by {record['sharded_by']}; {record['dtensor_parameters']} of "
-              f"{record['parameters']} parameters are DTensors", file=sys.stderr, flush=True)
-    sharded = sharding.is_sharded(model)
+            f"({accelerator.num_processes}): it is the global batch, split evenly across ranks")
+    check_data_sizes(len(train_data), len(eval_data), config.batch_size)
+    total = config.total_steps(len(train_data))
+    model, plan, record = _prepare_model(model, accelerator)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    warmup = int(config.warmup_ratio * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, linear_schedule(int(config.warmup_ratio * total), total))
     unwrapped = accelerator.unwrap_model(model)
+    states = {"model": model, "unwrapped": unwrapped, "optimizer": optimizer,
+              "scheduler": scheduler}
 
     start_step, elapsed, losses, resumed_from = 0, 0.0, [], None
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     if resume:
-        if ckpt_path is None or not ckpt_path.exists():
-            raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if fingerprint is not None and state.get("fingerprint") != fingerprint:
-            raise ValueError(f"--resume: the checkpoint at {ckpt_path} belongs to a different run")
-        named = dict(unwrapped.named_parameters())
-        missing = set(state["trainable"]) ^ {k for k, p in named.items() if p.requires_grad}
-        if missing:
-            raise ValueError(f"--resume: checkpoint tensors do not match the model: {sorted(missing)[:5]}")
-        if sharded:
-            sharding.load_full_state(model, optimizer, state["trainable"], state["optimizer"])
-        else:
-            with torch.no_grad():
-                for name, tensor in state["trainable"].items():
-                    named[name].copy_(tensor)
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        start_step, elapsed, losses = state["step"], state["train_seconds"], list(state["losses"])
+        start_step, elapsed, losses = checkpoint.restore(ckpt_path, fingerprint=fingerprint,
+                                                         **states)
         resumed_from = start_step
-
-    order = EpochOrder(n, config.batch_size, config.seed)
+    qpeft_sharded = (sharding.is_sharded(model) and plan is not None
+                     and plan.sharded_by == "qpeft")
+    order = EpochOrder(len(train_data), config.batch_size, config.seed)
     model.train()
     _freeze_batchnorm_stats(model)
     bar = tqdm(total=total, initial=start_step, desc="train", file=sys.stderr,
                disable=not (config.progress and accelerator.is_main_process))
     t0 = time.perf_counter()
     for step in range(start_step, total):
-        step_loss = torch.zeros((), device=accelerator.device)
-        for micro in range(config.grad_accum):
-            k = step * config.grad_accum + micro
-            batch = train_data.batch(order.micro_batch(k))
-            batch = batch.rows(rank * local, (rank + 1) * local).to(accelerator.device)
-            sync = micro == config.grad_accum - 1
-            if sharded and plan is not None and plan.sharded_by == "qpeft":
-                context = sharding.gradient_sync(model, sync)
-            else:
-                context = nullcontext() if sync else accelerator.no_sync(model)
-            with context:
-                loss, _, _ = loss_and_stats(kind, _forward(model, batch), batch.labels)
-                accelerator.backward(loss / config.grad_accum)
-            step_loss += loss.detach() / config.grad_accum
+        step_loss = _accumulate(model, train_data, order, step, config, accelerator,
+                                qpeft_sharded)
         if config.max_grad_norm is not None:
             accelerator.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
@@ -363,23 +317,9 @@ def train(
         done = step + 1
         if ckpt_path is not None and config.checkpoint_every and (
                 done % config.checkpoint_every == 0 or done == total):
-            if sharded:  # collectives: every rank gathers, rank 0 writes
-                trainable = sharding.full_trainable_state(model)
-                optimizer_state = sharding.full_optimizer_state(model, optimizer)
-            else:
-                trainable, optimizer_state = None, None
-            if accelerator.is_main_process:
-                atomic_torch_save({
-                    "step": done,
-                    "trainable": trainable if sharded else trainable_state(unwrapped),
-                    "optimizer": optimizer_state if sharded else optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state(),
-                    "train_seconds": elapsed + time.perf_counter() - t0,
-                    "losses": losses,
-                    "fingerprint": fingerprint,
-                }, ckpt_path)
-            accelerator.wait_for_everyone()
+            checkpoint.save(ckpt_path, step=done, train_seconds=elapsed + time.perf_counter() - t0,
+                            losses=losses, fingerprint=fingerprint, accelerator=accelerator,
+                            **states)
         if on_step is not None:
             on_step(done, mean_loss)
     bar.close()
@@ -387,8 +327,8 @@ def train(
     metric, eval_loss = evaluate(model, eval_data, accelerator=accelerator,
                                  batch_size=config.eval_batch_size, progress=config.progress)
     return TrainResult(steps=total, train_seconds=elapsed, losses=losses,
-                       metric_name=metric_name_of(kind), metric=metric, eval_loss=eval_loss,
-                       resumed_from_step=resumed_from, sharding=record)
+                       metric_name=metric_name_of(train_data.kind), metric=metric,
+                       eval_loss=eval_loss, resumed_from_step=resumed_from, sharding=record)
 
 
 def _sharding_record(model: torch.nn.Module, plan: sharding.FsdpPlan | None,

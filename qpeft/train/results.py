@@ -1,7 +1,9 @@
-"""results.json: what a run records, peak memory, package versions, atomic JSON writes."""
+"""results.json: what a run records (:func:`results_record`), peak memory, package versions,
+atomic JSON writes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -101,3 +103,69 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         if p.requires_grad:
             trainable += p.numel()
     return trainable, total
+
+
+def _head_params(model: torch.nn.Module) -> int:
+    """Trainable numbers in ``modules_to_save`` copies (a fresh classifier head)."""
+    return sum(p.numel() for n, p in model.named_parameters()
+               if p.requires_grad and "modules_to_save" in n)
+
+
+def _skipped_records(task: Any, *parts: Any) -> list[Any]:
+    skipped = list(getattr(task, "split", {}).get("skipped", []))
+    for part in parts:
+        skipped += getattr(part, "skipped", [])
+    return skipped
+
+
+def results_record(spec: Any, result: Any, model: torch.nn.Module, run: Any, *,
+                   context: dict[str, Any], metric_before: float | None,
+                   generation: dict[str, Any] | None, command: list[str] | None,
+                   ) -> dict[str, Any]:
+    """The results.json of a finished run: what ran (``spec``, the peft config, the versions,
+    the command), what it trained (counts), how it did (``result``: metric, losses, time) and on
+    what data. ``run``: the run's prepared state (data, loaded model, peft config, memory kind,
+    load time); ``context``: what only the run knows how to name (``model_source``, ``task``,
+    ``method_options``)."""
+    trainable, total = count_parameters(model)
+    head = _head_params(model)
+    skipped = _skipped_records(run.task, run.train_data, run.eval_data)
+    train, eval_ = run.train_data, run.eval_data
+    return {
+        "method": spec.method, "model": spec.model, "model_source": context["model_source"],
+        "task": context["task"], "train_file": spec.train_file, "seed": spec.seed,
+        "trainable_params": trainable, "adapter_params": trainable - head, "head_params": head,
+        "total_params": total,
+        "metric": result.metric_name, "metric_value": result.metric,
+        result.metric_name: result.metric, "metric_before": metric_before,
+        "eval_loss": result.eval_loss,
+        "exact_match": None if generation is None else generation["exact_match"],
+        "eval_generate": 0 if generation is None else generation["count"],
+        "generations": None if generation is None else generation["generations"],
+        "gradient_checkpointing": spec.gradient_checkpointing, "sharding": result.sharding,
+        "load_in_bits": spec.load_in_bits,
+        "skipped_records": len(skipped), "skipped": skipped,
+        "truncated_completions": getattr(train, "truncated", 0) + getattr(eval_, "truncated", 0),
+        "final_train_loss": result.losses[-1] if result.losses else None,
+        "train_seconds": result.train_seconds, "load_seconds": run.load_seconds,
+        "peak_memory_mb": peak_memory_mb(), "peak_memory_kind": run.memory_kind,
+        "steps": result.steps, "resumed_from_step": result.resumed_from_step,
+        "examples_seen": result.steps * spec.train.batch_size * spec.train.grad_accum,
+        "train_size": len(train), "eval_size": len(eval_),
+        "split": getattr(run.task, "split", None),
+        "label_names": getattr(run.task, "label_names", None),
+        "target_modules": list(spec.target_modules or run.loaded.default_target_modules),
+        "method_options": context["method_options"],
+        "peft_config": run.config.to_dict(),
+        "train_config": dataclasses.asdict(spec.train),
+        "lr": spec.train.lr, "lr_source": spec.lr_source,
+        "data_config": {k: getattr(spec, k) for k in (
+            "max_length", "block_size", "max_blocks", "max_eval_blocks", "image_size",
+            "max_train", "max_eval", "eval_fraction", "packing", "skip_bad_records")},
+        "num_processes": run.accelerator.num_processes,
+        "device": str(run.accelerator.device),
+        "torch_threads": torch.get_num_threads(),
+        "versions": package_versions(),
+        "command": command or sys.argv,
+        "losses": result.losses,
+    }

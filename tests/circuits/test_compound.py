@@ -1,5 +1,5 @@
 """Compound matrices against determinants of minors, algebraic identities, and the RBS-circuit
-statevector (the quantum reading); the QuIC block-size rule against papers.md's table."""
+statevector (the quantum reading); the QuIC block-size rule against the QuIC paper's table (docs/methods/quic.md)."""
 
 from __future__ import annotations
 

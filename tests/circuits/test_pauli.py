@@ -93,7 +93,7 @@ def test_num_params_formula_and_paper_examples():
             assert pauli_num_params(n, depth) == n + 2 * depth * (n - 1)
             assert pauli_num_params(n, depth) == (2 * depth + 1) * n - 2 * depth
     assert pauli_num_params(12, 2) == 56 and pauli_num_params(10, 2) == 46
-    # adapter totals from papers.md: 2 * count + K at L = 1, K = 8
+    # adapter totals the Quantum-PEFT paper publishes: 2 * count + K at L = 1, K = 8
     assert 2 * pauli_num_params(10, 1) + 8 == 64 and 2 * pauli_num_params(12, 1) + 8 == 76
 
 

@@ -197,7 +197,7 @@ def test_bad_budgets_name_the_field() -> None:
     with pytest.raises(ValueError, match="warmup_ratio must be in"):
         TrainConfig(warmup_ratio=1.5).validate()
     model, tr, ev = _setup()
-    with pytest.raises(ValueError, match="fewer than batch_size=500"):
+    with pytest.raises(ValueError, match="fewer than --batch-size 500"):
         train(model, tr, ev, TrainConfig(batch_size=500, progress=False))
     with pytest.raises(ValueError, match="blocks must be"):
         CausalLMData(torch.zeros(3, dtype=torch.long))

@@ -243,7 +243,7 @@ class QuICConfig(PeftConfig):
         """The :class:`BlockPlan` of one ``out x in`` weight under this config."""
         return block_plan(self.rotated_dim(out_features, in_features), self.num_blocks, self.orders)
 
-    # ---- counting (qpeft.counting protocol) ---------------------------------------------------
+    # ---- counting (qpeft.tuners.counting protocol) ---------------------------------------------------
     def count_module(self, out_features: int, in_features: int) -> int:
         """Trainable numbers of one adapted ``out x in`` module: the free count (what it trains)."""
         return quic_free_count(
@@ -271,7 +271,7 @@ def count_reference(
     Returns ``{"free": …, "reference": …, "modules_to_save": …}``: adapter totals in the free
     and the reference (dense n²) conventions, and the trainable ``modules_to_save`` numbers
     (the classifier head the paper adds to its published counts). One pass over module names."""
-    from qpeft.counting import count_trainable
+    from qpeft.tuners.counting import count_trainable
 
     result = count_trainable(config, model_or_config, auto_class)
     reference = sum(config.count_module_reference(*s) for s in result.module_shapes.values())
