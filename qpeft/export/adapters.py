@@ -18,6 +18,7 @@ from qpeft.tuners._export import (
     DEFAULT_MAX_QUBITS,
     CircuitRecord,
     SkipRecord,
+    read_adapter_config,
     read_adapter_dir,
 )
 from qpeft.tuners.registry import MethodSpec, method_for_config, methods
@@ -131,8 +132,8 @@ def circuits_from_checkpoint(
     (an nn.Module, a local folder or a hub name) or the adapter's ``base_model_name_or_path``
     instantiated on the meta device, built only when asked for."""
     _check_max_qubits(max_qubits)
+    spec = _circuit_method(read_adapter_config(adapter_dir), f"adapter_dir {str(adapter_dir)!r}")
     config, tensors = read_adapter_dir(adapter_dir)
-    spec = _circuit_method(config, f"adapter_dir {str(adapter_dir)!r}")
     records = spec.circuits_from_checkpoint(
         config, tensors, lambda: _meta_shapes(config, base_model), max_qubits)
     return _split(spec.peft_type, records)

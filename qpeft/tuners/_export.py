@@ -50,18 +50,25 @@ def check_width(circuit: Circuit, module: str, role: str, max_qubits: int) -> No
         )
 
 
-def read_adapter_dir(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(adapter_config.json as a dict, {key: tensor})`` of a folder written by
-    ``save_pretrained``; ValueError naming the folder when it or either file is missing."""
-    from safetensors.torch import load_file
-
+def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    """``adapter_config.json`` of a folder written by ``save_pretrained``, as a dict;
+    ValueError naming the folder when it or the file is missing."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise ValueError(f"adapter_dir {str(adapter_dir)!r} is not a directory")
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.is_file():
         raise ValueError(f"adapter_dir {str(adapter_dir)!r} has no adapter_config.json")
-    config = json.loads(config_file.read_text())
+    return json.loads(config_file.read_text())
+
+
+def read_adapter_dir(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(adapter_config.json as a dict, {key: tensor})`` of a folder written by
+    ``save_pretrained``; ValueError naming the folder when it or either file is missing."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
     weights = adapter_dir / "adapter_model.safetensors"
     if weights.is_file():
         return config, load_file(str(weights))
@@ -85,3 +92,25 @@ def config_from_dict(cls: type, config: Mapping[str, Any]) -> Any:
     """``cls`` built from a saved config dict (keys the class does not know are dropped)."""
     known = set(cls.__dataclass_fields__)
     return cls(**{k: v for k, v in config.items() if k in known and k != "peft_type"})
+
+
+#: the dtypes a LoRA export can be written in
+LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def write_lora_adapter(out_dir: str | Path, lora_config: Any, tensors: dict[str, torch.Tensor],
+                       dtype: str = "float32") -> Path:
+    """Write a peft LoRA adapter folder: ``adapter_config.json`` and
+    ``adapter_model.safetensors`` with ``lora_A`` / ``lora_B`` in ``dtype`` (other tensors,
+    e.g. ``modules_to_save`` copies, as they are). Returns ``out_dir``."""
+    from safetensors.torch import save_file
+
+    if dtype not in LORA_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(LORA_DTYPES)}, got {dtype!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cast = {k: (v.to(LORA_DTYPES[dtype]) if ".lora_" in k else v).contiguous()
+            for k, v in tensors.items()}
+    lora_config.save_pretrained(str(out))
+    save_file(cast, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out

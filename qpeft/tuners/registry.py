@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -73,8 +72,8 @@ class PeftMatrixRows:
 CircuitsFromModel = Callable[[Any, str, int], list]
 #: (adapter_config dict, tensors, base_model or None, max_qubits) -> records
 CircuitsFromCheckpoint = Callable[[dict, dict, Any, int], list]
-#: (adapter_dir, out_dir, base_model or None) -> out_dir
-ExportLora = Callable[[Path, Path, "str | None"], Path]
+#: (adapter_config dict, tensors, base tree factory) -> (peft LoraConfig, {key: tensor})
+LoraFromCheckpoint = Callable[[dict, dict, Callable[[], Any]], tuple[Any, dict]]
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,8 @@ class MethodSpec:
     the configuration ``benchmarks/`` compares, described by ``benchmark_label``.
     ``circuits_from_model`` / ``circuits_from_checkpoint``: circuit export (``qpeft
     export-circuits``), and ``circuit_examples(targets, task_type)`` the named configs whose
-    circuits the docs summarise (``python -m qpeft.export.report``); ``export_lora``: exact plain-LoRA export (``qpeft export-lora``).
+    circuits the docs summarise (``python -m qpeft.export.report``); ``lora_from_checkpoint``: the exact plain-LoRA form of a saved adapter (``qpeft
+    export-lora``).
     ``peft_matrix``: rows of peft's test matrix. ``build_config``: a hook that may adjust the
     config keyword arguments given which options the user set (peft OFT takes ``r`` or
     ``oft_block_size``, not both)."""
@@ -112,7 +112,7 @@ class MethodSpec:
     circuits_from_model: CircuitsFromModel | None = None
     circuits_from_checkpoint: CircuitsFromCheckpoint | None = None
     circuit_examples: Callable[[list[str], str | None], dict[str, Any]] | None = None
-    export_lora: ExportLora | None = None
+    lora_from_checkpoint: LoraFromCheckpoint | None = None
     peft_matrix: Callable[[], PeftMatrixRows] | None = None
     build_config: Callable[[dict[str, Any], set[str]], dict[str, Any]] | None = None
 

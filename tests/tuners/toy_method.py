@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 from qpeft._peft_registry import ensure_peft_type
 from qpeft.circuits.ir import Circuit, Gate
 from qpeft.tuners._common import QpeftTuner, WeightMergeLayer, matrix_to_weight
-from qpeft.tuners._export import CircuitRecord, read_adapter_dir, tensors_by_module
+from qpeft.tuners._export import CircuitRecord, tensors_by_module
 from qpeft.tuners.registry import MethodOption, MethodSpec, PeftMatrixRows
 
 NAME = "toy-rank-one"
@@ -138,23 +137,18 @@ def _from_checkpoint(config: dict, tensors: dict, base_tree: Any, max_qubits: in
     return _records(tensors_by_module(tensors, "toy_u"))
 
 
-def _export_lora(adapter_dir: Path, out_dir: Path, base_model: str | None) -> Path:
+def _lora(config: dict, tensors: dict, base_tree: Any) -> tuple[Any, dict]:
     """Rank one is LoRA r=1: lora_B = scale·u, lora_A = vᵀ, lora_alpha = r."""
     from peft import LoraConfig
-    from safetensors.torch import save_file
 
-    config, tensors = read_adapter_dir(adapter_dir)
     us, vs = tensors_by_module(tensors, "toy_u"), tensors_by_module(tensors, "toy_v")
     lora = {}
     for module, u in us.items():
-        lora[f"base_model.model.{module}.lora_B.weight"] = (config["scale"] * u)[:, None].contiguous()
-        lora[f"base_model.model.{module}.lora_A.weight"] = vs[module][None, :].contiguous()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    LoraConfig(r=1, lora_alpha=1, target_modules=sorted(us), task_type=config.get("task_type"),
-               base_model_name_or_path=base_model or config.get("base_model_name_or_path"),
-               ).save_pretrained(str(out_dir))
-    save_file(lora, str(out_dir / "adapter_model.safetensors"))
-    return out_dir
+        lora[f"base_model.model.{module}.lora_B.weight"] = (config["scale"] * u)[:, None]
+        lora[f"base_model.model.{module}.lora_A.weight"] = vs[module][None, :]
+    return LoraConfig(r=1, lora_alpha=1, target_modules=sorted(us),
+                      task_type=config.get("task_type"),
+                      base_model_name_or_path=config.get("base_model_name_or_path")), lora
 
 
 TOY = MethodSpec(
@@ -166,7 +160,7 @@ TOY = MethodSpec(
                                                           task_type=task_type),
     benchmark_label="toy rank one",
     circuits_from_model=_from_model, circuits_from_checkpoint=_from_checkpoint,
-    export_lora=_export_lora,
+    lora_from_checkpoint=_lora,
     peft_matrix=lambda: PeftMatrixRows(
         [("Vanilla MLP 1 Toy", "MLP", ToyConfig, {"target_modules": ["lin0"]})]),
 )

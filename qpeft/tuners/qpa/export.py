@@ -19,12 +19,18 @@ import torch
 from torch import nn
 
 from qpeft.circuits.builders import qnn_circuit
-from qpeft.tuners._export import CircuitRecord, SkipRecord, check_width, read_adapter_dir
+from qpeft.tuners._export import (
+    CircuitRecord,
+    SkipRecord,
+    check_width,
+    read_adapter_dir,
+    write_lora_adapter,
+)
 from qpeft.tuners.qpa.config import QPAConfig, build_generator
 from qpeft.tuners.qpa.generator import QPAGenerator
 
 __all__ = ["circuits_from_checkpoint", "circuits_from_model", "export_lora",
-           "generator_from_checkpoint", "lora_tensors"]
+           "generator_from_checkpoint", "lora_from_checkpoint", "lora_tensors"]
 
 _GEN_KEY = ".qpa_generator."
 
@@ -52,22 +58,6 @@ def lora_tensors(generator: QPAGenerator, layout: Sequence[Sequence[Any]]) -> di
             out[f"base_model.model.{name}.lora_A.weight"] = lora_a
             out[f"base_model.model.{name}.lora_B.weight"] = lora_b
     return out
-
-
-def _read_qpa_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    config, tensors = read_adapter_dir(adapter_dir)
-    peft_type = config.get("peft_type")
-    if peft_type != "QPA":
-        raise ValueError(
-            f"adapter_dir {str(adapter_dir)!r} holds a {peft_type!r} adapter, not a QPA one "
-            "(peft_type must be 'QPA')"
-        )
-    if not config.get("layout"):
-        raise ValueError(
-            f"adapter_dir {str(adapter_dir)!r}: its config has no 'layout' (saved by an older "
-            "qpeft?); load it with PeftModel.from_pretrained and call merge_and_unload instead"
-        )
-    return config, tensors
 
 
 def generator_from_checkpoint(
@@ -101,19 +91,19 @@ def generator_from_checkpoint(
     return qpa_config, generator
 
 
-def export_lora(
-    adapter_dir: str | Path, out_dir: str | Path, base_model: str | None = None
-) -> Path:
-    """Write the QPA adapter in ``adapter_dir`` as a plain peft LoRA adapter in ``out_dir``.
-
-    ``base_model``: name or path recorded as ``base_model_name_or_path`` (default: the QPA
-    adapter's). The generator runs once in its saved dtype; factors are saved in float32. Returns
-    ``out_dir``. ValueError for a missing folder or a non-QPA adapter. O(generation + m)."""
+def lora_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                         base_tree: Callable[[], nn.Module | None] | None = None,
+                         ) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``(LoraConfig, tensors)``: the saved QPA adapter as the plain LoRA adapter it is. The
+    generator runs once in its saved dtype; ``lora_alpha / r`` equals QPA's scaling, so
+    ``delta_W`` is identical; ``modules_to_save`` copies are carried over as they are. Needs the
+    folder only (the layer layout is recorded at injection). O(generation + m)."""
     from peft import LoraConfig
-    from safetensors.torch import save_file
 
-    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    config, tensors = _read_qpa_adapter(adapter_dir)
+    if not config.get("layout"):
+        raise ValueError(
+            "the QPA adapter's config has no 'layout' (saved by an older qpeft?); load it with "
+            "PeftModel.from_pretrained and call merge_and_unload instead")
     qpa_config, generator = generator_from_checkpoint(config, tensors)
     lora = lora_tensors(generator, qpa_config.layout)
     kinds = {row[1] for row in qpa_config.layout}
@@ -124,18 +114,32 @@ def export_lora(
         target_modules=[row[0] for row in qpa_config.layout],
         fan_in_fan_out=kinds == {"conv1d"},
         modules_to_save=qpa_config.modules_to_save,
-        base_model_name_or_path=base_model or config.get("base_model_name_or_path"),
+        base_model_name_or_path=config.get("base_model_name_or_path"),
         task_type=config.get("task_type"),
         inference_mode=True,
     )
-    # modules_to_save copies (e.g. a classifier head) are plain tensors: carry them over as is.
-    for key, value in tensors.items():
+    for key, value in tensors.items():  # modules_to_save copies (a classifier head)
         if _GEN_KEY not in key:
-            lora[key] = value.contiguous()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lora_config.save_pretrained(str(out_dir))
-    save_file(lora, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return out_dir
+            lora[key] = value
+    return lora_config, lora
+
+
+def export_lora(
+    adapter_dir: str | Path, out_dir: str | Path, base_model: str | None = None
+) -> Path:
+    """Write the QPA adapter in ``adapter_dir`` as a plain peft LoRA adapter in ``out_dir``
+    (float32; ``qpeft export-lora`` offers other dtypes). ``base_model``: name or path recorded
+    as ``base_model_name_or_path`` (default: the QPA adapter's). Returns ``out_dir``.
+    ValueError for a missing folder or a non-QPA adapter."""
+    config, tensors = read_adapter_dir(adapter_dir)
+    if config.get("peft_type") != "QPA":
+        raise ValueError(
+            f"adapter_dir {str(adapter_dir)!r} holds a {config.get('peft_type')!r} adapter, not "
+            "a QPA one (peft_type must be 'QPA')")
+    lora_config, lora = lora_from_checkpoint(config, tensors)
+    if base_model:
+        lora_config.base_model_name_or_path = base_model
+    return write_lora_adapter(out_dir, lora_config, lora)
 
 
 def _qnn_records(theta: torch.Tensor, n_chunks: int, max_qubits: int,

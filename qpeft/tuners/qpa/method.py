@@ -31,6 +31,6 @@ METHOD = MethodSpec(
     circuits_from_checkpoint=export.circuits_from_checkpoint,
     circuit_examples=lambda targets, task_type: {
         "qpa": QPAConfig(target_modules=targets, task_type=task_type, init_seed=0)},
-    export_lora=export.export_lora,
+    lora_from_checkpoint=export.lora_from_checkpoint,
     peft_matrix=peft_matrix_rows,
 )

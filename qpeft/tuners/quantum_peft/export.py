@@ -16,7 +16,7 @@ from torch import nn
 
 from qpeft.circuits.builders import generalized_circuit, pauli_circuit
 from qpeft.circuits.stiefel import stiefel_num_params
-from qpeft.tuners._common import matrix_shape
+from qpeft.tuners._common import layer_kind, matrix_shape
 from qpeft.tuners._export import (
     CircuitRecord,
     SkipRecord,
@@ -118,8 +118,8 @@ def _module_shape(module: str, tree: nn.Module | None, qc: QuantumPEFTConfig, co
     if None in dims:
         raise ValueError(
             f"module {module!r}: its layer sizes cannot be read from the checkpoint alone (the "
-            "angle counts fit several sizes); pass base_model= (the base model or its folder) "
-            "or export from the loaded model with export_model_circuits")
+            "angle counts fit several sizes); pass the base model (--base-model, base_model=: "
+            "the model or its folder), or export from the loaded model")
     return dims[0], dims[1]
 
 
@@ -142,3 +142,85 @@ def circuits_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Te
         records += module_records(module, u, v, method_u, method_v, d_out, d_in, qc.r, qc.depth,
                                   qc.quantize_bits, max_qubits)
     return records
+
+
+# ---------------------------------------------------------------------------- as a LoRA adapter
+
+
+def _stand_in(kind: str, d_out: int, d_in: int, weight_shape: tuple[int, ...] | None) -> nn.Module:
+    """A base layer of the adapted layer's shape whose weight takes no memory (an expanded
+    zero): enough to build the adapter on it and read its factors."""
+    if kind == "conv2d":
+        layer = nn.Conv2d(weight_shape[1], d_out, tuple(weight_shape[2:]), bias=False,
+                          device="meta")
+        layer.weight = nn.Parameter(torch.zeros(()).expand(*weight_shape), requires_grad=False)
+        return layer
+    layer = nn.Linear(d_in, d_out, bias=False, device="meta")
+    layer.weight = nn.Parameter(torch.zeros(()).expand(d_out, d_in), requires_grad=False)
+    return layer
+
+
+def _lora_factors(layer: Any, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lora_B [d_out, K], lora_A [K, d_in])`` with ``B @ A = ΔW`` exactly:
+    B = U·diag(λ_eff) (λ_eff holds every scale), A = Vᵀ."""
+    with torch.no_grad():
+        u, v = layer.stiefel_factors(adapter_name)
+        lam = layer.effective_lambda(adapter_name)
+        return (u * lam).float(), v.T.float()
+
+
+def lora_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                         base_tree: Callable[[], nn.Module | None],
+                         ) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``(LoraConfig, tensors)``: the saved adapter as the rank-K LoRA it is —
+    ``lora_B = U·diag(λ_eff)``, ``lora_A = Vᵀ``, ``lora_alpha = r`` (LoRA's scale 1), so
+    ``lora_B @ lora_A`` is ΔW to float rounding. Layer shapes and kinds come from ``base_tree()``
+    (the base model on the meta device) or, without it, from the angle counts (read as Linear
+    layers). ``modules_to_save`` copies are carried over. O(circuit generation) per layer."""
+    from peft import LoraConfig
+
+    from qpeft.tuners.quantum_peft.layer import QuantumPEFTConv2d, QuantumPEFTLinear
+
+    qc = config_from_dict(QuantumPEFTConfig, {**config, "inference_mode": True})
+    suffixes = ("qpeft_angles_u", "qpeft_angles_v", "qpeft_lambda", "qpeft_gain")
+    by_suffix = {sfx: tensors_by_module(tensors, sfx) for sfx in suffixes}
+    tree = base_tree()
+    lora: dict[str, torch.Tensor] = {}
+    kinds = set()
+    for module in sorted(by_suffix["qpeft_lambda"]):
+        empty = torch.zeros(0)
+        counts = [int(by_suffix[s].get(module, empty).numel()) for s in suffixes[:2]]
+        d_out, d_in = _module_shape(module, tree, qc, counts, 32)
+        base = tree.get_submodule(module) if tree is not None and _has(tree, module) else None
+        kind = layer_kind(base) if base is not None else "linear"
+        kinds.add(kind)
+        shape = tuple(base.weight.shape) if base is not None else None
+        cls = QuantumPEFTConv2d if kind == "conv2d" else QuantumPEFTLinear
+        layer = cls(_stand_in(kind, d_out, d_in, shape), "default", config=qc, module_name=module)
+        with torch.no_grad():
+            for suffix in suffixes:
+                if module in by_suffix[suffix]:
+                    getattr(layer, suffix)["default"].copy_(by_suffix[suffix][module])
+        lora_b, lora_a = _lora_factors(layer, "default")
+        if kind == "conv2d":
+            lora_a = lora_a.reshape(qc.r, *shape[1:])
+            lora_b = lora_b.reshape(d_out, qc.r, 1, 1)
+        lora[f"base_model.model.{module}.lora_A.weight"] = lora_a.contiguous()
+        lora[f"base_model.model.{module}.lora_B.weight"] = lora_b.contiguous()
+    for key, value in tensors.items():  # modules_to_save copies (a classifier head)
+        if not any(f".{s}" in key for s in suffixes):
+            lora[key] = value
+    lora_config = LoraConfig(
+        r=qc.r, lora_alpha=qc.r, target_modules=sorted(by_suffix["qpeft_lambda"]),
+        fan_in_fan_out=kinds == {"conv1d"}, modules_to_save=qc.modules_to_save,
+        base_model_name_or_path=config.get("base_model_name_or_path"),
+        task_type=config.get("task_type"), inference_mode=True)
+    return lora_config, lora
+
+
+def _has(tree: nn.Module, module: str) -> bool:
+    try:
+        tree.get_submodule(module)
+        return True
+    except AttributeError:
+        return False

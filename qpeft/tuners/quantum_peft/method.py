@@ -32,5 +32,6 @@ METHOD = MethodSpec(
         f"quantum_peft_L{depth}": QuantumPEFTConfig(target_modules=targets, r=8, depth=depth,
                                                     task_type=task_type)
         for depth in (1, 2)},
+    lora_from_checkpoint=export.lora_from_checkpoint,
     peft_matrix=peft_matrix_rows,
 )
