@@ -1,4 +1,5 @@
-"""The ``qpeft`` command: ``finetune``, ``compare``, ``count``, ``demo``, ``export-lora``.
+"""The ``qpeft`` command: ``finetune``, ``compare``, ``count``, ``demo``, ``export-lora``,
+``export-merged``, ``export-circuits``.
 
 ``--model`` is a bundled name, a local transformers folder, a ``.gguf`` file or a hub id
 (:mod:`qpeft.assets.sources`); ``--train-file`` a classification table or causal-LM instruction
@@ -394,6 +395,12 @@ def _add_export_lora(sub: Any) -> None:
 
 # ----------------------------------------------------------------------------- main
 
+def _add_export_merged(sub: Any) -> None:
+    from qpeft.export.merged import add_export_merged_parser
+
+    add_export_merged_parser(sub)
+
+
 def _add_export_circuits(sub: Any) -> None:
     from qpeft.export import add_export_circuits_parser
 
@@ -406,12 +413,13 @@ SUBCOMMANDS: dict[str, Callable[[Any], None]] = {
     "count": _add_count,
     "demo": _add_demo,
     "export-lora": _add_export_lora,
+    "export-merged": _add_export_merged,
     "export-circuits": _add_export_circuits,
 }
 
 
 # subcommands whose ValueErrors are input errors (exit 2) rather than bugs
-VALUE_ERROR_COMMANDS: set[str] = {"export-lora", "export-circuits"}
+VALUE_ERROR_COMMANDS: set[str] = {"export-lora", "export-merged", "export-circuits"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -77,6 +77,24 @@ BASELINES: tuple[MethodSpec, ...] = (
             r=8, target_modules=targets, task_type=task_type),
         benchmark_label="peft HRA r=8",
     ),
+    # peft's low-parameter methods (the quality suite's baselines, docs/results.md)
+    MethodSpec(
+        name="vera", label="peft VeRA", config_cls=peft.VeraConfig,
+        options=(MethodOption("rank", "r", int, "adapter rank"),
+                 MethodOption("dropout", "vera_dropout", float, _DROPOUT_HELP)),
+        learning_rate=2e-3, learning_rate_note=_LORA_LR_NOTE,
+    ),
+    MethodSpec(
+        name="fourierft", label="peft FourierFT", config_cls=peft.FourierFTConfig,
+        options=(MethodOption("n_frequency", "n_frequency", int,
+                              "FourierFT: spectral coefficients per layer"),
+                 MethodOption("fourier_scaling", "scaling", float, "FourierFT: scaling")),
+        learning_rate=2e-3, learning_rate_note=_LORA_LR_NOTE,
+    ),
+    MethodSpec(
+        name="ia3", label="peft IA3", config_cls=peft.IA3Config,
+        learning_rate=2e-3, learning_rate_note=_LORA_LR_NOTE,
+    ),
 )
 
 for _spec in BASELINES:
