@@ -323,3 +323,28 @@ def test_quic_generation_forms_what_the_forward_forms(d_in, tokens, forms_c2, mo
     layer = model.base_model.model.mlp.up_proj
     layer(torch.randn(tokens, d_in)).sum().backward()
     assert calls == ([2] if forms_c2 else []), G.quic_forms(model, tokens)
+
+
+def test_quality_suite_quick(tmp_path):
+    """The method-comparison suite at toy budgets: runs, one results.json per run, a summary
+    with mean ± std over seeds, the docs section, the Pareto and sweep plots."""
+    import json
+
+    from benchmarks.quality.__main__ import main as quality_main
+
+    assert quality_main(["--quick", "--tasks", "minilm-bbc", "--entries", "lora", "quantum-peft",
+                         "--seeds", "2", "--sweep", "--out", str(tmp_path), "--threads", "1"]) == 0
+    data = json.loads((tmp_path / "quality.json").read_text())
+    assert len(data["rows"]) == 4 and len(data["summary"]) == 2
+    ours = next(s for s in data["summary"] if s["entry"] == "quantum-peft")
+    assert ours["seeds"] == 2 and ours["lr_source"].startswith("default for quantum-peft")
+    assert ours["vs_lora"] is not None and ours["target_met"] in (True, False)
+    for entry in ("lora", "quantum-peft"):
+        for seed in (0, 1):
+            assert (tmp_path / "minilm-bbc" / entry / f"seed{seed}" / "results.json").is_file()
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert {r["sweep_lr"] for r in sweep["rows"]} == {1e-3, 3e-3, 1e-2}
+    doc = (tmp_path / "results.md").read_text()
+    assert "<!-- quality-suite -->" in doc and "<!-- quality-sweep -->" in doc
+    assert (tmp_path / "quality_pareto.png").stat().st_size > 0
+    assert (tmp_path / "quality_lr.png").stat().st_size > 0
