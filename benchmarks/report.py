@@ -12,6 +12,7 @@ from typing import Any
 from benchmarks import _common as C
 from benchmarks import (
     compounds,
+    dispatch,
     generation,
     merged,
     mixed_batch,
@@ -36,12 +37,19 @@ SECTIONS = (
      "python -m benchmarks.mixed_batch"),
     ("scale", scale, "7. LLaMA-7B- and 70B-shaped decoder layers (issue 15)",
      "python -m benchmarks.scale"),
+    ("dispatch", dispatch, "9. Operations dispatched per training step (kernel launches)",
+     "python -m benchmarks.dispatch"),
 )
 #: Rendered when their results exist, never run by ``python -m benchmarks all`` (they need a GPU).
 GPU_SECTIONS = (
     ("scale_cuda", scale_cuda, "8. LLaMA-7B-shaped layers on a GPU (bfloat16 base)",
      "python -m benchmarks.scale_cuda"),
 )
+
+
+def _number(section: tuple[Any, ...]) -> int:
+    """The number a section's title starts with ("9. Operations ..." -> 9)."""
+    return int(section[2].split(".", 1)[0])
 
 
 def _verdict(ok: bool | None) -> str:
@@ -82,6 +90,9 @@ def targets(results: dict[str, Any]) -> list[list[Any]]:
                 for key, what in (("speedup_fwd", "forward"), ("speedup_fwdbwd", "fwd+bwd")):
                     rows.append([f"compounds n=44, k=2 ≥ 20× faster than minors ({what})",
                                  C.fmt(case[key]), _verdict(case[key] >= 20)])
+    dp = results.get("dispatch")
+    if dp:
+        rows += [[target, measured, _verdict(ok)] for target, measured, ok in dispatch.targets(dp)]
     mg = results.get("merged")
     if mg:
         for kind, block in mg["models"].items():
@@ -165,7 +176,8 @@ def write_doc(out_dir: Path = C.RESULTS_DIR, doc: Path = C.DOC_PATH,
                   C.md_table(["target", "measured", "verdict"], rows)]
     if notes:
         lines += ["", "## Findings", "", notes.strip()]
-    for name, module, title, cmd in SECTIONS + GPU_SECTIONS:
+    # in the order of the titles' numbers (the GPU sections sit between the others)
+    for name, module, title, cmd in sorted(SECTIONS + GPU_SECTIONS, key=_number):
         lines += ["", f"## {title}", "", f"`{cmd}` — " + (module.__doc__ or "").strip()
                   .split("\n\n")[0].replace("\n", " "), ""]
         result = results[name]

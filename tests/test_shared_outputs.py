@@ -10,9 +10,10 @@ import pickle
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
-from qpeft.tuners._shared import SharedOutputs
+from qpeft.tuners._shared import SharedOutputs, parameters_written
 
 
 def _circuit_like(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +112,9 @@ def test_checkpointed_readers_match_the_plain_run(reentrant: bool, fallback: boo
     for k in range(3):
         h = checkpoint(region, h, k, use_reentrant=reentrant)
     h.sum().backward()
-    assert (group.batched == 0) == fallback
+    # reentrant: the forward runs under no_grad, and the first recomputation generates every
+    # member for the others (each recomputed region runs a backward of its own in between)
+    assert group.batched == (0 if fallback else 1)
 
     params = [p.detach().clone().requires_grad_() for p in group.params[:3]]
     x_ref = x.detach().clone().requires_grad_()
@@ -226,3 +229,89 @@ def test_same_values_sees_any_changed_entry(one_sync: bool) -> None:
         assert not compare(snapshot, changed), i
     nan = [torch.tensor([float("nan")])]
     assert not compare(nan, [nan[0].clone()])  # as torch.equal: NaN never equals itself
+
+
+class _AnyOp(TorchDispatchMode):
+    """Records the name of every ATen operation dispatched inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_reuse_runs_no_tensor_operation() -> None:
+    """Deciding reuse reads nothing back from the device, so no device sync: the lookup
+    dispatches no operation at all (a comparison of values would dispatch ``aten.equal`` or
+    ``aten.eq`` and a read-back)."""
+    group = _Group(_params())
+    group.read(0)
+    with _AnyOp() as seen:
+        group.read(1), group.read(2), group.read(0)
+    assert seen.ops == [] and group.batched == 1
+
+
+def test_an_in_place_write_generates_afresh() -> None:
+    """What an optimizer does (``p.add_`` under no_grad): the version counter moves."""
+    group = _Group(_params(n=2))
+    group.read(0)
+    with torch.no_grad():
+        group.params[1].add_(0.5)
+    torch.testing.assert_close(group.read(1)[0], _circuit_like(group.params[1].detach())[0])
+    assert group.batched == 2
+
+
+def test_a_backward_expires_the_kept_outputs() -> None:
+    """After a backward through them, outputs are never reused, whatever writes the values
+    next: here ``p.data.add_`` (no version bump, same storage), as an optimizer that writes
+    raw memory or FSDP's unsharding would."""
+    group = _Group(_params(n=2))
+    _loss(group.read, [0, 1]).backward()
+    group.params[1].data.add_(0.5)
+    torch.testing.assert_close(group.read(1)[0], _circuit_like(group.params[1].detach())[0])
+    assert group.batched == 2
+
+
+def test_outputs_made_in_a_backward_expire_when_it_ends() -> None:
+    """A recomputation generates inside the backward (reentrant checkpointing: the forward ran
+    under no_grad); the next step, after an unversioned write, must not reuse that."""
+    group = _Group(_params(seed=4, size=4))
+    x = torch.randn(4, dtype=torch.float64)
+
+    def grads(read) -> list[torch.Tensor]:
+        params = group.params
+        for p in params:
+            p.grad = None
+        h = x.clone().requires_grad_()
+        for k in range(3):
+            h = checkpoint(lambda h, k=k: torch.tanh(h * read(k)[0]), h, use_reentrant=True)
+        h.sum().backward()
+        return [p.grad.clone() for p in params]
+
+    grads(group.read)
+    for p in group.params:
+        p.data.mul_(1.5)  # no version bump, same storage
+    got = grads(group.read)
+    assert group.batched == 2
+    want = grads(lambda k: _circuit_like(group.params[k]))
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def test_an_optimizer_step_or_parameters_written_expires_the_kept_outputs() -> None:
+    """Without a backward: any ``torch.optim`` step (which may write through ``.data``, or on
+    shards FSDP unshards later), and the explicit :func:`parameters_written`."""
+    group = _Group(_params(n=2))
+    group.read(0)
+    group.params[1].data.add_(0.5)  # not seen by itself
+    other = nn.Parameter(torch.zeros(1))
+    other.grad = torch.ones(1)
+    torch.optim.SGD([other], lr=0.1).step()
+    torch.testing.assert_close(group.read(1)[0], _circuit_like(group.params[1].detach())[0])
+    assert group.batched == 2
+    group.params[0].data.add_(0.5)
+    parameters_written()
+    torch.testing.assert_close(group.read(0)[0], _circuit_like(group.params[0].detach())[0])
+    assert group.batched == 3

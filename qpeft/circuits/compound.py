@@ -32,6 +32,7 @@ import torch
 
 from qpeft.circuits._cache import tensor_table_cache
 from qpeft.circuits._checks import check_positive_int
+from qpeft.circuits._device import accelerator_path
 from qpeft.circuits._precision import without_autocast
 
 __all__ = [
@@ -675,6 +676,6 @@ def compound_apply(a: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
         return torch.bmm(x, a.mT)
     if k == n:
         return x * _det(a)[:, None, None]
-    if a.device.type == "cpu":
+    if not accelerator_path(a.device):
         return _SecondCompoundApply.apply(a, x) if k == 2 else _mode_products(a, x, k)
     return _mode_products(a, x, k, _token_pieces(x.shape[1], x.shape[1] * n ** (k - 1)))

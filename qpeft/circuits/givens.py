@@ -136,13 +136,16 @@ def _tables(n: int, layout: str, device: str) -> tuple[torch.Tensor, torch.Tenso
     return angle_idx.to(dev), partner.to(dev), sign.to(dev)
 
 
-def _check_angles(angles: torch.Tensor, n: int, layout: str) -> int:
+def _check_angles(angles: torch.Tensor, n: int, layout: str, values: bool = True) -> int:
+    """Arguments checked on the host; with ``values`` also the angles' finiteness (a reduction
+    read back: a device sync on an accelerator)."""
     check_positive_int("n", n)
     _check_layout(layout)
     check_float_dtype("angles", angles)
     num = givens_num_params(n, layout)
     check_last_dim("angles", angles, num, f"givens_num_params({n}, {layout!r})")
-    check_finite("angles", angles)
+    if values:
+        check_finite("angles", angles)
     return num
 
 
@@ -182,12 +185,15 @@ def givens_apply(angles: torch.Tensor, x: torch.Tensor, n: int, layout: str) -> 
     return _apply_last(angles, x, n, layout)
 
 
-def givens_matrix(angles: torch.Tensor, n: int, layout: str) -> torch.Tensor:
+def givens_matrix(angles: torch.Tensor, n: int, layout: str, *,
+                  check_values: bool = True) -> torch.Tensor:
     """The circuit's n x n orthogonal matrix M = G_{L-1} ... G_0 (the circuit applied to I).
 
-    angles: [..., P] -> [..., n, n] (same dtype).  O(L * n^2) per matrix.
+    angles: [..., P] -> [..., n, n] (same dtype).  O(L * n^2) per matrix. ``check_values=False``
+    skips the NaN/inf check of the angles (a device sync on an accelerator; NaN angles then
+    give NaN entries), for callers that own well-formed angles, as a training step does.
     """
-    _check_angles(angles, n, layout)
+    _check_angles(angles, n, layout, check_values)
     eye = torch.eye(n, dtype=angles.dtype, device=angles.device)
     # Row r of the result is M e_r, i.e. column r of M: transpose at the end.
     return _apply_last(angles.unsqueeze(-2), eye, n, layout).transpose(-1, -2)

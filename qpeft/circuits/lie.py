@@ -52,16 +52,20 @@ __all__ = [
 LIE_METHODS = ("exp", "cayley", "taylor")
 
 
-def _check_square(name: str, m: torch.Tensor) -> None:
+def _check_square(name: str, m: torch.Tensor, values: bool = True) -> None:
+    """dtype and shape; with ``values`` also finiteness (a reduction read back: a device sync
+    on an accelerator)."""
     check_float_dtype(name, m)
     if m.dim() < 2 or m.shape[-1] != m.shape[-2]:
         raise ValueError(f"{name} must have shape (..., n, n), got {tuple(m.shape)}")
-    check_finite(name, m)
+    if values:
+        check_finite(name, m)
 
 
-def _check_skew(name: str, s: torch.Tensor) -> None:
-    _check_square(name, s)
-    if torch.compiler.is_compiling() or s.numel() == 0:
+def _check_skew(name: str, s: torch.Tensor, values: bool = True) -> None:
+    """:func:`_check_square`, and with ``values`` skew-symmetry (two more read-backs)."""
+    _check_square(name, s, values)
+    if not values or torch.compiler.is_compiling() or s.numel() == 0:
         return
     s = s.detach()
     scale = max(1.0, float(s.abs().max()))
@@ -101,9 +105,11 @@ def _matrix_exp(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_exp(x.double()).to(x.dtype)
 
 
-def expm_orthogonal(s: torch.Tensor) -> torch.Tensor:
-    """Matrix exponential of skew ``s (..., n, n)``: orthogonal ``(..., n, n)``, O(n**3)."""
-    _check_skew("s", s)
+def expm_orthogonal(s: torch.Tensor, *, check_values: bool = True) -> torch.Tensor:
+    """Matrix exponential of skew ``s (..., n, n)``: orthogonal ``(..., n, n)``, O(n**3).
+    ``check_values=False`` skips the checks that read values (finite, skew: device syncs on an
+    accelerator), for callers whose ``s`` is skew by construction; dtype and shape are checked."""
+    _check_skew("s", s, check_values)
     return _matrix_exp(s)
 
 

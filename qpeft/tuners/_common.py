@@ -236,14 +236,16 @@ class WeightMergeLayer(BaseTunerLayer):
     def _generated(self, slot: str, params: Sequence[torch.Tensor], build: Callable[[], T]) -> T:
         """``build()`` — the small matrices a forward consumes, generated from ``params``.
 
-        When autograd cannot need them (``no_grad`` / ``inference_mode`` or frozen parameters:
-        evaluation, ``generate()``, serving mixed batches), the last result is reused while the
-        parameters hold the same values (compared by value, not storage or version counters,
-        which ``.data`` writes and FSDP's unsharding bypass), so decoding does not rerun the
-        circuits for every token. Results larger than an eighth of the base weight are not
-        kept (those below 64k numbers always are). Training always builds afresh: every
-        forward is self-contained."""
-        if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or (
+        In evaluation (the layer in eval mode) when autograd cannot need them (``no_grad`` /
+        ``inference_mode`` or frozen parameters: ``generate()``, serving mixed batches), the
+        last result is reused while the parameters hold the same values (compared by value, not
+        storage or version counters, which ``.data`` writes and FSDP's unsharding bypass: one
+        device sync per lookup on an accelerator), so decoding does not rerun the circuits for
+        every token. Results larger than an eighth of the base weight are not kept (those below
+        64k numbers always are). In training mode every forward builds afresh and reads
+        nothing back, also under ``no_grad`` (the forward of reentrant gradient checkpointing,
+        whose parameters change every step anyway)."""
+        if self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or (
                 torch.compiler.is_compiling()):
             return build()
         cache = self.__dict__.setdefault("_qpeft_eval_cache", {})

@@ -21,9 +21,20 @@ invisible to every wrapper a layer may run in:
   that reused it (micro-batches, reentrant recomputation, backwards in any order).
 - **Per-member gradients**: a member whose outputs no reader used gets no gradient (``None``,
   as if it had generated on its own), e.g. an expert a mixture-of-experts router skipped.
-- **Reuse is by identity and value**: the member's parameter objects, holding the same values
-  (compared by value: ``.data`` writes and FSDP's unsharding bypass version counters), with the
-  same ``requires_grad``, under the same autocast state. Anything else generates afresh.
+- **Reuse is decided from what the host already knows, never by reading values back** (a
+  comparison of values is one device sync per lookup, and a sync stalls the queue of kernels a
+  training step runs on an accelerator): the member's parameter objects, each with the same
+  version counter (bumped by every in-place write through autograd's view of the tensor: an
+  optimizer's ``p.add_``, ``copy_`` under ``no_grad``, ``load_state_dict``) and the same storage
+  (``p.data = x`` swaps it; the entry keeps the old storage alive, so its address is never
+  handed to another tensor while compared), the same ``requires_grad``, under the same autocast
+  state; and the kept outputs **expire** when a backward runs through them (outputs generated
+  inside a backward, by a checkpointed layer's recomputation: when that backward ends), so
+  every write that follows a backward is covered, whatever bypasses version counters
+  (``p.data.add_``, an optimizer writing raw memory, FSDP's unsharding); also when any
+  ``torch.optim`` optimizer steps, and on :func:`parameters_written`. The one write not seen: an in-place ``.data`` write between
+  two recorded forwards with no backward or optimizer step between them (call
+  :func:`parameters_written` after such a write).
 - **Batched only over plain parameters on one device**: when any member's parameters are
   tensor subclasses (FSDP2's DTensor shards of other blocks), FSDP1-flattened or DeepSpeed
   parameters, on another device or dtype, or on the meta device (offloaded), the asking layer
@@ -45,17 +56,37 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd import Variable
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["SharedOutputs", "same_values"]
+__all__ = ["SharedOutputs", "parameters_written", "same_values"]
 
 Params = tuple[torch.Tensor, ...]
 Outputs = tuple[torch.Tensor, ...]
+
+_writes = 0  # bumped after every torch.optim step and by parameters_written()
+
+
+def parameters_written() -> None:
+    """Declare that parameters changed in a way no version counter records (an in-place write
+    through ``.data`` between two recorded forwards, with no backward or optimizer step between
+    them): every :class:`SharedOutputs` generates afresh at its next read. O(1)."""
+    global _writes
+    _writes += 1
+
+
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    parameters_written()
+
+
+register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 def same_values(snapshot: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> bool:
     """Whether ``params`` hold exactly ``snapshot``'s values (and dtypes, devices, shapes).
     O(numel); on an accelerator one device sync for all of them (``torch.equal`` would sync
-    once per tensor, and every sync stalls the queue of kernels a training step runs on)."""
+    once per tensor). For evaluation's reuse (:meth:`WeightMergeLayer._generated`), never
+    inside a training step: :class:`SharedOutputs` decides reuse without reading values."""
     if len(snapshot) != len(params) or not all(
             a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
             for a, b in zip(snapshot, params, strict=True)):
@@ -72,6 +103,50 @@ def _all_equal_one_sync(snapshot: Sequence[torch.Tensor], params: Sequence[torch
                 .all())
 
 
+class _Stamp:
+    """What the host knows about one parameter when outputs were generated from it: the object
+    (weakly), its version counter, its storage address and ``requires_grad``. ``storage`` keeps
+    that storage alive, so no other tensor can be handed the same address while the stamp
+    exists. Nothing here reads the values: O(1), no device work."""
+
+    __slots__ = ("ref", "storage", "version", "address", "requires_grad")
+
+    def __init__(self, p: torch.Tensor) -> None:
+        self.ref = weakref.ref(p)
+        self.storage = p.untyped_storage()
+        self.version = p._version
+        self.address = p.data_ptr()
+        self.requires_grad = p.requires_grad
+
+    def holds(self, p: torch.Tensor) -> bool:
+        """Whether ``p`` is the stamped parameter, unwritten since (as far as the host sees)."""
+        return (self.ref() is p and p._version == self.version
+                and p.data_ptr() == self.address and p.requires_grad == self.requires_grad)
+
+
+class _Lifetime:
+    """Whether kept outputs may still be handed out. Outputs generated in a forward expire when
+    a backward runs through their node; outputs generated inside a backward (recomputation of
+    a checkpointed layer) when that backward ends, so the recomputation of every other layer in
+    the same backward reuses them, also where each recomputed layer runs a backward of its own
+    (reentrant checkpointing)."""
+
+    __slots__ = ("live", "in_backward")
+
+    def __init__(self) -> None:
+        self.live = True
+        self.in_backward = torch._C._current_graph_task_id() != -1
+        if self.in_backward:
+            Variable._execution_engine.queue_callback(self.expire)
+
+    def expire(self) -> None:
+        self.live = False
+
+    def backward_ran(self) -> None:
+        if not self.in_backward:
+            self.live = False
+
+
 def _keep(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
@@ -81,16 +156,19 @@ class _Detached(torch.autograd.Function):
 
     ``param_member[i]`` / ``output_member[j]``: which member parameter ``i`` / output ``j``
     belongs to; a parameter gets a gradient only if some output of its member got one. The
-    inner graph is kept (``retain_graph``) until the node is freed."""
+    inner graph is kept (``retain_graph``) until the node is freed. ``lifetime``: the kept
+    outputs' (None when nothing is kept), told when a backward runs through the node."""
 
     @staticmethod
     def forward(ctx: Any, fn: Callable[..., Outputs], param_member: tuple[int, ...],
-                output_member: tuple[int, ...], *params: torch.Tensor) -> Outputs:
+                output_member: tuple[int, ...], lifetime: _Lifetime | None,
+                *params: torch.Tensor) -> Outputs:
         inputs = tuple(p.detach().requires_grad_(p.requires_grad) for p in params)
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
             outputs = tuple(fn(*inputs))
         ctx.inner = (inputs, outputs)
         ctx.param_member, ctx.output_member = param_member, output_member
+        ctx.lifetime = lifetime
         ctx.set_materialize_grads(False)
         return tuple(o.detach() for o in outputs)
 
@@ -101,6 +179,8 @@ class _Detached(torch.autograd.Function):
                 "qpeft's shared generation does not support higher-order gradients "
                 "(create_graph=True); its backward is computed outside the outer graph"
             )
+        if ctx.lifetime is not None:
+            ctx.lifetime.backward_ran()
         inputs, outputs = ctx.inner
         used = {m for m, g in zip(ctx.output_member, grads, strict=True) if g is not None}
         pairs = [(o, g) for o, g in zip(outputs, grads, strict=True)
@@ -113,7 +193,7 @@ class _Detached(torch.autograd.Function):
                                       [g for _, g in pairs], retain_graph=True, allow_unused=True)
             for i, g in zip(wanted, got, strict=True):
                 result[i] = g
-        return (None, None, None, *result)
+        return (None, None, None, None, *result)
 
 
 def _recording() -> bool:
@@ -152,14 +232,15 @@ class SharedOutputs:
 
     A copy (``copy.deepcopy``, pickling a model) starts empty; the functions may be bound
     methods of the module that owns this object (a deep copy then binds the copy's). Lookup
-    cost for a reader: one ``torch.equal`` per parameter of its member."""
+    cost for a reader: a few attribute reads per parameter of its member, on the host (no
+    tensor operation, no device sync)."""
 
     def __init__(self, generate_all: Callable[[list[Params]], list[Outputs]],
                  generate_one: Callable[[int, Params], Outputs], n_outputs: int) -> None:
         self.generate_all = generate_all
         self.generate_one = generate_one
         self.n_outputs = n_outputs
-        self._entry: tuple[Any, ...] | None = None  # one tuple, replaced whole
+        self._entry: _Entry | None = None  # replaced whole, never changed in place
 
     def batchable(self, params: list[Params]) -> bool:
         """Whether :meth:`outputs` would generate (or reuse) all members of ``params`` in one
@@ -174,14 +255,9 @@ class SharedOutputs:
         if not (_recording() and any(p.requires_grad for p in own)):
             return tuple(self.generate_one(member, own))
         state = _autocast_state(own[0].device.type)
-        entry = self._entry  # read once: a concurrent caller replaces the whole tuple
-        if entry is not None:
-            refs, snapshots, flags, entry_state, outputs = entry
-            if (entry_state == state and member < len(refs)
-                    and all(r() is p for r, p in zip(refs[member], own, strict=True))
-                    and flags[member] == tuple(p.requires_grad for p in own)
-                    and same_values(snapshots[member], own)):
-                return outputs[member]
+        entry = self._entry  # read once: a concurrent caller replaces the whole entry
+        if entry is not None and entry.serves(member, own, state):
+            return entry.outputs[member]
         params = gather()
         if (params is None or member >= len(params)
                 or any(a is not b for a, b in zip(params[member], own, strict=True))
@@ -189,7 +265,7 @@ class SharedOutputs:
             # this member alone, as the same kind of node (checkpointing sees the same saved
             # tensors either way); nothing kept
             return _Detached.apply(lambda *ps: self.generate_one(member, ps), (0,) * len(own),
-                                   (0,) * self.n_outputs, *own)
+                                   (0,) * self.n_outputs, None, *own)
         sizes = [len(ps) for ps in params]
 
         def generate(*flat: torch.Tensor) -> Outputs:
@@ -199,21 +275,18 @@ class SharedOutputs:
                 start += n
             return tuple(t for outs in self.generate_all(grouped) for t in outs)
 
+        stamps = [tuple(_Stamp(p) for p in ps) for ps in params]  # before: nothing written yet
+        writes, lifetime = _writes, _Lifetime()
         flat_outputs = _Detached.apply(
             generate,
             tuple(m for m, n in enumerate(sizes) for _ in range(n)),
             tuple(m for m in range(len(params)) for _ in range(self.n_outputs)),
+            lifetime,
             *(p for ps in params for p in ps),
         )
         k = self.n_outputs
         outputs = [tuple(flat_outputs[m * k:(m + 1) * k]) for m in range(len(params))]
-        self._entry = (
-            [tuple(weakref.ref(p) for p in ps) for ps in params],
-            [tuple(p.detach().clone() for p in ps) for ps in params],
-            [tuple(p.requires_grad for p in ps) for ps in params],
-            state,
-            outputs,
-        )
+        self._entry = _Entry(stamps, state, writes, lifetime, outputs)
         return outputs[member]
 
     def clear(self) -> None:
@@ -228,6 +301,24 @@ class SharedOutputs:
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_entry": None}
+
+
+class _Entry:
+    """Every member's kept outputs and what the host knew when they were generated."""
+
+    __slots__ = ("stamps", "state", "writes", "lifetime", "outputs")
+
+    def __init__(self, stamps: list[tuple[_Stamp, ...]], state: tuple[str, bool, torch.dtype],
+                 writes: int, lifetime: _Lifetime, outputs: list[Outputs]) -> None:
+        self.stamps, self.state, self.writes = stamps, state, writes
+        self.lifetime, self.outputs = lifetime, outputs
+
+    def serves(self, member: int, own: Params, state: tuple[str, bool, torch.dtype]) -> bool:
+        """Whether member ``member``'s kept outputs are those of ``own`` now (module docstring:
+        how that is known without reading values). O(len(own)) attribute reads."""
+        return (self.lifetime.live and self.writes == _writes and self.state == state
+                and member < len(self.stamps) and len(own) == len(self.stamps[member])
+                and all(s.holds(p) for s, p in zip(self.stamps[member], own, strict=True)))
 
 
 def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:

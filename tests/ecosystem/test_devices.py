@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .llm import METHODS, adapter_grads, batch, method_config, row_by_row, tiny_llama
 
@@ -200,3 +201,158 @@ def test_same_values_on_the_gpu_compares_every_tensor() -> None:
     assert not same_values(snapshot, params)
     assert not same_values(snapshot[:1], params)
     assert not same_values([snapshot[0].double(), snapshot[1]], params)
+
+
+# ---- no host sync inside a training step ---------------------------------------------------------
+
+#: operations that read a value on the host: on an accelerator each one waits for the device
+READ_BACKS = frozenset({"_local_scalar_dense", "item", "equal", "is_nonzero", "nonzero",
+                        "_linalg_check_errors", "masked_select", "_unique2", "unique_consecutive",
+                        "unique_dim"})
+
+
+class _HostTraffic(TorchDispatchMode):
+    """Records what would stall an accelerator's queue: read-backs (:data:`READ_BACKS`), and
+    tensors made from host data with at least one dimension (``torch.tensor([...])``: a
+    host-to-device copy there; 0-dim ones are not counted, as ``t[i] = 1.0`` makes one on the
+    CPU only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in READ_BACKS or (name == "lift_fresh" and out.dim() > 0 and out.numel() > 0):
+            self.seen.append(str(func))
+        return out
+
+
+@pytest.fixture
+def no_packed_sequence_check(monkeypatch):
+    """transformers' own read-back: without a KV cache (gradient checkpointing turns it off)
+    and without an attention mask, every forward checks the position ids for packed sequences
+    on the host (``find_packed_sequence_indices``: ``.all()`` read back), whatever the adapter.
+    Here it answers "not packed" (true of these batches) without reading anything."""
+    import transformers.masking_utils as masking
+
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+
+
+def _step(model, ids: torch.Tensor) -> None:
+    """Forward and backward with the loss computed here (no library code between)."""
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids).logits
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+
+
+def _accelerator_path(on: bool):
+    from contextlib import nullcontext
+
+    from qpeft.circuits._device import force_accelerator_path
+
+    return force_accelerator_path() if on else nullcontext()
+
+
+def _sync_free_config(variant: str):
+    import qpeft
+
+    if variant == "qpa-reference":  # the paper's MLP: no activation, centred output
+        return qpeft.QPAConfig(r=4, target_modules=["q_proj", "v_proj"], preset="reference",
+                               n_mlp=64, init_seed=1)
+    if variant in ("quic-rbs", "quic-exp"):  # the other base maps (circuit, matrix exponential)
+        return qpeft.QuICConfig(target_modules=["q_proj", "v_proj"], base_map=variant[5:],
+                                num_blocks=2, init_weights=False)
+    if variant == "quic-k3":
+        return qpeft.QuICConfig(target_modules=["q_proj", "v_proj"], orders=[1, 2, 3],
+                                num_blocks=1, init_weights=False)
+    return method_config(variant)
+
+
+@pytest.mark.parametrize("checkpointing", [None, "non-reentrant", "reentrant"])
+@pytest.mark.parametrize("accelerator", [False, True], ids=["cpu-path", "accelerator-path"])
+@pytest.mark.parametrize("variant", [*METHODS, "quic-k3", "quic-rbs", "quic-exp",
+                                     "qpa-reference"])
+def test_a_training_step_reads_nothing_back(variant: str, accelerator: bool,
+                                            checkpointing: str | None,
+                                            no_packed_sequence_check) -> None:
+    """Two micro-batches' forward and backward after a warm-up step: no operation that reads a
+    value back to the host or copies host data to the device, on either path (the CPU's, and
+    the accelerator's run on CPU tensors). peft LoRA is the control: it shows the model and
+    the loss add none."""
+    model = get_peft_model(tiny_llama(), _sync_free_config(variant)).train()
+    if checkpointing:
+        model.base_model.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+        model.enable_input_require_grads()
+    ids = batch()["input_ids"]
+    with _accelerator_path(accelerator):
+        _step(model, ids)  # warm-up: index tables are built once per device
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+        with _HostTraffic() as traffic:
+            _step(model, ids)
+            model(input_ids=ids).logits.sum().backward()  # a second micro-batch
+    assert traffic.seen == []
+
+
+def test_host_traffic_is_seen() -> None:
+    """The recorder above catches what it looks for."""
+    x = torch.randn(3)
+    with _HostTraffic() as traffic:
+        _ = x.sum().item(), torch.equal(x, x), bool(x[0] > 0), torch.tensor([1.0, 2.0])
+    assert len(traffic.seen) == 4, traffic.seen
+
+
+@pytest.mark.parametrize("variant", ["quic", "quic-k3"])
+def test_the_accelerator_path_on_the_cpu_gives_the_cpu_step(variant: str) -> None:
+    """``force_accelerator_path`` switches QuIC's kernels (other operations are dispatched),
+    not its values: the same loss and gradients."""
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    model = get_peft_model(tiny_llama(), _sync_free_config(variant)).train()
+    inputs = {"input_ids": batch(rows=3, length=40)["input_ids"]}
+    inputs["labels"] = inputs["input_ids"]
+    runs = []
+    for accelerator in (False, True):
+        with _accelerator_path(accelerator):
+            _loss_and_grads(model, inputs)  # warm-up: index tables are built once
+            with Count() as count:
+                runs.append((_loss_and_grads(model, inputs), count.n))
+    (cpu, n_cpu), (acc, n_acc) = runs
+    _assert_same(cpu, acc, tol=1e-5)
+    assert n_cpu != n_acc, "the accelerator path ran other kernels"
+
+
+@needs_cuda
+@pytest.mark.parametrize("checkpointing", [None, "non-reentrant"])
+@pytest.mark.parametrize("variant", [*METHODS, "quic-k3", "quic-rbs", "quic-exp",
+                                     "qpa-reference"])
+def test_a_training_step_on_the_gpu_never_syncs(variant: str, checkpointing: str | None,
+                                                no_packed_sequence_check) -> None:
+    """The issue's check: forward and backward under ``torch.cuda.set_sync_debug_mode("error")``
+    after a warm-up step (which builds and copies the index tables once). peft LoRA is the
+    control. QuIC's ``exp`` base map runs ``torch.linalg.matrix_exp``, whose CUDA forward may
+    read the matrices' norms back to pick its degree: if it does, that case fails here, a sync
+    inside torch that only an exponential of qpeft's own would remove."""
+    model = get_peft_model(tiny_llama(), _sync_free_config(variant)).to(CUDA).train()
+    if checkpointing:
+        model.base_model.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    ids = batch()["input_ids"].to(CUDA)
+    _step(model, ids)
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _step(model, ids)
+        _step(model, ids)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)

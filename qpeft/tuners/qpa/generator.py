@@ -293,9 +293,8 @@ class QPAGenerator(nn.Module):
         inputs = self._mlp_input(pt, 0, self.n_chunks)
         # row 0: Σ of the full chunks' inputs (bias weight ``full``); row 1: the last chunk
         x = torch.stack((inputs[:full].sum(0), inputs[full]))
-        counts = torch.tensor([[float(full)], [1.0]], dtype=x.dtype, device=x.device)
-        for w, b in layers[:-1]:
-            x = x @ w.T + counts * b
+        for w, b in layers[:-1]:  # (no tensor from host data: a host-to-device copy syncs)
+            x = x @ w.T + torch.stack((full * b, b))
         total = x[0] @ weight.sum(0) + full * bias.sum() + x[1] @ weight[:rest].sum(0)
         return (total + bias[:rest].sum()) / self.m
 

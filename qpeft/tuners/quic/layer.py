@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from qpeft.circuits._cache import tensor_table_cache
+from qpeft.circuits._device import accelerator_path
 from qpeft.circuits.compound import compound, compound_apply, compound_apply_cost, compounds
 from qpeft.circuits.givens import givens_matrix
 from qpeft.tuners._common import (
@@ -76,9 +77,9 @@ def base_matrices(
         # imported here so that `import qpeft` never depends on the Lie module's import order
         from qpeft.circuits.lie import expm_orthogonal
 
-        return expm_orthogonal(_skew_embedding(params, n, 0.0))
+        return expm_orthogonal(_skew_embedding(params, n, 0.0), check_values=False)
     if base_map == "rbs":
-        return givens_matrix(params, n, rbs_layout)
+        return givens_matrix(params, n, rbs_layout, check_values=False)
     if base_map == "free":
         eye = torch.eye(n, dtype=params.dtype, device=params.device)
         return eye + params.reshape(*lead, n, n)
@@ -196,7 +197,7 @@ def order_costs(op: torch.Tensor | CompoundOperator, tokens: int, n_blocks: int)
     form = 0 if k == 1 else _FORM_WEIGHT * k * c * c * n_a
     costs = {"explicit": form + tokens * n_blocks * c * c}
     if 1 < k < n:
-        if op.base.device.type == "cpu":
+        if not accelerator_path(op.base.device):
             apply = _ACTION_FLOP_WEIGHT * compound_apply_cost(n, k) + _ACTION_MOVES_PER_N2 * n * n
         else:  # an accelerator runs the action as a few large kernels at full rate
             apply = compound_apply_cost(n, k)

@@ -1,0 +1,223 @@
+"""Benchmark 9: operations dispatched per training step, qpeft methods vs peft LoRA and OFT.
+
+Counted, not timed: every ATen operation that one training step (forward + ``loss.backward()``,
+after one warm-up optimizer step that builds every cached table and the optimizer state)
+dispatches, seen by a ``TorchDispatchMode``. On a GPU each dispatched operation is a kernel
+launch (views and other metadata-only operations launch none; they are counted apart), so
+where the arithmetic is small, as in an adapter's, the step's time follows this count. Also
+counted: operations that read a value back to the host (``.item()``, ``torch.equal``,
+``nonzero``, ...), each a device sync on a GPU.
+
+Models: LLaMA-shaped (``transformers.LlamaConfig``: hidden 64, 4 heads, 2 KV heads,
+intermediate 128; the count does not grow with the width), 8 and 32 decoder layers, all 7
+linear layers of each block adapted, batch 2 x 32 tokens; the adapter configurations of
+``benchmarks/models.py``. Two paths: the CPU's, and the accelerator's — where qpeft picks
+kernels by device (``qpeft.circuits._device``: QuIC's order-2 action and its cost model), the
+accelerator's choice, forced on CPU tensors with ``force_accelerator_path()``; peft's methods
+have one path.
+
+Run alone: ``python -m benchmarks.dispatch [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks import _common as C
+from benchmarks import models as M
+
+NAME = "dispatch"
+METHODS = ("lora", "oft", "quantum_peft", "quic", "qpa")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LAYERS, QUICK_LAYERS = (8, 32), (2,)
+PATHS = ("cpu", "accelerator")
+BATCH, SEQ_LEN = 2, 32
+#: the issue's target: dispatched operations per step at 32 layers, for every qpeft method
+TARGET_RATIO = 1.15
+#: operations that read a tensor's value on the host: each one a device sync on an accelerator
+SYNCING = frozenset({"_local_scalar_dense", "item", "equal", "is_nonzero", "nonzero",
+                     "_linalg_check_errors", "masked_select", "_unique2", "unique_consecutive",
+                     "unique_dim"})
+TOP = 10
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every ATen operation dispatched inside it, by name (``aten.mm``, ...); ``views``:
+    those whose result aliases an input (no kernel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+        self.views = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        self.ops[func.overloadpacket.__name__] += 1
+        self.views += bool(func.is_view)
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+    @property
+    def syncs(self) -> dict[str, int]:
+        return {name: n for name, n in self.ops.items() if name in SYNCING}
+
+
+def llama(layers: int) -> torch.nn.Module:
+    """The LLaMA-shaped base (random weights, fixed seed, train mode, no dropout)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=2 * SEQ_LEN, attention_dropout=0.0)
+    return LlamaForCausalLM(cfg).train()
+
+
+def count_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> OpCounter:
+    """One optimizer step as warm-up, then the counted forward + backward."""
+    M.make_step(model, batch)()
+    model.zero_grad(set_to_none=True)
+    counter = OpCounter()
+    with counter:
+        model(**batch).loss.backward()
+    return counter
+
+
+def _path(path: str) -> Any:
+    from contextlib import nullcontext
+
+    from qpeft.circuits._device import force_accelerator_path
+
+    return force_accelerator_path() if path == "accelerator" else nullcontext()
+
+
+def measure(layers: int, path: str, methods: tuple[str, ...] = METHODS,
+            on_model: Callable[[str, torch.nn.Module], None] | None = None) -> dict[str, Any]:
+    """Counts of every method on the ``layers``-layer model along ``path``."""
+    import peft
+
+    import qpeft  # noqa: F401  (registers the qpeft methods)
+
+    base = llama(layers)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, base.config.vocab_size, (BATCH, SEQ_LEN), generator=g)
+    batch = {"input_ids": ids, "labels": ids}
+    out: dict[str, Any] = {}
+    for method in methods:
+        with _path(path):
+            model = peft.get_peft_model(M.clone_sharing(base),
+                                        M.method_config(method, TARGETS, "CAUSAL_LM"))
+            if on_model is not None:
+                on_model(method, model)
+            counter = count_step(model, batch)
+        out[method] = {"label": M.METHOD_LABELS[method], "ops": counter.total,
+                       "views": counter.views, "kernels": counter.total - counter.views,
+                       "syncs": counter.syncs, "top": counter.ops.most_common(TOP)}
+    for row in out.values():
+        for ref in ("lora", "oft"):
+            if ref in out:
+                row[f"ops_over_{ref}"] = row["ops"] / out[ref]["ops"]
+                row[f"kernels_over_{ref}"] = row["kernels"] / out[ref]["kernels"]
+    return out
+
+
+def bench(quick: bool) -> dict[str, Any]:
+    layer_counts = QUICK_LAYERS if quick else LAYERS
+    runs = {f"{path}/{layers}": measure(layers, path) for path in PATHS for layers in layer_counts}
+    out: dict[str, Any] = {"layers": list(layer_counts), "paths": list(PATHS),
+                           "targets": list(TARGETS), "batch": BATCH, "seq_len": SEQ_LEN,
+                           "runs": runs}
+    if len(layer_counts) > 1:  # operations each further decoder layer adds
+        lo, hi = layer_counts[0], layer_counts[-1]
+        out["per_layer"] = {
+            path: {m: (runs[f"{path}/{hi}"][m]["ops"] - runs[f"{path}/{lo}"][m]["ops"]) / (hi - lo)
+                   for m in METHODS}
+            for path in PATHS}
+    return out
+
+
+def run(quick: bool = False, out_dir: Path = C.RESULTS_DIR) -> dict[str, Any]:
+    C.setup_torch()
+    result = {"benchmark": NAME, "quick": quick, "machine": C.machine_facts(), **bench(quick)}
+    C.write_result(NAME, result, render(result), out_dir)
+    return result
+
+
+def targets(result: dict[str, Any]) -> list[list[Any]]:
+    """Rows (target, measured, verdict) at the largest layer count, for each path."""
+    layers = result["layers"][-1]
+    rows = []
+    for path in result["paths"]:
+        block = result["runs"][f"{path}/{layers}"]
+        for method in M.QPEFT_METHODS:
+            r = block[method]["ops_over_lora"]
+            rows.append([f"{layers} layers, {path} path: {M.METHOD_LABELS[method]} dispatched "
+                         f"ops per step ≤ {TARGET_RATIO}× LoRA", C.fmt(r), r <= TARGET_RATIO])
+            syncs = sum(block[method]["syncs"].values())
+            rows.append([f"{layers} layers, {path} path: {M.METHOD_LABELS[method]}: no host "
+                         "read-back in a step", str(syncs), syncs == 0])
+    return rows
+
+
+def render(result: dict[str, Any]) -> str:
+    """One table per path (methods x layer counts), then the most dispatched operations."""
+    parts = []
+    layer_counts = result["layers"]
+    for path in result["paths"]:
+        rows = []
+        for method in METHODS:
+            row: list[Any] = [result["runs"][f"{path}/{layer_counts[0]}"][method]["label"]]
+            for layers in layer_counts:
+                r = result["runs"][f"{path}/{layers}"][method]
+                row += [r["ops"], r["ops_over_lora"], r["ops_over_oft"], r["kernels_over_lora"]]
+            if "per_layer" in result:
+                row.append(result["per_layer"][path][method])
+            syncs = result["runs"][f"{path}/{layer_counts[-1]}"][method]["syncs"]
+            row.append(", ".join(f"{k} {v}" for k, v in syncs.items()) or "0")
+            rows.append(row)
+        header = ["method"]
+        for layers in layer_counts:
+            header += [f"ops ({layers} layers)", "/ LoRA", "/ OFT", "non-view / LoRA"]
+        if "per_layer" in result:
+            header.append("ops per extra layer")
+        header.append("host read-backs")
+        parts.append(f"**{path} path**\n\n" + C.md_table(header, rows))
+    layers, path = layer_counts[-1], result["paths"][-1]
+    top = result["runs"][f"{path}/{layers}"]
+    parts.append(f"Most dispatched operations ({path} path, {layers} layers):\n\n" + C.md_table(
+        ["method", "operations (count)"],
+        [[top[m]["label"], ", ".join(f"{name} {n}" for name, n in top[m]["top"])]
+         for m in METHODS]))
+    parts.append(f"One step = forward + backward of batch {result['batch']} x "
+                 f"{result['seq_len']} after a warm-up optimizer step, on LLaMA-shaped models "
+                 "(hidden 64, 4 heads, 2 KV heads, intermediate 128) with "
+                 f"{', '.join(result['targets'])} adapted in every layer. Accelerator path: "
+                 "the kernels qpeft picks on a GPU (QuIC's order-2 action and cost model), "
+                 "forced on CPU tensors (`qpeft.circuits._device.force_accelerator_path`); "
+                 "peft's methods have one path. 'non-view' leaves out views (no kernel); host "
+                 "read-backs: operations that read a value to the host (each a device sync on "
+                 "a GPU). Counts are exact and repeat run to run.")
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="2 layers only (smoke test)")
+    p.add_argument("--out", type=Path, default=C.RESULTS_DIR)
+    a = p.parse_args(argv)
+    print(render(run(quick=a.quick, out_dir=a.out)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Smoke test of ``benchmarks/dispatch.py`` on a 2-layer model: the counts it writes and the
+invariants they obey (no wall-clock anywhere: operations are counted, exactly)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import dispatch, report
+from benchmarks import models as M
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory) -> tuple[dict, object]:
+    out = tmp_path_factory.mktemp("dispatch")
+    dispatch.run(quick=True, out_dir=out)
+    return json.loads((out / "dispatch.json").read_text()), out
+
+
+def test_counter_sees_every_operation_and_views_apart() -> None:
+    a, b = torch.randn(3, 4), torch.randn(4, 2)
+    with dispatch.OpCounter() as counter:
+        (a @ b).t().sum().item()
+    assert counter.ops == {"mm": 1, "t": 1, "sum": 1, "_local_scalar_dense": 1}
+    assert counter.views == 1 and counter.syncs == {"_local_scalar_dense": 1}
+
+
+def test_quick_counts(quick_result) -> None:
+    result, out = quick_result
+    assert result["layers"] == [2] and result["paths"] == ["cpu", "accelerator"]
+    for path in result["paths"]:
+        block = result["runs"][f"{path}/2"]
+        assert list(block) == list(dispatch.METHODS)
+        for method, row in block.items():
+            assert 0 < row["views"] < row["ops"] and row["kernels"] == row["ops"] - row["views"]
+            assert row["syncs"] == {}, (path, method)  # no read-back in any method's step
+            assert row["ops_over_lora"] == row["ops"] / block["lora"]["ops"]
+        assert block["lora"]["ops"] < block["oft"]["ops"]
+        assert block["lora"]["ops"] < min(block[m]["ops"] for m in M.QPEFT_METHODS)
+    cpu, acc = result["runs"]["cpu/2"], result["runs"]["accelerator/2"]
+    # only QuIC picks kernels by device: forcing the accelerator's path changes its count alone
+    for method in dispatch.METHODS:
+        assert (cpu[method]["ops"] != acc[method]["ops"]) == (method == "quic"), method
+    assert (out / "dispatch.md").read_text().startswith("**cpu path**")
+
+
+def test_counts_repeat_exactly() -> None:
+    first = dispatch.measure(2, "cpu", methods=("lora",))["lora"]
+    again = dispatch.measure(2, "cpu", methods=("lora",))["lora"]
+    assert first["ops"] == again["ops"] and first["top"] == again["top"]
+
+
+def test_targets_and_report_section(quick_result, tmp_path) -> None:
+    result, out = quick_result
+    rows = dispatch.targets(result)
+    assert len(rows) == 2 * len(result["paths"]) * len(M.QPEFT_METHODS)
+    assert all(isinstance(ok, bool) for *_, ok in rows)
+    doc = report.write_doc(out, tmp_path / "benchmarks.md")
+    text = doc.read_text()
+    section = text[text.index("## 9. Operations dispatched per training step"):]
+    assert "**accelerator path**" in section and "Most dispatched operations" in section
