@@ -81,7 +81,10 @@ def _read_qpa_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, torc
 
 def _generator_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Tensor]):
     known = set(QPAConfig.__dataclass_fields__)
-    qpa_config = QPAConfig(**{k: v for k, v in config.items() if k in known and k != "peft_type"})
+    # check_kwargs: a config saved before lr_scale existed keeps its (paper) parameterization
+    kwargs = QPAConfig.check_kwargs(**{k: v for k, v in config.items() if k in known})
+    kwargs.pop("peft_type", None)
+    qpa_config = QPAConfig(**kwargs)
     shapes = [(int(o), int(i)) for _, _, o, i, _ in qpa_config.layout]
     generator = build_generator(qpa_config, shapes)
     known = set(generator.state_dict())
