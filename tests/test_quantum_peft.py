@@ -98,7 +98,8 @@ def test_linear_forward_and_merge_match_dense_delta(d_in, d_out, k, method) -> N
     model, layer = wrapped(lin, r=k, parameterization=method, init_weights=False,
                            circuit_dtype="float64", alpha=3.0)
     u, v = layer.stiefel_factors("default")
-    lam = layer.qpeft_lambda["default"].detach() * (3.0 / k)
+    # lr_scale="lora" (default): λ carries (alpha / r) · sqrt(d_out / 3)
+    lam = layer.qpeft_lambda["default"].detach() * (3.0 / k) * math.sqrt(d_out / 3.0)
     eye_k = torch.eye(k, dtype=torch.float64)
     tol = 1e-3 if method == "lie_taylor" else 1e-10  # truncated Taylor (order 8): approximate
     torch.testing.assert_close(u.T @ u, eye_k, atol=tol, rtol=0)
@@ -219,7 +220,7 @@ def test_lambda_domains() -> None:
     assert (lam / gain > 0).all()
     _, layer = wrapped(nn.Linear(8, 8), r=4, lambda_domain="sign", init_weights=False, alpha=8.0)
     lam = layer.effective_lambda("default")
-    torch.testing.assert_close(lam.abs(), torch.full((4,), 0.5 * 2.0))
+    torch.testing.assert_close(lam.abs(), torch.full((4,), 0.5 * 2.0 * math.sqrt(8 / 3)))
     lam.sum().backward()  # straight-through: ρ gets a gradient
     assert layer.qpeft_lambda["default"].grad.abs().sum() > 0
     for domain in ("positive", "sign"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,12 @@ from qpeft.tuners.qpa.generator import (
 )
 
 PRESETS = ("reference",)
+#: "lora": the generator's output layer and gain carry multipliers (:meth:`QPAConfig.multipliers`)
+#: so that AdamW at LoRA's learning rates trains it (docs/methods/qpa.md, "Learning-rate
+#: scale"); "paper": the paper's parameterization
+LR_SCALES = ("lora", "paper")
+#: what an adapter_config.json written before ``lr_scale`` existed means (see ``check_kwargs``)
+LEGACY_LR_SCALE = "paper"
 #: the paper's chunk size, kept by ``preset="reference"``
 REFERENCE_N_MLP = 2048
 #: the sizing rule's candidates (see :meth:`QPAConfig.resolve_sizes`): MLP hidden widths, from
@@ -80,7 +87,13 @@ class QPAConfig(PeftConfig):
     )
     preset: str | None = field(
         default=None,
-        metadata={"help": "'reference': the paper's widths/transform, no activation, no gain"},
+        metadata={"help": "'reference': the paper's widths/transform, no activation, no gain, "
+                  "lr_scale 'paper'"},
+    )
+    lr_scale: str = field(
+        default="lora",
+        metadata={"help": "'lora': output-layer and gain multipliers so AdamW trains at LoRA's "
+                  "learning rates; 'paper': none (what adapters saved without this field load as)"},
     )
     init_seed: int | None = field(default=None, metadata={"help": "seed of the generator init"})
     target_modules: list[str] | str | None = field(
@@ -121,6 +134,8 @@ class QPAConfig(PeftConfig):
             self.prob_transform = "reference"
             self.center_output = True
             self.output_gain = False
+            self.lr_scale = "paper"
+        check_choice("lr_scale", self.lr_scale, LR_SCALES)
         check_positive_int("r", self.r)
         if self.n_mlp is not None:
             check_positive_int("n_mlp", self.n_mlp)
@@ -140,6 +155,32 @@ class QPAConfig(PeftConfig):
             raise ValueError("layers_to_transform cannot be used when target_modules is a str")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern needs layers_to_transform")
+
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """peft calls this with a saved adapter_config.json's fields before building the config:
+        one saved before ``lr_scale`` existed gets :data:`LEGACY_LR_SCALE`, so it keeps the
+        outputs it was trained with."""
+        kwargs = super().check_kwargs(**kwargs)
+        kwargs.setdefault("lr_scale", LEGACY_LR_SCALE)
+        return kwargs
+
+    def out_multiplier(self, shapes: list[tuple[int, int]], n_mlp: int, hidden: list[int]) -> float:
+        """The multiplier on the generator's output layer for layers of these ``(d_out, d_in)``
+        shapes, chunk size ``n_mlp`` and MLP ``hidden`` widths: 1 with ``lr_scale="paper"``; with "lora"
+        ``sqrt(d_in_rms / h)``, ``d_in_rms`` the root mean square of the layers' d_in and ``h``
+        the MLP's last hidden width (N + 1 without hidden layers). One AdamW step then changes each generated number, relative to
+        its size at init, like one step changes an entry of LoRA's kaiming-initialised A
+        (``lr · sqrt(3 h)`` · multiplier against ``lr · sqrt(3 d_in)``; docs/methods/qpa.md).
+        O(#layers)."""
+        if self.lr_scale == "paper":
+            return 1.0
+        d_in_rms = math.sqrt(sum(i * i for _, i in shapes) / len(shapes))
+        if hidden:
+            last = hidden[-1]
+        else:
+            last = chunking(target_size(shapes, self.r), n_mlp, self.n_qubits)[1] + 1
+        return math.sqrt(d_in_rms / last)
 
     @property
     def scaling(self) -> float:
@@ -212,4 +253,5 @@ def build_generator(config: QPAConfig, shapes: list[tuple[int, int]]) -> QPAGene
         output_gain=config.output_gain,
         init_seed=config.init_seed,
         gain_init=0.0 if config.init_weights else 1.0,
+        out_multiplier=config.out_multiplier(shapes, n_mlp, hidden),
     )

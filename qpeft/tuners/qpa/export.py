@@ -66,7 +66,10 @@ def generator_from_checkpoint(
     """``(config, generator)`` rebuilt from a saved QPA adapter's config dict and tensors, in
     the dtype it was trained in. ValueError when the tensors do not fit the config."""
     known = set(QPAConfig.__dataclass_fields__)
-    qpa_config = QPAConfig(**{k: v for k, v in config.items() if k in known and k != "peft_type"})
+    # check_kwargs: a config saved before lr_scale existed keeps its (paper) parameterization
+    kwargs = QPAConfig.check_kwargs(**{k: v for k, v in config.items() if k in known})
+    kwargs.pop("peft_type", None)
+    qpa_config = QPAConfig(**kwargs)
     shapes = [(int(o), int(i)) for _, _, o, i, _ in qpa_config.layout]
     generator = build_generator(qpa_config, shapes)
     known = set(generator.state_dict())

@@ -163,6 +163,7 @@ class QPAGenerator(nn.Module):
         output_gain: bool = True,
         init_seed: int | None = None,
         gain_init: float = 0.0,
+        out_multiplier: float = 1.0,
     ) -> None:
         super().__init__()
         check_positive_int("r", r)
@@ -188,6 +189,9 @@ class QPAGenerator(nn.Module):
             pos += r * (o + i)
         self.offsets = offsets
 
+        if not (isinstance(out_multiplier, (int, float)) and math.isfinite(out_multiplier)
+                and out_multiplier > 0):
+            raise ValueError(f"out_multiplier must be a finite number > 0, got {out_multiplier!r}")
         gen = torch.Generator().manual_seed(init_seed) if init_seed is not None else None
         theta = (torch.rand(depth, self.n_qubits, generator=gen) * 2 - 1) * math.pi
         self.theta = nn.Parameter(theta)
@@ -202,8 +206,12 @@ class QPAGenerator(nn.Module):
                 torch.manual_seed(init_seed)
             for k, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
                 linear = nn.Linear(a, b)  # nn.Linear's default init, then flattened
-                self.register_parameter(f"mlp_weight_{k}", nn.Parameter(linear.weight.data))
-                self.register_parameter(f"mlp_bias_{k}", nn.Parameter(linear.bias.data))
+                # the output layer is stored divided by its multiplier: the generated numbers at
+                # init are nn.Linear's whatever the multiplier (it only speeds up their steps)
+                div = float(out_multiplier) if k == len(widths) - 2 else 1.0
+                self.register_parameter(f"mlp_weight_{k}", nn.Parameter(linear.weight.data / div))
+                self.register_parameter(f"mlp_bias_{k}", nn.Parameter(linear.bias.data / div))
+        self.out_multiplier = float(out_multiplier)
         self.gain = nn.Parameter(torch.full((1,), float(gain_init))) if output_gain else None
         # while training, the first layer's forward generates every layer's numbers (circuit and
         # MLP, one call) and the others read their slices (qpeft.tuners._shared: why that is
@@ -218,17 +226,32 @@ class QPAGenerator(nn.Module):
 
     def num_params(self) -> int:
         """Trainable numbers, from the construction's count function (tests compare)."""
-        hidden = [w.shape[0] for w, _ in self.mlp_layers()][:-1]
+        hidden = [w.shape[0] for w, _ in self.mlp_params()][:-1]
         return generator_num_params(
             self.n_qubits, self.depth, self.n_mlp, hidden, self.gain is not None
         )
 
-    def mlp_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``[(weight [out, in], bias [out]), ...]`` of the mapping MLP, input to output."""
+    def mlp_params(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``[(weight [out, in], bias [out]), ...]``: the MLP's parameters as stored (the output
+        layer divided by ``out_multiplier``), input to output."""
         return [
             (getattr(self, f"mlp_weight_{k}"), getattr(self, f"mlp_bias_{k}"))
             for k in range(self.n_mlp_layers)
         ]
+
+    def _effective(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Stored MLP layers -> the layers the generation applies (output layer times
+        ``out_multiplier``)."""
+        if self.out_multiplier == 1.0:
+            return list(layers)
+        weight, bias = layers[-1]
+        return [*layers[:-1], (weight * self.out_multiplier, bias * self.out_multiplier)]
+
+    def mlp_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``[(weight [out, in], bias [out]), ...]`` of the mapping MLP as the generation applies
+        it (output layer times ``out_multiplier``), input to output."""
+        return self._effective(self.mlp_params())
+
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """The mapping MLP on ``x`` [n, N+1] -> [n, n_mlp]; activation between layers only."""
@@ -324,13 +347,13 @@ class QPAGenerator(nn.Module):
 
     def _shared_params(self) -> tuple[torch.Tensor, ...]:
         """What the whole generation reads: theta, then each MLP layer's weight and bias."""
-        return (self.theta, *(t for pair in self.mlp_layers() for t in pair))
+        return (self.theta, *(t for pair in self.mlp_params() for t in pair))
 
     def _generate_from(self, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The flat vector [m] from ``params`` (as :meth:`_shared_params` orders them) in place of
         the generator's own: the pure function :class:`SharedOutputs` runs."""
         theta, *mlp = params
-        layers = list(zip(mlp[0::2], mlp[1::2], strict=True))
+        layers = self._effective(list(zip(mlp[0::2], mlp[1::2], strict=True)))
         return self._generate_span(0, self.m, self._transform(_circuit_probabilities(theta)), layers)
 
     def _layer_numbers_from(self, params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -390,5 +413,6 @@ class QPAGenerator(nn.Module):
             f"n_chunks={self.n_chunks}, n_qubits={self.n_qubits}, depth={self.depth}, "
             f"mlp={[w.shape[1] for w, _ in self.mlp_layers()] + [self.n_mlp]}, "
             f"activation={self.activation!r}, prob_transform={self.prob_transform!r}, "
-            f"center_output={self.center_output}, gain={self.gain is not None}"
+            f"center_output={self.center_output}, gain={self.gain is not None}, "
+            f"out_multiplier={self.out_multiplier:g}"
         )

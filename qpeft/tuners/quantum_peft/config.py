@@ -3,7 +3,9 @@ Stiefel manifold, generated from a few circuit angles by ``qpeft.circuits.stiefe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from peft.config import PeftConfig
 
@@ -14,6 +16,20 @@ PARAMETERIZATIONS = ("pauli", "generalized", "lie_exp", "lie_cayley", "lie_taylo
 LAMBDA_DOMAINS = ("real", "positive", "sign")
 CIRCUIT_DTYPES = ("float32", "float64")
 BIAS_OPTIONS = ("none", "all", "qpeft_only")
+#: "lora": λ_eff carries ``(alpha / r or 2) · sqrt(d_out / 3)`` so one AdamW step at a learning
+#: rate moves ΔW like one LoRA step at that rate (docs/methods/quantum_peft.md, "Learning-rate
+#: scale"); "paper": the paper's λ, scaling ``alpha / r`` or 1
+LR_SCALES = ("lora", "paper")
+#: what an adapter_config.json written before ``lr_scale`` existed means (see ``check_kwargs``)
+LEGACY_LR_SCALE = "paper"
+
+
+def lora_step_scale(out_features: int, alpha_over_r: float) -> float:
+    """``alpha_over_r · sqrt(d_out / 3)``: the multiplier on λ that makes one Adam step on λ
+    (each entry moves by ≈ lr) change ΔW's singular values like one LoRA step on B changes
+    them (``alpha_over_r · lr · sqrt(d_out / 3)``: B's column moves by ``lr · sqrt(d_out)``, A's
+    row, kaiming-uniform, has norm ``1 / sqrt(3)``). O(1)."""
+    return float(alpha_over_r) * math.sqrt(out_features / 3.0)
 
 
 def is_power_of_two(n: int) -> bool:
@@ -66,8 +82,14 @@ class QuantumPEFTConfig(PeftConfig):
         quantize_bits: None or b >= 1: quantize the intrinsic parameters to b bits in the forward
             (straight-through gradient). Circuit angles: uniform grid of 2**b points on RY's period
             4π; Lie parameters and λ: symmetric uniform grid on [-max|x|, max|x|].
-        alpha: scaling = alpha / r when set; None (default) gives scaling = 1 (the singular values
-            of ΔW are then exactly |λ|, independent of r).
+        alpha: with ``lr_scale="paper"``: scaling = alpha / r when set, None gives scaling = 1
+            (the singular values of ΔW are then exactly |λ|). With ``lr_scale="lora"``: λ_eff is
+            multiplied by ``(alpha / r) · sqrt(d_out / 3)``, None standing for LoRA's usual
+            alpha = 2r.
+        lr_scale: "lora" (default): λ scaled per layer (see ``alpha``) so that one AdamW step at
+            a learning rate changes the layer's output about as much as one LoRA step at the
+            same rate; "paper": the paper's parameterization. Adapters saved before this field
+            existed load as "paper".
         circuit_dtype: "float32" (default, also for bf16/fp16 bases) or "float64".
         init_weights: True: λ = 0 (identity at init), angles at a seeded generic point. False:
             random non-zero λ too (for tests).
@@ -92,6 +114,11 @@ class QuantumPEFTConfig(PeftConfig):
     )
     alpha: float | None = field(
         default=None, metadata={"help": "scaling = alpha / r; None = scaling 1"}
+    )
+    lr_scale: str = field(
+        default="lora",
+        metadata={"help": "'lora': λ scaled so an AdamW step moves ΔW like a LoRA step at the same "
+                  "lr; 'paper': the paper's λ (what adapters saved without this field load as)"},
     )
     circuit_dtype: str = field(default="float32", metadata={"help": f"one of {CIRCUIT_DTYPES}"})
     init_weights: bool = field(
@@ -147,6 +174,7 @@ class QuantumPEFTConfig(PeftConfig):
         check_choice("QuantumPEFTConfig.parameterization", self.parameterization, PARAMETERIZATIONS)
         check_choice("QuantumPEFTConfig.lambda_domain", self.lambda_domain, LAMBDA_DOMAINS)
         check_choice("QuantumPEFTConfig.circuit_dtype", self.circuit_dtype, CIRCUIT_DTYPES)
+        check_choice("QuantumPEFTConfig.lr_scale", self.lr_scale, LR_SCALES)
         check_choice("QuantumPEFTConfig.bias", self.bias, BIAS_OPTIONS)
         if self.alpha is not None and not (
             isinstance(self.alpha, (int, float)) and self.alpha == self.alpha and self.alpha != 0
@@ -159,10 +187,29 @@ class QuantumPEFTConfig(PeftConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern needs layers_to_transform to be set as well")
 
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """peft calls this with a saved adapter_config.json's fields before building the config:
+        one saved before ``lr_scale`` existed gets :data:`LEGACY_LR_SCALE`, so it keeps the
+        outputs it was trained with."""
+        kwargs = super().check_kwargs(**kwargs)
+        kwargs.setdefault("lr_scale", LEGACY_LR_SCALE)
+        return kwargs
+
     @property
     def scaling(self) -> float:
-        """alpha / r, or 1.0 when alpha is None."""
-        return 1.0 if self.alpha is None else float(self.alpha) / self.r
+        """The ``alpha`` factor: alpha / r, or (alpha None) 1.0 with ``lr_scale="paper"`` and
+        2.0 (LoRA's usual alpha = 2r) with ``lr_scale="lora"``."""
+        if self.alpha is not None:
+            return float(self.alpha) / self.r
+        return 1.0 if self.lr_scale == "paper" else 2.0
+
+    def layer_scaling(self, out_features: int) -> float:
+        """The multiplier on λ of a layer with ``out_features`` outputs: :attr:`scaling`, times
+        ``sqrt(d_out / 3)`` with ``lr_scale="lora"`` (:func:`lora_step_scale`). O(1)."""
+        if self.lr_scale == "paper":
+            return self.scaling
+        return lora_step_scale(out_features, self.scaling)
 
     def side_methods(self, out_features: int, in_features: int, where: str = "this layer") -> tuple[str, str]:
         """(method for U, method for V) after :func:`resolve_parameterization`; also checks

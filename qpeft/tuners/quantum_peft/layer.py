@@ -205,7 +205,7 @@ class QuantumPEFTLayer(WeightMergeLayer):
             intrinsic_rank=config.intrinsic_rank,
             lambda_domain=config.lambda_domain,
             quantize_bits=config.quantize_bits,
-            scaling=config.scaling,
+            scaling=config.layer_scaling(self.out_features),
             circuit_dtype=getattr(torch, config.circuit_dtype),
         )
         k = config.r
