@@ -35,14 +35,12 @@ MODEL_HELP = (f"one of: {', '.join(MODEL_CHOICES)}; or a local transformers fold
               "a reachable hub, or the model in the local hub cache)")
 TASK_CHOICES = ("bbc-news", "tweets", "shakespeare", "fashion-mnist")
 
-# `qpeft demo`: MiniLM on BBC News, Quantum-PEFT vs LoRA and QuIC, a few minutes on 2 cores.
-# Learning rates per method from a sweep at this budget (30 steps; accuracy on the 200 held-out
-# articles): LoRA 3e-3 -> 89%, 1e-2 -> 95%; Quantum-PEFT 3e-3 -> 29%, 3e-2 -> 87%, 1e-1 -> 96%;
-# QuIC 3e-2 -> 94.5%, 1e-1 -> 86%. Adapters with a few thousand numbers want larger steps.
+# `qpeft demo`: MiniLM on BBC News, Quantum-PEFT vs LoRA and QuIC, a few minutes on 2 cores,
+# every method at its own default learning rate (what a user gets without --lr).
 DEMO = {
     "model": "minilm", "task": "bbc-news", "methods": ("quantum-peft", "lora", "quic"),
     "max_train": 480, "max_eval": 200, "max_length": 96, "batch_size": 16, "max_steps": 30,
-    "lr": 1e-2, "lr_for": "quantum-peft=1e-1,quic=3e-2", "output_dir": "runs/demo",
+    "output_dir": "runs/demo",
 }
 
 
@@ -334,8 +332,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             "--methods", ",".join(args.methods), "--seeds", str(args.seeds),
             "--max-train", str(DEMO["max_train"]), "--max-eval", str(DEMO["max_eval"]),
             "--max-length", str(DEMO["max_length"]), "--batch-size", str(DEMO["batch_size"]),
-            "--max-steps", str(DEMO["max_steps"]), "--lr", str(DEMO["lr"]),
-            "--lr-for", str(DEMO["lr_for"]), "--output-dir", args.output_dir, "--overwrite"]
+            "--max-steps", str(DEMO["max_steps"]), "--output-dir", args.output_dir, "--overwrite"]
     if args.no_progress:
         argv.append("--no-progress")
     compare_args = parser.parse_args(argv)

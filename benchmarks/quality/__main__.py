@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         suite.replace_section(docs / "results.md", "quality-suite", body)
     if a.sweep or a.sweep_only:
         tuning = [t for t in tasks if t.role == "tuning"]
-        lrs = suite.SWEEP_LRS[1:4] if a.quick else suite.SWEEP_LRS
+        lrs = suite.SWEEP_LRS[:3] if a.quick else suite.SWEEP_LRS
         rows = suite.run_sweep(tuning, entries, lrs, root, log)
         suite.dump({"command": command, "rows": rows}, root / "sweep.json")
         plot = suite.sweep_plot(rows, docs / "quality_lr.png")

@@ -23,7 +23,7 @@ from benchmarks.quality.tasks import TASKS, Task, quick
 
 RESULTS_ROOT = Path(__file__).resolve().parents[1] / "results" / "quality"
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-SWEEP_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+SWEEP_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,9 @@ class Entry:
 
 
 ENTRIES: tuple[Entry, ...] = (
-    Entry("lora", "peft LoRA r=8", "lora"),
-    Entry("lora-r1", "peft LoRA r=1", "lora", {"rank": 1, "alpha": 2.0}),
+    # LoRA at its best rate of the sweep (1e-2; the CLI's 2e-3 reached 90.7 % there at 3e-3)
+    Entry("lora", "peft LoRA r=8", "lora", lr=1e-2),
+    Entry("lora-r1", "peft LoRA r=1", "lora", {"rank": 1, "alpha": 2.0}, lr=1e-2),
     Entry("vera", "peft VeRA", "vera"),
     Entry("fourierft", "peft FourierFT", "fourierft"),
     Entry("ia3", "peft IA3", "ia3"),

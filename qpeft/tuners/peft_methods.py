@@ -15,6 +15,8 @@ from qpeft.tuners.registry import MethodOption, MethodSpec, register_method
 
 _DROPOUT_HELP = "adapter dropout (default 0: deterministic runs)"
 _LORA_LR_NOTE = "default for peft's methods (the CLI's learning rate before per-method defaults)"
+_SWEEP_LR_NOTE = ("best rate of the learning-rate sweep on the quality suite's tuning task "
+                  "(docs/results.md)")
 
 
 def _oft_kwargs(kwargs: dict[str, Any], given: set[str]) -> dict[str, Any]:
@@ -82,18 +84,18 @@ BASELINES: tuple[MethodSpec, ...] = (
         name="vera", label="peft VeRA", config_cls=peft.VeraConfig,
         options=(MethodOption("rank", "r", int, "adapter rank"),
                  MethodOption("dropout", "vera_dropout", float, _DROPOUT_HELP)),
-        learning_rate=2e-3, learning_rate_note=_LORA_LR_NOTE,
+        learning_rate=3e-2, learning_rate_note="default for vera: " + _SWEEP_LR_NOTE,
     ),
     MethodSpec(
         name="fourierft", label="peft FourierFT", config_cls=peft.FourierFTConfig,
         options=(MethodOption("n_frequency", "n_frequency", int,
                               "FourierFT: spectral coefficients per layer"),
                  MethodOption("fourier_scaling", "scaling", float, "FourierFT: scaling")),
-        learning_rate=2e-3, learning_rate_note=_LORA_LR_NOTE,
+        learning_rate=3e-2, learning_rate_note="default for fourierft: " + _SWEEP_LR_NOTE,
     ),
     MethodSpec(
         name="ia3", label="peft IA3", config_cls=peft.IA3Config,
-        learning_rate=2e-3, learning_rate_note=_LORA_LR_NOTE,
+        learning_rate=3e-2, learning_rate_note="default for ia3: " + _SWEEP_LR_NOTE,
     ),
 )
 

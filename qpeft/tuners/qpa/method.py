@@ -24,6 +24,9 @@ METHOD = MethodSpec(
                      "adapter dropout (default 0: deterministic runs)"),
     ),
     defaults={"rank": 8},
+    learning_rate=1e-2,
+    learning_rate_note=("default for qpa: "
+                        "best rate of the learning-rate sweep on the quality suite's tuning task (docs/results.md)"),
     benchmark_config=lambda targets, task_type: QPAConfig(
         r=8, target_modules=targets, task_type=task_type),
     benchmark_label="QPA r=8",
