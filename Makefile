@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-peft test-slow demo bench lint clean
+.PHONY: install test test-peft test-slow demo bench bench-quality lint clean
 
 install: $(STAMP)
 
@@ -50,6 +50,11 @@ demo: install
 
 bench: install
 	$(PY) -m benchmarks all
+
+# The method-comparison suite (every method at its defaults, 3 seeds, real data; about an hour
+# on 2 cores) and the learning-rate sweep on its tuning task -> docs/results.md
+bench-quality: install
+	$(PY) -m benchmarks.quality --seeds 3 --sweep
 
 lint: install
 	$(VENV)/bin/ruff check qpeft tests benchmarks

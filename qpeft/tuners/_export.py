@@ -89,9 +89,12 @@ def tensors_by_module(tensors: Mapping[str, torch.Tensor], suffix: str) -> dict[
 
 
 def config_from_dict(cls: type, config: Mapping[str, Any]) -> Any:
-    """``cls`` built from a saved config dict (keys the class does not know are dropped)."""
+    """``cls`` built from a saved config dict as peft builds it on load: keys the class does
+    not know are dropped, and the class's ``check_kwargs`` fills what older versions did not
+    save (a Quantum-PEFT / QPA config saved before ``lr_scale`` keeps the paper's scale)."""
     known = set(cls.__dataclass_fields__)
-    return cls(**{k: v for k, v in config.items() if k in known and k != "peft_type"})
+    kwargs = {k: v for k, v in config.items() if k in known and k != "peft_type"}
+    return cls(**cls.check_kwargs(**kwargs))
 
 
 #: the dtypes a LoRA export can be written in

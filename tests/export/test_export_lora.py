@@ -144,3 +144,20 @@ def test_quic_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "'QUIC' adapter" in err and "Quantum-PEFT" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_saved_before_lr_scale_exports_with_the_scale_it_trained_with(tmp_path):
+    """A Quantum-PEFT config without ``lr_scale`` (an older qpeft) is the paper's scale: the
+    export must read it so, as PeftModel.from_pretrained does."""
+    expected = _trained("quantum-peft", "mlp", tmp_path, stiefel="lie_exp")
+    config_file = tmp_path / "quantum-peft" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["lr_scale"] = "paper"
+    config_file.write_text(json.dumps(config))
+    paper = h.run(PeftModel.from_pretrained(h.build_tiny("mlp"), tmp_path / "quantum-peft"), "mlp")
+    assert not torch.allclose(paper, expected)  # the scale matters for these tensors
+    del config["lr_scale"]
+    config_file.write_text(json.dumps(config))
+    out = export_lora(tmp_path / "quantum-peft", tmp_path / "lora")
+    lora = PeftModel.from_pretrained(h.build_tiny("mlp"), out)
+    torch.testing.assert_close(h.run(lora, "mlp"), paper, atol=1e-5, rtol=1e-5)

@@ -6,10 +6,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from peft.config import PeftConfig
-
 from qpeft._peft_registry import ensure_peft_type
 from qpeft.circuits._checks import check_choice, check_positive_int
+from qpeft.tuners._lr_scale import LR_SCALES, LrScaledConfig
 from qpeft.tuners.qpa.generator import (
     ACTIVATIONS,
     PROB_TRANSFORMS,
@@ -21,12 +20,6 @@ from qpeft.tuners.qpa.generator import (
 )
 
 PRESETS = ("reference",)
-#: "lora": the generator's output layer and gain carry multipliers (:meth:`QPAConfig.multipliers`)
-#: so that AdamW at LoRA's learning rates trains it (docs/methods/qpa.md, "Learning-rate
-#: scale"); "paper": the paper's parameterization
-LR_SCALES = ("lora", "paper")
-#: what an adapter_config.json written before ``lr_scale`` existed means (see ``check_kwargs``)
-LEGACY_LR_SCALE = "paper"
 #: the paper's chunk size, kept by ``preset="reference"``
 REFERENCE_N_MLP = 2048
 #: the sizing rule's candidates (see :meth:`QPAConfig.resolve_sizes`): MLP hidden widths, from
@@ -39,7 +32,7 @@ BIAS_OPTIONS = ("none", "all", "qpa_only")
 
 
 @dataclass
-class QPAConfig(PeftConfig):
+class QPAConfig(LrScaledConfig):
     """Configuration of :class:`~qpeft.tuners.qpa.QPAModel`.
 
     One model-wide generator (QNN angles + MLP, see ``generator.py``) produces the LoRA factors
@@ -155,15 +148,6 @@ class QPAConfig(PeftConfig):
             raise ValueError("layers_to_transform cannot be used when target_modules is a str")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern needs layers_to_transform")
-
-    @classmethod
-    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
-        """peft calls this with a saved adapter_config.json's fields before building the config:
-        one saved before ``lr_scale`` existed gets :data:`LEGACY_LR_SCALE`, so it keeps the
-        outputs it was trained with."""
-        kwargs = super().check_kwargs(**kwargs)
-        kwargs.setdefault("lr_scale", LEGACY_LR_SCALE)
-        return kwargs
 
     def out_multiplier(self, shapes: list[tuple[int, int]], n_mlp: int, hidden: list[int]) -> float:
         """The multiplier on the generator's output layer for layers of these ``(d_out, d_in)``

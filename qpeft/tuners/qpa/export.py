@@ -23,6 +23,7 @@ from qpeft.tuners._export import (
     CircuitRecord,
     SkipRecord,
     check_width,
+    config_from_dict,
     read_adapter_dir,
     write_lora_adapter,
 )
@@ -65,11 +66,7 @@ def generator_from_checkpoint(
 ) -> tuple[QPAConfig, QPAGenerator]:
     """``(config, generator)`` rebuilt from a saved QPA adapter's config dict and tensors, in
     the dtype it was trained in. ValueError when the tensors do not fit the config."""
-    known = set(QPAConfig.__dataclass_fields__)
-    # check_kwargs: a config saved before lr_scale existed keeps its (paper) parameterization
-    kwargs = QPAConfig.check_kwargs(**{k: v for k, v in config.items() if k in known})
-    kwargs.pop("peft_type", None)
-    qpa_config = QPAConfig(**kwargs)
+    qpa_config = config_from_dict(QPAConfig, config)
     shapes = [(int(o), int(i)) for _, _, o, i, _ in qpa_config.layout]
     generator = build_generator(qpa_config, shapes)
     known = set(generator.state_dict())

@@ -5,23 +5,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
-
-from peft.config import PeftConfig
 
 from qpeft._peft_registry import ensure_peft_type
 from qpeft.circuits._checks import check_choice
+from qpeft.tuners._lr_scale import LR_SCALES, LrScaledConfig
 
 PARAMETERIZATIONS = ("pauli", "generalized", "lie_exp", "lie_cayley", "lie_taylor")
 LAMBDA_DOMAINS = ("real", "positive", "sign")
 CIRCUIT_DTYPES = ("float32", "float64")
 BIAS_OPTIONS = ("none", "all", "qpeft_only")
-#: "lora": λ_eff carries ``(alpha / r or 2) · sqrt(d_out / 3)`` so one AdamW step at a learning
-#: rate moves ΔW like one LoRA step at that rate (docs/methods/quantum_peft.md, "Learning-rate
-#: scale"); "paper": the paper's λ, scaling ``alpha / r`` or 1
-LR_SCALES = ("lora", "paper")
-#: what an adapter_config.json written before ``lr_scale`` existed means (see ``check_kwargs``)
-LEGACY_LR_SCALE = "paper"
 
 
 def lora_step_scale(out_features: int, alpha_over_r: float) -> float:
@@ -58,7 +50,7 @@ def resolve_parameterization(
 
 
 @dataclass
-class QuantumPEFTConfig(PeftConfig):
+class QuantumPEFTConfig(LrScaledConfig):
     """Configuration of a Quantum-PEFT adapter (see ``docs/methods/quantum_peft.md``).
 
     Per adapted layer with weight read as ``d_out x d_in``:
@@ -186,15 +178,6 @@ class QuantumPEFTConfig(PeftConfig):
             raise ValueError("layers_pattern cannot be used when target_modules is a regex str")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern needs layers_to_transform to be set as well")
-
-    @classmethod
-    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
-        """peft calls this with a saved adapter_config.json's fields before building the config:
-        one saved before ``lr_scale`` existed gets :data:`LEGACY_LR_SCALE`, so it keeps the
-        outputs it was trained with."""
-        kwargs = super().check_kwargs(**kwargs)
-        kwargs.setdefault("lr_scale", LEGACY_LR_SCALE)
-        return kwargs
 
     @property
     def scaling(self) -> float:
