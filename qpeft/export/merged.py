@@ -36,7 +36,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base_model: str 
     loaders know (sequence classification, causal LM)."""
     from peft import PeftModel
 
-    import qpeft  # noqa: F401  (registers every method's config)
+    import qpeft.tuners  # noqa: F401  (registers every method's config)
     from qpeft.assets.sources import load_model_source
 
     adapter_dir, out = Path(adapter_dir), Path(out_dir)

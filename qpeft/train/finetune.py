@@ -346,7 +346,7 @@ def wrap_model(spec: FinetuneSpec, loaded: Any) -> tuple[Any, Any]:
     """``get_peft_model`` of the loaded model with the method's config; returns (model, config)."""
     import peft
 
-    import qpeft  # noqa: F401  (registers our methods with peft)
+    import qpeft.tuners  # noqa: F401  (registers our methods with peft)
 
     targets = spec.target_modules or loaded.default_target_modules
     if not targets:

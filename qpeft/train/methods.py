@@ -12,7 +12,6 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import qpeft  # noqa: F401  (registers every method: qpeft's own and peft's baselines)
 from qpeft.tuners.registry import (
     MethodSpec,
     all_options,
