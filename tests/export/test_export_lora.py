@@ -161,3 +161,29 @@ def test_an_adapter_saved_before_lr_scale_exports_with_the_scale_it_trained_with
     out = export_lora(tmp_path / "quantum-peft", tmp_path / "lora")
     lora = PeftModel.from_pretrained(h.build_tiny("mlp"), out)
     torch.testing.assert_close(h.run(lora, "mlp"), paper, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
+@pytest.mark.parametrize("case", ["mlp", "gpt2"])
+def test_peft_s_own_conversion_gives_the_same_lora(method, case, tmp_path):
+    """peft's ``convert_to_lora`` at the adapter's rank (SVD of get_delta_weight) reproduces the
+    adapter, as qpeft's export does."""
+    from peft import get_peft_model, set_peft_model_state_dict
+    from peft.tuners.lora.conversion import convert_to_lora
+
+    expected = _trained(method, case, tmp_path)
+    model = PeftModel.from_pretrained(h.build_tiny(case), tmp_path / method)
+    rank = METHOD_OPTIONS[method]["rank"]
+    lora_config, state = convert_to_lora(model, rank)
+    lora = get_peft_model(h.build_tiny(case), lora_config)
+    set_peft_model_state_dict(lora, state)
+    torch.testing.assert_close(h.run(lora, case), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_quic_does_not_claim_a_lora_form():
+    from peft.tuners.lora.conversion import convert_to_lora
+
+    c = h.TINY_MODELS["mlp"]
+    model, _ = h.wrap("mlp", build_peft_config("quic", list(c.target_modules)))
+    with pytest.raises(TypeError, match="do not support LoRA conversion"):
+        convert_to_lora(model, 4)

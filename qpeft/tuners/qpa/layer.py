@@ -69,6 +69,10 @@ class QPALayer(nn.Module, WeightMergeLayer):
         dtype = weight.dtype if weight.is_floating_point() else delta.dtype
         return matrix_to_weight(self.get_base_layer(), delta).to(dtype)
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """peft's ``convert_to_lora``: ΔW is exactly rank r (peft converts linear layers only)."""
+        return self.kind != "conv2d"
+
     def _owns_adapter(self, adapter_name: str) -> bool:
         return adapter_name in self._qpa_shared
 

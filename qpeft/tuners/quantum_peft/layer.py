@@ -297,6 +297,11 @@ class QuantumPEFTLayer(WeightMergeLayer):
         """ΔW laid out like the base layer's weight (Conv1D transposed, Conv2d 4-D), circuit dtype."""
         return matrix_to_weight(self.get_base_layer(), self.delta_matrix(adapter_name))
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """peft's ``convert_to_lora``: ΔW is exactly rank K, so peft's SVD at ``rank=r`` gives
+        the same LoRA as ``qpeft export-lora`` (peft converts linear layers only)."""
+        return self.kind != "conv2d"
+
     # ---- merge / unmerge (additive, exact up to rounding) ---------------------------------------
 
     def _owns_adapter(self, adapter_name: str) -> bool:
