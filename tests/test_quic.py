@@ -476,7 +476,11 @@ def test_minilm_identity_training_merge_and_counts():
     model = get_peft_model(base, copy.deepcopy(cfg))
     assert model.get_nb_trainable_parameters()[0] == 3_780 + 770
     with torch.no_grad():
-        assert torch.equal(model(**batch).logits, base_out)
+        # Q = I exactly; the fused Q·(x·Wᵀ)+b path and nn.Linear's addmm round differently on
+        # some BLAS builds (this AVX-512 host: last-bit differences at MiniLM's sizes, also
+        # before this session's changes), so equal to float rounding here; bit-for-bit identity
+        # is checked on the tiny models of tests/contract
+        torch.testing.assert_close(model(**batch).logits, base_out, atol=1e-6, rtol=1e-5)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     labels = torch.tensor([0, 1, 1, 0])
