@@ -181,10 +181,10 @@ def _vs(s: dict[str, Any]) -> str:
 def render(summary: list[dict[str, Any]], tasks: Sequence[Task], command: str,
            plots: dict[str, str]) -> str:
     """The docs section: per task a table and the Pareto plot."""
-    parts = [f"Command: `{command}` (about an hour on 2 cores; `--quick` is the smoke test). "
+    parts = [f"Command: `{command}` (`--quick` is the smoke test). "
              "Every run's results.json is under `benchmarks/results/quality/`. qpeft's methods "
              "run at their defaults (no learning rate given); peft's at the rates in the lr "
-             "column (LoRA: the CLI default; the others: their best rate in the sweep below). "
+             "column (each its best rate in the sweep below). "
              "Mean ± std over seeds; \"vs LoRA\" is the gap to peft LoRA r=8 and the issue's "
              "target (within 2 points; within 5 % of LoRA's perplexity gain)."]
     for task in tasks:
@@ -215,6 +215,7 @@ def pareto_plots(summary: list[dict[str, Any]], tasks: Sequence[Task], path: Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     shown = [t for t in tasks if any(s["task"] == t.name for s in summary)]
     fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), squeeze=False)
@@ -231,6 +232,7 @@ def pareto_plots(summary: list[dict[str, Any]], tasks: Sequence[Task], path: Pat
             ax.axhline(scale * before, ls="--", lw=0.8, color="gray", label="untrained")
             ax.legend(fontsize=7)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("trainable numbers")
         ax.set_ylabel(task.metric + ("" if task.metric == "perplexity" else " (%)"))
         ax.set_title(task.name, fontsize=9)
