@@ -150,6 +150,16 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def measure_and_write(name: str, bench: Any, render: Any, quick: bool, out_dir: Path,
+                      ) -> dict[str, Any]:
+    """The usual ``run()`` of a benchmark: torch set up, ``bench(quick)`` measured, the result
+    (with the machine's facts) written by :func:`write_result` with ``render``'s markdown."""
+    setup_torch()
+    result = {"benchmark": name, "quick": quick, "machine": machine_facts(), **bench(quick)}
+    write_result(name, result, render(result), out_dir)
+    return result
+
+
 def write_result(name: str, result: dict[str, Any], markdown: str, out_dir: Path) -> Path:
     """Write ``<out_dir>/<name>.json`` and ``<name>.md``; returns the JSON path."""
     out_dir.mkdir(parents=True, exist_ok=True)

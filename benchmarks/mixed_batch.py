@@ -90,10 +90,7 @@ def bench(quick: bool) -> dict[str, Any]:
 
 
 def run(quick: bool = False, out_dir: Path = C.RESULTS_DIR) -> dict[str, Any]:
-    C.setup_torch()
-    result = {"benchmark": NAME, "quick": quick, "machine": C.machine_facts(), **bench(quick)}
-    C.write_result(NAME, result, render(result), out_dir)
-    return result
+    return C.measure_and_write(NAME, bench, render, quick, out_dir)
 
 
 def render(result: dict[str, Any]) -> str:

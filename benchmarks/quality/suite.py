@@ -56,9 +56,10 @@ def _metric(results: dict[str, Any], task: Task) -> float:
     return float(results[task.metric])
 
 
-def run_one(task: Task, entry: Entry, seed: int, out: Path, lr: float | None = None,
+def run_one(task: Task, entry: Entry, seed: int, out: Path, root: Path, lr: float | None = None,
             progress: bool = False) -> dict[str, Any]:
-    """One run's results.json (read back when the same run is already there)."""
+    """One run's results.json (read back when the same run is already there); a chat task's
+    data files live under ``root/data`` (one copy for the suite and the sweep)."""
     from qpeft.train.finetune import FinetuneSpec, run_finetune
     from qpeft.train.loop import TrainConfig
     from qpeft.train.methods import default_learning_rate
@@ -71,7 +72,7 @@ def run_one(task: Task, entry: Entry, seed: int, out: Path, lr: float | None = N
         train=TrainConfig(lr=lr, seed=seed, progress=progress, checkpoint_every=0,
                           warmup_ratio=0.06, **task.train),
         lr_source=source, overwrite=True,
-        **{**task.spec, **task.data_files(out.parents[2])})
+        **{**task.spec, **task.data_files(root)})
     done = out / "results.json"
     if done.is_file() and (out / "run.json").is_file():
         previous = json.loads((out / "run.json").read_text()).get("fingerprint")
@@ -92,7 +93,7 @@ def run_suite(tasks: Sequence[Task], entries: Sequence[Entry], seeds: int, root:
             for seed in range(seeds):
                 i += 1
                 t0 = time.perf_counter()
-                r = run_one(task, entry, seed, root / task.name / entry.name / f"seed{seed}")
+                r = run_one(task, entry, seed, root / task.name / entry.name / f"seed{seed}", root)
                 rows.append(_row(task, entry, seed, r))
                 log(f"[{i}/{total}] {task.name} {entry.name} seed {seed}: "
                     f"{task.metric} {rows[-1]['metric']:.4f} ({time.perf_counter() - t0:.0f} s)")
@@ -117,7 +118,7 @@ def run_sweep(tasks: Sequence[Task], entries: Sequence[Entry], lrs: Iterable[flo
             for lr in lrs:
                 out = root / "sweep" / task.name / entry.name / f"lr{lr:g}"
                 t0 = time.perf_counter()
-                r = run_one(task, entry, 0, out, lr=lr)
+                r = run_one(task, entry, 0, out, root, lr=lr)
                 rows.append(_row(task, entry, 0, r, sweep_lr=lr))
                 log(f"sweep {task.name} {entry.name} lr {lr:g}: {task.metric} "
                     f"{rows[-1]['metric']:.4f} ({time.perf_counter() - t0:.0f} s)")

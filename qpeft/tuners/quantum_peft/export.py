@@ -18,6 +18,7 @@ from qpeft.circuits.builders import generalized_circuit, pauli_circuit
 from qpeft.circuits.stiefel import stiefel_num_params
 from qpeft.tuners._common import layer_kind, matrix_shape
 from qpeft.tuners._export import (
+    DEFAULT_MAX_QUBITS,
     CircuitRecord,
     SkipRecord,
     check_width,
@@ -106,12 +107,23 @@ def _infer_dim(p: int, k: int, depth: int, parameterization: str, auto_generaliz
     return found[0] if found else None
 
 
+def _submodule(tree: nn.Module | None, module: str) -> nn.Module | None:
+    """``tree``'s module ``module``, or None (no tree, or no such module)."""
+    if tree is None:
+        return None
+    try:
+        return tree.get_submodule(module)
+    except AttributeError:
+        return None
+
+
 def _module_shape(module: str, tree: nn.Module | None, qc: QuantumPEFTConfig, counts: list[int],
                   max_qubits: int) -> tuple[int, int]:
-    if tree is not None:
+    base = _submodule(tree, module)
+    if base is not None:
         try:
-            return matrix_shape(tree.get_submodule(module))
-        except (AttributeError, ValueError):
+            return matrix_shape(base)
+        except ValueError:
             pass
     dims = [_infer_dim(c, qc.r, qc.depth, qc.parameterization, qc.auto_generalize, max_qubits)
             for c in counts]
@@ -190,8 +202,8 @@ def lora_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Tensor
     for module in sorted(by_suffix["qpeft_lambda"]):
         empty = torch.zeros(0)
         counts = [int(by_suffix[s].get(module, empty).numel()) for s in suffixes[:2]]
-        d_out, d_in = _module_shape(module, tree, qc, counts, 32)
-        base = tree.get_submodule(module) if tree is not None and _has(tree, module) else None
+        d_out, d_in = _module_shape(module, tree, qc, counts, DEFAULT_MAX_QUBITS)
+        base = _submodule(tree, module)
         kind = layer_kind(base) if base is not None else "linear"
         kinds.add(kind)
         shape = tuple(base.weight.shape) if base is not None else None
@@ -216,11 +228,3 @@ def lora_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Tensor
         base_model_name_or_path=config.get("base_model_name_or_path"),
         task_type=config.get("task_type"), inference_mode=True)
     return lora_config, lora
-
-
-def _has(tree: nn.Module, module: str) -> bool:
-    try:
-        tree.get_submodule(module)
-        return True
-    except AttributeError:
-        return False
