@@ -381,13 +381,19 @@ def _cmd_count(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- export-lora
+# ----------------------------------------------------------------------------- export-lora / -oft
 
 
 def _add_export_lora(sub: Any) -> None:
-    from qpeft.export.lora import add_export_lora_parser
+    from qpeft.export.stock import add_export_parser
 
-    add_export_lora_parser(sub)
+    add_export_parser(sub, "lora")
+
+
+def _add_export_oft(sub: Any) -> None:
+    from qpeft.export.stock import add_export_parser
+
+    add_export_parser(sub, "oft")
 
 
 # ----------------------------------------------------------------------------- main
@@ -410,13 +416,14 @@ SUBCOMMANDS: dict[str, Callable[[Any], None]] = {
     "count": _add_count,
     "demo": _add_demo,
     "export-lora": _add_export_lora,
+    "export-oft": _add_export_oft,
     "export-merged": _add_export_merged,
     "export-circuits": _add_export_circuits,
 }
 
 
 # subcommands whose ValueErrors are input errors (exit 2) rather than bugs
-VALUE_ERROR_COMMANDS: set[str] = {"export-lora", "export-merged", "export-circuits"}
+VALUE_ERROR_COMMANDS: set[str] = {"export-lora", "export-oft", "export-merged", "export-circuits"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ from torch import nn
 import qpeft
 from qpeft import count_trainable
 from qpeft.circuits.statevector import qnn_probabilities
-from qpeft.export.lora import add_export_lora_parser
+from qpeft.export.stock import add_export_parser
 from qpeft.tuners.qpa import (
     QPAConfig,
     QPAGenerator,
@@ -451,7 +451,7 @@ def test_export_python_and_cli_entry_points(tmp_path):
     assert cli_main(["export-lora", str(tmp_path / "qpa"), str(tmp_path / "cli")]) == 0
     assert (tmp_path / "cli" / "adapter_model.safetensors").is_file()
     parser = argparse.ArgumentParser()
-    add_export_lora_parser(parser.add_subparsers(dest="command"))
+    add_export_parser(parser.add_subparsers(dest="command"), "lora")
     args = parser.parse_args(["export-lora", "in", "out", "--base-model", "x"])
     assert (args.adapter_dir, args.out_dir, args.base_model) == ("in", "out", "x")
 

@@ -3,7 +3,7 @@
 ``export_circuits(adapter_dir, out_dir, format="qasm3")`` (a saved adapter folder) and
 ``export_model_circuits(model, out_dir, ...)`` (an in-memory peft model) write, per adapted
 module, the circuits that generate it (see ``qpeft.export.adapters``) and ``manifest.json``;
-``qpeft.export.lora`` writes an adapter as a plain peft LoRA checkpoint where its method can.
+``qpeft.export.stock`` writes an adapter as a stock peft LoRA or OFT checkpoint where its method can.
 The ``qasm3`` format is written by qpeft itself and needs no qiskit; ``qiskit-qpy`` needs
 ``pip install 'qpeft[qiskit]'``.  Importing this package never imports qiskit.
 

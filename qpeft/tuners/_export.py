@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from qpeft.circuits.ir import Circuit
 
@@ -97,23 +98,57 @@ def config_from_dict(cls: type, config: Mapping[str, Any]) -> Any:
     return cls(**cls.check_kwargs(**kwargs))
 
 
-#: the dtypes a LoRA export can be written in
-LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: the dtypes an export to a stock peft method can write its adapter tensors in
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LORA_DTYPES = EXPORT_DTYPES  # the name the LoRA export's callers know
+
+
+def write_stock_adapter(out_dir: str | Path, peft_config: Any, tensors: dict[str, torch.Tensor],
+                        dtype: str = "float32", adapter_key: str = ".lora_") -> Path:
+    """Write a stock peft adapter folder: ``adapter_config.json`` and
+    ``adapter_model.safetensors``, the adapter's tensors (keys holding ``adapter_key``, e.g.
+    ``.lora_`` or ``.oft_R.``) in ``dtype``, other tensors (``modules_to_save`` copies) as they
+    are. Returns ``out_dir``."""
+    from safetensors.torch import save_file
+
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cast = {k: (v.to(EXPORT_DTYPES[dtype]) if adapter_key in k else v).contiguous()
+            for k, v in tensors.items()}
+    peft_config.save_pretrained(str(out))
+    save_file(cast, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out
 
 
 def write_lora_adapter(out_dir: str | Path, lora_config: Any, tensors: dict[str, torch.Tensor],
                        dtype: str = "float32") -> Path:
-    """Write a peft LoRA adapter folder: ``adapter_config.json`` and
-    ``adapter_model.safetensors`` with ``lora_A`` / ``lora_B`` in ``dtype`` (other tensors,
-    e.g. ``modules_to_save`` copies, as they are). Returns ``out_dir``."""
-    from safetensors.torch import save_file
+    """:func:`write_stock_adapter` for a peft LoRA adapter (``lora_A`` / ``lora_B`` in
+    ``dtype``)."""
+    return write_stock_adapter(out_dir, lora_config, tensors, dtype, ".lora_")
 
-    if dtype not in LORA_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(LORA_DTYPES)}, got {dtype!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cast = {k: (v.to(LORA_DTYPES[dtype]) if ".lora_" in k else v).contiguous()
-            for k, v in tensors.items()}
-    lora_config.save_pretrained(str(out))
-    save_file(cast, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return out
+
+def submodule_of(tree: nn.Module | None, module: str) -> nn.Module | None:
+    """``tree``'s module ``module``, or None (no tree, or no such module)."""
+    if tree is None:
+        return None
+    try:
+        return tree.get_submodule(module)
+    except AttributeError:
+        return None
+
+
+def stand_in_layer(kind: str, d_out: int, d_in: int,
+                   weight_shape: tuple[int, ...] | None = None) -> nn.Module:
+    """A base layer of an adapted layer's shape whose weight takes no memory (an expanded
+    zero): enough to build the adapter on it and read its matrices. ``kind``: "linear" or
+    "conv2d" (then ``weight_shape`` is the conv weight's)."""
+    if kind == "conv2d":
+        layer = nn.Conv2d(weight_shape[1], d_out, tuple(weight_shape[2:]), bias=False,
+                          device="meta")
+        layer.weight = nn.Parameter(torch.zeros(()).expand(*weight_shape), requires_grad=False)
+        return layer
+    layer = nn.Linear(d_in, d_out, bias=False, device="meta")
+    layer.weight = nn.Parameter(torch.zeros(()).expand(d_out, d_in), requires_grad=False)
+    return layer

@@ -74,6 +74,8 @@ CircuitsFromModel = Callable[[Any, str, int], list]
 CircuitsFromCheckpoint = Callable[[dict, dict, Any, int], list]
 #: (adapter_config dict, tensors, base tree factory) -> (peft LoraConfig, {key: tensor})
 LoraFromCheckpoint = Callable[[dict, dict, Callable[[], Any]], tuple[Any, dict]]
+#: the same, to a peft OFT adapter: -> (peft OFTConfig, {key: tensor})
+OftFromCheckpoint = LoraFromCheckpoint
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ class MethodSpec:
     ``circuits_from_model`` / ``circuits_from_checkpoint``: circuit export (``qpeft
     export-circuits``), and ``circuit_examples(targets, task_type)`` the named configs whose
     circuits the docs summarise (``python -m qpeft.export.report``); ``lora_from_checkpoint``: the exact plain-LoRA form of a saved adapter (``qpeft
-    export-lora``).
+    export-lora``); ``oft_from_checkpoint``: its exact peft OFT form (``qpeft export-oft``).
     ``peft_matrix``: rows of peft's test matrix. ``build_config``: a hook that may adjust the
     config keyword arguments given which options the user set (peft OFT takes ``r`` or
     ``oft_block_size``, not both)."""
@@ -113,6 +115,7 @@ class MethodSpec:
     circuits_from_checkpoint: CircuitsFromCheckpoint | None = None
     circuit_examples: Callable[[list[str], str | None], dict[str, Any]] | None = None
     lora_from_checkpoint: LoraFromCheckpoint | None = None
+    oft_from_checkpoint: OftFromCheckpoint | None = None
     peft_matrix: Callable[[], PeftMatrixRows] | None = None
     build_config: Callable[[dict[str, Any], set[str]], dict[str, Any]] | None = None
 

@@ -15,7 +15,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from qpeft.export.lora import export_lora, serving_notes
+from qpeft.export.stock import export_lora, serving_notes
 from qpeft.train.methods import build_peft_config
 from tests.contract import harness as h
 

@@ -23,6 +23,8 @@ from qpeft.tuners._export import (
     SkipRecord,
     check_width,
     config_from_dict,
+    stand_in_layer,
+    submodule_of,
     tensors_by_module,
 )
 from qpeft.tuners.quantum_peft.config import QuantumPEFTConfig, resolve_parameterization
@@ -107,19 +109,9 @@ def _infer_dim(p: int, k: int, depth: int, parameterization: str, auto_generaliz
     return found[0] if found else None
 
 
-def _submodule(tree: nn.Module | None, module: str) -> nn.Module | None:
-    """``tree``'s module ``module``, or None (no tree, or no such module)."""
-    if tree is None:
-        return None
-    try:
-        return tree.get_submodule(module)
-    except AttributeError:
-        return None
-
-
 def _module_shape(module: str, tree: nn.Module | None, qc: QuantumPEFTConfig, counts: list[int],
                   max_qubits: int) -> tuple[int, int]:
-    base = _submodule(tree, module)
+    base = submodule_of(tree, module)
     if base is not None:
         try:
             return matrix_shape(base)
@@ -159,19 +151,6 @@ def circuits_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Te
 # ---------------------------------------------------------------------------- as a LoRA adapter
 
 
-def _stand_in(kind: str, d_out: int, d_in: int, weight_shape: tuple[int, ...] | None) -> nn.Module:
-    """A base layer of the adapted layer's shape whose weight takes no memory (an expanded
-    zero): enough to build the adapter on it and read its factors."""
-    if kind == "conv2d":
-        layer = nn.Conv2d(weight_shape[1], d_out, tuple(weight_shape[2:]), bias=False,
-                          device="meta")
-        layer.weight = nn.Parameter(torch.zeros(()).expand(*weight_shape), requires_grad=False)
-        return layer
-    layer = nn.Linear(d_in, d_out, bias=False, device="meta")
-    layer.weight = nn.Parameter(torch.zeros(()).expand(d_out, d_in), requires_grad=False)
-    return layer
-
-
 def _lora_factors(layer: Any, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lora_B [d_out, K], lora_A [K, d_in])`` with ``B @ A = ΔW`` exactly:
     B = U·diag(λ_eff) (λ_eff holds every scale), A = Vᵀ."""
@@ -203,12 +182,12 @@ def lora_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Tensor
         empty = torch.zeros(0)
         counts = [int(by_suffix[s].get(module, empty).numel()) for s in suffixes[:2]]
         d_out, d_in = _module_shape(module, tree, qc, counts, DEFAULT_MAX_QUBITS)
-        base = _submodule(tree, module)
+        base = submodule_of(tree, module)
         kind = layer_kind(base) if base is not None else "linear"
         kinds.add(kind)
         shape = tuple(base.weight.shape) if base is not None else None
         cls = QuantumPEFTConv2d if kind == "conv2d" else QuantumPEFTLinear
-        layer = cls(_stand_in(kind, d_out, d_in, shape), "default", config=qc, module_name=module)
+        layer = cls(stand_in_layer(kind, d_out, d_in, shape), "default", config=qc, module_name=module)
         with torch.no_grad():
             for suffix in suffixes:
                 if module in by_suffix[suffix]:

@@ -5,6 +5,13 @@
 pyramid Givens rotations (+ Z for a -1 sign); ``"free"`` (not orthogonal) and ``combine="sum"``
 with several adapters (a mean of unitaries) have no circuit form (skipped, with the reason).
 Used by ``qpeft export-circuits`` through the method registry.
+
+As a stock peft adapter (``qpeft export-oft``, :func:`oft_from_checkpoint`): a QuIC adapter that
+rotates the *input* side of linear layers (W' = W·Qᵀ) with Q orthogonal and every row inside a
+block is exactly a peft OFT adapter — OFT rotates the input of ``nn.Linear`` layers by a
+block-diagonal orthogonal R (W' = W·Rᵀ), each b x b block the Cayley transform
+R = (I − S)(I + S)⁻¹ of a skew-symmetric S, so S = (I − R)(I + R)⁻¹ recovers it. The default
+(output side, W' = Q·W) has no OFT form: it is refused, and ``qpeft export-merged`` serves it.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from qpeft.tuners._export import (
     SkipRecord,
     check_width,
     config_from_dict,
+    stand_in_layer,
+    submodule_of,
     tensors_by_module,
 )
 from qpeft.tuners.quic.config import QuICConfig, base_map_num_params
@@ -119,3 +128,100 @@ def circuits_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Te
             module, params, n, list(qc.orders), qc.base_map, qc.rbs_layout, qc.combine,
             qc.num_blocks, qc.block_share, None, max_qubits, qc.side)
     return records
+
+
+# ---------------------------------------------------------------------------- as a peft OFT adapter
+
+#: largest |R − Cayley(S)| accepted in float64: beyond it R has an eigenvalue near −1, which
+#: the Cayley transform cannot reach
+_CAYLEY_TOLERANCE = 1e-9
+
+
+def _no_oft_form(reason: str) -> ValueError:
+    return ValueError(f"this QuIC adapter has no exact peft OFT form: {reason}; "
+                      "`qpeft export-merged` folds it into the base model instead")
+
+
+def _check_oft_config(qc: QuICConfig) -> None:
+    if qc.side != "input":
+        raise _no_oft_form("it rotates the output side (side='output', W' = Q·W) and peft OFT "
+                           "rotates the input (W' = W·Rᵀ); train with side='input' to export it")
+    if not qc.is_orthogonal:
+        raise _no_oft_form(f"Q is not orthogonal (base_map={qc.base_map!r}, "
+                           f"combine={qc.combine!r} with {qc.num_adapters} adapters)")
+
+
+def cayley_skew(rotation: torch.Tensor) -> torch.Tensor:
+    """The skew-symmetric S [..., b, b] with (I − S)(I + S)⁻¹ = ``rotation`` (orthogonal,
+    [..., b, b]; peft OFT's Cayley map), computed and checked in float64. ValueError when the
+    rotation has an eigenvalue at −1 (no such S). O(b³) per block."""
+    r = rotation.double()
+    eye = torch.eye(r.shape[-1], dtype=r.dtype).expand_as(r)
+    s, singular = torch.linalg.solve_ex(eye + r, eye - r, left=False)  # (I − R)(I + R)⁻¹
+    back = torch.linalg.solve_ex(eye + s, eye - s, left=False)[0]
+    if (singular.any() or not torch.isfinite(s).all()
+            or (back - r).abs().max() > _CAYLEY_TOLERANCE):
+        raise _no_oft_form("a block has an eigenvalue at -1, which peft OFT's Cayley map "
+                           "cannot represent")
+    return (s - s.mT) / 2
+
+
+def _oft_blocks(layer: Any, module: str) -> torch.Tensor:
+    """The QuIC rotation of ``layer`` as OFT's blocks [N, b, b] (float64)."""
+    plan = layer.quic_plan["default"]
+    if plan.leftover:
+        raise _no_oft_form(
+            f"module {module!r}: {plan.leftover} of its {plan.d} inputs lie outside the "
+            f"{plan.num_blocks} blocks (d % num_blocks), and peft OFT blocks tile every input")
+    q = layer.rotation_matrix("default", torch.float64)
+    b = plan.block_size
+    return torch.stack([q[i * b:(i + 1) * b, i * b:(i + 1) * b] for i in range(plan.num_blocks)])
+
+
+def oft_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                        base_tree: Callable[[], nn.Module | None],
+                        ) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``(OFTConfig, tensors)``: a saved input-side QuIC adapter as the peft OFT adapter that
+    computes the same layers — ``r = num_blocks`` blocks of ``b = in_features // num_blocks``,
+    exact Cayley (``use_cayley_neumann=False``), ``oft_R.weight`` [N or 1, b(b−1)/2] the upper
+    triangles of S = (I − R)(I + R)⁻¹. Layer shapes come from ``base_tree()`` (needed: the block
+    size is not in the checkpoint). ``modules_to_save`` copies are carried over. ValueError, in
+    one line, for adapters OFT cannot express (output side, not orthogonal, rows outside the
+    blocks, a layer other than ``nn.Linear``). O(N·b³) per layer."""
+    from peft import OFTConfig
+
+    from qpeft.tuners.quic.layer import QuICModule
+
+    qc = config_from_dict(QuICConfig, {**config, "inference_mode": True})
+    _check_oft_config(qc)
+    params = tensors_by_module(tensors, "quic_params")
+    tree = base_tree()
+    out: dict[str, torch.Tensor] = {}
+    for module in sorted(params):
+        base = submodule_of(tree, module)
+        if base is None:
+            raise ValueError(
+                f"module {module!r}: the block size of an OFT export needs the layer's size; pass "
+                "the base model (--base-model, base_model=: the model or its folder)")
+        if type(base) is not nn.Linear:
+            raise _no_oft_form(f"module {module!r} is a {type(base).__name__}; peft OFT rotates "
+                               "the input of nn.Linear layers only the way QuIC does")
+        layer = QuICModule(stand_in_layer("linear", base.out_features, base.in_features),
+                           "default", qc)
+        with torch.no_grad():
+            layer.quic_params["default"].copy_(params[module])
+        skew = cayley_skew(_oft_blocks(layer, module))
+        if qc.block_share:
+            skew = skew[:1]
+        rows, cols = torch.triu_indices(skew.shape[-1], skew.shape[-1], 1)
+        out[f"base_model.model.{module}.oft_R.weight"] = skew[:, rows, cols].float().contiguous()
+    for key, value in tensors.items():  # modules_to_save copies (a classifier head)
+        if ".quic_params" not in key:
+            out[key] = value
+    oft_config = OFTConfig(
+        r=qc.num_blocks, oft_block_size=0, target_modules=sorted(params),
+        block_share=qc.block_share, use_cayley_neumann=False, module_dropout=0.0,
+        modules_to_save=qc.modules_to_save,
+        base_model_name_or_path=config.get("base_model_name_or_path"),
+        task_type=config.get("task_type"), inference_mode=True)
+    return oft_config, out

@@ -48,6 +48,7 @@ METHOD = MethodSpec(
     benchmark_label="QuIC C1⊕C2, N=3",
     circuits_from_model=export.circuits_from_model,
     circuits_from_checkpoint=export.circuits_from_checkpoint,
+    oft_from_checkpoint=export.oft_from_checkpoint,
     # init_weights=False: a transpiler would delete the identity gates of a zero initialisation
     circuit_examples=lambda targets, task_type: {
         "quic_cayley": QuICConfig(target_modules=targets, task_type=task_type,
