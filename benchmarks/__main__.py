@@ -1,4 +1,4 @@
-"""``python -m benchmarks {all,train_step,generation,compounds,merged,param_counts,mixed_batch,scale,dispatch,report}``.
+"""``python -m benchmarks {all,train_step,generation,compounds,merged,param_counts,many_adapters,scale,dispatch,report}``.
 
 ``all`` runs every benchmark in turn (each writes ``<out>/<name>.json`` and ``.md``), then writes
 ``docs/benchmarks.md``. ``--quick`` uses toy sizes (tiny random models) for a smoke test.

@@ -99,3 +99,22 @@ def test_no_import_circle():
         if node not in seen:
             visit(node, [node])
     assert circles == []
+
+
+def test_only_a_method_s_folder_names_its_config_class():
+    """A method is its folder: outside ``qpeft/tuners/`` (and the package ``__init__``, which
+    exports the public names) no module of qpeft or benchmarks names a qpeft method's config
+    class; they go through the registry."""
+    import qpeft  # noqa: F401  (registers the methods)
+    from qpeft.tuners.registry import methods
+
+    names = {spec.config_cls.__name__ for spec in methods(ours=True)}
+    offenders = []
+    for package in ("qpeft", "benchmarks"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel.startswith("qpeft/tuners/") or rel == "qpeft/__init__.py":
+                continue
+            text = path.read_text()
+            offenders += [f"{rel}: {name}" for name in sorted(names) if name in text]
+    assert offenders == []

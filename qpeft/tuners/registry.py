@@ -96,7 +96,8 @@ class MethodSpec:
     export-circuits``), and ``circuit_examples(targets, task_type)`` the named configs whose
     circuits the docs summarise (``python -m qpeft.export.report``); ``lora_from_checkpoint``: the exact plain-LoRA form of a saved adapter (``qpeft
     export-lora``); ``oft_from_checkpoint``: its exact peft OFT form (``qpeft export-oft``).
-    ``peft_matrix``: rows of peft's test matrix. ``build_config``: a hook that may adjust the
+    ``peft_matrix``: rows of peft's test matrix; ``paper_counts``: the rows of the method's
+    published parameter counts as qpeft computes them (``python -m benchmarks.param_counts``). ``build_config``: a hook that may adjust the
     config keyword arguments given which options the user set (peft OFT takes ``r`` or
     ``oft_block_size``, not both)."""
 
@@ -117,6 +118,7 @@ class MethodSpec:
     lora_from_checkpoint: LoraFromCheckpoint | None = None
     oft_from_checkpoint: OftFromCheckpoint | None = None
     peft_matrix: Callable[[], PeftMatrixRows] | None = None
+    paper_counts: Callable[[], list[dict]] | None = None
     build_config: Callable[[dict[str, Any], set[str]], dict[str, Any]] | None = None
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 from qpeft.tuners.qpa import export
 from qpeft.tuners.qpa.config import QPAConfig
 from qpeft.tuners.qpa.model import QPAModel
+from qpeft.tuners.qpa.paper_counts import paper_count_rows
 from qpeft.tuners.qpa.peft_matrix import peft_matrix_rows
 from qpeft.tuners.registry import MethodOption, MethodSpec
 
@@ -36,4 +37,5 @@ METHOD = MethodSpec(
         "qpa": QPAConfig(target_modules=targets, task_type=task_type, init_seed=0)},
     lora_from_checkpoint=export.lora_from_checkpoint,
     peft_matrix=peft_matrix_rows,
+    paper_counts=paper_count_rows,
 )

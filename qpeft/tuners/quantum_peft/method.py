@@ -5,6 +5,7 @@ from __future__ import annotations
 from qpeft.tuners.quantum_peft import export
 from qpeft.tuners.quantum_peft.config import QuantumPEFTConfig
 from qpeft.tuners.quantum_peft.model import QuantumPEFTModel
+from qpeft.tuners.quantum_peft.paper_counts import paper_count_rows
 from qpeft.tuners.quantum_peft.peft_matrix import peft_matrix_rows
 from qpeft.tuners.registry import MethodOption, MethodSpec
 
@@ -37,4 +38,5 @@ METHOD = MethodSpec(
         for depth in (1, 2)},
     lora_from_checkpoint=export.lora_from_checkpoint,
     peft_matrix=peft_matrix_rows,
+    paper_counts=paper_count_rows,
 )

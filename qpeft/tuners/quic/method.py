@@ -7,6 +7,7 @@ from typing import Any
 from qpeft.tuners.quic import export
 from qpeft.tuners.quic.config import QuICConfig
 from qpeft.tuners.quic.model import QuICModel
+from qpeft.tuners.quic.paper_counts import paper_count_rows
 from qpeft.tuners.quic.peft_matrix import peft_matrix_rows
 from qpeft.tuners.registry import MethodOption, MethodSpec
 
@@ -59,4 +60,5 @@ METHOD = MethodSpec(
                                          rbs_layout="butterfly", task_type=task_type,
                                          init_weights=False)},
     peft_matrix=peft_matrix_rows,
+    paper_counts=paper_count_rows,
 )
