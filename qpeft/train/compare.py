@@ -180,6 +180,45 @@ def _check_inputs(methods: Sequence[str], seeds: int, lr_for: dict[str, float] |
         raise RunError(f"--seeds must be >= 1, got {seeds}")
 
 
+def _run_specs(base: FinetuneSpec, methods: Sequence[str], seeds: int, out: Path,
+               overwrite: bool, lr_for: dict[str, float] | None) -> list[FinetuneSpec]:
+    """One checked FinetuneSpec per (method, seed), each writing to ``out/<method>/seed<s>``,
+    with the method's own options and learning rate. RunError for bad input."""
+    from qpeft.train.finetune import validate_spec
+
+    specs = []
+    for method in methods:
+        usable = {k: v for k, v in base.method_options.items()
+                  if v is not None and get_method(method).option(k) is not None}
+        lr, lr_source = _learning_rate(base, method, lr_for)
+        for s in range(seeds):
+            spec = dataclasses.replace(
+                base, method=method, method_options=usable, seed=base.seed + s,
+                data_seed=base.seed if base.data_seed is None else base.data_seed,
+                output_dir=str(out / method / f"seed{base.seed + s}"), overwrite=overwrite,
+                resume=False, lr_source=lr_source,
+                train=dataclasses.replace(base.train, seed=base.seed + s, lr=lr))
+            validate_spec(spec)
+            check_output_dir(spec)
+            specs.append(spec)
+    return specs
+
+
+def _one_run(spec: FinetuneSpec, command: list[str] | None, task: Any,
+             log: Callable[[str], None]) -> dict[str, Any]:
+    """Fine-tune ``spec``, log its headline, and return its row of compare.json's ``runs``."""
+    r = run_finetune(spec, command=command, task_data=task)
+    value = r["metric_value"]
+    shown = f"{100 * value:.2f}%" if r["metric"] == "accuracy" else f"{value:.3f}"
+    log(f"    {r['metric']} {shown}, {r['trainable_params']:,} trainable, "
+        f"{r['train_seconds']:.1f} s, peak {r['peak_memory_mb']:.0f} MB")
+    return ({k: r[k] for k in (
+        "method", "seed", "metric", "metric_value", "trainable_params", "adapter_params",
+        "total_params", "train_seconds", "peak_memory_mb", "steps", "method_options",
+        "exact_match", "gradient_checkpointing", "sharding", "skipped_records")}
+            | {"output_dir": spec.output_dir, "lr": spec.train.lr, "lr_source": spec.lr_source})
+
+
 def run_compare(base: FinetuneSpec, methods: Sequence[str], seeds: int, output_dir: str,
                 *, overwrite: bool = False, command: list[str] | None = None,
                 lr_for: dict[str, float] | None = None,
@@ -196,38 +235,12 @@ def run_compare(base: FinetuneSpec, methods: Sequence[str], seeds: int, output_d
     if (out / COMPARE_NAME).exists() and not overwrite:
         raise RunError(f"--output-dir {str(out)!r} holds a comparison already (compare.json); "
                        f"pass --overwrite to replace it")
-    specs = []
-    for method in methods:
-        usable = {k: v for k, v in base.method_options.items()
-                  if v is not None and get_method(method).option(k) is not None}
-        lr, lr_source = _learning_rate(base, method, lr_for)
-        for s in range(seeds):
-            spec = dataclasses.replace(
-                base, method=method, method_options=usable, seed=base.seed + s,
-                data_seed=base.seed if base.data_seed is None else base.data_seed,
-                output_dir=str(out / method / f"seed{base.seed + s}"), overwrite=overwrite,
-                resume=False, lr_source=lr_source,
-                train=dataclasses.replace(base.train, seed=base.seed + s, lr=lr))
-            from qpeft.train.finetune import validate_spec
-
-            validate_spec(spec)
-            check_output_dir(spec)
-            specs.append(spec)
+    specs = _run_specs(base, methods, seeds, out, overwrite, lr_for)
     task = load_data(specs[0]) if specs else None
     runs = []
     for i, spec in enumerate(specs, 1):
         log(f"[{i}/{len(specs)}] {spec.method} seed {spec.seed} -> {spec.output_dir}")
-        r = run_finetune(spec, command=command, task_data=task)
-        value = r["metric_value"]
-        shown = f"{100 * value:.2f}%" if r["metric"] == "accuracy" else f"{value:.3f}"
-        log(f"    {r['metric']} {shown}, {r['trainable_params']:,} trainable, "
-            f"{r['train_seconds']:.1f} s, peak {r['peak_memory_mb']:.0f} MB")
-        runs.append({k: r[k] for k in (
-            "method", "seed", "metric", "metric_value", "trainable_params", "adapter_params",
-            "total_params", "train_seconds", "peak_memory_mb", "steps", "method_options",
-            "exact_match", "gradient_checkpointing", "sharding", "skipped_records")}
-                    | {"output_dir": spec.output_dir, "lr": spec.train.lr,
-                       "lr_source": spec.lr_source})
+        runs.append(_one_run(spec, command, task, log))
     rows = summarise(runs)
     from qpeft.train.finetune import model_source
 

@@ -247,6 +247,41 @@ def _accumulate(model: torch.nn.Module, train_data: PreparedData, order: EpochOr
     return step_loss
 
 
+def _check_sizes(config: TrainConfig, num_processes: int, n_train: int, n_eval: int) -> None:
+    """ValueError when the global batch does not split over the processes or the data sets
+    are too small for it."""
+    if config.batch_size % num_processes:
+        raise ValueError(
+            f"batch_size ({config.batch_size}) must be divisible by the number of processes "
+            f"({num_processes}): it is the global batch, split evenly across ranks")
+    check_data_sizes(n_train, n_eval, config.batch_size)
+
+
+def _optimizer(model: torch.nn.Module, config: TrainConfig,
+               total: int) -> tuple[list[torch.nn.Parameter], Any, Any]:
+    """(trainable parameters, AdamW over them, linear warmup/decay schedule over ``total``
+    steps); ValueError when nothing is trainable."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, linear_schedule(int(config.warmup_ratio * total), total))
+    return params, optimizer, scheduler
+
+
+def _apply_step(step_loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer: Any,
+                scheduler: Any, config: TrainConfig, accelerator: Any) -> float:
+    """Clip, step the optimizer and the schedule, clear the gradients; returns the step's loss
+    averaged over the processes."""
+    if config.max_grad_norm is not None:
+        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(accelerator.reduce(step_loss, reduction="mean"))
+
+
 def train(
     model: torch.nn.Module,
     train_data: PreparedData,
@@ -271,29 +306,18 @@ def train(
 
     config.validate()
     accelerator = accelerator or Accelerator()
-    if config.batch_size % accelerator.num_processes:
-        raise ValueError(
-            f"batch_size ({config.batch_size}) must be divisible by the number of processes "
-            f"({accelerator.num_processes}): it is the global batch, split evenly across ranks")
-    check_data_sizes(len(train_data), len(eval_data), config.batch_size)
+    _check_sizes(config, accelerator.num_processes, len(train_data), len(eval_data))
     total = config.total_steps(len(train_data))
     model, plan, record = _prepare_model(model, accelerator)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, linear_schedule(int(config.warmup_ratio * total), total))
+    params, optimizer, scheduler = _optimizer(model, config, total)
     unwrapped = accelerator.unwrap_model(model)
     states = {"model": model, "unwrapped": unwrapped, "optimizer": optimizer,
               "scheduler": scheduler}
 
-    start_step, elapsed, losses, resumed_from = 0, 0.0, [], None
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    if resume:
-        start_step, elapsed, losses = checkpoint.restore(ckpt_path, fingerprint=fingerprint,
-                                                         **states)
-        resumed_from = start_step
+    start_step, elapsed, losses = (
+        checkpoint.restore(ckpt_path, fingerprint=fingerprint, **states) if resume else (0, 0.0, []))
+    resumed_from = start_step if resume else None
     qpeft_sharded = (sharding.is_sharded(model) and plan is not None
                      and plan.sharded_by == "qpeft")
     order = EpochOrder(len(train_data), config.batch_size, config.seed)
@@ -305,12 +329,7 @@ def train(
     for step in range(start_step, total):
         step_loss = _accumulate(model, train_data, order, step, config, accelerator,
                                 qpeft_sharded)
-        if config.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        mean_loss = float(accelerator.reduce(step_loss, reduction="mean"))
+        mean_loss = _apply_step(step_loss, params, optimizer, scheduler, config, accelerator)
         losses.append(mean_loss)
         bar.update(1)
         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
