@@ -430,6 +430,22 @@ def test_save_load_round_trip_and_low_cpu_mem_usage(tmp_path):
         assert not any(p.requires_grad for p in loaded.parameters())  # inference mode
 
 
+@pytest.mark.parametrize("positional", [False, True])
+def test_inject_adapter_binds_peft_signature(positional):
+    """``low_cpu_mem_usage`` reaches the generator however peft's ``inject_adapter`` arguments
+    are passed (keyword or positional, after ``autocast_adapter_dtype``): the second adapter's
+    generator is built on the meta device, the first stays real."""
+    model = stack_model()
+    tuner = model.base_model
+    tuner.peft_config["other"] = QPAConfig(target_modules=["a", "b", "c", "d"], r=3, n_mlp=100)
+    if positional:
+        tuner.inject_adapter(tuner.model, "other", True, True)
+    else:
+        tuner.inject_adapter(tuner.model, "other", low_cpu_mem_usage=True)
+    assert tuner.generator("other").theta.is_meta
+    assert not tuner.generator("default").theta.is_meta
+
+
 def test_export_python_and_cli_entry_points(tmp_path):
     model = stack_model()
     with torch.no_grad():

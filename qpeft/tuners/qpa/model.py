@@ -52,8 +52,16 @@ class QPAModel(QpeftTuner):
         return gens
 
     def inject_adapter(
-        self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        """peft's injection (``BaseTuner.inject_adapter``, same signature), then one
+        :class:`QPAGenerator` for the adapter's layers, registered in ``qpa_generator``; built on
+        the meta device when ``low_cpu_mem_usage`` (peft assigns the loaded tensors later)."""
         # peft keeps the trainability of the parameters that already exist when an adapter is
         # added, but only looks inside the wrapped model: the generators live on the tuner
         existing = {
@@ -61,12 +69,12 @@ class QPAModel(QpeftTuner):
             for name, gen in self._generators().items() if name != adapter_name
             for p in gen.parameters()
         }
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        super().inject_adapter(
+            model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
+        )
         for param, requires_grad in existing.items():
             param.requires_grad_(requires_grad)
-        low_cpu_mem_usage = bool(kwargs.get("low_cpu_mem_usage", False))
-        if len(args) >= 2:
-            low_cpu_mem_usage = bool(args[1])
         config: QPAConfig = self.peft_config[adapter_name]
         layers = [
             (name, module)
@@ -120,11 +128,10 @@ class QPAModel(QpeftTuner):
             if generator.theta.dtype in (torch.float16, torch.bfloat16):
                 generator.float()
 
-    def set_adapter(self, adapter_name: str | list[str], *args: Any, **kwargs: Any) -> None:
-        """peft's ``set_adapter``; the generators (outside the layers) follow: only the active
-        adapters' train, none with ``inference_mode=True``."""
-        super().set_adapter(adapter_name, *args, **kwargs)
-        inference_mode = bool(kwargs.get("inference_mode", args[0] if args else False))
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """peft's ``set_adapter`` (same signature); the generators (outside the layers) follow:
+        only the active adapters' train, none with ``inference_mode=True``."""
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
         active = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name, generator in self._generators().items():
             generator.requires_grad_(name in active and not inference_mode)

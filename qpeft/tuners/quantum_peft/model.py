@@ -40,10 +40,21 @@ class QuantumPEFTModel(QpeftTuner):
         cls = QuantumPEFTConv2d if layer_kind(target) == "conv2d" else QuantumPEFTLinear
         return cls(target, adapter_name, config=config, module_name=module_name)
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        """peft's injection, then one :class:`SharedCircuits` for the adapter's circuit layers
-        (per r / depth / circuit dtype), so a training step generates them in one batched call."""
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """peft's injection (``BaseTuner.inject_adapter``, same signature), then one
+        :class:`SharedCircuits` for the adapter's circuit layers (per r / depth / circuit
+        dtype), so a training step generates them in one batched call."""
+        super().inject_adapter(
+            model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
+        )
         groups: dict[tuple[Any, ...], list[QuantumPEFTLayer]] = {}
         for module in model.modules():
             if not isinstance(module, QuantumPEFTLayer):
