@@ -244,7 +244,7 @@ def test_a_training_step_generates_once_with_per_layer_gradients(monkeypatch, ce
     """Four layers read one generator: the circuit is simulated and the MLP run once per step
     (not once per layer; the backward differentiates that one generation), and the gradients
     equal those of per-layer generation (each layer's own chunks)."""
-    import qpeft.tuners._shared as shared
+    import qpeft.tuners._batched_generation as shared
     from qpeft.tuners.qpa import generator as generator_module
 
     model = stack_model(dtype=torch.float64, center_output=center_output)

@@ -471,7 +471,7 @@ def _train_grads(model, x):
 def test_a_training_step_generates_all_circuit_layers_in_one_batched_call(monkeypatch) -> None:
     """Six layers, three widths: one stiefel_many call (three programs) per step instead of six
     factor pairs, with the gradients of per-layer generation (float64, 1e-12)."""
-    import qpeft.tuners._shared as shared
+    import qpeft.tuners._batched_generation as shared
     from qpeft.tuners.quantum_peft import layer as layer_module
 
     model = _tower()

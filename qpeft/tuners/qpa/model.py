@@ -28,7 +28,7 @@ class QPAModel(QpeftTuner):
     in this tuner's ``qpa_generator`` ModuleDict (checkpoint key ``base_model.qpa_generator.*``)
     and records the layout in ``config.layout``. Each layer generates its own slice of the
     factors in its forward; while training, the whole generation (circuit and MLP) runs once
-    per step and is shared (``qpeft.tuners._shared``)."""
+    per step and is shared (``qpeft.tuners._batched_generation``)."""
 
     prefix: str = "qpa_"
     method_label = "QPA"

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qpeft.circuits.stiefel import stiefel_init, stiefel_many, stiefel_num_params, stiefel_pair
+from qpeft.tuners._batched_generation import BatchedGeneration, Params
 from qpeft.tuners._common import WeightMergeLayer, matrix_to_weight
-from qpeft.tuners._shared import Params, SharedOutputs
 
 from .config import QuantumPEFTConfig
 
@@ -121,8 +121,8 @@ def is_circuit_layer(spec: AdapterSpec, angles: Params) -> bool:
 class SharedCircuits:
     """The circuit factors (U, V) of every circuit layer of one adapter (its *members*),
     generated as one batched program per width (:func:`stiefel_many`) by the first layer that
-    asks in a training step and shared through :class:`SharedOutputs` (see
-    ``qpeft/tuners/_shared.py``: why that is correct under checkpointing, FSDP, DDP, compile).
+    asks in a training step and shared through :class:`BatchedGeneration` (see
+    ``qpeft/tuners/_batched_generation.py``: why that is correct under checkpointing, FSDP, DDP, compile).
     E.g. SmolLM2's 30 q_proj and 30 v_proj layers: two programs (widths 576 and 192) instead of
     60. Outside training, or when some member cannot be read as a plain parameter, a layer
     generates its own factors as before."""
@@ -131,7 +131,7 @@ class SharedCircuits:
         self.layers = layers
         self.adapter_name = adapter_name
         self.specs = [layer.qpeft_spec[adapter_name] for layer in layers]
-        self.shared = SharedOutputs(self.generate_all, self.generate_one, n_outputs=2)
+        self.shared = BatchedGeneration(self.generate_all, self.generate_one, n_outputs=2)
 
     def generate_one(self, member: int, angles: Params) -> tuple[torch.Tensor, torch.Tensor]:
         return stiefel_factors(self.specs[member], angles)
@@ -165,7 +165,7 @@ class SharedCircuits:
         memo[id(self)] = new
         new.layers = copy.deepcopy(self.layers, memo)
         new.adapter_name, new.specs = self.adapter_name, list(self.specs)
-        new.shared = SharedOutputs(new.generate_all, new.generate_one, n_outputs=2)
+        new.shared = BatchedGeneration(new.generate_all, new.generate_one, n_outputs=2)
         return new
 
 
