@@ -22,11 +22,13 @@ from qpeft.circuits.givens import givens_pairs
 from qpeft.tuners.counting import count_trainable
 from qpeft.tuners.quic import (
     QuICConfig,
-    QuICModule,
+    QuICConv2d,
+    QuICLinear,
     block_plan,
     block_rotate,
     count_reference,
     quic_free_count,
+    quic_layer_class,
     quic_reference_count,
 )
 from tests.circuits.reference import dense_givens, minors_compound
@@ -79,10 +81,10 @@ def ref_q(params: torch.Tensor, cfg: QuICConfig, d: int) -> torch.Tensor:
     return q
 
 
-def quic_layer(base: nn.Module, **kw) -> QuICModule:
+def quic_layer(base: nn.Module, **kw) -> QuICLinear | QuICConv2d:
     kw.setdefault("init_weights", False)
     kw.setdefault("target_modules", ["x"])
-    layer = QuICModule(base, "default", QuICConfig(**kw))
+    layer = quic_layer_class(base)(base, "default", QuICConfig(**kw))
     with torch.no_grad():  # spread the random start so that every block is clearly non-identity
         layer.quic_params["default"].mul_(3.0)
     return layer
@@ -360,7 +362,7 @@ def test_identity_at_init_with_live_gradients(kw):
     base = nn.Linear(12, 30).double()
     x = torch.randn(6, 12, dtype=torch.float64)
     expected = base(x)
-    layer = QuICModule(base, "default", QuICConfig(target_modules=["x"], num_blocks=2, **kw))
+    layer = quic_layer_class(base)(base, "default", QuICConfig(target_modules=["x"], num_blocks=2, **kw))
     y = layer(x)
     assert torch.equal(y, expected)
     q = layer.rotation_matrix("default", torch.float64)
@@ -560,7 +562,7 @@ def test_three_paths_equal_dense_q_forward_and_gradients(side, orders, num_adapt
         with monkeypatch.context() as mp:
             _force_path(mp, path)
             torch.manual_seed(1)  # the same random adapter for every path
-            layer = QuICModule(copy.deepcopy(base), "default", cfg)
+            layer = quic_layer_class(base)(copy.deepcopy(base), "default", cfg)
             layer.quic_params["default"].data = layer.quic_params["default"].data.double()
             with torch.no_grad():
                 q = layer.rotation_matrix("default", torch.float64)
@@ -831,3 +833,26 @@ def test_choose_path_names_each_path_and_why():
     layer.update_layer("other", QuICConfig(target_modules=["x"], num_blocks=3))
     layer.double()
     assert choice(layer, few, ("default", "other")).path is ForwardPath.AROUND_BASE
+
+
+def test_one_layer_class_per_kind():
+    """peft's layer shape: QuICModel wraps a Linear / Conv1D in QuICLinear and a Conv2d in
+    QuICConv2d (both QuICLayer); each class refuses the other kind."""
+    model = get_peft_model(_LinearConv(), QuICConfig(target_modules=["lin", "conv"], num_blocks=2))
+    inner = model.base_model.model
+    assert type(inner.lin) is QuICLinear and type(inner.conv) is QuICConv2d
+    cfg = QuICConfig(target_modules=["x"], num_blocks=2)
+    with pytest.raises(ValueError, match="QuICLinear wraps"):
+        QuICLinear(nn.Conv2d(3, 8, 2), "default", cfg)
+    with pytest.raises(ValueError, match="QuICConv2d wraps"):
+        QuICConv2d(nn.Linear(8, 8), "default", cfg)
+
+
+class _LinearConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 2)
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(self.conv(x).mean((2, 3)))

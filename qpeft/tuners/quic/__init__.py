@@ -15,7 +15,7 @@ from .config import (
     quic_free_count,
     quic_reference_count,
 )
-from .layer import QuICLayer, QuICModule, base_matrices, block_rotate
+from .layer import QuICConv2d, QuICLayer, QuICLinear, base_matrices, block_rotate, quic_layer_class
 from .method import METHOD
 from .model import QuICModel
 
@@ -25,13 +25,15 @@ __all__ = [
     "METHOD",
     "BlockPlan",
     "QuICConfig",
+    "QuICConv2d",
     "QuICLayer",
     "QuICModel",
-    "QuICModule",
+    "QuICLinear",
     "base_map_num_params",
     "base_matrices",
     "block_rotate",
     "block_plan",
+    "quic_layer_class",
     "count_reference",
     "quic_free_count",
     "quic_reference_count",

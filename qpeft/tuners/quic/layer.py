@@ -36,6 +36,7 @@ from qpeft.circuits.compound_rotation import (  # noqa: F401
 from qpeft.tuners._common import (
     Conv1D,
     WeightMergeLayer,
+    layer_kind,
     matrix_to_weight,
     weight_to_matrix,
 )
@@ -319,22 +320,26 @@ class QuICLayer(WeightMergeLayer):
             return self._forward_fused(kept[0], x, ops[kept[0]])
         ins = [a for a in kept if self.quic_settings[a].side == "input"]
         outs = [a for a in kept if self.quic_settings[a].side == "output"]
-        if ins and self.kind == "conv2d":
-            # Q acts on the flattened (in_ch·kh·kw) side: rotate the weight block-wise instead.
-            weight = base.weight
-            for name in ins:
-                weight = self._rotate_weight(weight, name, ops[name])
-            result = base._conv_forward(x, weight.to(base.weight.dtype), base.bias)
-        elif ins:
-            # forward of W·Qᵀ is W·(Qᵀx); later merges multiply on the right, so apply in reverse
-            for name in reversed(ins):
-                x = self._rotate(name, x, ops[name], transpose=True).to(x.dtype)
-            result = base(x, *args, **kwargs)
-        else:
-            result = base(x, *args, **kwargs)
+        result = (self._base_forward_rotated_input(x, ins, ops, *args, **kwargs) if ins
+                  else base(x, *args, **kwargs))
         if not outs:
             return result
         return self._rotate_output(result, outs, ops)
+
+    def _base_forward_rotated_input(
+        self, x: torch.Tensor, names: list[str],
+        ops: dict[str, list[torch.Tensor | CompoundOperator]], *args: Any, **kwargs: Any,
+    ) -> torch.Tensor:
+        """The base layer's output with the input-side adapters ``names`` applied (W·Qᵀ)."""
+        raise NotImplementedError
+
+    def _as_rows(self, result: torch.Tensor) -> torch.Tensor:
+        """The base output as rows [..., d_out] that an output-side Q rotates."""
+        raise NotImplementedError
+
+    def _from_rows(self, y: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`_as_rows`, in ``result``'s layout."""
+        raise NotImplementedError
 
     def _rotate_output(
         self, result: torch.Tensor, names: list[str],
@@ -343,29 +348,86 @@ class QuICLayer(WeightMergeLayer):
         """The base layer's output ``result`` rotated by the output-side adapters ``names``
         (their matrices ``ops[name]``)."""
         base = self.get_base_layer()
-        y = result.movedim(1, -1) if self.kind == "conv2d" else result
+        y = self._as_rows(result)
         for name in names:  # W' = Q_m···Q_1·W: rotate the bias-free output, keep the bias
             y = self._rotate(name, y, ops[name], fixed=base.bias)
-        y = y.to(result.dtype)
-        if self.kind != "conv2d":
-            return y
-        # back to the base output's memory layout: a channels-last result would send the next
-        # convolution down another kernel (other rounding)
-        y = y.movedim(-1, 1)
-        return y.contiguous() if result.is_contiguous() else y
+        return self._from_rows(y.to(result.dtype), result)
 
 
-class QuICModule(nn.Module, QuICLayer):
-    """A QuIC-wrapped ``nn.Linear``, transformers ``Conv1D`` or ``nn.Conv2d`` (groups=1)."""
+class QuICLinear(nn.Module, QuICLayer):
+    """QuIC on ``nn.Linear`` or transformers' ``Conv1D`` (weight stored [in, out]). Forward:
+    x [..., d_in] -> [..., d_out]; the path (rotated weight, fused node, or rotations around the
+    base) from :func:`choose_path`."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: QuICConfig, **kwargs: Any):
         super().__init__()
         QuICLayer.__init__(self, base_layer, **kwargs)
+        if self.kind not in ("linear", "conv1d"):
+            raise ValueError(f"QuICLinear wraps nn.Linear / Conv1D, got {self.kind}")
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
+
+    def _base_forward_rotated_input(
+        self, x: torch.Tensor, names: list[str],
+        ops: dict[str, list[torch.Tensor | CompoundOperator]], *args: Any, **kwargs: Any,
+    ) -> torch.Tensor:
+        # forward of W·Qᵀ is W·(Qᵀx); later merges multiply on the right, so apply in reverse
+        for name in reversed(names):
+            x = self._rotate(name, x, ops[name], transpose=True).to(x.dtype)
+        return self.get_base_layer()(x, *args, **kwargs)
+
+    def _as_rows(self, result: torch.Tensor) -> torch.Tensor:
+        return result
+
+    def _from_rows(self, y: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        return y
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._forward_dispatch(x, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "quic." + super().__repr__()
+
+
+class QuICConv2d(nn.Module, QuICLayer):
+    """QuIC on ``nn.Conv2d`` (groups=1): an output-side Q rotates the channels of the base
+    output; an input-side Q acts on the flattened (in_ch·kh·kw) side, so it rotates the weight
+    block-wise (O(out_ch·in_ch·kh·kw·n)) before the convolution."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: QuICConfig, **kwargs: Any):
+        super().__init__()
+        QuICLayer.__init__(self, base_layer, **kwargs)
+        if self.kind != "conv2d":
+            raise ValueError(f"QuICConv2d wraps nn.Conv2d, got {self.kind}")
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def _base_forward_rotated_input(
+        self, x: torch.Tensor, names: list[str],
+        ops: dict[str, list[torch.Tensor | CompoundOperator]], *args: Any, **kwargs: Any,
+    ) -> torch.Tensor:
+        base = self.get_base_layer()
+        weight = base.weight
+        for name in names:
+            weight = self._rotate_weight(weight, name, ops[name])
+        return base._conv_forward(x, weight.to(base.weight.dtype), base.bias)
+
+    def _as_rows(self, result: torch.Tensor) -> torch.Tensor:
+        return result.movedim(1, -1)
+
+    def _from_rows(self, y: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        # back to the base output's memory layout: a channels-last result would send the next
+        # convolution down another kernel (other rounding)
+        y = y.movedim(-1, 1)
+        return y.contiguous() if result.is_contiguous() else y
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._forward_dispatch(x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "quic." + super().__repr__()
+
+
+def quic_layer_class(base_layer: nn.Module) -> type[QuICLinear] | type[QuICConv2d]:
+    """The QuIC layer class for ``base_layer``'s kind (ValueError for unsupported layers)."""
+    return QuICConv2d if layer_kind(base_layer) == "conv2d" else QuICLinear
