@@ -15,7 +15,7 @@ from qpeft.tuners._common import QpeftTuner
 from qpeft.tuners.qpa.config import QPAConfig, build_generator
 from qpeft.tuners.qpa.export import lora_tensors
 from qpeft.tuners.qpa.generator import QPAGenerator
-from qpeft.tuners.qpa.layer import QPALayer
+from qpeft.tuners.qpa.layer import QPALayer, qpa_layer_class
 
 __all__ = ["QPAModel", "build_generator"]  # build_generator lives in config.py (no import cycle)
 
@@ -23,7 +23,7 @@ __all__ = ["QPAModel", "build_generator"]  # build_generator lives in config.py 
 class QPAModel(QpeftTuner):
     """Quantum Parameter Adaptation as a peft tuner (``qpeft.QPAConfig``, prefix ``qpa_``).
 
-    After peft injects a :class:`QPALayer` into every targeted module, :meth:`inject_adapter`
+    After peft injects a QPA layer (:class:`QPALinear` / :class:`QPAConv2d`) into every targeted module, :meth:`inject_adapter`
     builds one :class:`QPAGenerator` for all of them (slicing order = module order), registers it
     in this tuner's ``qpa_generator`` ModuleDict (checkpoint key ``base_model.qpa_generator.*``)
     and records the layout in ``config.layout``. Each layer generates its own slice of the
@@ -40,7 +40,7 @@ class QPAModel(QpeftTuner):
         target.update_layer(adapter_name, config)
 
     def _new_layer(self, target: nn.Module, adapter_name: str, config: Any, module_name: str) -> nn.Module:
-        return QPALayer(target, adapter_name, config)
+        return qpa_layer_class(target)(target, adapter_name, config)
 
     def _generators(self) -> nn.ModuleDict:
         """The ``qpa_generator`` ModuleDict of this tuner, created on first use (peft builds the
