@@ -50,7 +50,6 @@ Pure torch (no peft): QPA's generator uses it without any model.
 
 from __future__ import annotations
 
-import copy
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -296,13 +295,9 @@ class BatchedGeneration:
         """Forget the kept outputs (the next reader generates afresh)."""
         self._entry = None
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> BatchedGeneration:
-        # bound methods are copied through ``memo``: a copied module's BatchedGeneration calls the
-        # copy's methods, not the original's
-        return BatchedGeneration(copy.deepcopy(self.generate_all, memo),
-                             copy.deepcopy(self.generate_one, memo), self.n_outputs)
-
     def __getstate__(self) -> dict[str, Any]:
+        # what copy.deepcopy and pickle copy: no kept outputs (tensors, weak references). Bound
+        # methods go through their memo, so a copied owner's object calls the copy's methods
         return {**self.__dict__, "_entry": None}
 
 
