@@ -102,7 +102,6 @@ class QPALayer(WeightMergeLayer):
         return base_out + self._delta_output(x, adapter_name).to(base_out.dtype)
 
 
-
 class QPALinear(nn.Module, QPALayer):
     """QPA on ``nn.Linear`` or transformers' ``Conv1D``: x [..., d_in] -> [..., d_out]."""
 
