@@ -125,7 +125,7 @@ def _quic_vectors(layer: Any, ops: list[Any], tokens: int) -> int:
 
 def _uses_action(op: Any, vectors: int, n_blocks: int) -> bool:
     """block_rotate's rule: a compound is applied as its action when counted cheaper."""
-    from qpeft.tuners.quic.layer import CompoundOperator, order_costs
+    from qpeft.circuits.compound_rotation import CompoundOperator, order_costs
 
     if not isinstance(op, CompoundOperator):
         return False

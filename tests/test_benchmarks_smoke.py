@@ -310,20 +310,20 @@ def test_quic_generation_forms_what_the_forward_forms(d_in, tokens, forms_c2, mo
     """The 70B section's QuIC generation mirrors the forward's choices (path, then per order
     explicit or action): it forms C_2 exactly when a training forward at that token count
     forms it."""
-    import qpeft.tuners.quic.layer as quic_layer
+    import qpeft.circuits.compound_rotation as quic_kernels
 
     # 3 blocks of n = 16 (C(16, 2) = 120): large enough that one token takes the action; at
     # n <= ~13 the cost model forms C_2 for any token count
     shapes = {"mlp.up_proj": (408, d_in)}
     model = G.wrap("quic", shapes)
     calls: list[int] = []
-    real = quic_layer.compound
+    real = quic_kernels.compound
 
     def counting(a: torch.Tensor, k: int) -> torch.Tensor:
         calls.append(k)
         return real(a, k)
 
-    monkeypatch.setattr(quic_layer, "compound", counting)
+    monkeypatch.setattr(quic_kernels, "compound", counting)
     ops = G.generation("quic", model, tokens)()
     assert [tuple(op.shape[-2:]) for op in ops] == [(16, 16), (120, 120) if forms_c2 else (16, 16)]
     assert calls == ([2] if forms_c2 else [])

@@ -18,7 +18,9 @@ from qpeft.circuits.statevector import qnn_probabilities
 from qpeft.export.stock import add_export_parser
 from qpeft.tuners.qpa import (
     QPAConfig,
+    QPAConv2d,
     QPAGenerator,
+    QPALinear,
     chunking,
     export_lora,
     generator_num_params,
@@ -244,7 +246,7 @@ def test_a_training_step_generates_once_with_per_layer_gradients(monkeypatch, ce
     """Four layers read one generator: the circuit is simulated and the MLP run once per step
     (not once per layer; the backward differentiates that one generation), and the gradients
     equal those of per-layer generation (each layer's own chunks)."""
-    import qpeft.tuners._shared as shared
+    import qpeft.tuners._batched_generation as shared
     from qpeft.tuners.qpa import generator as generator_module
 
     model = stack_model(dtype=torch.float64, center_output=center_output)
@@ -428,6 +430,22 @@ def test_save_load_round_trip_and_low_cpu_mem_usage(tmp_path):
         with torch.no_grad():
             assert torch.equal(loaded(h_x), expected)
         assert not any(p.requires_grad for p in loaded.parameters())  # inference mode
+
+
+@pytest.mark.parametrize("positional", [False, True])
+def test_inject_adapter_binds_peft_signature(positional):
+    """``low_cpu_mem_usage`` reaches the generator however peft's ``inject_adapter`` arguments
+    are passed (keyword or positional, after ``autocast_adapter_dtype``): the second adapter's
+    generator is built on the meta device, the first stays real."""
+    model = stack_model()
+    tuner = model.base_model
+    tuner.peft_config["other"] = QPAConfig(target_modules=["a", "b", "c", "d"], r=3, n_mlp=100)
+    if positional:
+        tuner.inject_adapter(tuner.model, "other", True, True)
+    else:
+        tuner.inject_adapter(tuner.model, "other", low_cpu_mem_usage=True)
+    assert tuner.generator("other").theta.is_meta
+    assert not tuner.generator("default").theta.is_meta
 
 
 def test_export_python_and_cli_entry_points(tmp_path):
@@ -642,3 +660,31 @@ def test_loading_adapters_keeps_each_generators_trainability(is_trainable, tmp_p
         flags = {p.requires_grad for p in tuner.generator(name).parameters()}
         assert flags == {trainable}, name
     assert not any(p.requires_grad for n, p in model.named_parameters() if "qpa_" not in n)
+
+
+def test_one_layer_class_per_kind_and_the_group_is_the_tuners_generator():
+    """peft's layer shape: QPALinear for Linear / Conv1D, QPAConv2d for Conv2d (both QPALayer);
+    every layer's group is the tuner's generator, reached through the unregistered
+    ``qpa_group`` (no generator parameter appears under a layer)."""
+    torch.manual_seed(0)
+
+    class ConvLin(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 2)
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.lin(self.conv(x).mean((2, 3)))
+
+    model = get_peft_model(ConvLin(), QPAConfig(target_modules=["conv", "lin"], r=2, n_mlp=16))
+    inner = model.base_model.model
+    assert type(inner.conv) is QPAConv2d and type(inner.lin) is QPALinear
+    gen = model.base_model.generator()
+    assert inner.conv.qpa_group["default"] is gen and inner.lin.qpa_group["default"] is gen
+    assert [inner.conv.qpa_index["default"], inner.lin.qpa_index["default"]] == [0, 1]
+    assert not any("theta" in n or "mlp" in n for n, _ in inner.named_parameters())
+    with pytest.raises(ValueError, match="QPALinear wraps"):
+        QPALinear(nn.Conv2d(3, 8, 2), "default", QPAConfig(target_modules=["x"]))
+    with pytest.raises(ValueError, match="QPAConv2d wraps"):
+        QPAConv2d(nn.Linear(8, 8), "default", QPAConfig(target_modules=["x"]))

@@ -172,7 +172,7 @@ def test_quic_no_grad_with_many_tokens_on_a_quantized_base(quant):
     """With no gradient and more tokens than the weight's other side, QuIC's cost model rotates
     a float base's weight instead of the activations; a quantized base's stored weight is
     packed, so it must rotate the activations — same outputs as on the dequantized float model."""
-    from qpeft.tuners.quic.layer import rotation_costs  # noqa: F401  (the cost model exists)
+    from qpeft.circuits.compound_rotation import rotation_costs  # noqa: F401  (the cost model exists)
 
     qmodel = quantized_model(quant)
     ref = reference_model(qmodel, quant)

@@ -437,7 +437,7 @@ def test_a_side_of_width_one_has_no_empty_parameter_and_everything_trains(method
 
 
 # ------------------------------------------------------------------------------------------
-# one batched generation of every circuit layer per training step (SharedCircuits)
+# one batched generation of every circuit layer per training step (CircuitGroup)
 
 
 class _Tower(nn.Module):
@@ -471,7 +471,7 @@ def _train_grads(model, x):
 def test_a_training_step_generates_all_circuit_layers_in_one_batched_call(monkeypatch) -> None:
     """Six layers, three widths: one stiefel_many call (three programs) per step instead of six
     factor pairs, with the gradients of per-layer generation (float64, 1e-12)."""
-    import qpeft.tuners._shared as shared
+    import qpeft.tuners._batched_generation as shared
     from qpeft.tuners.quantum_peft import layer as layer_module
 
     model = _tower()
@@ -503,6 +503,10 @@ def test_a_layer_left_out_of_the_forward_gets_no_gradient() -> None:
     assert all(g is not None for n, g in grads.items() if "blocks.1.o." in n or "blocks.1.v." in n)
 
 
+class _Shard(nn.Parameter):
+    """A parameter that is a tensor subclass, as FSDP2's DTensor shards are."""
+
+
 def test_a_member_that_is_no_plain_parameter_makes_each_layer_generate_alone(monkeypatch) -> None:
     """E.g. FSDP2 keeps other blocks' angles as DTensor shards: the batched call is skipped and
     every layer generates its own factors, with the same gradients."""
@@ -516,8 +520,7 @@ def test_a_member_that_is_no_plain_parameter_makes_each_layer_generate_alone(mon
     many = layer_module.stiefel_many
     monkeypatch.setattr(layer_module, "stiefel_many", lambda *a, **k: batched.append(1) or many(*a, **k))
     layer = model.base_model.model.blocks[0]["q"]
-    original = layer.qpeft_angles_u["default"]
-    monkeypatch.setattr(layer, "angles", lambda name: (original * 1.0, layer.qpeft_angles_v[name]))
+    layer.qpeft_angles_u["default"] = _Shard(layer.qpeft_angles_u["default"].detach().clone())
     model.zero_grad(set_to_none=True)
     model(x).square().sum().backward()
     assert batched == []
@@ -527,18 +530,31 @@ def test_a_member_that_is_no_plain_parameter_makes_each_layer_generate_alone(mon
 
 
 def test_copies_share_their_own_generation_and_deleting_an_adapter_leaves_it() -> None:
+    """A deep copy gets its own group, over the copy's angle stores (no custom copy code); the
+    tuner owns the groups, layers hold one reference and their slot; deleting the adapter drops
+    both."""
     import copy
 
     model = _tower()
     copied = copy.deepcopy(model)
-    groups = {id(m._qpeft_shared["default"][0]) for m in copied.modules()
-              if isinstance(m, QuantumPEFTLayer)}
-    assert len(groups) == 1
-    (group,) = {m._qpeft_shared["default"][0] for m in copied.modules() if isinstance(m, QuantumPEFTLayer)}
-    assert all(any(layer is m for m in copied.modules()) for layer in group.layers)
+    layers = [m for m in copied.modules() if isinstance(m, QuantumPEFTLayer)]
+    (group,) = {id(m.qpeft_group["default"]): m.qpeft_group["default"] for m in layers}.values()
+    assert copied.base_model.circuit_groups["default"] == [group]
+    assert group is not model.base_model.circuit_groups["default"][0]
+    assert [m.qpeft_index["default"] for m in layers] == list(range(6))
+    assert all(u is m.qpeft_angles_u and v is m.qpeft_angles_v
+               for (u, v), m in zip(group.stores, layers, strict=True))
+    assert group.shared.generate_all.__self__ is group
+    assert not any(isinstance(x, QuantumPEFTLayer) for x in vars(group).values())
     model.add_adapter("second", QuantumPEFTConfig(r=2, target_modules=["q", "v"]))
     model.delete_adapter("default")
-    assert all("default" not in m._qpeft_shared for m in model.modules() if isinstance(m, QuantumPEFTLayer))
+    assert all("default" not in m.qpeft_group and "default" not in m.qpeft_index
+               for m in model.modules() if isinstance(m, QuantumPEFTLayer))
+    assert "default" not in model.base_model.circuit_groups
     model.set_adapter("second")
     model.train()
     model(torch.randn(2, 24, dtype=torch.float64)).sum().backward()
+    # the copy trains through its own group: every angle of the copy gets a gradient
+    copied.train()
+    copied(torch.randn(2, 24, dtype=torch.float64)).sum().backward()
+    assert all(p.grad is not None for n, p in copied.named_parameters() if "angles" in n)

@@ -22,11 +22,13 @@ from qpeft.circuits.givens import givens_pairs
 from qpeft.tuners.counting import count_trainable
 from qpeft.tuners.quic import (
     QuICConfig,
-    QuICModule,
+    QuICConv2d,
+    QuICLinear,
     block_plan,
     block_rotate,
     count_reference,
     quic_free_count,
+    quic_layer_class,
     quic_reference_count,
 )
 from tests.circuits.reference import dense_givens, minors_compound
@@ -79,10 +81,10 @@ def ref_q(params: torch.Tensor, cfg: QuICConfig, d: int) -> torch.Tensor:
     return q
 
 
-def quic_layer(base: nn.Module, **kw) -> QuICModule:
+def quic_layer(base: nn.Module, **kw) -> QuICLinear | QuICConv2d:
     kw.setdefault("init_weights", False)
     kw.setdefault("target_modules", ["x"])
-    layer = QuICModule(base, "default", QuICConfig(**kw))
+    layer = quic_layer_class(base)(base, "default", QuICConfig(**kw))
     with torch.no_grad():  # spread the random start so that every block is clearly non-identity
         layer.quic_params["default"].mul_(3.0)
     return layer
@@ -360,7 +362,7 @@ def test_identity_at_init_with_live_gradients(kw):
     base = nn.Linear(12, 30).double()
     x = torch.randn(6, 12, dtype=torch.float64)
     expected = base(x)
-    layer = QuICModule(base, "default", QuICConfig(target_modules=["x"], num_blocks=2, **kw))
+    layer = quic_layer_class(base)(base, "default", QuICConfig(target_modules=["x"], num_blocks=2, **kw))
     y = layer(x)
     assert torch.equal(y, expected)
     q = layer.rotation_matrix("default", torch.float64)
@@ -524,9 +526,10 @@ _PATHS = ("explicit", "action", "weight")
 
 def _force_path(monkeypatch, path: str) -> None:
     """Make the layer's cost model pick ``path`` whatever the counts say."""
+    import qpeft.circuits.compound_rotation as rotation_mod
     import qpeft.tuners.quic.layer as layer_mod
 
-    real_order, real_rotation = layer_mod.order_costs, layer_mod.rotation_costs
+    real_order, real_rotation = rotation_mod.order_costs, rotation_mod.rotation_costs
 
     def order_costs(op, tokens, n_blocks):
         costs = real_order(op, tokens, n_blocks)
@@ -540,8 +543,8 @@ def _force_path(monkeypatch, path: str) -> None:
         costs["weight"] = -1 if path == "weight" else costs["activations"] + 1
         return costs
 
-    monkeypatch.setattr(layer_mod, "order_costs", order_costs)
-    monkeypatch.setattr(layer_mod, "rotation_costs", rotation_costs)
+    monkeypatch.setattr(rotation_mod, "order_costs", order_costs)
+    monkeypatch.setattr(layer_mod, "rotation_costs", rotation_costs)  # the layer's choose_path
 
 
 @pytest.mark.parametrize("side", ["output", "input"])
@@ -559,7 +562,7 @@ def test_three_paths_equal_dense_q_forward_and_gradients(side, orders, num_adapt
         with monkeypatch.context() as mp:
             _force_path(mp, path)
             torch.manual_seed(1)  # the same random adapter for every path
-            layer = QuICModule(copy.deepcopy(base), "default", cfg)
+            layer = quic_layer_class(base)(copy.deepcopy(base), "default", cfg)
             layer.quic_params["default"].data = layer.quic_params["default"].data.double()
             with torch.no_grad():
                 q = layer.rotation_matrix("default", torch.float64)
@@ -582,7 +585,7 @@ def test_cost_model_choices():
     compound for small n (MiniLM's n = 15 at 2,048 tokens, SmolLM2's n = 19 at 512) and for
     n = 28..51 at 2,048 tokens, where the action's memory-bound gathers make it slower; the
     rotated weight only without gradient and with more tokens than W's other side."""
-    from qpeft.tuners.quic.layer import CompoundOperator, order_costs, rotation_costs
+    from qpeft.circuits.compound_rotation import CompoundOperator, order_costs, rotation_costs
 
     def op(n, k, n_a=3):
         return CompoundOperator(torch.zeros(n_a, n, n), k)
@@ -616,7 +619,7 @@ def test_cost_model_choices():
 def test_base_matrices_equal_the_entrywise_reference_with_gradients(base_map, n):
     """The one-gather skew embedding (I + S for Cayley, S for exp) gives the reference A and the
     reference gradient, batched over leading dimensions (float64, 1e-10)."""
-    from qpeft.tuners.quic.layer import base_matrices
+    from qpeft.circuits.compound_rotation import base_matrices
 
     torch.manual_seed(n)
     params = (0.7 * torch.randn(2, 3, n * (n - 1) // 2, dtype=torch.float64)).requires_grad_()
@@ -632,7 +635,7 @@ def test_base_matrices_equal_the_entrywise_reference_with_gradients(base_map, n)
 
 
 # ---------------------------------------------------------------------------------------------
-# the one-node explicit paths (_BlockRotate, _RotatedLinear) against dense Q with autograd
+# the one-node explicit paths (BlockRotate, RotatedLinear) against dense Q with autograd
 
 
 def _dense_q(mats: list[torch.Tensor], plan) -> torch.Tensor:
@@ -656,7 +659,7 @@ def _grads(out: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor,
 ])
 @pytest.mark.parametrize("with_fixed", [False, True])
 def test_block_rotate_node_matches_dense_q_with_gradients(d, n_blocks, orders, shared, with_fixed):
-    """block_rotate on explicit matrices (one _BlockRotate node): Q (v − f) + f and the
+    """block_rotate on explicit matrices (one BlockRotate node): Q (v − f) + f and the
     gradients in v, every block matrix and f equal autograd through the dense Q (float64)."""
     plan = block_plan(d, n_blocks, orders)
     gen = torch.Generator().manual_seed(d)
@@ -689,9 +692,9 @@ def test_block_rotate_node_double_backward():
 @pytest.mark.parametrize("tokens", [5, 40])  # fewer / more tokens than d_in: both grad x forms
 @pytest.mark.parametrize("bias,shared", [(True, False), (False, True)])
 def test_rotated_linear_node_matches_dense_q_with_gradients(tokens, bias, shared):
-    """_RotatedLinear: Q (x Wᵀ) + b and the gradients in x, the block matrices and b equal
+    """RotatedLinear: Q (x Wᵀ) + b and the gradients in x, the block matrices and b equal
     autograd through F.linear and the dense Q (float64), whichever side grad x rotates."""
-    from qpeft.tuners.quic.layer import _RotatedLinear
+    from qpeft.circuits.compound_rotation import RotatedLinear
 
     plan = block_plan(26, 2, [1, 2])
     gen = torch.Generator().manual_seed(tokens)
@@ -700,7 +703,7 @@ def test_rotated_linear_node_matches_dense_q_with_gradients(tokens, bias, shared
     weight = torch.randn(26, 17, generator=gen, dtype=torch.float64)
     b = torch.randn(26, generator=gen, dtype=torch.float64).requires_grad_() if bias else None
     x = torch.randn(tokens, 17, generator=gen, dtype=torch.float64).requires_grad_()
-    got = _RotatedLinear.apply(x, weight, plan, *mats, *([b] if bias else []))
+    got = RotatedLinear.apply(x, weight, plan, *mats, *([b] if bias else []))
     want = torch.nn.functional.linear(x, weight) @ _dense_q(mats, plan).T
     if bias:
         want = want + b
@@ -734,13 +737,13 @@ class _LinearSubclass(nn.Linear):
 @pytest.mark.parametrize("tokens", [4, 60])
 def test_fused_layer_forward_equals_the_rotate_around_base_path(kind, tokens, monkeypatch):
     """An output-side adapter on a frozen plain Linear / Conv1D trains through one
-    _RotatedLinear node; its output and gradients (input, adapter) equal those of the path
+    RotatedLinear node; its output and gradients (input, adapter) equal those of the path
     that rotates the base layer's output (a Linear subclass, float64, 1e-10)."""
-    import qpeft.tuners.quic.layer as layer_mod
+    from qpeft.circuits.compound_rotation import RotatedLinear
 
     calls = []
-    real_apply = layer_mod._RotatedLinear.apply
-    monkeypatch.setattr(layer_mod._RotatedLinear, "apply",
+    real_apply = RotatedLinear.apply
+    monkeypatch.setattr(RotatedLinear, "apply",
                         lambda *a: calls.append(1) or real_apply(*a))
     torch.manual_seed(0)
     if kind == "linear":
@@ -784,7 +787,7 @@ def test_a_hooked_base_layer_is_not_computed_by_hand():
     (True, "output", 6), (False, "output", 40), (True, "input", 6),
 ])
 def test_one_node_paths_compile_in_one_graph(bias, side, tokens):
-    """torch.compile(fullgraph=True) traces the _RotatedLinear / _BlockRotate nodes, forward and
+    """torch.compile(fullgraph=True) traces the RotatedLinear / BlockRotate nodes, forward and
     backward (no graph break), and gives eager's output and gradients (float64)."""
     torch.manual_seed(0)
     layer = quic_layer(nn.Linear(23, 40, bias=bias, dtype=torch.float64).requires_grad_(False),
@@ -798,3 +801,58 @@ def test_one_node_paths_compile_in_one_graph(bias, side, tokens):
         results.append((y.detach(), *_grads(y, [x, layer.quic_params["default"]])))
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+def test_choose_path_names_each_path_and_why():
+    """The layer's one path choice: the rotated weight for many tokens without gradient, the
+    fused node on a frozen plain linear at few tokens, the general path for an input-side
+    adapter, a trainable base, a Linear subclass, a Conv2d base or two adapters."""
+    from qpeft.tuners.quic.layer import ForwardPath, choose_path
+
+    def choice(layer, x, kept=("default",)):
+        ops = {name: layer.forward_matrices(name) for name in kept}
+        return choose_path(layer, list(kept), x, ops, extra_args=False)
+
+    frozen = nn.Linear(23, 40, dtype=torch.float64).requires_grad_(False)
+    layer = quic_layer(frozen, num_blocks=3, orders=[1, 2])
+    layer.double()
+    few = torch.randn(4, 23, dtype=torch.float64)
+    assert choice(layer, few).path is ForwardPath.FUSED_LINEAR
+    with torch.no_grad():
+        many = choice(layer, torch.randn(4096, 23, dtype=torch.float64))
+    assert many.path is ForwardPath.ROTATED_WEIGHT and "cheaper" in many.reason
+    trainable = quic_layer(nn.Linear(23, 40, dtype=torch.float64), num_blocks=3).double()
+    assert "trainable base" in choice(trainable, few).reason
+    assert choice(trainable, few).path is ForwardPath.AROUND_BASE
+    inp = quic_layer(frozen, num_blocks=3, side="input").double()
+    assert choice(inp, torch.randn(4, 23, dtype=torch.float64)).reason == "input-side adapter"
+    sub = quic_layer(_LinearSubclass(23, 40, dtype=torch.float64), num_blocks=3).double()
+    assert choice(sub, few).path is ForwardPath.AROUND_BASE
+    conv = quic_layer(nn.Conv2d(3, 12, 2, dtype=torch.float64), num_blocks=2).double()
+    assert choice(conv, torch.randn(1, 3, 4, 4, dtype=torch.float64)).reason == "Conv2d base"
+    layer.update_layer("other", QuICConfig(target_modules=["x"], num_blocks=3))
+    layer.double()
+    assert choice(layer, few, ("default", "other")).path is ForwardPath.AROUND_BASE
+
+
+def test_one_layer_class_per_kind():
+    """peft's layer shape: QuICModel wraps a Linear / Conv1D in QuICLinear and a Conv2d in
+    QuICConv2d (both QuICLayer); each class refuses the other kind."""
+    model = get_peft_model(_LinearConv(), QuICConfig(target_modules=["lin", "conv"], num_blocks=2))
+    inner = model.base_model.model
+    assert type(inner.lin) is QuICLinear and type(inner.conv) is QuICConv2d
+    cfg = QuICConfig(target_modules=["x"], num_blocks=2)
+    with pytest.raises(ValueError, match="QuICLinear wraps"):
+        QuICLinear(nn.Conv2d(3, 8, 2), "default", cfg)
+    with pytest.raises(ValueError, match="QuICConv2d wraps"):
+        QuICConv2d(nn.Linear(8, 8), "default", cfg)
+
+
+class _LinearConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 2)
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(self.conv(x).mean((2, 3)))

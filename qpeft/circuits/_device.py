@@ -3,7 +3,7 @@
 A few places pick their kernels by device, because launching a kernel costs far more on an
 accelerator than on the CPU: :func:`qpeft.circuits.compound.compound_apply` (order-2 action:
 a cache-blocked CPU kernel, or a few large mode products on an accelerator) and QuIC's cost
-model (``qpeft.tuners.quic.layer.order_costs``). They ask :func:`accelerator_path`.
+model (``qpeft.circuits.compound_rotation.order_costs``). They ask :func:`accelerator_path`.
 
 :func:`force_accelerator_path` makes CPU tensors take the accelerator's path too: the same
 values (both paths compute the same function), other kernels. ``benchmarks/dispatch.py`` uses

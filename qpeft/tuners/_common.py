@@ -23,7 +23,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from qpeft.tuners._shared import same_values
+from qpeft.tuners._batched_generation import same_values
 
 try:  # peft >= 0.21: one object per quantized layer that dequantizes / requantizes its weight
     from peft.utils.quantization_utils import resolve_quantization_backend
@@ -115,7 +115,7 @@ class QpeftTuner(BaseTuner):
     Execution model: every layer computes its output from its own parameters inside its own
     forward (circuits, compounds and QPA slices are generated there; the one value shared
     across layers, QPA's circuit probabilities, is an autograd node built to be invisible to
-    wrappers: ``qpeft.tuners._shared``), so gradient checkpointing, FSDP's per-layer
+    wrappers: ``qpeft.tuners._batched_generation``), so gradient checkpointing, FSDP's per-layer
     unsharding, ``torch.compile`` and per-row adapter routing see an ordinary module."""
 
     method_label: str = "qpeft"

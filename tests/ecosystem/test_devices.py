@@ -192,7 +192,7 @@ def test_compound_action_on_the_gpu_equals_the_cpu(k: int) -> None:
 @needs_cuda
 def test_same_values_on_the_gpu_compares_every_tensor() -> None:
     """The one-sync comparison on an accelerator: any differing entry of any tensor counts."""
-    from qpeft.tuners._shared import same_values
+    from qpeft.tuners._batched_generation import same_values
 
     params = [torch.randn(5, 3, device=CUDA), torch.randn(7, device=CUDA)]
     snapshot = [p.clone() for p in params]

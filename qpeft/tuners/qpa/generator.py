@@ -28,7 +28,7 @@ from torch import nn
 
 from qpeft.circuits._checks import check_positive_int
 from qpeft.circuits.statevector import MAX_QUBITS, qnn_num_params, qnn_probabilities
-from qpeft.tuners._shared import SharedOutputs
+from qpeft.tuners._batched_generation import BatchedGeneration
 
 REFERENCE_HIDDEN = (32, 64, 128, 128, 64, 32, 32)
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "none")
@@ -120,7 +120,7 @@ def _circuit_probabilities(theta: torch.Tensor) -> torch.Tensor:
 
 
 def _all_probabilities(params: list[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
-    """:func:`_circuit_probabilities` for :class:`SharedOutputs`' one member (the generator)."""
+    """:func:`_circuit_probabilities` for :class:`BatchedGeneration`' one member (the generator)."""
     return [(_circuit_probabilities(theta),) for (theta,) in params]
 
 
@@ -144,7 +144,7 @@ class QPAGenerator(nn.Module):
     the MLP is affine, else from every chunk's hidden activations). So each adapted layer can
     generate its own factors inside its own forward. While training, the first layer's
     :meth:`factors` generates every layer's numbers in one call (circuit and MLP) and the
-    others read theirs (``_generated``, a :class:`SharedOutputs`); where that cannot batch (a
+    others read theirs (``_generated``, a :class:`BatchedGeneration`); where that cannot batch (a
     sharded or offloaded generator) each layer generates its own slice, sharing only the
     circuit's probabilities (``_probabilities``). Cost of a full generation: O(L*N*2**N)
     circuit + O(n_ch * (sum of MLP layer sizes)) MLP."""
@@ -214,12 +214,12 @@ class QPAGenerator(nn.Module):
         self.out_multiplier = float(out_multiplier)
         self.gain = nn.Parameter(torch.full((1,), float(gain_init))) if output_gain else None
         # while training, the first layer's forward generates every layer's numbers (circuit and
-        # MLP, one call) and the others read their slices (qpeft.tuners._shared: why that is
+        # MLP, one call) and the others read their slices (qpeft.tuners._batched_generation: why that is
         # safe under any wrapper); where that cannot batch (a sharded or offloaded generator),
         # each layer runs the MLP on its own chunks, reading one shared circuit simulation
-        self._generated = SharedOutputs(self._generate_all_from, self._generate_one_from,
+        self._generated = BatchedGeneration(self._generate_all_from, self._generate_one_from,
                                         n_outputs=len(self.shapes))
-        self._probabilities = SharedOutputs(_all_probabilities, _one_probabilities, n_outputs=1)
+        self._probabilities = BatchedGeneration(_all_probabilities, _one_probabilities, n_outputs=1)
         idx = torch.arange(self.n_chunks)
         bits = (idx.unsqueeze(1) >> torch.arange(self.n_qubits)) & 1
         self.register_buffer("bits", (1 - 2 * bits).float(), persistent=False)
@@ -271,7 +271,7 @@ class QPAGenerator(nn.Module):
     def transformed_probabilities(self) -> torch.Tensor:
         """``p~`` [2**N] from the circuit (see the module docstring). O(L*N*2**N) the first time
         in a training step; the probabilities are then shared while theta keeps its values
-        (:class:`qpeft.tuners._shared.SharedOutputs`), the O(2**N) transform is not."""
+        (:class:`qpeft.tuners._batched_generation.BatchedGeneration`), the O(2**N) transform is not."""
         theta = self.theta
         (p,) = self._probabilities.outputs(0, (theta,), lambda: [(theta,)])
         return self._transform(p)
@@ -351,7 +351,7 @@ class QPAGenerator(nn.Module):
 
     def _generate_from(self, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The flat vector [m] from ``params`` (as :meth:`_shared_params` orders them) in place of
-        the generator's own: the pure function :class:`SharedOutputs` runs."""
+        the generator's own: the pure function :class:`BatchedGeneration` runs."""
         theta, *mlp = params
         layers = self._effective(list(zip(mlp[0::2], mlp[1::2], strict=True)))
         return self._generate_span(0, self.m, self._transform(_circuit_probabilities(theta)), layers)

@@ -1,11 +1,14 @@
-"""QPA tuner layer: adds ``(alpha/r) * lora_B @ lora_A`` with factors sliced from the shared generator.
+"""QPA tuner layers: add ``(alpha/r) * lora_B @ lora_A`` with factors sliced from the shared generator.
 
-Where the generator lives: in the ``qpa_generator`` ModuleDict of the tuner (:class:`QPAModel`),
-outside every layer, so peft saves, loads and freezes it like a model-level adapter tensor and a
-wrapper that shards per block (FSDP) keeps it with the root, unsharded during every layer's
-forward and backward. Each layer reaches it through a plain-dict reference
-``_qpa_shared[adapter]`` (not a registered submodule) and generates its own slice of the factors
-inside its own forward.
+Layer shape (``docs/architecture.md``, "Layer shape"): the :class:`QPALayer` mixin holds the
+adapter-name-keyed state, :class:`QPALinear` / :class:`QPAConv2d` the per-kind forward. QPA's
+trainable tensors are not the layers': they live in the adapter's :class:`QPAGenerator`, in the
+``qpa_generator`` ModuleDict of the tuner (:class:`QPAModel`), so peft saves, loads and freezes
+it like a model-level adapter tensor and a wrapper that shards per block (FSDP) keeps it with
+the root, unsharded during every layer's forward and backward. A layer holds plain data (rank,
+scaling, its member index ``qpa_index``) and one unregistered reference to its group,
+``qpa_group[adapter]`` (the generator), the same mechanism as Quantum-PEFT's circuit groups;
+it generates its own slice of the factors inside its own forward.
 """
 
 from __future__ import annotations
@@ -16,30 +19,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qpeft.tuners._common import WeightMergeLayer, matrix_to_weight
+from qpeft.tuners._common import WeightMergeLayer, layer_kind, matrix_to_weight
 from qpeft.tuners.qpa.generator import QPAGenerator
 
 
-class QPALayer(nn.Module, WeightMergeLayer):
-    """Wraps an ``nn.Linear``, transformers ``Conv1D`` or ``nn.Conv2d`` (groups=1).
+class QPALayer(WeightMergeLayer):
+    """Mixin holding QPA's per-adapter state of one adapted layer, keyed by adapter name:
+    ``qpa_r`` / ``qpa_scaling`` (numbers), ``qpa_dropout`` (ModuleDict), ``qpa_index`` (this
+    layer's slot in the generator) and ``qpa_group`` (the generator, owned by the tuner; not a
+    registered submodule). No trainable tensor is the layer's own (``adapter_layer_names`` is
+    empty): they are the generator's.
 
-    Forward: ``base(x) + scaling * (dropout(x) @ lora_A.T @ lora_B.T)`` (Conv2d: a conv with
-    ``lora_A`` viewed as [r, in_ch, kh, kw], then a 1x1 conv with ``lora_B``), O(r (d_in + d_out))
-    per token like LoRA; the layer's factors are generated in its forward (:meth:`QPAGenerator.factors`)."""
+    Forward: ``base(x) + scaling * (dropout(x) @ lora_A.T @ lora_B.T)``, O(r (d_in + d_out)) per
+    token like LoRA; the factors are generated in the forward (:meth:`QPAGenerator.factors`)."""
 
     adapter_layer_names = ()
-    other_param_names = ("qpa_r", "qpa_scaling", "qpa_index", "qpa_dropout", "_qpa_shared")
+    other_param_names = ("qpa_r", "qpa_scaling", "qpa_index", "qpa_dropout", "qpa_group")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any) -> None:
-        super().__init__()
-        self._init_base_layer(base_layer)
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self._init_base_layer(base_layer, **kwargs)
         self.qpa_dropout = nn.ModuleDict({})
         self.qpa_r: dict[str, int] = {}
         self.qpa_scaling: dict[str, float] = {}
         self.qpa_index: dict[str, int] = {}
-        self._qpa_shared: dict[str, QPAGenerator] = {}
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
+        self.qpa_group: dict[str, QPAGenerator] = {}
 
     def update_layer(self, adapter_name: str, config: Any) -> None:
         """Record the adapter's rank, scaling and dropout; the generator is attached later by the
@@ -50,12 +53,12 @@ class QPALayer(nn.Module, WeightMergeLayer):
         self.qpa_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
 
     def attach_generator(self, adapter_name: str, generator: QPAGenerator, index: int) -> None:
-        """Point this layer at the shared ``generator`` (its slot ``index``)."""
-        self._qpa_shared[adapter_name] = generator
+        """Join the adapter's group: the tuner's ``generator``, this layer in slot ``index``."""
+        self.qpa_group[adapter_name] = generator
         self.qpa_index[adapter_name] = index
 
     def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        generator = self._qpa_shared[adapter_name]
+        generator = self.qpa_group[adapter_name]
         index = self.qpa_index[adapter_name]
         return self._generated(adapter_name, list(generator.parameters()),
                                lambda: generator.factors(index))
@@ -74,7 +77,7 @@ class QPALayer(nn.Module, WeightMergeLayer):
         return self.kind != "conv2d"
 
     def _owns_adapter(self, adapter_name: str) -> bool:
-        return adapter_name in self._qpa_shared
+        return adapter_name in self.qpa_group
 
     def _merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         """W + ΔW. O(d_out d_in r)."""
@@ -85,16 +88,8 @@ class QPALayer(nn.Module, WeightMergeLayer):
         return weight - self.get_delta_weight(adapter_name).to(weight.dtype)
 
     def _delta_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        lora_b, lora_a = self._factors(adapter_name)
-        scaling = self.qpa_scaling[adapter_name]
-        h = self.qpa_dropout[adapter_name](x).to(lora_a.dtype)
-        if self.kind == "conv2d":
-            base = self.get_base_layer()
-            r = lora_a.shape[0]
-            a = lora_a.view(r, *base.weight.shape[1:])
-            h = F.conv2d(h, a, None, base.stride, base.padding, base.dilation)
-            return F.conv2d(h, lora_b.view(lora_b.shape[0], r, 1, 1)) * scaling
-        return (h @ lora_a.T) @ lora_b.T * scaling
+        """``scaling * B·A`` applied to ``dropout(x)``, in the factors' dtype."""
+        raise NotImplementedError
 
     def _forward_active(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -106,8 +101,59 @@ class QPALayer(nn.Module, WeightMergeLayer):
                    *args: Any, **kwargs: Any) -> torch.Tensor:
         return base_out + self._delta_output(x, adapter_name).to(base_out.dtype)
 
+
+class QPALinear(nn.Module, QPALayer):
+    """QPA on ``nn.Linear`` or transformers' ``Conv1D``: x [..., d_in] -> [..., d_out]."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any, **kwargs: Any) -> None:
+        super().__init__()
+        QPALayer.__init__(self, base_layer, **kwargs)
+        if self.kind not in ("linear", "conv1d"):
+            raise ValueError(f"QPALinear wraps nn.Linear / Conv1D, got {self.kind}")
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def _delta_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        lora_b, lora_a = self._factors(adapter_name)
+        h = self.qpa_dropout[adapter_name](x).to(lora_a.dtype)
+        return (h @ lora_a.T) @ lora_b.T * self.qpa_scaling[adapter_name]
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._forward_dispatch(x, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "qpa." + super().__repr__()
+
+
+class QPAConv2d(nn.Module, QPALayer):
+    """QPA on ``nn.Conv2d`` (groups=1): a conv with ``lora_A`` viewed as [r, in_ch, kh, kw]
+    (the base's stride / padding / dilation), then a 1x1 conv with ``lora_B``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any, **kwargs: Any) -> None:
+        super().__init__()
+        QPALayer.__init__(self, base_layer, **kwargs)
+        if self.kind != "conv2d":
+            raise ValueError(f"QPAConv2d wraps nn.Conv2d, got {self.kind}")
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def _delta_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        lora_b, lora_a = self._factors(adapter_name)
+        scaling = self.qpa_scaling[adapter_name]
+        h = self.qpa_dropout[adapter_name](x).to(lora_a.dtype)
+        base = self.get_base_layer()
+        r = lora_a.shape[0]
+        a = lora_a.view(r, *base.weight.shape[1:])
+        h = F.conv2d(h, a, None, base.stride, base.padding, base.dilation)
+        return F.conv2d(h, lora_b.view(lora_b.shape[0], r, 1, 1)) * scaling
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._forward_dispatch(x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "qpa." + super().__repr__()
+
+
+def qpa_layer_class(base_layer: nn.Module) -> type[QPALinear] | type[QPAConv2d]:
+    """The QPA layer class for ``base_layer``'s kind (ValueError for unsupported layers)."""
+    return QPAConv2d if layer_kind(base_layer) == "conv2d" else QPALinear

@@ -15,7 +15,7 @@ from qpeft.tuners._common import QpeftTuner
 from qpeft.tuners.qpa.config import QPAConfig, build_generator
 from qpeft.tuners.qpa.export import lora_tensors
 from qpeft.tuners.qpa.generator import QPAGenerator
-from qpeft.tuners.qpa.layer import QPALayer
+from qpeft.tuners.qpa.layer import QPALayer, qpa_layer_class
 
 __all__ = ["QPAModel", "build_generator"]  # build_generator lives in config.py (no import cycle)
 
@@ -23,12 +23,12 @@ __all__ = ["QPAModel", "build_generator"]  # build_generator lives in config.py 
 class QPAModel(QpeftTuner):
     """Quantum Parameter Adaptation as a peft tuner (``qpeft.QPAConfig``, prefix ``qpa_``).
 
-    After peft injects a :class:`QPALayer` into every targeted module, :meth:`inject_adapter`
+    After peft injects a QPA layer (:class:`QPALinear` / :class:`QPAConv2d`) into every targeted module, :meth:`inject_adapter`
     builds one :class:`QPAGenerator` for all of them (slicing order = module order), registers it
     in this tuner's ``qpa_generator`` ModuleDict (checkpoint key ``base_model.qpa_generator.*``)
     and records the layout in ``config.layout``. Each layer generates its own slice of the
     factors in its forward; while training, the whole generation (circuit and MLP) runs once
-    per step and is shared (``qpeft.tuners._shared``)."""
+    per step and is shared (``qpeft.tuners._batched_generation``)."""
 
     prefix: str = "qpa_"
     method_label = "QPA"
@@ -40,7 +40,7 @@ class QPAModel(QpeftTuner):
         target.update_layer(adapter_name, config)
 
     def _new_layer(self, target: nn.Module, adapter_name: str, config: Any, module_name: str) -> nn.Module:
-        return QPALayer(target, adapter_name, config)
+        return qpa_layer_class(target)(target, adapter_name, config)
 
     def _generators(self) -> nn.ModuleDict:
         """The ``qpa_generator`` ModuleDict of this tuner, created on first use (peft builds the
@@ -52,8 +52,16 @@ class QPAModel(QpeftTuner):
         return gens
 
     def inject_adapter(
-        self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        """peft's injection (``BaseTuner.inject_adapter``, same signature), then one
+        :class:`QPAGenerator` for the adapter's layers, registered in ``qpa_generator``; built on
+        the meta device when ``low_cpu_mem_usage`` (peft assigns the loaded tensors later)."""
         # peft keeps the trainability of the parameters that already exist when an adapter is
         # added, but only looks inside the wrapped model: the generators live on the tuner
         existing = {
@@ -61,12 +69,12 @@ class QPAModel(QpeftTuner):
             for name, gen in self._generators().items() if name != adapter_name
             for p in gen.parameters()
         }
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        super().inject_adapter(
+            model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
+        )
         for param, requires_grad in existing.items():
             param.requires_grad_(requires_grad)
-        low_cpu_mem_usage = bool(kwargs.get("low_cpu_mem_usage", False))
-        if len(args) >= 2:
-            low_cpu_mem_usage = bool(args[1])
         config: QPAConfig = self.peft_config[adapter_name]
         layers = [
             (name, module)
@@ -120,11 +128,10 @@ class QPAModel(QpeftTuner):
             if generator.theta.dtype in (torch.float16, torch.bfloat16):
                 generator.float()
 
-    def set_adapter(self, adapter_name: str | list[str], *args: Any, **kwargs: Any) -> None:
-        """peft's ``set_adapter``; the generators (outside the layers) follow: only the active
-        adapters' train, none with ``inference_mode=True``."""
-        super().set_adapter(adapter_name, *args, **kwargs)
-        inference_mode = bool(kwargs.get("inference_mode", args[0] if args else False))
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """peft's ``set_adapter`` (same signature); the generators (outside the layers) follow:
+        only the active adapters' train, none with ``inference_mode=True``."""
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
         active = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name, generator in self._generators().items():
             generator.requires_grad_(name in active and not inference_mode)

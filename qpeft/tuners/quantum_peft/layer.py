@@ -8,7 +8,6 @@ cast to the input's dtype. The forward costs like LoRA at rank K plus the genera
 
 from __future__ import annotations
 
-import copy
 import math
 import zlib
 from dataclasses import dataclass
@@ -19,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qpeft.circuits.stiefel import stiefel_init, stiefel_many, stiefel_num_params, stiefel_pair
+from qpeft.tuners._batched_generation import BatchedGeneration, Params
 from qpeft.tuners._common import WeightMergeLayer, matrix_to_weight
-from qpeft.tuners._shared import Params, SharedOutputs
 
 from .config import QuantumPEFTConfig
 
@@ -113,25 +112,34 @@ def stiefel_factors(spec: AdapterSpec, angles: Params) -> tuple[torch.Tensor, to
 
 
 def is_circuit_layer(spec: AdapterSpec, angles: Params) -> bool:
-    """Both sides are circuits with free angles: the layers :class:`SharedCircuits` batches."""
+    """Both sides are circuits with free angles: the layers a :class:`CircuitGroup` batches."""
     return all(m in ANGLE_PARAMETERIZATIONS for m in (spec.method_u, spec.method_v)) and all(
         a.numel() for a in angles)
 
 
-class SharedCircuits:
-    """The circuit factors (U, V) of every circuit layer of one adapter (its *members*),
-    generated as one batched program per width (:func:`stiefel_many`) by the first layer that
-    asks in a training step and shared through :class:`SharedOutputs` (see
-    ``qpeft/tuners/_shared.py``: why that is correct under checkpointing, FSDP, DDP, compile).
-    E.g. SmolLM2's 30 q_proj and 30 v_proj layers: two programs (widths 576 and 192) instead of
-    60. Outside training, or when some member cannot be read as a plain parameter, a layer
-    generates its own factors as before."""
+class CircuitGroup:
+    """The circuit layers of one adapter with one (r, depth, circuit dtype) — its *members* —
+    whose factors (U, V) are generated as one batched program per width (:func:`stiefel_many`)
+    by the first member that asks in a training step and handed to the others through
+    :class:`BatchedGeneration` (``qpeft/tuners/_batched_generation.py``: why that is correct
+    under checkpointing, FSDP, DDP, compile). E.g. SmolLM2's 30 q_proj and 30 v_proj layers:
+    two programs (widths 576 and 192) instead of 60. Outside training, or when some member cannot
+    be read as a plain parameter, a layer generates its own factors.
 
-    def __init__(self, layers: list[QuantumPEFTLayer], adapter_name: str) -> None:
-        self.layers = layers
+    Owned by the tuner (``QuantumPEFTModel.circuit_groups``); a member layer holds plain data
+    (``qpeft_index[adapter]``, its slot) and one unregistered reference to this group
+    (``qpeft_group[adapter]``), as a QPA layer does to its generator. The group holds what it
+    batches over, the members' angle stores (their ``qpeft_angles_u`` / ``qpeft_angles_v``
+    ParameterDicts, read by adapter name at every generation, so parameters replaced in them —
+    a low-memory load, FSDP — are seen), never a layer. ``copy.deepcopy`` / pickling a model
+    copy it once, with the members' stores (Python's memo): no custom copy code."""
+
+    def __init__(self, adapter_name: str, specs: list[AdapterSpec],
+                 stores: list[tuple[nn.ParameterDict, nn.ParameterDict]]) -> None:
         self.adapter_name = adapter_name
-        self.specs = [layer.qpeft_spec[adapter_name] for layer in layers]
-        self.shared = SharedOutputs(self.generate_all, self.generate_one, n_outputs=2)
+        self.specs = specs
+        self.stores = stores
+        self.shared = BatchedGeneration(self.generate_all, self.generate_one, n_outputs=2)
 
     def generate_one(self, member: int, angles: Params) -> tuple[torch.Tensor, torch.Tensor]:
         return stiefel_factors(self.specs[member], angles)
@@ -148,25 +156,14 @@ class SharedCircuits:
 
     def gather(self) -> list[Params] | None:
         """Every member's current (angles_u, angles_v); None if a member lost the adapter."""
-        params = []
-        for layer in self.layers:
-            if self.adapter_name not in layer.qpeft_lambda:
-                return None
-            params.append(layer.angles(self.adapter_name))
-        return params
+        name = self.adapter_name
+        if any(name not in u or name not in v for u, v in self.stores):
+            return None
+        return [(u[name], v[name]) for u, v in self.stores]
 
     def outputs(self, member: int, angles: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        """Member ``member``'s (U, V) given its own current ``angles``."""
         return self.shared.outputs(member, angles, self.gather)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> SharedCircuits:
-        # registered before the layers are copied: every copied layer then points at this one
-        # (the layers may still be half-built here: nothing is read from them)
-        new = SharedCircuits.__new__(SharedCircuits)
-        memo[id(self)] = new
-        new.layers = copy.deepcopy(self.layers, memo)
-        new.adapter_name, new.specs = self.adapter_name, list(self.specs)
-        new.shared = SharedOutputs(new.generate_all, new.generate_one, n_outputs=2)
-        return new
 
 
 class QuantumPEFTLayer(WeightMergeLayer):
@@ -177,7 +174,7 @@ class QuantumPEFTLayer(WeightMergeLayer):
     domains only, ``qpeft_gain[name]`` [1]."""
 
     adapter_layer_names = ("qpeft_angles_u", "qpeft_angles_v", "qpeft_lambda", "qpeft_gain")
-    other_param_names = ("qpeft_r", "qpeft_spec", "_qpeft_shared")
+    other_param_names = ("qpeft_r", "qpeft_spec", "qpeft_group", "qpeft_index")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self._init_base_layer(base_layer, **kwargs)
@@ -187,8 +184,10 @@ class QuantumPEFTLayer(WeightMergeLayer):
         self.qpeft_gain = nn.ParameterDict({})
         self.qpeft_r: dict[str, int] = {}
         self.qpeft_spec: dict[str, AdapterSpec] = {}
-        # adapter -> (its SharedCircuits, this layer's member index); set by the tuner
-        self._qpeft_shared: dict[str, tuple[SharedCircuits, int]] = {}
+        # adapter -> its CircuitGroup (owned by the tuner, not a registered submodule) and this
+        # layer's slot in it; set by the tuner, absent for a layer that generates alone
+        self.qpeft_group: dict[str, CircuitGroup] = {}
+        self.qpeft_index: dict[str, int] = {}
 
     def update_layer(self, adapter_name: str, config: QuantumPEFTConfig, module_name: str = "") -> None:
         """Create adapter ``adapter_name`` from ``config`` on this layer. ``module_name`` names the
@@ -258,12 +257,11 @@ class QuantumPEFTLayer(WeightMergeLayer):
         """(U [d_out, K], V [d_in, K]) with orthonormal columns, in the adapter's circuit dtype,
         generated from the current angles. Cost O(L·n·N·K) for Pauli circuits; O(N·K²) for Lie
         maps; never N x N. While training, a layer whose two sides are circuits reads them from
-        its adapter's :class:`SharedCircuits` (every layer's circuits in one batched call)."""
-        shared = self._qpeft_shared.get(adapter_name)
-        if shared is None:
+        its adapter's :class:`CircuitGroup` (every layer's circuits in one batched call)."""
+        group = self.qpeft_group.get(adapter_name)
+        if group is None:
             return stiefel_factors(self.qpeft_spec[adapter_name], self.angles(adapter_name))
-        circuits, member = shared
-        return circuits.outputs(member, self.angles(adapter_name))
+        return group.outputs(self.qpeft_index[adapter_name], self.angles(adapter_name))
 
     def effective_lambda(self, adapter_name: str) -> torch.Tensor:
         """λ_eff [K] in the circuit dtype: domain map, quantization, intrinsic-rank mask and
@@ -401,7 +399,7 @@ class QuantumPEFTConv2d(nn.Module, QuantumPEFTLayer):
 
 __all__ = [
     "AdapterSpec",
-    "SharedCircuits",
+    "CircuitGroup",
     "QuantumPEFTConv2d",
     "QuantumPEFTLayer",
     "QuantumPEFTLinear",

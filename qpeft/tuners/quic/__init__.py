@@ -4,6 +4,7 @@ Importing this package registers the method (and ``PeftType.QUIC`` with peft, pr
 The folder: ``config.py``, ``layer.py``, ``model.py``, ``export.py`` (circuits),
 ``peft_matrix.py`` and ``method.py`` (:data:`METHOD`)."""
 
+from qpeft.circuits.compound_rotation import base_matrices, block_rotate
 from qpeft.tuners.registry import register_method
 
 from .config import (
@@ -15,7 +16,7 @@ from .config import (
     quic_free_count,
     quic_reference_count,
 )
-from .layer import QuICLayer, QuICModule, base_matrices, block_rotate
+from .layer import QuICConv2d, QuICLayer, QuICLinear, quic_layer_class
 from .method import METHOD
 from .model import QuICModel
 
@@ -25,13 +26,15 @@ __all__ = [
     "METHOD",
     "BlockPlan",
     "QuICConfig",
+    "QuICConv2d",
     "QuICLayer",
     "QuICModel",
-    "QuICModule",
+    "QuICLinear",
     "base_map_num_params",
     "base_matrices",
     "block_rotate",
     "block_plan",
+    "quic_layer_class",
     "count_reference",
     "quic_free_count",
     "quic_reference_count",

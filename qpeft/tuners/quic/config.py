@@ -19,6 +19,7 @@ from peft.config import PeftConfig
 from qpeft._peft_registry import ensure_peft_type
 from qpeft.circuits._checks import check_choice, check_positive_int
 from qpeft.circuits.compound import compound_dim, largest_block_size
+from qpeft.circuits.compound_rotation import BlockPlan
 from qpeft.circuits.givens import GIVENS_LAYOUTS, givens_num_params
 
 BASE_MAPS = ("cayley", "exp", "rbs", "free")
@@ -41,34 +42,6 @@ def check_orders(orders: object) -> tuple[int, ...]:
     if len(set(items)) != len(items):
         raise ValueError(f"orders must be distinct, got {items!r}")
     return tuple(sorted(items))
-
-
-@dataclass(frozen=True)
-class BlockPlan:
-    """How a rotated dimension ``d`` is cut into QuIC blocks.
-
-    ``block_size`` b = d // num_blocks; ``n`` the base-matrix size; ``dims[j] = C(n, orders[j])``;
-    ``d_comp = sum(dims)``; ``pad = b - d_comp`` identity rows inside each block; ``leftover =
-    d - num_blocks * b`` identity rows after the last block."""
-
-    d: int
-    num_blocks: int
-    orders: tuple[int, ...]
-    block_size: int
-    n: int
-    dims: tuple[int, ...]
-
-    @property
-    def d_comp(self) -> int:
-        return sum(self.dims)
-
-    @property
-    def pad(self) -> int:
-        return self.block_size - self.d_comp
-
-    @property
-    def leftover(self) -> int:
-        return self.d - self.num_blocks * self.block_size
 
 
 def block_plan(d: int, num_blocks: int, orders: Sequence[int]) -> BlockPlan:

@@ -24,6 +24,7 @@ from torch import nn
 
 from qpeft.circuits.builders import orthogonal_rbs_circuit, rbs_circuit
 from qpeft.circuits.compound import compound_dim
+from qpeft.circuits.compound_rotation import base_matrices
 from qpeft.circuits.ir import Circuit
 from qpeft.tuners._export import (
     CircuitRecord,
@@ -35,7 +36,6 @@ from qpeft.tuners._export import (
     tensors_by_module,
 )
 from qpeft.tuners.quic.config import QuICConfig, base_map_num_params
-from qpeft.tuners.quic.layer import base_matrices
 
 Record = CircuitRecord | SkipRecord
 
@@ -190,7 +190,7 @@ def oft_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Tensor]
     blocks, a layer other than ``nn.Linear``). O(N·b³) per layer."""
     from peft import OFTConfig
 
-    from qpeft.tuners.quic.layer import QuICModule
+    from qpeft.tuners.quic.layer import QuICLinear
 
     qc = config_from_dict(QuICConfig, {**config, "inference_mode": True})
     _check_oft_config(qc)
@@ -206,7 +206,7 @@ def oft_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Tensor]
         if type(base) is not nn.Linear:
             raise _no_oft_form(f"module {module!r} is a {type(base).__name__}; peft OFT rotates "
                                "the input of nn.Linear layers only the way QuIC does")
-        layer = QuICModule(stand_in_layer("linear", base.out_features, base.in_features),
+        layer = QuICLinear(stand_in_layer("linear", base.out_features, base.in_features),
                            "default", qc)
         with torch.no_grad():
             layer.quic_params["default"].copy_(params[module])

@@ -9,11 +9,12 @@ from torch import nn
 
 from qpeft.tuners._common import QpeftTuner
 
-from .layer import QuICLayer, QuICModule
+from .layer import QuICLayer, quic_layer_class
 
 
 class QuICModel(QpeftTuner):
-    """Wraps the target modules of a model with :class:`QuICModule` layers.
+    """Wraps the target modules of a model with QuIC layers (:class:`QuICLinear` for
+    ``nn.Linear`` / ``Conv1D``, :class:`QuICConv2d`).
 
     Use through peft: ``get_peft_model(model, QuICConfig(target_modules=[...]))`` after
     ``import qpeft``. Default target modules per architecture follow peft's OFT table."""
@@ -27,4 +28,4 @@ class QuICModel(QpeftTuner):
         target.update_layer(adapter_name, config)
 
     def _new_layer(self, target: nn.Module, adapter_name: str, config: Any, module_name: str) -> nn.Module:
-        return QuICModule(target, adapter_name, config)
+        return quic_layer_class(target)(target, adapter_name, config)

@@ -1,4 +1,4 @@
-"""SharedOutputs: several members' small generations computed in one call and read by many
+"""BatchedGeneration: several members' small generations computed in one call and read by many
 layers — the same values and gradients as generating in every reader, under every way autograd
 may be driven (checkpointing, micro-batches, backwards in any order, unused members)."""
 
@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
-from qpeft.tuners._shared import SharedOutputs, parameters_written
+from qpeft.tuners._batched_generation import BatchedGeneration, parameters_written
 
 
 def _circuit_like(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +27,7 @@ class _Group:
     def __init__(self, params: list[torch.Tensor]) -> None:
         self.params = params
         self.batched = self.single = 0
-        self.shared = SharedOutputs(self._all, self._one, n_outputs=2)
+        self.shared = BatchedGeneration(self._all, self._one, n_outputs=2)
 
     def _all(self, params):
         """One stacked computation, as a batched circuit program is: every member's output
@@ -199,7 +199,7 @@ def test_copies_start_empty() -> None:
     group.read(0)  # keeps non-leaf tensors, which deepcopy refuses
     assert copy.deepcopy(group.shared)._entry is None
     module = nn.Module()
-    module.shared = SharedOutputs(_all_fn, _one_fn, n_outputs=2)
+    module.shared = BatchedGeneration(_all_fn, _one_fn, n_outputs=2)
     module.shared.outputs(0, (group.params[0],), lambda: [(group.params[0],)])
     assert pickle.loads(pickle.dumps(module)).shared._entry is None
     copy.deepcopy(module)
@@ -217,7 +217,7 @@ def _one_fn(member, params):
 def test_same_values_sees_any_changed_entry(one_sync: bool) -> None:
     """Both comparisons (per tensor on the CPU; one read-back on an accelerator, run here on
     CPU tensors) report a change in any entry of any tensor, and equal values as equal."""
-    from qpeft.tuners import _shared
+    from qpeft.tuners import _batched_generation as _shared
 
     compare = _shared._all_equal_one_sync if one_sync else _shared.same_values
     params = [torch.randn(5, 3), torch.randn(7), torch.randn(())]

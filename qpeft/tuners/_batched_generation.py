@@ -1,4 +1,5 @@
-"""Small matrices of many layers generated in one batched call and shared while training.
+"""Batched generation: the small matrices of many layers generated in one call per training
+step and handed to each layer (:class:`BatchedGeneration`).
 
 Two generations repeat the same work in every adapted layer of a training step:
 
@@ -7,7 +8,7 @@ Two generations repeat the same work in every adapted layer of a training step:
 - Quantum-PEFT: every layer runs its own small circuits; dozens of layers with the same widths
   run the same program, one autograd node each, where one batched call would do.
 
-:class:`SharedOutputs` runs the generation of all *members* (QPA: the one generator;
+:class:`BatchedGeneration` runs the generation of all *members* (QPA: the one generator;
 Quantum-PEFT: every adapted layer of an adapter) as one call when the first layer asks, and hands
 each later reader its member's outputs while that member's parameters are unchanged. Why this is
 invisible to every wrapper a layer may run in:
@@ -49,7 +50,6 @@ Pure torch (no peft): QPA's generator uses it without any model.
 
 from __future__ import annotations
 
-import copy
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -59,7 +59,7 @@ from torch import nn
 from torch.autograd import Variable
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["SharedOutputs", "parameters_written", "same_values"]
+__all__ = ["BatchedGeneration", "parameters_written", "same_values"]
 
 Params = tuple[torch.Tensor, ...]
 Outputs = tuple[torch.Tensor, ...]
@@ -70,7 +70,7 @@ _writes = 0  # bumped after every torch.optim step and by parameters_written()
 def parameters_written() -> None:
     """Declare that parameters changed in a way no version counter records (an in-place write
     through ``.data`` between two recorded forwards, with no backward or optimizer step between
-    them): every :class:`SharedOutputs` generates afresh at its next read. O(1)."""
+    them): every :class:`BatchedGeneration` generates afresh at its next read. O(1)."""
     global _writes
     _writes += 1
 
@@ -86,7 +86,7 @@ def same_values(snapshot: Sequence[torch.Tensor], params: Sequence[torch.Tensor]
     """Whether ``params`` hold exactly ``snapshot``'s values (and dtypes, devices, shapes).
     O(numel); on an accelerator one device sync for all of them (``torch.equal`` would sync
     once per tensor). For evaluation's reuse (:meth:`WeightMergeLayer._generated`), never
-    inside a training step: :class:`SharedOutputs` decides reuse without reading values."""
+    inside a training step: :class:`BatchedGeneration` decides reuse without reading values."""
     if len(snapshot) != len(params) or not all(
             a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
             for a, b in zip(snapshot, params, strict=True)):
@@ -222,9 +222,11 @@ def _all_plain(params: list[Params], like: torch.Tensor) -> bool:
     return all(_plain(p, like.device, like.dtype) for ps in params for p in ps)
 
 
-class SharedOutputs:
-    """Outputs of every member's generation, computed in one batched call and shared (see the
-    module docstring).
+class BatchedGeneration:
+    """Generates the small matrices of several *members* (layers, or one generator) in one
+    batched call when the first reader asks during a recorded forward, and hands every later
+    reader its member's outputs while that member's parameters are unchanged (see the module
+    docstring for when "unchanged" is known and why this is one autograd node).
 
     ``generate_all(params)``: ``params[m]`` is member ``m``'s parameter tuple; returns one tuple
     of ``n_outputs`` tensors per member. ``generate_one(m, own)``: member ``m`` alone, the same
@@ -293,13 +295,9 @@ class SharedOutputs:
         """Forget the kept outputs (the next reader generates afresh)."""
         self._entry = None
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> SharedOutputs:
-        # bound methods are copied through ``memo``: a copied module's SharedOutputs calls the
-        # copy's methods, not the original's
-        return SharedOutputs(copy.deepcopy(self.generate_all, memo),
-                             copy.deepcopy(self.generate_one, memo), self.n_outputs)
-
     def __getstate__(self) -> dict[str, Any]:
+        # what copy.deepcopy and pickle copy: no kept outputs (tensors, weak references). Bound
+        # methods go through their memo, so a copied owner's object calls the copy's methods
         return {**self.__dict__, "_entry": None}
 
 
