@@ -195,7 +195,7 @@ def bench(quick: bool) -> dict[str, Any]:
                     steps[f"{method}-as-lora/{distinct}"] = (
                         lambda lora=lora, routing=routing: _mixed(lora, ids, routing))
             shutil.rmtree(root / method)  # 1,000 LoRA adapters are ~2 GB
-    warmup, repeats = (1, 2) if quick else (1, 5)
+    warmup, repeats = (1, 2) if quick else (1, 3)
     times = C.round_robin(steps, warmup=warmup, repeats=repeats)
     for method, r in [*out["methods"].items(), *((f"{m}-as-lora", e)
                                                   for m, e in out["as_lora"].items())]:

@@ -314,14 +314,17 @@ class WeightMergeLayer(BaseTunerLayer):
         layer does not have: the base layer). One base call for the batch, then one adapter call
         per distinct adapter on its rows."""
         result = self.base_layer(x, *args, **kwargs)
-        for name in dict.fromkeys(adapter_names):
+        rows_of: dict[str, list[int]] = {}
+        for i, name in enumerate(adapter_names):  # one pass: O(rows), not O(rows x adapters)
+            rows_of.setdefault(name, []).append(i)
+        for name, indices in rows_of.items():
             if name == BASE_ROWS or not self._owns_adapter(name):
                 continue
-            rows = torch.tensor(
-                [i for i, n in enumerate(adapter_names) if n == name], device=x.device
-            )
+            rows = torch.tensor(indices, device=x.device)
             out = self._apply_one(x[rows], result[rows], name, *args, **kwargs)
-            result = result.index_copy(0, rows, out.to(result.dtype))
+            # in place: only these rows move (a copy of the whole output per adapter would cost
+            # O(adapters x batch) memory traffic); the base output is this call's own tensor
+            result.index_copy_(0, rows, out.to(result.dtype))
         return result
 
     def _merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
