@@ -14,12 +14,14 @@ TARGETS = ["q_proj", "v_proj"]
 VOCAB = 64
 
 
-def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
-    """A 2-layer LLaMA, hidden 32 (q_proj 32x32, v_proj 16x32 with 2 KV heads), eval mode."""
+def tiny_llama(seed: int = 0, layers: int = 2, vocab_size: int = VOCAB) -> LlamaForCausalLM:
+    """A 2-layer LLaMA, hidden 32 (q_proj 32x32, v_proj 16x32 with 2 KV heads), eval mode;
+    token ids 0 / 1 / 2 are pad / bos / eos (the trainer tests' tokenizer)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -53,6 +55,27 @@ def batch(rows: int = 3, length: int = 10, seed: int = 1) -> dict[str, torch.Ten
 def adapter_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()
             if p.requires_grad and p.grad is not None}
+
+
+def loss_and_grads(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
+                   run=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and adapter gradients (on the CPU) of one backward of ``model`` on ``inputs``, its
+    forward run through ``run`` (default: the model itself)."""
+    model.zero_grad(set_to_none=True)
+    loss = (run if run is not None else model)(**inputs).loss
+    loss.backward()
+    return loss.detach().cpu(), {n: g.cpu() for n, g in adapter_grads(model).items()}
+
+
+def assert_same(ref, got, tol: float = 1e-5) -> None:
+    """Two :func:`loss_and_grads` results agree to ``tol``, and every adapter tensor got a
+    gradient."""
+    (loss_ref, grads_ref), (loss, grads) = ref, got
+    torch.testing.assert_close(loss, loss_ref, atol=tol, rtol=tol)
+    assert grads.keys() == grads_ref.keys() and grads, "every adapter tensor gets a gradient"
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=tol, rtol=tol, msg=name)
+
 
 
 def row_by_row(model: torch.nn.Module, ids: torch.Tensor, names: list[str]) -> torch.Tensor:

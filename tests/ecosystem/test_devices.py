@@ -14,7 +14,15 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .llm import METHODS, adapter_grads, batch, method_config, row_by_row, tiny_llama
+from .llm import (
+    METHODS,
+    assert_same,
+    batch,
+    loss_and_grads,
+    method_config,
+    row_by_row,
+    tiny_llama,
+)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -34,32 +42,17 @@ def _on(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torc
     return {k: v.to(device) for k, v in inputs.items()}
 
 
-def _loss_and_grads(model, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    loss = model(**inputs).loss
-    loss.backward()
-    return loss.detach().cpu(), {n: g.cpu() for n, g in adapter_grads(model).items()}
-
-
-def _assert_same(ref, got, tol: float) -> None:
-    (loss_ref, grads_ref), (loss, grads) = ref, got
-    torch.testing.assert_close(loss, loss_ref, atol=tol, rtol=tol)
-    assert grads.keys() == grads_ref.keys() and grads, "every adapter tensor gets a gradient"
-    for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], atol=tol, rtol=tol, msg=name)
-
-
 @needs_cuda
 @pytest.mark.parametrize("method", METHODS)
 def test_float32_on_the_gpu_matches_the_cpu(method: str) -> None:
     model = get_peft_model(tiny_llama(), method_config(method)).train()
     inputs = batch()
-    on_cpu = _loss_and_grads(model, inputs)
+    on_cpu = loss_and_grads(model, inputs)
     gpu_model = copy.deepcopy(model).to(CUDA)
-    on_gpu = _loss_and_grads(gpu_model, _on(inputs, CUDA))
-    _assert_same(on_cpu, on_gpu, tol=1e-4)
+    on_gpu = loss_and_grads(gpu_model, _on(inputs, CUDA))
+    assert_same(on_cpu, on_gpu, tol=1e-4)
     # a second step on the GPU (the shared generation of the first is not reused)
-    _assert_same(on_gpu, _loss_and_grads(gpu_model, _on(inputs, CUDA)), tol=1e-6)
+    assert_same(on_gpu, loss_and_grads(gpu_model, _on(inputs, CUDA)), tol=1e-6)
 
 
 @needs_cuda
@@ -68,11 +61,11 @@ def test_float32_on_the_gpu_matches_the_cpu(method: str) -> None:
 def test_gradient_checkpointing_on_the_gpu(method: str, reentrant: bool) -> None:
     model = get_peft_model(tiny_llama(), method_config(method)).to(CUDA).train()
     inputs = _on(batch(), CUDA)
-    plain = _loss_and_grads(model, inputs)
+    plain = loss_and_grads(model, inputs)
     model.base_model.model.gradient_checkpointing_enable(
         gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.enable_input_require_grads()
-    _assert_same(plain, _loss_and_grads(model, inputs), tol=1e-5)
+    assert_same(plain, loss_and_grads(model, inputs), tol=1e-5)
 
 
 def _train(model, inputs, steps: int = 3, autocast: bool = False) -> list[float]:
@@ -321,11 +314,11 @@ def test_the_accelerator_path_on_the_cpu_gives_the_cpu_step(variant: str) -> Non
     runs = []
     for accelerator in (False, True):
         with _accelerator_path(accelerator):
-            _loss_and_grads(model, inputs)  # warm-up: index tables are built once
+            loss_and_grads(model, inputs)  # warm-up: index tables are built once
             with Count() as count:
-                runs.append((_loss_and_grads(model, inputs), count.n))
+                runs.append((loss_and_grads(model, inputs), count.n))
     (cpu, n_cpu), (acc, n_acc) = runs
-    _assert_same(cpu, acc, tol=1e-5)
+    assert_same(cpu, acc, tol=1e-5)
     assert n_cpu != n_acc, "the accelerator path ran other kernels"
 
 

@@ -11,28 +11,13 @@ from peft import get_peft_model
 from .llm import (
     METHODS,
     QPEFT_METHODS,
-    adapter_grads,
+    assert_same,
     batch,
+    loss_and_grads,
     method_config,
     row_by_row,
     tiny_llama,
 )
-
-
-def _loss_and_grads(model, inputs, run=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss and adapter gradients of ``model``, its forward run through ``run`` (default: itself)."""
-    model.zero_grad(set_to_none=True)
-    loss = (run if run is not None else model)(**inputs).loss
-    loss.backward()
-    return loss.detach(), adapter_grads(model)
-
-
-def _assert_same(ref, got, tol=1e-5) -> None:
-    (loss_ref, grads_ref), (loss, grads) = ref, got
-    torch.testing.assert_close(loss, loss_ref, atol=tol, rtol=tol)
-    assert grads.keys() == grads_ref.keys() and grads, "every adapter tensor gets a gradient"
-    for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], atol=tol, rtol=tol, msg=name)
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
@@ -41,15 +26,15 @@ def test_gradient_checkpointing_matches_the_plain_run(method: str, reentrant: bo
     inputs = batch()
     model = get_peft_model(tiny_llama(), method_config(method))
     model.train()
-    plain = _loss_and_grads(model, inputs)
+    plain = loss_and_grads(model, inputs)
     # what TRL's SFTTrainer and HF's Trainer do with gradient_checkpointing=True
     model.base_model.model.gradient_checkpointing_enable(
         gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.enable_input_require_grads()
     assert model.base_model.model.is_gradient_checkpointing
-    _assert_same(plain, _loss_and_grads(model, inputs))
+    assert_same(plain, loss_and_grads(model, inputs))
     # and again: a second step reuses nothing from the first
-    _assert_same(plain, _loss_and_grads(model, inputs))
+    assert_same(plain, loss_and_grads(model, inputs))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -57,9 +42,9 @@ def test_torch_compile_matches_eager(method: str) -> None:
     inputs = batch()
     model = get_peft_model(tiny_llama(), method_config(method))
     model.train()
-    eager = _loss_and_grads(model, inputs)
+    eager = loss_and_grads(model, inputs)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
-    _assert_same(eager, _loss_and_grads(model, inputs, run=compiled))
+    assert_same(eager, loss_and_grads(model, inputs, run=compiled))
 
 
 def _clear_circuit_tables() -> None:
@@ -87,7 +72,7 @@ def test_training_after_an_inference_mode_eval_pass(variant: str) -> None:
     inputs = batch()
     reference = get_peft_model(tiny_llama(), config)
     reference.train()
-    expected = _loss_and_grads(reference, inputs)
+    expected = loss_and_grads(reference, inputs)
 
     _clear_circuit_tables()
     model = get_peft_model(tiny_llama(), config)
@@ -95,7 +80,7 @@ def test_training_after_an_inference_mode_eval_pass(variant: str) -> None:
     with torch.inference_mode():
         model(**inputs)
     model.train()
-    _assert_same(expected, _loss_and_grads(model, inputs))
+    assert_same(expected, loss_and_grads(model, inputs))
 
 
 # ---- mixed-adapter batches ----------------------------------------------------------------------

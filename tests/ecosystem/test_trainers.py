@@ -18,8 +18,6 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedTokenizerFast,
     Trainer,
     TrainingArguments,
@@ -27,6 +25,7 @@ from transformers import (
 from trl import SFTConfig, SFTTrainer
 
 import qpeft
+from tests.ecosystem.llm import tiny_llama
 
 WORDS = "the quick brown fox jumps over a lazy dog and then runs far away into green woods".split()
 TARGETS = ["q_proj", "v_proj"]
@@ -47,17 +46,6 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
-
-
-def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
-    """2 layers, hidden 32, 4 heads (2 key/value heads): q_proj 32x32, v_proj 16x32."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    return LlamaForCausalLM(config)
 
 
 def sentences(n: int = 24) -> list[str]:
@@ -119,7 +107,7 @@ def test_transformers_trainer_trains_checkpoints_and_resumes(method, tmp_path):
     data = Dataset.from_dict({**enc, "labels": labels})
 
     def run(resume: bool) -> Trainer:
-        model = get_peft_model(tiny_llama(len(tokenizer)), CONFIGS[method]())
+        model = get_peft_model(tiny_llama(vocab_size=len(tokenizer)), CONFIGS[method]())
         trainer = Trainer(model=model, args=TrainingArguments(**common_args(tmp_path)),
                           train_dataset=data)
         trainer.train(resume_from_checkpoint=True if resume else None)
@@ -136,7 +124,7 @@ def test_trl_sft_trainer_with_a_qpeft_peft_config_trains_checkpoints_and_resumes
     def run(resume: bool) -> SFTTrainer:
         args = SFTConfig(**common_args(tmp_path), gradient_checkpointing=False, bf16=False,
                          max_length=16, packing=False)
-        trainer = SFTTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=data,
+        trainer = SFTTrainer(model=tiny_llama(vocab_size=len(tokenizer)), args=args, train_dataset=data,
                              processing_class=tokenizer, peft_config=CONFIGS[method]())
         assert isinstance(trainer.model.peft_config["default"], type(CONFIGS[method]()))
         trainer.train(resume_from_checkpoint=True if resume else None)
@@ -158,7 +146,7 @@ def test_trl_sft_trainer_with_trls_defaults_gradient_checkpointing_on(method, tm
                          learning_rate=2e-2, disable_tqdm=True, logging_steps=1,
                          **({} if checkpointing else {"gradient_checkpointing": False}))
         assert args.gradient_checkpointing is checkpointing
-        trainer = SFTTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=data,
+        trainer = SFTTrainer(model=tiny_llama(vocab_size=len(tokenizer)), args=args, train_dataset=data,
                              processing_class=tokenizer, peft_config=CONFIGS[method]())
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()
                   if p.requires_grad}
