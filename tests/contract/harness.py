@@ -267,3 +267,29 @@ def load_in_process(name: str, adapter_dir: Path) -> nn.Module:
 
 
 ConfigFactory = Callable[..., object]
+
+
+def outputs_without_qpeft(name: str, adapter_dir: Path, tmp_path: Path) -> torch.Tensor:
+    """Case ``name``'s outputs with the stock-peft adapter in ``adapter_dir`` loaded by
+    ``PeftModel.from_pretrained`` in a fresh process where importing qpeft fails (an export
+    must stand alone)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = f"""
+import sys, torch
+sys.modules["qpeft"] = None  # importing qpeft raises ImportError from here on
+sys.path.insert(0, {str(REPO_ROOT)!r})
+from peft import PeftModel
+from tests.contract.harness import build_tiny, run
+model = PeftModel.from_pretrained(build_tiny({name!r}), {str(adapter_dir)!r})
+torch.save(run(model, {name!r}), {str(tmp_path / "out.pt")!r})
+"""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(tmp_path / "out.pt", weights_only=True)
+

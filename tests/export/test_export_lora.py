@@ -5,10 +5,6 @@ outputs, that LoRA servers accept (vLLM's rules), and every other method is refu
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -100,20 +96,7 @@ def test_a_causal_lm_export_meets_vllm_s_rules_and_loads_without_qpeft(method, t
     expected = _trained(method, "gpt2", tmp_path)
     out = export_lora(tmp_path / method, tmp_path / "lora", base_model=h.build_tiny("gpt2"))
     assert _vllm_problems(out) == [] and serving_notes(out) == []
-    script = f"""
-import sys, torch
-sys.modules["qpeft"] = None  # importing qpeft raises ImportError from here on
-sys.path.insert(0, {str(h.REPO_ROOT)!r})
-from peft import PeftModel
-from tests.contract.harness import build_tiny, run
-model = PeftModel.from_pretrained(build_tiny("gpt2"), {str(out)!r})
-torch.save(run(model, "gpt2"), {str(tmp_path / "out.pt")!r})
-"""
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
-                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt", weights_only=True), expected,
+    torch.testing.assert_close(h.outputs_without_qpeft('gpt2', out, tmp_path), expected,
                                atol=1e-5, rtol=1e-5)
 
 
