@@ -227,6 +227,7 @@ def check_multiple_adapters(name: str, config_a, config_b) -> None:
 
 _LOAD_SCRIPT = """
 import sys, torch
+torch.set_num_threads(1)  # as the parent computes its reference: the same summation order
 sys.path.insert(0, {root!r})
 import qpeft  # registers the methods; nothing else from qpeft is needed to load
 from peft import PeftModel
@@ -239,10 +240,17 @@ torch.save(run(model, {name!r}), {out!r})
 
 def check_save_load_subprocess(name: str, config, tmp_path: Path) -> None:
     """save_pretrained -> a fresh interpreter (only ``import qpeft``) -> from_pretrained gives
-    the same outputs bit for bit; the checkpoint is adapter_config.json + safetensors."""
+    the same outputs bit for bit; the checkpoint is adapter_config.json + safetensors. Both
+    processes evaluate on one thread: with two, a BLAS that adapts its threads to the machine's
+    load may sum in another order (float rounding, ~1e-8, seen on a loaded host)."""
     model, _ = wrap(name, config)
     train_steps(model, name)
-    expected = run(model, name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = run(model, name)
+    finally:
+        torch.set_num_threads(threads)
     adapter_dir = tmp_path / "adapter"
     model.save_pretrained(adapter_dir)
     assert (adapter_dir / "adapter_config.json").is_file()
@@ -273,11 +281,6 @@ def outputs_without_qpeft(name: str, adapter_dir: Path, tmp_path: Path) -> torch
     """Case ``name``'s outputs with the stock-peft adapter in ``adapter_dir`` loaded by
     ``PeftModel.from_pretrained`` in a fresh process where importing qpeft fails (an export
     must stand alone)."""
-    import os
-    import subprocess
-    import sys
-    import textwrap
-
     script = f"""
 import sys, torch
 sys.modules["qpeft"] = None  # importing qpeft raises ImportError from here on
