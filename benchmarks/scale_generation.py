@@ -115,7 +115,7 @@ def _layers(model: nn.Module, cls: type) -> list[Any]:
 def _quic_vectors(layer: Any, ops: list[Any], tokens: int) -> int:
     """How many vectors the QuIC forward at ``tokens`` rotates with gradient: the tokens, or W's
     other side when rotating the weight is counted cheaper (``_forward_rotated_weight``)."""
-    from qpeft.tuners.quic.layer import rotation_costs
+    from qpeft.circuits.compound_rotation import rotation_costs
 
     plan, side = layer.quic_plan[ADAPTER], layer.quic_settings[ADAPTER].side
     other = layer.in_features if side == "output" else layer.out_features
@@ -137,7 +137,7 @@ def _quic_operators(layer: Any, tokens: int) -> list[torch.Tensor]:
     """The layer's per-order operators as its forward at ``tokens`` uses them (one adapter on
     an ``nn.Linear``): base matrices A for orders applied as the action, the explicit C_k(A)
     otherwise (A itself for k = 1)."""
-    from qpeft.tuners.quic.layer import as_matrix
+    from qpeft.circuits.compound_rotation import as_matrix
 
     ops = layer.forward_matrices(ADAPTER)
     vectors = _quic_vectors(layer, ops, tokens)
