@@ -100,7 +100,6 @@ def config_from_dict(cls: type, config: Mapping[str, Any]) -> Any:
 
 #: the dtypes an export to a stock peft method can write its adapter tensors in
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LORA_DTYPES = EXPORT_DTYPES  # the name the LoRA export's callers know
 
 
 def write_stock_adapter(out_dir: str | Path, peft_config: Any, tensors: dict[str, torch.Tensor],
@@ -120,13 +119,6 @@ def write_stock_adapter(out_dir: str | Path, peft_config: Any, tensors: dict[str
     peft_config.save_pretrained(str(out))
     save_file(cast, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     return out
-
-
-def write_lora_adapter(out_dir: str | Path, lora_config: Any, tensors: dict[str, torch.Tensor],
-                       dtype: str = "float32") -> Path:
-    """:func:`write_stock_adapter` for a peft LoRA adapter (``lora_A`` / ``lora_B`` in
-    ``dtype``)."""
-    return write_stock_adapter(out_dir, lora_config, tensors, dtype, ".lora_")
 
 
 def submodule_of(tree: nn.Module | None, module: str) -> nn.Module | None:

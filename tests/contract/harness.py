@@ -60,6 +60,19 @@ class TinyCase:
     modules_to_save: tuple[str, ...] | None = None
 
 
+class ConvThenLinear(nn.Module):
+    """A Conv2d (3 -> 8 channels, kernel 2) then a Linear (8 -> 8): one layer of each kind, for
+    the per-kind layer classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 2)
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.conv(x).mean((2, 3)))
+
+
 TINY_MODELS: dict[str, TinyCase] = {
     "mlp": TinyCase("mlp", ("lin0", "lin1")),
     "cnn": TinyCase("cnn", ("conv0", "conv1")),
@@ -255,17 +268,7 @@ def check_save_load_subprocess(name: str, config, tmp_path: Path) -> None:
     model.save_pretrained(adapter_dir)
     assert (adapter_dir / "adapter_config.json").is_file()
     assert (adapter_dir / "adapter_model.safetensors").is_file()
-    out_file = tmp_path / "out.pt"
-    script = _LOAD_SCRIPT.format(
-        root=str(REPO_ROOT), name=name, adapter=str(adapter_dir), out=str(out_file)
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, env=env,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    loaded = torch.load(out_file, weights_only=True)
+    loaded = _outputs_in_fresh_process(_LOAD_SCRIPT, name, adapter_dir, tmp_path)
     assert torch.equal(loaded, expected), f"max diff {(loaded - expected).abs().max():.3e}"
 
 
@@ -277,22 +280,33 @@ def load_in_process(name: str, adapter_dir: Path) -> nn.Module:
 ConfigFactory = Callable[..., object]
 
 
+def _outputs_in_fresh_process(script: str, name: str, adapter_dir: Path,
+                              tmp_path: Path) -> torch.Tensor:
+    """Run ``script`` (a template with ``root``, ``name``, ``adapter``, ``out``) in a fresh
+    interpreter, offline; returns the outputs it saved. Asserts it exited cleanly."""
+    out_file = tmp_path / "out.pt"
+    code = script.format(root=str(REPO_ROOT), name=name, adapter=str(adapter_dir),
+                         out=str(out_file))
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out_file, weights_only=True)
+
+
+_STOCK_LOAD_SCRIPT = """
+import sys, torch
+sys.modules["qpeft"] = None  # importing qpeft raises ImportError from here on
+sys.path.insert(0, {root!r})
+from peft import PeftModel
+from tests.contract.harness import build_tiny, run
+model = PeftModel.from_pretrained(build_tiny({name!r}), {adapter!r})
+torch.save(run(model, {name!r}), {out!r})
+"""
+
+
 def outputs_without_qpeft(name: str, adapter_dir: Path, tmp_path: Path) -> torch.Tensor:
     """Case ``name``'s outputs with the stock-peft adapter in ``adapter_dir`` loaded by
     ``PeftModel.from_pretrained`` in a fresh process where importing qpeft fails (an export
     must stand alone)."""
-    script = f"""
-import sys, torch
-sys.modules["qpeft"] = None  # importing qpeft raises ImportError from here on
-sys.path.insert(0, {str(REPO_ROOT)!r})
-from peft import PeftModel
-from tests.contract.harness import build_tiny, run
-model = PeftModel.from_pretrained(build_tiny({name!r}), {str(adapter_dir)!r})
-torch.save(run(model, {name!r}), {str(tmp_path / "out.pt")!r})
-"""
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
-                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(tmp_path / "out.pt", weights_only=True)
-
+    return _outputs_in_fresh_process(_STOCK_LOAD_SCRIPT, name, adapter_dir, tmp_path)

@@ -25,7 +25,7 @@ from qpeft.tuners._export import (
     check_width,
     config_from_dict,
     read_adapter_dir,
-    write_lora_adapter,
+    write_stock_adapter,
 )
 from qpeft.tuners.qpa.config import QPAConfig, build_generator
 from qpeft.tuners.qpa.generator import QPAGenerator
@@ -139,7 +139,7 @@ def export_lora(
     lora_config, lora = lora_from_checkpoint(config, tensors)
     if base_model:
         lora_config.base_model_name_or_path = base_model
-    return write_lora_adapter(out_dir, lora_config, lora)
+    return write_stock_adapter(out_dir, lora_config, lora)
 
 
 def _qnn_records(theta: torch.Tensor, n_chunks: int, max_qubits: int,

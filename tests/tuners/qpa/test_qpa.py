@@ -668,16 +668,7 @@ def test_one_layer_class_per_kind_and_the_group_is_the_tuners_generator():
     ``qpa_group`` (no generator parameter appears under a layer)."""
     torch.manual_seed(0)
 
-    class ConvLin(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, 8, 2)
-            self.lin = nn.Linear(8, 8)
-
-        def forward(self, x):
-            return self.lin(self.conv(x).mean((2, 3)))
-
-    model = get_peft_model(ConvLin(), QPAConfig(target_modules=["conv", "lin"], r=2, n_mlp=16))
+    model = get_peft_model(h.ConvThenLinear(), QPAConfig(target_modules=["conv", "lin"], r=2, n_mlp=16))
     inner = model.base_model.model
     assert type(inner.conv) is QPAConv2d and type(inner.lin) is QPALinear
     gen = model.base_model.generator()

@@ -838,7 +838,7 @@ def test_choose_path_names_each_path_and_why():
 def test_one_layer_class_per_kind():
     """peft's layer shape: QuICModel wraps a Linear / Conv1D in QuICLinear and a Conv2d in
     QuICConv2d (both QuICLayer); each class refuses the other kind."""
-    model = get_peft_model(_LinearConv(), QuICConfig(target_modules=["lin", "conv"], num_blocks=2))
+    model = get_peft_model(h.ConvThenLinear(), QuICConfig(target_modules=["lin", "conv"], num_blocks=2))
     inner = model.base_model.model
     assert type(inner.lin) is QuICLinear and type(inner.conv) is QuICConv2d
     cfg = QuICConfig(target_modules=["x"], num_blocks=2)
@@ -846,13 +846,3 @@ def test_one_layer_class_per_kind():
         QuICLinear(nn.Conv2d(3, 8, 2), "default", cfg)
     with pytest.raises(ValueError, match="QuICConv2d wraps"):
         QuICConv2d(nn.Linear(8, 8), "default", cfg)
-
-
-class _LinearConv(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 2)
-        self.lin = nn.Linear(8, 8)
-
-    def forward(self, x):
-        return self.lin(self.conv(x).mean((2, 3)))
