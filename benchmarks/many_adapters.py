@@ -16,7 +16,8 @@ SmolLM2-135M (q_proj, v_proj; a tiny random LLaMA with ``--quick``). Per method:
    LoRA path: export seconds per adapter, bytes, the same mixed batches, the largest difference
    to qpeft's own outputs.
 
-Run alone: ``python -m benchmarks.many_adapters [--quick]`` (about 30 minutes on 2 cores).
+Run alone: ``python -m benchmarks.many_adapters [--quick]`` (about 30 minutes on 2 cores);
+``--methods quic --written 64 --out /tmp/x`` re-measures one method against LoRA in a few minutes.
 """
 
 from __future__ import annotations
@@ -142,10 +143,14 @@ def _export_all(folders: list[Path], root: Path,
     return out, seconds
 
 
-def bench(quick: bool) -> dict[str, Any]:
+def bench(quick: bool, methods: tuple[str, ...] = METHODS,
+          written: int | None = None) -> dict[str, Any]:
+    """Every measurement above for ``methods`` (LoRA, the reference, always runs first);
+    ``written`` adapters per method (default 1,000; 12 with ``quick``)."""
     from qpeft.tuners.registry import get_method
 
-    written = QUICK["written"] if quick else NUM_WRITTEN
+    methods = ("lora", *(m for m in methods if m != "lora"))
+    written = written or (QUICK["written"] if quick else NUM_WRITTEN)
     loaded = QUICK["loaded"] if quick else NUM_LOADED
     routings = QUICK["routings"] if quick else ROUTINGS
     seq_len = QUICK["seq_len"] if quick else 8
@@ -160,7 +165,7 @@ def bench(quick: bool) -> dict[str, Any]:
     steps: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="qpeft-many-adapters-") as tmp:
         root = Path(tmp)
-        for method in METHODS:
+        for method in methods:
             folders = write_adapters(method, base, targets, root, written)
             model, load_s = load_many(base, folders[:loaded])
             swap_s = hotswap_all(method, model, folders)
@@ -215,8 +220,10 @@ def bench(quick: bool) -> dict[str, Any]:
     return out
 
 
-def run(quick: bool = False, out_dir: Path = C.RESULTS_DIR) -> dict[str, Any]:
-    return C.measure_and_write(NAME, bench, render, quick, out_dir)
+def run(quick: bool = False, out_dir: Path = C.RESULTS_DIR, methods: tuple[str, ...] = METHODS,
+        written: int | None = None) -> dict[str, Any]:
+    return C.measure_and_write(
+        NAME, lambda quick: bench(quick, methods, written), render, quick, out_dir)
 
 
 def render(result: dict[str, Any]) -> str:
@@ -248,9 +255,15 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=C.RESULTS_DIR)
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="methods to measure (LoRA, the reference, always runs)")
+    p.add_argument("--written", type=int, default=None,
+                   help=f"adapters written per method (default {NUM_WRITTEN:,}; >= the 64 loaded)")
     a = p.parse_args(argv)
+    if a.written is not None and a.written < (QUICK["loaded"] if a.quick else NUM_LOADED):
+        p.error(f"--written must be at least the {NUM_LOADED} adapters loaded (8 with --quick)")
     C.setup_torch()
-    print(render(run(quick=a.quick, out_dir=a.out)))
+    print(render(run(quick=a.quick, out_dir=a.out, methods=tuple(a.methods), written=a.written)))
 
 
 if __name__ == "__main__":
