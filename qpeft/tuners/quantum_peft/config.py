@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from qpeft._peft_registry import ensure_peft_type
 from qpeft.circuits._checks import check_choice
@@ -22,6 +23,22 @@ def lora_step_scale(out_features: int, alpha_over_r: float) -> float:
     them (``alpha_over_r · lr · sqrt(d_out / 3)``: B's column moves by ``lr · sqrt(d_out)``, A's
     row, kaiming-uniform, has norm ``1 / sqrt(3)``). O(1)."""
     return float(alpha_over_r) * math.sqrt(out_features / 3.0)
+
+
+def angle_step_gain(dim: int, num_angles: int, k: int) -> float:
+    """``sqrt(3 · k) · dim / num_angles``: the multiplier g on a circuit's angles (effective
+    angle = g · stored angle), half the gain at which one Adam step on them would lower the
+    loss, to first order, as much as one LoRA step on A (``k`` rows of width ``dim``) does.
+
+    Adam's first step is ``-lr · sign(gradient)``, so it lowers the loss by
+    ``lr · ||gradient||_1``. A's gradient is dense: ``||·||_1 ≈ sqrt(2/π) · sqrt(k · dim) ·
+    ||G_A||`` with ``||G_A|| = sqrt(3) ||G_V||`` (A = Vᵀ/sqrt(3) at kaiming's scale). An angle's
+    gradient is ``<G_V, ∂V/∂φ>`` with ``||∂V/∂φ|| = sqrt(k)/2`` (every RY turns every column at
+    rate 1/2) spread over ``dim · k`` entries: ``≈ sqrt(2/π) · ||G_V|| / (2 sqrt(dim))`` each,
+    P of them, times g. Equal at g = 2·sqrt(3k)·dim/P; that full match overshoots (held-out
+    tweets lost 5 points at LoRA's rate), half of it keeps LoRA's accuracy at 1e-3 to 1e-2
+    (docs/methods/quantum_peft.md, "The circuit angles"). O(1)."""
+    return math.sqrt(3.0 * k) * dim / num_angles
 
 
 def is_power_of_two(n: int) -> bool:
@@ -82,6 +99,13 @@ class QuantumPEFTConfig(LrScaledConfig):
             a learning rate changes the layer's output about as much as one LoRA step at the
             same rate; "paper": the paper's parameterization. Adapters saved before this field
             existed load as "paper".
+        angle_scale: the circuit angles' scale ("pauli"/"generalized" sides): "lora": effective
+            angle = g·stored angle with g = :func:`angle_step_gain` (side dim, its angle count),
+            the stored angles starting at the paper's init divided by g (same U, V at init), so
+            an AdamW step turns U and V like a LoRA step moves A; "paper": g = 1. None (default)
+            follows ``lr_scale``. Adapters saved before this field existed load as "paper" (their
+            angles were trained unscaled). Lie-algebra sides are unscaled either way: their
+            ~N·K coordinates of size ~1/sqrt(N) already move like LoRA's A.
         circuit_dtype: "float32" (default, also for bf16/fp16 bases) or "float64".
         init_weights: True: λ = 0 (identity at init), angles at a seeded generic point. False:
             random non-zero λ too (for tests).
@@ -112,6 +136,12 @@ class QuantumPEFTConfig(LrScaledConfig):
         metadata={"help": "'lora': λ scaled so an AdamW step moves ΔW like a LoRA step at the same "
                   "lr; 'paper': the paper's λ (what adapters saved without this field load as)"},
     )
+    angle_scale: str | None = field(
+        default=None,
+        metadata={"help": "'lora': circuit angles scaled so an AdamW step turns U, V like a LoRA "
+                  "step moves A; 'paper': unscaled; None: as lr_scale (adapters saved without "
+                  "this field load as 'paper')"},
+    )
     circuit_dtype: str = field(default="float32", metadata={"help": f"one of {CIRCUIT_DTYPES}"})
     init_weights: bool = field(
         default=True, metadata={"help": "True: identity at init; False: random λ (tests)"}
@@ -141,7 +171,17 @@ class QuantumPEFTConfig(LrScaledConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+        if self.angle_scale is None:  # recorded explicitly, so a saved config keeps it
+            self.angle_scale = self.lr_scale
         self._validate()
+
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """As :class:`LrScaledConfig`, and a config saved before ``angle_scale`` existed gets
+        "paper": its angles were trained unscaled (with ``lr_scale`` "lora" or "paper")."""
+        kwargs = super().check_kwargs(**kwargs)
+        kwargs.setdefault("angle_scale", "paper")
+        return kwargs
 
     def _validate(self) -> None:
         def positive_int(name: str, value: object) -> None:
@@ -167,6 +207,7 @@ class QuantumPEFTConfig(LrScaledConfig):
         check_choice("QuantumPEFTConfig.lambda_domain", self.lambda_domain, LAMBDA_DOMAINS)
         check_choice("QuantumPEFTConfig.circuit_dtype", self.circuit_dtype, CIRCUIT_DTYPES)
         check_choice("QuantumPEFTConfig.lr_scale", self.lr_scale, LR_SCALES)
+        check_choice("QuantumPEFTConfig.angle_scale", self.angle_scale, LR_SCALES)
         check_choice("QuantumPEFTConfig.bias", self.bias, BIAS_OPTIONS)
         if self.alpha is not None and not (
             isinstance(self.alpha, (int, float)) and self.alpha == self.alpha and self.alpha != 0
@@ -193,6 +234,20 @@ class QuantumPEFTConfig(LrScaledConfig):
         if self.lr_scale == "paper":
             return self.scaling
         return lora_step_scale(out_features, self.scaling)
+
+    def angle_gains(self, out_features: int, in_features: int) -> tuple[float, float]:
+        """(g_u, g_v): the multipliers on the stored angles of U and V (effective angle =
+        g · stored): :func:`angle_step_gain` of a circuit side with free angles under
+        ``angle_scale="lora"``, else 1.0. O(log d)."""
+        from qpeft.circuits.stiefel import stiefel_num_params
+
+        gains = []
+        for method, d in zip(self.side_methods(out_features, in_features),
+                             (out_features, in_features), strict=True):
+            p = stiefel_num_params(method, d, self.r, self.depth)
+            circuit = method in ("pauli", "generalized") and p > 0
+            gains.append(angle_step_gain(d, p, self.r) if self.angle_scale == "lora" and circuit else 1.0)
+        return gains[0], gains[1]
 
     def side_methods(self, out_features: int, in_features: int, where: str = "this layer") -> tuple[str, str]:
         """(method for U, method for V) after :func:`resolve_parameterization`; also checks

@@ -67,12 +67,16 @@ def _side_record(module: str, role: str, angles: torch.Tensor, method: str, d: i
 def module_records(
     module: str, angles_u: torch.Tensor, angles_v: torch.Tensor, method_u: str, method_v: str,
     d_out: int, d_in: int, r: int, depth: int, quantize_bits: int | None, max_qubits: int,
+    gains: tuple[float, float] = (1.0, 1.0), dtype: torch.dtype = torch.float64,
 ) -> list[Record]:
     """Circuits of U (``d_out``) and V (``d_in``) of one module, with the angles as the forward
-    pass uses them (quantized to ``quantize_bits`` when set). O(L log**2 d) gates per side."""
+    pass uses them: the stored angles in the circuit ``dtype`` times the side's angle gain
+    (``QuantumPEFTConfig.angle_gains``), quantized to ``quantize_bits`` when set. O(L log**2 d)
+    gates per side."""
     out: list[Record] = []
-    for role, angles, method, d in (("U", angles_u, method_u, d_out), ("V", angles_v, method_v, d_in)):
-        a = angles.detach().double()
+    for role, angles, method, d, gain in (("U", angles_u, method_u, d_out, gains[0]),
+                                          ("V", angles_v, method_v, d_in, gains[1])):
+        a = (angles.detach().to(dtype) * gain).double()
         if quantize_bits is not None and method in ANGLE_PARAMETERIZATIONS:
             a = quantize_angles(a, quantize_bits)
         out.append(_side_record(module, role, a, method, d, r, depth, max_qubits))
@@ -88,7 +92,7 @@ def circuits_from_model(model: nn.Module, adapter_name: str, max_qubits: int) ->
             records += module_records(
                 name.removeprefix("base_model.model."), *module.angles(adapter_name),
                 s.method_u, s.method_v, s.out_features, s.in_features, s.r, s.depth,
-                s.quantize_bits, max_qubits)
+                s.quantize_bits, max_qubits, s.angle_gains, s.circuit_dtype)
     return records
 
 
@@ -144,7 +148,8 @@ def circuits_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Te
         d_out, d_in = _module_shape(module, tree, qc, [int(u.numel()), int(v.numel())], max_qubits)
         method_u, method_v = qc.side_methods(d_out, d_in, f"module {module!r}")
         records += module_records(module, u, v, method_u, method_v, d_out, d_in, qc.r, qc.depth,
-                                  qc.quantize_bits, max_qubits)
+                                  qc.quantize_bits, max_qubits, qc.angle_gains(d_out, d_in),
+                                  getattr(torch, qc.circuit_dtype))
     return records
 
 

@@ -44,6 +44,8 @@ class AdapterSpec:
     quantize_bits: int | None
     scaling: float
     circuit_dtype: torch.dtype
+    #: (g_u, g_v): effective angle = g · stored angle (``QuantumPEFTConfig.angle_gains``)
+    angle_gains: tuple[float, float] = (1.0, 1.0)
 
     def num_params(self) -> int:
         """Trainable numbers of this adapter: P_u + P_v + K (+1 gain). Must equal the config's
@@ -95,9 +97,10 @@ def _quantize_params(p: torch.Tensor, method: str, bits: int) -> torch.Tensor:
 
 def circuit_params(spec: AdapterSpec, angles_u: torch.Tensor,
                    angles_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw angles -> what the circuits consume: the circuit dtype, and the quantization grid
-    (straight-through) when the adapter quantizes. O(P_u + P_v)."""
-    au, av = angles_u.to(spec.circuit_dtype), angles_v.to(spec.circuit_dtype)
+    """Raw angles -> what the circuits consume: the circuit dtype, times the angle gains, and
+    the quantization grid (straight-through) when the adapter quantizes. O(P_u + P_v)."""
+    au = angles_u.to(spec.circuit_dtype) * spec.angle_gains[0]
+    av = angles_v.to(spec.circuit_dtype) * spec.angle_gains[1]
     if spec.quantize_bits is not None:
         au = _quantize_params(au, spec.method_u, spec.quantize_bits)
         av = _quantize_params(av, spec.method_v, spec.quantize_bits)
@@ -206,12 +209,16 @@ class QuantumPEFTLayer(WeightMergeLayer):
             quantize_bits=config.quantize_bits,
             scaling=config.layer_scaling(self.out_features),
             circuit_dtype=getattr(torch, config.circuit_dtype),
+            angle_gains=config.angle_gains(self.out_features, self.in_features),
         )
         k = config.r
         g_u = torch.Generator().manual_seed(_seed(config.init_seed, module_name, "u"))
         g_v = torch.Generator().manual_seed(_seed(config.init_seed, module_name, "v"))
-        angles_u = stiefel_init(method_u, self.out_features, k, config.depth, g_u, torch.float32)
-        angles_v = stiefel_init(method_v, self.in_features, k, config.depth, g_v, torch.float32)
+        # stored = init / gain: the effective angles (and U, V) start where the paper's do
+        angles_u = (stiefel_init(method_u, self.out_features, k, config.depth, g_u, torch.float64)
+                    / spec.angle_gains[0]).float()
+        angles_v = (stiefel_init(method_v, self.in_features, k, config.depth, g_v, torch.float64)
+                    / spec.angle_gains[1]).float()
         g_l = torch.Generator().manual_seed(_seed(config.init_seed, module_name, "lambda"))
         if config.lambda_domain == "real":
             lam = torch.zeros(k) if config.init_weights else 0.5 * torch.randn(k, generator=g_l)

@@ -24,9 +24,10 @@ METHOD = MethodSpec(
         MethodOption("alpha", "alpha", float, "scaling alpha (LoRA, QPA, Quantum-PEFT)"),
     ),
     defaults={"rank": 8},
-    learning_rate=3e-2,
-    learning_rate_note=("default for quantum-peft: "
-                        "best rate of the learning-rate sweep on the quality suite's tuning task (docs/results.md)"),
+    learning_rate=1e-2,
+    learning_rate_note=("default for quantum-peft: LoRA's best rate on the quality suite's "
+                        "tuning task; with the angle gain the method learns at LoRA's rates "
+                        "(docs/methods/quantum_peft.md, 'Learning-rate scale')"),
     benchmark_config=lambda targets, task_type: QuantumPEFTConfig(
         r=8, depth=1, target_modules=targets, task_type=task_type),
     benchmark_label="Quantum-PEFT K=8, L=1",

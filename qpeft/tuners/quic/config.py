@@ -14,17 +14,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from peft.config import PeftConfig
-
 from qpeft._peft_registry import ensure_peft_type
 from qpeft.circuits._checks import check_choice, check_positive_int
 from qpeft.circuits.compound import compound_dim, largest_block_size
 from qpeft.circuits.compound_rotation import BlockPlan
 from qpeft.circuits.givens import GIVENS_LAYOUTS, givens_num_params
+from qpeft.tuners._lr_scale import LR_SCALES, LrScaledConfig
 
 BASE_MAPS = ("cayley", "exp", "rbs", "free")
 SIDES = ("output", "input")
 COMBINES = ("product", "sum")
+#: With ``lr_scale="lora"``: effective parameters = this x stored ones, i.e. AdamW's step on
+#: them is 3x the learning rate. Measured (docs/methods/quic.md, "Learning-rate scale"): the
+#: paper's parameterization needs about 3x LoRA's learning rate at every rate of the sweep.
+LORA_RATE_GAIN = 3.0
 
 
 def check_orders(orders: object) -> tuple[int, ...]:
@@ -122,7 +125,7 @@ def quic_reference_count(
 
 
 @dataclass
-class QuICConfig(PeftConfig):
+class QuICConfig(LrScaledConfig):
     """Configuration of QuIC compound adapters (``peft_type = "QUIC"``).
 
     W' = Q·W (``side="output"``, default) or W' = W·Qᵀ (``side="input"``), with Q the
@@ -144,6 +147,9 @@ class QuICConfig(PeftConfig):
             init, not orthogonal in general).
         module_dropout: during training, skip the whole adapter of a module with this probability.
         init_weights: True (default) starts at Q = I; False at a random small rotation (tests).
+        lr_scale: "lora" (default): the base maps read :data:`LORA_RATE_GAIN` x the stored
+            parameters, so AdamW trains them at LoRA's learning rates; "paper": the paper's
+            parameters. Adapters saved before this field existed load as "paper".
         modules_to_save, exclude_modules, layers_to_transform, layers_pattern: as in peft.
     """
 
@@ -175,6 +181,11 @@ class QuICConfig(PeftConfig):
         default=0.0, metadata={"help": "Probability of skipping a module's adapter in training."}
     )
     init_weights: bool = field(default=True, metadata={"help": "True: Q = I at init."})
+    lr_scale: str = field(
+        default="lora",
+        metadata={"help": "'lora': parameters read x3 so AdamW trains at LoRA's learning rates; "
+                  "'paper': the paper's (what adapters saved without this field load as)"},
+    )
     layers_to_transform: list[int] | int | None = field(default=None)
     layers_pattern: list[str] | str | None = field(default=None)
     modules_to_save: list[str] | None = field(default=None)
@@ -193,6 +204,7 @@ class QuICConfig(PeftConfig):
         check_choice("side", self.side, SIDES)
         check_positive_int("num_adapters", self.num_adapters)
         check_choice("combine", self.combine, COMBINES)
+        check_choice("lr_scale", self.lr_scale, LR_SCALES)
         p = self.module_dropout
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
             raise ValueError(f"module_dropout must be a float in [0, 1), got {p!r}")
@@ -202,6 +214,12 @@ class QuICConfig(PeftConfig):
             raise ValueError("layers_pattern needs layers_to_transform")
 
     # ---- derived properties -----------------------------------------------------------------
+    @property
+    def param_gain(self) -> float:
+        """Effective parameters = this x stored ones: :data:`LORA_RATE_GAIN` with
+        ``lr_scale="lora"``, 1 with "paper"."""
+        return LORA_RATE_GAIN if self.lr_scale == "lora" else 1.0
+
     @property
     def is_orthogonal(self) -> bool:
         """Whether Q is orthogonal by construction (False for base_map='free' or combine='sum'

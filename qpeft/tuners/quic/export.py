@@ -109,7 +109,8 @@ def circuits_from_model(model: nn.Module, adapter_name: str, max_qubits: int) ->
         if adapter_name in getattr(module, "quic_plan", {}):
             plan, st = module.quic_plan[adapter_name], module.quic_settings[adapter_name]
             records += module_records(
-                name.removeprefix("base_model.model."), module.quic_params[adapter_name], plan.n,
+                name.removeprefix("base_model.model."),
+                module.quic_params[adapter_name].detach().double() * st.param_gain, plan.n,
                 list(plan.orders), st.base_map, st.rbs_layout, st.combine, plan.num_blocks,
                 st.block_share, plan.block_size, max_qubits, st.side)
     return records
@@ -125,7 +126,8 @@ def circuits_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Te
     for module, params in sorted(tensors_by_module(tensors, "quic_params").items()):
         n = _n_from_count(int(params.shape[-1]), qc.base_map, qc.rbs_layout)
         records += module_records(
-            module, params, n, list(qc.orders), qc.base_map, qc.rbs_layout, qc.combine,
+            module, params.double() * qc.param_gain, n, list(qc.orders), qc.base_map, qc.rbs_layout,
+            qc.combine,
             qc.num_blocks, qc.block_share, None, max_qubits, qc.side)
     return records
 

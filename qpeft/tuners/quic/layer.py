@@ -57,6 +57,8 @@ class QuICSettings:
     combine: str
     module_dropout: float
     orthogonal: bool
+    #: effective parameters = gain x stored (``QuICConfig.param_gain``)
+    param_gain: float = 1.0
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -153,13 +155,13 @@ class QuICLayer(WeightMergeLayer):
             base_map=config.base_map, rbs_layout=config.rbs_layout, side=config.side,
             block_share=bool(config.block_share), num_adapters=int(config.num_adapters),
             combine=config.combine, module_dropout=float(config.module_dropout),
-            orthogonal=config.is_orthogonal,
+            orthogonal=config.is_orthogonal, param_gain=config.param_gain,
         )
         n_a = 1 if settings.block_share else plan.num_blocks
         n_params = base_map_num_params(plan.n, config.base_map, config.rbs_layout)
         weight = torch.zeros(settings.num_adapters, n_a, n_params)
-        if not config.init_weights:
-            weight.normal_(0.0, RANDOM_INIT_STD)
+        if not config.init_weights:  # the effective parameters ~ N(0, RANDOM_INIT_STD²)
+            weight.normal_(0.0, RANDOM_INIT_STD / settings.param_gain)
         self.quic_params[adapter_name] = nn.Parameter(weight)
         self.quic_plan[adapter_name] = plan
         self.quic_settings[adapter_name] = settings
@@ -180,10 +182,13 @@ class QuICLayer(WeightMergeLayer):
         )
 
     def generator_params(self, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The parameters [m, N_A, P] as the generation consumes them: in ``dtype``, by default
-        float32 / float64 (half-precision parameters are evaluated in float32)."""
+        """The parameters [m, N_A, P] as the generation consumes them: times the adapter's
+        ``param_gain``, in ``dtype``, by default float32 / float64 (half-precision parameters
+        are evaluated in float32)."""
         params = self.quic_params[adapter_name]
-        return params.to(dtype or _compute_dtype(params.dtype))
+        gain = self.quic_settings[adapter_name].param_gain
+        cast = params.to(dtype or _compute_dtype(params.dtype))
+        return cast if gain == 1.0 else cast * gain
 
     def forward_matrices(self, adapter_name: str) -> list[torch.Tensor | CompoundOperator]:
         """Per order, the blocks' compounds for the forward (:func:`compound_operators`: formed

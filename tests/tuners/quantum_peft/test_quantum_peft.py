@@ -81,8 +81,9 @@ def test_pauli_factors_are_the_papers_circuit() -> None:
     model, layer = wrapped(nn.Linear(8, 16).double(), r=3, depth=2, circuit_dtype="float64")
     u, v = layer.stiefel_factors("default")
     au, av = layer.qpeft_angles_u["default"], layer.qpeft_angles_v["default"]
-    torch.testing.assert_close(u, dense_pauli(au.detach(), 4, 2)[:, :3], atol=1e-12, rtol=0)
-    torch.testing.assert_close(v, dense_pauli(av.detach(), 3, 2)[:, :3], atol=1e-12, rtol=0)
+    g_u, g_v = layer.qpeft_spec["default"].angle_gains  # effective angle = gain · stored
+    torch.testing.assert_close(u, dense_pauli(g_u * au.detach(), 4, 2)[:, :3], atol=1e-12, rtol=0)
+    torch.testing.assert_close(v, dense_pauli(g_v * av.detach(), 3, 2)[:, :3], atol=1e-12, rtol=0)
     assert au.numel() == pauli_count(4, 2) and av.numel() == pauli_count(3, 2)
 
 
@@ -249,7 +250,7 @@ def test_quantized_adapter_uses_quantized_angles() -> None:
 
     _, layer = wrapped(nn.Linear(8, 16).double(), r=2, quantize_bits=2, init_weights=False,
                        circuit_dtype="float64")
-    au = layer.qpeft_angles_u["default"].detach()
+    au = layer.qpeft_angles_u["default"].detach() * layer.qpeft_spec["default"].angle_gains[0]
     u, _ = layer.stiefel_factors("default")
     step = 4 * math.pi / 4
     torch.testing.assert_close(u, stiefel("pauli", torch.round(au / step) * step, 16, 2, 1))

@@ -221,7 +221,7 @@ def test_dense_q_equals_the_minors_reference(kw):
     layer = quic_layer(nn.Linear(7, d).double(), **kw)
     q = layer.rotation_matrix("default", torch.float64)
     cfg = QuICConfig(target_modules=["x"], **kw)
-    expected = ref_q(layer.quic_params["default"].detach(), cfg, d)
+    expected = ref_q(layer.generator_params("default", torch.float64).detach(), cfg, d)
     torch.testing.assert_close(q, expected, atol=1e-10, rtol=0)
     assert not torch.allclose(q, torch.eye(d, dtype=q.dtype), atol=1e-3)
 
