@@ -272,6 +272,37 @@ def test_a_training_step_generates_once_with_per_layer_gradients(monkeypatch, ce
             torch.testing.assert_close(got[n], p.grad, atol=1e-12, rtol=1e-12, msg=n)
 
 
+@pytest.mark.parametrize("kw", [{}, {"preset": "reference"}])
+def test_a_layer_reads_its_batched_factors_without_dispatching_an_operation(kw):
+    """While training, the one generation emits every layer's lora_B (gain applied) and lora_A
+    as separate outputs in their final shapes: once generated, reading a layer's factors
+    dispatches no operation (no slice, reshape or gain product per layer and step), and they
+    are bit for bit the full generation's split per layer (:meth:`QPAGenerator.all_factors`)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    gen = stack_model(init_seed=4, **kw).base_model.generator().train()
+    if gen.gain is not None:
+        with torch.no_grad():
+            gen.gain.fill_(0.7)
+    first = gen.factors(0)  # generates every layer's factors
+    with Count():
+        batched = [gen.factors(index) for index in range(len(gen.shapes))]
+    assert Count.ops == 0
+    assert batched[0][0] is first[0] and batched[0][1] is first[1]
+    with torch.no_grad():
+        reference = gen.all_factors()
+    for (b, a), (ref_b, ref_a), (d_out, d_in) in zip(batched, reference, gen.shapes, strict=True):
+        assert b.shape == (d_out, gen.r) and a.shape == (gen.r, d_in)
+        assert torch.equal(b, ref_b) and torch.equal(a, ref_a)
+
+
 def test_a_deep_copy_trains_its_own_generator():
     """The shared generation is bound to its generator: a copied model's training step reads
     and differentiates the copy's parameters, never the original's."""
