@@ -248,6 +248,8 @@ def render(result: dict[str, Any]) -> str:
                  *(e["mixed"][str(d)]["throughput_vs_lora"] for d in routings),
                  f"{e['max_abs_diff_vs_qpeft']:.1e}"] for e in result["as_lora"].values()]
         text += "\n\n" + C.md_table(head, rows)
+    for note in result.get("notes", []):  # rows re-measured alone since the full run
+        text += "\n\n" + note
     return text
 
 

@@ -150,24 +150,35 @@ def test_mixed_adapter_batch_in_generate(method: str) -> None:
 @pytest.mark.parametrize("method", QPEFT_METHODS)
 def test_eval_reuses_generation_only_while_parameters_hold_the_same_values(method: str) -> None:
     """Decoding must not rerun the circuits per token, and must never serve stale factors:
-    a write through ``.data`` (no version bump) is seen; training always regenerates."""
+    a write through ``.data`` (no version bump) is seen; training always regenerates. QPA
+    generates every layer's factors at once from its adapter's generator outside autograd
+    (``QPAGenerator.kept_factors``): one generation per generator, not per layer."""
     from qpeft.tuners._common import WeightMergeLayer
 
     model = get_peft_model(tiny_llama(), method_config(method)).eval()
     layers = [m for m in model.modules() if isinstance(m, WeightMergeLayer)]
     builds = []
-    for layer in layers:
-        real = layer._generated.__func__
+    if method == "qpa":
+        generators = list(model.base_model.qpa_generator.values())
+        for gen in generators:
+            for attr in ("_factors_per_span", "factors"):  # evaluation's, training's
+                real = getattr(gen, attr)
+                setattr(gen, attr, lambda *a, real=real: (builds.append(1), real(*a))[1])
+        per_eval_forward = len(generators)
+    else:
+        for layer in layers:
+            real = layer._generated.__func__
 
-        def counting(self, slot, params, build, real=real):
-            return real(self, slot, params, lambda: (builds.append(1), build())[1])
+            def counting(self, slot, params, build, real=real):
+                return real(self, slot, params, lambda: (builds.append(1), build())[1])
 
-        layer._generated = counting.__get__(layer)
+            layer._generated = counting.__get__(layer)
+        per_eval_forward = len(layers)
     ids = batch()["input_ids"]
     with torch.no_grad():
         first = model(input_ids=ids).logits
         built = len(builds)
-        assert built == len(layers)
+        assert built == per_eval_forward
         again = model(input_ids=ids).logits
         assert len(builds) == built, "the second no-grad forward reuses every layer's factors"
         torch.testing.assert_close(again, first, atol=0, rtol=0)
@@ -175,6 +186,8 @@ def test_eval_reuses_generation_only_while_parameters_hold_the_same_values(metho
         param.data.add_(0.5)  # bypasses the version counter
         changed = model(input_ids=ids).logits
         assert len(builds) > built
+        if method == "qpa":  # the one generator regenerates every layer's factors at once
+            assert len(builds) == built + per_eval_forward
         assert (changed - first).abs().max() > 1e-4
     model.train()
     before = len(builds)

@@ -21,14 +21,17 @@ from the first step on. ``output_gain=False`` (the reference preset) starts from
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
 
 import torch
 from torch import nn
 
 from qpeft.circuits._checks import check_positive_int
 from qpeft.circuits.statevector import MAX_QUBITS, qnn_num_params, qnn_probabilities
-from qpeft.tuners._batched_generation import BatchedGeneration
+from qpeft.tuners._batched_generation import BatchedGeneration, same_values
 
 REFERENCE_HIDDEN = (32, 64, 128, 128, 64, 32, 32)
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "none")
@@ -42,8 +45,52 @@ __all__ = [
     "chunking",
     "generator_num_params",
     "mlp_num_params",
+    "parameters_fixed",
     "target_size",
 ]
+
+_ALWAYS_KEPT = 1 << 16  # generated numbers kept for evaluation whatever the layers' size
+# the block inside which parameters are known not to change (parameters_fixed); None outside
+_fixed_scope: ContextVar[object | None] = ContextVar("qpa_fixed_scope", default=None)
+
+
+@contextmanager
+def parameters_fixed() -> Iterator[None]:
+    """Declare that no generator parameter changes inside this block (one model forward, or one
+    ``generate()`` call: ``QPAModel`` opens it around every ``PeftModel`` forward). Inside it a
+    generator compares its parameters with the snapshot behind its kept factors
+    (:meth:`QPAGenerator.kept_factors`) once, not once per layer that reads them. Nested blocks
+    are one block. O(1)."""
+    if _fixed_scope.get() is not None:
+        yield
+        return
+    token = _fixed_scope.set(object())
+    try:
+        yield
+    finally:
+        _fixed_scope.reset(token)
+
+
+class _Kept:
+    """Every layer's factors generated outside autograd, with a copy of the parameters they
+    were generated from and the :func:`parameters_fixed` block that last confirmed them."""
+
+    __slots__ = ("snapshot", "factors", "scope")
+
+    def __init__(self, snapshot: list[torch.Tensor],
+                 factors: list[tuple[torch.Tensor, torch.Tensor]], scope: object | None) -> None:
+        self.snapshot, self.factors, self.scope = snapshot, factors, scope
+
+
+class _KeptSlot:
+    """Holds a generator's :class:`_Kept` (or None). A copy (``copy.deepcopy``, pickling)
+    starts empty: the copy's parameters are other tensors, compared afresh."""
+
+    def __init__(self) -> None:
+        self.entry: _Kept | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"entry": None}
 
 
 def target_size(shapes: Sequence[tuple[int, int]], r: int) -> int:
@@ -143,11 +190,14 @@ class QPAGenerator(nn.Module):
     chunks that hold the layer's numbers (centring: the mean in closed form from input sums when
     the MLP is affine, else from every chunk's hidden activations). So each adapted layer can
     generate its own factors inside its own forward. While training, the first layer's
-    :meth:`factors` generates every layer's numbers in one call (circuit and MLP) and the
-    others read theirs (``_generated``, a :class:`BatchedGeneration`); where that cannot batch (a
-    sharded or offloaded generator) each layer generates its own slice, sharing only the
-    circuit's probabilities (``_probabilities``). Cost of a full generation: O(L*N*2**N)
-    circuit + O(n_ch * (sum of MLP layer sizes)) MLP."""
+    :meth:`factors` generates every layer's ``(lora_B, lora_A)`` in one call (circuit, MLP and
+    gain; each factor a separate output in its final shape) and the others read theirs
+    (``_generated``, a :class:`BatchedGeneration`); where that cannot batch (a sharded or
+    offloaded generator) each layer generates its own slice, sharing only the circuit's
+    probabilities (``_probabilities``). Outside autograd (evaluation, serving) every layer's
+    factors are generated at once and kept while the parameters hold their values
+    (:meth:`kept_factors`). Cost of a full generation: O(L*N*2**N) circuit + O(n_ch * (sum of
+    MLP layer sizes)) MLP."""
 
     def __init__(
         self,
@@ -217,12 +267,22 @@ class QPAGenerator(nn.Module):
         # MLP, one call) and the others read their slices (qpeft.tuners._batched_generation: why that is
         # safe under any wrapper); where that cannot batch (a sharded or offloaded generator),
         # each layer runs the MLP on its own chunks, reading one shared circuit simulation
+        # (two outputs per layer: its lora_B and lora_A in their final shapes, gain applied)
         self._generated = BatchedGeneration(self._generate_all_from, self._generate_one_from,
-                                        n_outputs=len(self.shapes))
+                                            n_outputs=2 * len(self.shapes))
         self._probabilities = BatchedGeneration(_all_probabilities, _one_probabilities, n_outputs=1)
+        # outside autograd (evaluation, serving): every layer's factors from one generation,
+        # kept while the parameters hold the same values (kept_factors)
+        self._kept = _KeptSlot()
+        self._keeps_factors = self.m <= max(sum(o * i for o, i in self.shapes) // 8, _ALWAYS_KEPT)
         idx = torch.arange(self.n_chunks)
         bits = (idx.unsqueeze(1) >> torch.arange(self.n_qubits)) & 1
         self.register_buffer("bits", (1 - 2 * bits).float(), persistent=False)
+        # the flat vector read as rows of r numbers: lora_B_0 (d_out rows), lora_A_0 (d_in rows),
+        # lora_B_1, ...; True on the rows of a lora_B (the ones the gain multiplies)
+        self._row_sizes = [rows for o, i in self.shapes for rows in (o, i)]
+        b_rows = torch.tensor([k % 2 == 0 for k, n in enumerate(self._row_sizes) for _ in range(n)])
+        self.register_buffer("b_rows", b_rows.unsqueeze(1), persistent=False)
 
     def num_params(self) -> int:
         """Trainable numbers, from the construction's count function (tests compare)."""
@@ -346,26 +406,42 @@ class QPAGenerator(nn.Module):
         return flat if mean is None else flat - mean
 
     def _shared_params(self) -> tuple[torch.Tensor, ...]:
-        """What the whole generation reads: theta, then each MLP layer's weight and bias."""
-        return (self.theta, *(t for pair in self.mlp_params() for t in pair))
+        """What the whole generation reads: theta, each MLP layer's weight and bias, then the
+        gain (when there is one)."""
+        gain = () if self.gain is None else (self.gain,)
+        return (self.theta, *(t for pair in self.mlp_params() for t in pair), *gain)
 
     def _generate_from(self, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """The flat vector [m] from ``params`` (as :meth:`_shared_params` orders them) in place of
-        the generator's own: the pure function :class:`BatchedGeneration` runs."""
-        theta, *mlp = params
+        """The flat vector [m] (gain not applied) from ``params`` (as :meth:`_shared_params`
+        orders them) in place of the generator's own: the pure function
+        :class:`BatchedGeneration` runs."""
+        theta, *rest = params
+        mlp = rest[: 2 * self.n_mlp_layers]
         layers = self._effective(list(zip(mlp[0::2], mlp[1::2], strict=True)))
         return self._generate_span(0, self.m, self._transform(_circuit_probabilities(theta)), layers)
 
-    def _layer_numbers_from(self, params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """Every layer's ``r·(d_out + d_in)`` numbers, as separate outputs (a slice of one flat
-        output would send each layer a gradient the size of the whole vector)."""
-        return self._generate_from(params).split([self.r * (o + i) for o, i in self.shapes])
+    def _layer_factors_from(self, params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """``(lora_B_0 [d_out, r], lora_A_0 [r, d_in], lora_B_1, ...)``: every layer's factors
+        as separate outputs in their final shapes, the gain applied once to every lora_B row
+        (the same products as :meth:`_split`'s ``lora_B * gain``; ``lora_A * 1`` is exact). A
+        layer's forward then reads its factors as they are (no slice, reshape or gain product
+        per layer and step), and its gradient arrives at its own outputs (a slice of one flat
+        output would send each layer a gradient the size of the whole vector). O(m) beyond the
+        generation, one view per layer."""
+        rows = self._generate_from(params).view(-1, self.r)  # [m / r, r]
+        if self.gain is not None:
+            rows = rows * torch.where(self.b_rows, params[-1], 1.0)
+        pieces = rows.split(self._row_sizes)
+        out: list[torch.Tensor] = []
+        for index, (_, d_in) in enumerate(self.shapes):
+            out += [pieces[2 * index], pieces[2 * index + 1].view(self.r, d_in)]
+        return tuple(out)
 
     def _generate_all_from(self, params: list[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
-        return [self._layer_numbers_from(ps) for ps in params]
+        return [self._layer_factors_from(ps) for ps in params]
 
     def _generate_one_from(self, member: int, params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        return self._layer_numbers_from(params)
+        return self._layer_factors_from(params)
 
     def generate(self) -> torch.Tensor:
         """The flat generated vector [m] (the gain is not applied). O(circuit + MLP)."""
@@ -396,8 +472,19 @@ class QPAGenerator(nn.Module):
         stop = start + self.r * (d_out + d_in)
         own = self._shared_params()
         if self._generated.batchable([own]):
-            return self._split(self._generated.outputs(0, own, lambda: [own])[index], index)
+            outputs = self._generated.outputs(0, own, lambda: [own])
+            return outputs[2 * index], outputs[2 * index + 1]
         return self._split(self._generate_span(start, stop), index)
+
+    def _factors_per_span(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`factors` of every layer as it generates outside a recorded forward (each
+        layer's own span, the same numbers bit for bit), with the circuit and the MLP's
+        effective layers computed once for all. O(circuit + MLP on every chunk)."""
+        pt, layers = self.transformed_probabilities(), self.mlp_layers()
+        return [
+            self._split(self._generate_span(start, start + self.r * (o + i), pt, layers), index)
+            for index, ((o, i), start) in enumerate(zip(self.shapes, self.offsets, strict=True))
+        ]
 
     def all_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """:meth:`factors` of every layer from one full generation (export, merging all)."""
@@ -406,6 +493,40 @@ class QPAGenerator(nn.Module):
             self._split(flat[start : start + self.r * (o + i)], index)
             for index, ((o, i), start) in enumerate(zip(self.shapes, self.offsets, strict=True))
         ]
+
+    def kept_factors(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`factors` of layer ``index`` for a forward autograd does not record (the
+        caller decides: evaluation under ``no_grad`` / ``inference_mode`` or a frozen
+        generator). Every layer's factors are generated at once (the circuit once, then each
+        layer's own MLP span: bit for bit what :meth:`factors` gives) and kept while the
+        parameters hold the same values: compared by value (``.data`` writes and FSDP's
+        unsharding bypass version counters; one device sync on an accelerator), and inside a
+        :func:`parameters_fixed` block only at its first read, so a mixed-adapter batch checks
+        each adapter once per forward, not once per layer. Cost: O(1) for a read confirmed in
+        the block, else O(generator parameters) to compare, plus a generation when they
+        changed. Factors of more than an eighth of the adapted weights' numbers (and over 64k
+        numbers; the bound of the layers' own reuse,
+        :meth:`qpeft.tuners._common.WeightMergeLayer._generated`) are generated for the layer
+        alone and not kept."""
+        if not self._keeps_factors:
+            self._kept.entry = None
+            with torch.inference_mode(False), torch.no_grad():
+                return self.factors(index)
+        scope = _fixed_scope.get()
+        entry = self._kept.entry  # read once: a concurrent reader replaces the whole entry
+        if entry is not None and scope is not None and entry.scope is scope:
+            return entry.factors[index]
+        params = list(self.parameters())
+        if entry is not None and same_values(entry.snapshot, params):
+            entry.scope = scope
+            return entry.factors[index]
+        # built as ordinary tensors even inside torch.inference_mode(): kept factors may be used
+        # later by a forward that autograd records (a frozen adapter, an input with a gradient)
+        with torch.inference_mode(False), torch.no_grad():
+            snapshot = [p.detach().clone() for p in params]
+            factors = self._factors_per_span()
+        self._kept.entry = _Kept(snapshot, factors, scope)
+        return factors[index]
 
     def extra_repr(self) -> str:
         return (

@@ -13,13 +13,14 @@ it generates its own slice of the factors inside its own forward.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qpeft.tuners._common import WeightMergeLayer, layer_kind, matrix_to_weight
+from qpeft.tuners._common import BASE_ROWS, WeightMergeLayer, layer_kind, matrix_to_weight
 from qpeft.tuners.qpa.generator import QPAGenerator
 
 
@@ -58,10 +59,17 @@ class QPALayer(WeightMergeLayer):
         self.qpa_index[adapter_name] = index
 
     def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lora_B, lora_A)`` of this layer. In training mode, or when autograd records and
+        the generator has a parameter that needs a gradient, generated in this forward
+        (:meth:`QPAGenerator.factors`); otherwise (evaluation, serving) the generator's kept
+        factors, generated once for every layer and compared with the parameters once per
+        model forward (:meth:`QPAGenerator.kept_factors`)."""
         generator = self.qpa_group[adapter_name]
         index = self.qpa_index[adapter_name]
-        return self._generated(adapter_name, list(generator.parameters()),
-                               lambda: generator.factors(index))
+        if self.training or torch.compiler.is_compiling() or (
+                torch.is_grad_enabled() and any(p.requires_grad for p in generator.parameters())):
+            return generator.factors(index)
+        return generator.kept_factors(index)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``scaling * lora_B @ lora_A`` in the base weight's layout and dtype (a quantized
@@ -100,6 +108,24 @@ class QPALayer(WeightMergeLayer):
     def _apply_one(self, x: torch.Tensor, base_out: torch.Tensor, adapter_name: str,
                    *args: Any, **kwargs: Any) -> torch.Tensor:
         return base_out + self._delta_output(x, adapter_name).to(base_out.dtype)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: Sequence[str], *args: Any,
+                             **kwargs: Any) -> torch.Tensor:
+        """Row i through adapter ``adapter_names[i]`` alone (``"__base__"``, or an adapter this
+        layer does not have: the base layer), as peft's LoRA: one base call for the batch, then
+        per distinct adapter its rows' ``scaling * B·A`` added in place (``index_add_``: the
+        same sums as ``base + delta`` row by row; the rows are distinct). O(rows) host work
+        plus LoRA's arithmetic per adapter."""
+        result = self.base_layer(x, *args, **kwargs)
+        rows_of: dict[str, list[int]] = {}
+        for i, name in enumerate(adapter_names):  # one pass: O(rows), not O(rows x adapters)
+            rows_of.setdefault(name, []).append(i)
+        for name, indices in rows_of.items():
+            if name == BASE_ROWS or not self._owns_adapter(name):
+                continue
+            rows = torch.tensor(indices, device=x.device)
+            result.index_add_(0, rows, self._delta_output(x[rows], name).to(result.dtype))
+        return result
 
 
 class QPALinear(nn.Module, QPALayer):

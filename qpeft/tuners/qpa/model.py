@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -14,7 +14,7 @@ from torch import nn
 from qpeft.tuners._common import QpeftTuner
 from qpeft.tuners.qpa.config import QPAConfig, build_generator
 from qpeft.tuners.qpa.export import lora_tensors
-from qpeft.tuners.qpa.generator import QPAGenerator
+from qpeft.tuners.qpa.generator import QPAGenerator, parameters_fixed
 from qpeft.tuners.qpa.layer import QPALayer, qpa_layer_class
 
 __all__ = ["QPAModel", "build_generator"]  # build_generator lives in config.py (no import cycle)
@@ -118,6 +118,15 @@ class QPAModel(QpeftTuner):
         trainable = adapter_name in self.active_adapters and not config.inference_mode
         generator.requires_grad_(trainable)
         self._generators()[adapter_name] = generator
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """peft's context around every ``PeftModel`` forward / ``generate``: qpeft's
+        (mixed-adapter batches), inside :func:`parameters_fixed`, so an evaluation forward
+        compares each generator's parameters with its kept factors' snapshot once, not once
+        per adapted layer."""
+        with parameters_fixed(), super()._enable_peft_forward_hooks(*args, **kwargs):
+            yield
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """peft's rule for the generator too: float16 / bfloat16 become float32 unless

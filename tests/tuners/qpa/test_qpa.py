@@ -272,6 +272,37 @@ def test_a_training_step_generates_once_with_per_layer_gradients(monkeypatch, ce
             torch.testing.assert_close(got[n], p.grad, atol=1e-12, rtol=1e-12, msg=n)
 
 
+@pytest.mark.parametrize("kw", [{}, {"preset": "reference"}])
+def test_a_layer_reads_its_batched_factors_without_dispatching_an_operation(kw):
+    """While training, the one generation emits every layer's lora_B (gain applied) and lora_A
+    as separate outputs in their final shapes: once generated, reading a layer's factors
+    dispatches no operation (no slice, reshape or gain product per layer and step), and they
+    are bit for bit the full generation's split per layer (:meth:`QPAGenerator.all_factors`)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    gen = stack_model(init_seed=4, **kw).base_model.generator().train()
+    if gen.gain is not None:
+        with torch.no_grad():
+            gen.gain.fill_(0.7)
+    first = gen.factors(0)  # generates every layer's factors
+    with Count():
+        batched = [gen.factors(index) for index in range(len(gen.shapes))]
+    assert Count.ops == 0
+    assert batched[0][0] is first[0] and batched[0][1] is first[1]
+    with torch.no_grad():
+        reference = gen.all_factors()
+    for (b, a), (ref_b, ref_a), (d_out, d_in) in zip(batched, reference, gen.shapes, strict=True):
+        assert b.shape == (d_out, gen.r) and a.shape == (gen.r, d_in)
+        assert torch.equal(b, ref_b) and torch.equal(a, ref_a)
+
+
 def test_a_deep_copy_trains_its_own_generator():
     """The shared generation is bound to its generator: a copied model's training step reads
     and differentiates the copy's parameters, never the original's."""
@@ -299,7 +330,7 @@ def test_gain_gets_gradient_at_init_and_theta_after_one_step():
     model = stack_model()
     gen = model.base_model.generator()
     x = torch.randn(8, 64)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model(x).pow(2).mean().backward()
     assert float(gen.gain.grad.abs()) > 0
     assert torch.count_nonzero(gen.theta.grad) == 0  # like LoRA's A while B = 0
@@ -679,3 +710,178 @@ def test_one_layer_class_per_kind_and_the_group_is_the_tuners_generator():
         QPALinear(nn.Conv2d(3, 8, 2), "default", QPAConfig(target_modules=["x"]))
     with pytest.raises(ValueError, match="QPAConv2d wraps"):
         QPAConv2d(nn.Linear(8, 8), "default", QPAConfig(target_modules=["x"]))
+
+
+# ------------------------------------------------------------------------------------------
+# evaluation: every layer's factors kept per generator, checked once per forward
+
+
+def _two_adapter_stack(gain: float = 0.5):
+    """:func:`stack_model` with adapters "default" and "other" (different seeds), gains set so
+    both change the output, eval mode."""
+    model = stack_model(init_seed=1)
+    model.add_adapter("other", QPAConfig(target_modules=["a", "b", "c", "d"], r=3, n_mlp=100,
+                                         init_seed=2))
+    with torch.no_grad():
+        for gen in model.base_model.qpa_generator.values():
+            gen.gain.fill_(gain)
+    return model.eval()
+
+
+def _rows_one_by_one(model, x, routing):
+    rows = []
+    for i, name in enumerate(routing):
+        with torch.no_grad():
+            if name == "__base__":
+                with model.disable_adapter():
+                    rows.append(model(x[i:i + 1]))
+            else:
+                model.set_adapter(name)
+                rows.append(model(x[i:i + 1]))
+    return torch.cat(rows)
+
+
+def _fresh_copy_outputs(model, x, routing):
+    """The same rows through a new model built from ``model``'s state (nothing kept)."""
+    fresh = _two_adapter_stack()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        return fresh(x, adapter_names=routing)
+
+
+@pytest.mark.parametrize("write", ["data", "copy_", "load_state_dict", "assign_data"])
+def test_eval_sees_every_kind_of_parameter_write_between_forwards(write):
+    """Kept factors must never be served stale: each kind of write between two mixed-batch
+    forwards changes the output to exactly what a model built from the new state gives."""
+    model = _two_adapter_stack()
+    x = torch.randn(4, 64)
+    routing = ["default", "other", "__base__", "default"]
+    with torch.no_grad():
+        first = model(x, adapter_names=routing)
+        assert torch.equal(model(x, adapter_names=routing), first)
+    gen = model.base_model.generator("default")
+    weight = gen.mlp_weight_0
+    if write == "data":
+        weight.data.add_(0.25)  # no version counter bump
+    elif write == "copy_":
+        with torch.no_grad():
+            weight.copy_(weight + 0.25)
+    elif write == "load_state_dict":
+        state = {k: v + 0.25 if k == "mlp_weight_0" else v for k, v in gen.state_dict().items()}
+        gen.load_state_dict(state)
+    else:
+        weight.data = weight.data + 0.25  # new storage
+    with torch.no_grad():
+        changed = model(x, adapter_names=routing)
+    assert (changed[[0, 3]] - first[[0, 3]]).abs().max() > 1e-4
+    assert torch.equal(changed[[1, 2]], first[[1, 2]])
+    assert torch.equal(changed, _fresh_copy_outputs(model, x, routing))
+
+
+def test_a_mixed_batch_checks_each_generator_once_per_forward(monkeypatch):
+    """The reuse check (a comparison by value of the generator's parameters) runs once per
+    adapter and forward, not once per layer: O(adapters), not O(layers x adapters)."""
+    import qpeft.tuners.qpa.generator as generator_module
+
+    model = _two_adapter_stack()
+    x = torch.randn(4, 64)
+    routing = ["default", "other", "other", "default"]
+    with torch.no_grad():
+        expected = model(x, adapter_names=routing)
+    compared = []
+    real = generator_module.same_values
+    monkeypatch.setattr(generator_module, "same_values",
+                        lambda *a: (compared.append(1), real(*a))[1])
+    with torch.no_grad():
+        for forward in range(1, 4):
+            assert torch.equal(model(x, adapter_names=routing), expected)
+            assert len(compared) == 2 * forward  # 2 adapters, 4 layers each
+        # outside a PeftModel forward (the wrapped model called directly) every read compares
+        model.base_model.model(x)
+    assert len(compared) == 6 + 4  # the active adapter "default", 4 layers
+
+
+def test_hotswap_then_mixed_batch_equals_row_by_row(tmp_path):
+    """A hot-swap writes the generator's tensors in place: the next mixed batch serves the new
+    adapter, row for row what set_adapter gives, and what a model built with it gives."""
+    from qpeft.hotswap import hotswap_adapter
+
+    model = _two_adapter_stack()
+    x = torch.randn(5, 64)
+    routing = ["default", "other", "__base__", "other", "default"]
+    with torch.no_grad():
+        before = model(x, adapter_names=routing)
+    donor = stack_model(init_seed=7)
+    with torch.no_grad():
+        donor.base_model.generator().gain.fill_(0.3)
+    donor.save_pretrained(tmp_path)
+    hotswap_adapter(model, str(tmp_path), adapter_name="other")
+    with torch.no_grad():
+        after = model(x, adapter_names=routing)
+    assert (after[[1, 3]] - before[[1, 3]]).abs().max() > 1e-4
+    assert torch.equal(after[[0, 2, 4]], before[[0, 2, 4]])
+    # (a batch of one row multiplies in another order than a batch of five: round-off only)
+    torch.testing.assert_close(after, _rows_one_by_one(model, x, routing), atol=1e-5, rtol=1e-5)
+    assert torch.equal(after, _fresh_copy_outputs(model, x, routing))
+    donor.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(after[[1, 3]], donor(x[[1, 3]]), atol=1e-5, rtol=1e-5)
+
+
+def test_eval_after_training_steps_serves_the_trained_factors():
+    """Optimizer steps between evaluation forwards (train / eval toggled as a training loop
+    with validation does): each evaluation gives the trained adapter's output."""
+    model = _two_adapter_stack()
+    x = torch.randn(4, 64)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    outputs = []
+    for _ in range(3):
+        model.train()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        model.eval()
+        with torch.no_grad():
+            outputs.append(model(x))
+            assert torch.equal(outputs[-1], _fresh_copy_outputs(model, x, ["default"] * 4))
+    assert (outputs[1] - outputs[0]).abs().max() > 1e-6
+
+
+def test_kept_factors_are_bit_for_bit_those_generated_per_layer():
+    """The kept factors (one pass over all layers) are exactly each layer's own generation, so
+    evaluation, merging in training mode and training-mode no-grad forwards agree bitwise."""
+    for kw in ({}, {"preset": "reference"}, {"mlp_activation": "tanh", "center_output": True}):
+        gen = stack_model(init_seed=3, **kw).base_model.generator()
+        with torch.no_grad():
+            gen.gain.fill_(0.5) if gen.gain is not None else None
+            for index in range(len(gen.shapes)):
+                kept_b, kept_a = gen.kept_factors(index)
+                own_b, own_a = gen.factors(index)
+                assert torch.equal(kept_b, own_b) and torch.equal(kept_a, own_a)
+    model = _two_adapter_stack()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        evaluated = model(x)
+        model.train()
+        assert torch.equal(model(x), evaluated)
+        model.merge_adapter()
+        merged = model(x)
+        model.unmerge_adapter()  # W + ΔW − ΔW: round-off only
+        model.eval()
+        torch.testing.assert_close(model(x), evaluated, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(merged, evaluated, atol=1e-5, rtol=1e-5)
+
+
+def test_a_deep_copy_keeps_nothing_and_serves_its_own_parameters():
+    import copy
+
+    model = _two_adapter_stack()
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        first = model(x)
+    twin = copy.deepcopy(model)
+    assert twin.base_model.generator()._kept.entry is None
+    twin.base_model.generator().mlp_bias_0.data.add_(0.5)
+    with torch.no_grad():
+        assert torch.equal(model(x), first)
+        assert (twin(x) - first).abs().max() > 1e-4
