@@ -258,8 +258,12 @@ def _segments(v: torch.Tensor, plan: BlockPlan) -> list[torch.Tensor]:
     """Views of ``v`` [T, d] per block segment, blocks first: per order j [N, T, c_j], then the
     identity pad [N, T, pad] if any (strided views, no copy)."""
     sizes = [*plan.dims, plan.pad] if plan.pad else list(plan.dims)
-    blocks = v[:, : plan.num_blocks * plan.block_size].unflatten(-1, (plan.num_blocks, -1))
-    return [s.transpose(0, 1) for s in blocks.split(sizes, dim=-1)]
+    # no slice without leftover rows, no split of a single segment: each is a dispatched op
+    # on every call (a kernel launch's worth of host time on an accelerator)
+    head = v[:, : plan.num_blocks * plan.block_size] if plan.leftover else v
+    blocks = head.unflatten(-1, (plan.num_blocks, -1))
+    pieces = blocks.split(sizes, dim=-1) if len(sizes) > 1 else [blocks]
+    return [s.transpose(0, 1) for s in pieces]
 
 
 def _apply_blocks(v: torch.Tensor, mats: list[torch.Tensor], plan: BlockPlan,
@@ -280,7 +284,8 @@ def _apply_blocks(v: torch.Tensor, mats: list[torch.Tensor], plan: BlockPlan,
     parts = []
     for j, (src, dst, shift) in enumerate(zip(srcs, dsts, shifts, strict=True)):
         if j < len(mats):
-            mat = mats[j].expand(n_blk, *mats[j].shape[1:]).mT
+            mat = mats[j] if mats[j].shape[0] == n_blk else mats[j].expand(n_blk, -1, -1)
+            mat = mat.mT
             into = {} if dst is None else {"out": dst}
             parts.append(torch.bmm(src, mat, **into) if shift is None
                          else torch.baddbmm(shift, src, mat, **into))
