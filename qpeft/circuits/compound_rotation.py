@@ -460,14 +460,18 @@ def block_rotate(
     sizes = [*plan.dims, plan.pad] if plan.pad else list(plan.dims)
     # split (not slices): its backward is one concatenation instead of a zero-filled
     # full-size gradient per slice
-    segs = flat[:, : n_blk * b].unflatten(-1, (n_blk, b)).split(sizes, dim=-1)  # [T, N, c_j]
+    head = flat[:, : n_blk * b] if plan.leftover else flat  # no no-op slice (one op per call)
+    segs = head.unflatten(-1, (n_blk, b)).split(sizes, dim=-1)  # [T, N, c_j]
     if fixed is not None:
-        fixed_segs = fixed.to(v.dtype)[: n_blk * b].view(n_blk, b).split(sizes, dim=-1)
+        f_head = fixed.to(v.dtype)
+        f_head = f_head[: n_blk * b] if plan.leftover else f_head
+        fixed_segs = f_head.view(n_blk, b).split(sizes, dim=-1)
     parts = []
     for j, (mat, seg) in enumerate(zip(mats, segs, strict=False)):
         costs = order_costs(mat, flat.shape[0], n_blk)
         if "action" in costs and costs["action"] < costs["explicit"]:
-            a = mat.base.expand(n_blk, *mat.base.shape[-2:])
+            a = mat.base
+            a = a if a.dim() == 3 and a.shape[0] == n_blk else a.expand(n_blk, *a.shape[-2:])
             out = compound_apply(a, seg.transpose(0, 1), mat.k)  # [N, T, c]
             if fixed is not None:
                 f = fixed_segs[j]
@@ -475,7 +479,7 @@ def block_rotate(
             parts.append(out.transpose(0, 1))
             continue
         mat = as_matrix(mat)
-        mat = mat.expand(n_blk, *mat.shape[1:])
+        mat = mat if mat.shape[0] == n_blk else mat.expand(n_blk, *mat.shape[1:])
         if fixed is None:
             out = torch.bmm(seg.transpose(0, 1), mat.mT)  # [N, T, c]
         else:
