@@ -25,7 +25,13 @@ import torch
 
 from qpeft.circuits._cache import tensor_table_cache
 from qpeft.circuits._device import accelerator_path
-from qpeft.circuits.compound import compound, compound_apply, compound_apply_cost, compounds
+from qpeft.circuits.compound import (
+    _mode_products,
+    compound,
+    compound_apply,
+    compound_apply_cost,
+    compounds,
+)
 from qpeft.circuits.givens import givens_matrix
 
 __all__ = [
@@ -42,6 +48,7 @@ __all__ = [
     "explicit_cheaper",
     "order_costs",
     "rotation_costs",
+    "routed_block_rotate",
 ]
 
 
@@ -251,8 +258,12 @@ def _segments(v: torch.Tensor, plan: BlockPlan) -> list[torch.Tensor]:
     """Views of ``v`` [T, d] per block segment, blocks first: per order j [N, T, c_j], then the
     identity pad [N, T, pad] if any (strided views, no copy)."""
     sizes = [*plan.dims, plan.pad] if plan.pad else list(plan.dims)
-    blocks = v[:, : plan.num_blocks * plan.block_size].unflatten(-1, (plan.num_blocks, -1))
-    return [s.transpose(0, 1) for s in blocks.split(sizes, dim=-1)]
+    # no slice without leftover rows, no split of a single segment: each is a dispatched op
+    # on every call (a kernel launch's worth of host time on an accelerator)
+    head = v[:, : plan.num_blocks * plan.block_size] if plan.leftover else v
+    blocks = head.unflatten(-1, (plan.num_blocks, -1))
+    pieces = blocks.split(sizes, dim=-1) if len(sizes) > 1 else [blocks]
+    return [s.transpose(0, 1) for s in pieces]
 
 
 def _apply_blocks(v: torch.Tensor, mats: list[torch.Tensor], plan: BlockPlan,
@@ -273,7 +284,8 @@ def _apply_blocks(v: torch.Tensor, mats: list[torch.Tensor], plan: BlockPlan,
     parts = []
     for j, (src, dst, shift) in enumerate(zip(srcs, dsts, shifts, strict=True)):
         if j < len(mats):
-            mat = mats[j].expand(n_blk, *mats[j].shape[1:]).mT
+            mat = mats[j] if mats[j].shape[0] == n_blk else mats[j].expand(n_blk, -1, -1)
+            mat = mat.mT
             into = {} if dst is None else {"out": dst}
             parts.append(torch.bmm(src, mat, **into) if shift is None
                          else torch.baddbmm(shift, src, mat, **into))
@@ -448,14 +460,18 @@ def block_rotate(
     sizes = [*plan.dims, plan.pad] if plan.pad else list(plan.dims)
     # split (not slices): its backward is one concatenation instead of a zero-filled
     # full-size gradient per slice
-    segs = flat[:, : n_blk * b].unflatten(-1, (n_blk, b)).split(sizes, dim=-1)  # [T, N, c_j]
+    head = flat[:, : n_blk * b] if plan.leftover else flat  # no no-op slice (one op per call)
+    segs = head.unflatten(-1, (n_blk, b)).split(sizes, dim=-1)  # [T, N, c_j]
     if fixed is not None:
-        fixed_segs = fixed.to(v.dtype)[: n_blk * b].view(n_blk, b).split(sizes, dim=-1)
+        f_head = fixed.to(v.dtype)
+        f_head = f_head[: n_blk * b] if plan.leftover else f_head
+        fixed_segs = f_head.view(n_blk, b).split(sizes, dim=-1)
     parts = []
     for j, (mat, seg) in enumerate(zip(mats, segs, strict=False)):
         costs = order_costs(mat, flat.shape[0], n_blk)
         if "action" in costs and costs["action"] < costs["explicit"]:
-            a = mat.base.expand(n_blk, *mat.base.shape[-2:])
+            a = mat.base
+            a = a if a.dim() == 3 and a.shape[0] == n_blk else a.expand(n_blk, *a.shape[-2:])
             out = compound_apply(a, seg.transpose(0, 1), mat.k)  # [N, T, c]
             if fixed is not None:
                 f = fixed_segs[j]
@@ -463,7 +479,7 @@ def block_rotate(
             parts.append(out.transpose(0, 1))
             continue
         mat = as_matrix(mat)
-        mat = mat.expand(n_blk, *mat.shape[1:])
+        mat = mat if mat.shape[0] == n_blk else mat.expand(n_blk, *mat.shape[1:])
         if fixed is None:
             out = torch.bmm(seg.transpose(0, 1), mat.mT)  # [N, T, c]
         else:
@@ -477,3 +493,53 @@ def block_rotate(
     if plan.leftover:
         rotated = torch.cat([rotated, flat[:, n_blk * b :]], dim=-1)
     return rotated.view(*v.shape[:-1], plan.d)
+
+
+#: Tokens per row from which the order-2 action of a routed rotation takes the CPU's
+#: cache-blocked kernel instead of the mode products. Measured (one thread, n = 19, medians of
+#: 20): 192 (row, block) pairs x 8 tokens: mode products 2.8 ms, kernel 7.2 ms; 24 x 64 tokens:
+#: 4.1 ms and 2.6 ms.
+_ROUTED_KERNEL_TOKENS = 64
+
+
+def routed_block_rotate(
+    v: torch.Tensor, ops: list[torch.Tensor | CompoundOperator], plan: BlockPlan,
+    fixed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``Q_r·(v[r, t] − fixed) + fixed`` for v [R, L, d]: every row r rotated by its own Q_r
+    (peft's mixed-adapter batches: rows of different adapters with one block plan, in one
+    pass instead of one pass per adapter).
+
+    ``ops[j]`` per order of ``plan``: a :class:`CompoundOperator` on per-row base matrices
+    [R, N_A, n, n], or explicit per-row block matrices [R, N_A, c_j, c_j] (N_A ∈ {1, N}).
+    The (row, block) pairs are the batch of one :func:`compound_apply` (or bmm) per order, each
+    applied to the row's L tokens: per order one batched call whatever the number of adapters,
+    no C(n,k) x C(n,k) matrix formed for the action. Differentiable (autograd). Cost per
+    token: N · Σ_j (compound_apply_cost(n, k_j), or c_j² for explicit matrices), plus a copy
+    of v into the per-block layout and back."""
+    rows, length = v.shape[0], v.shape[1]
+    n_blk, b = plan.num_blocks, plan.block_size
+    if fixed is not None:
+        v = v - fixed.to(v.dtype)
+    sizes = [*plan.dims, plan.pad] if plan.pad else list(plan.dims)
+    segs = v[..., : n_blk * b].unflatten(-1, (n_blk, b)).split(sizes, dim=-1)  # [R, L, N, c]
+    parts = []
+    for op, seg, c in zip(ops, segs, plan.dims, strict=False):
+        x = seg.transpose(1, 2).reshape(rows * n_blk, length, c)  # (row, block) pairs first
+        if isinstance(op, CompoundOperator):
+            a = op.base.expand(rows, n_blk, *op.base.shape[-2:]).reshape(rows * n_blk,
+                                                                        *op.base.shape[-2:])
+            if op.k == 2 and length < _ROUTED_KERNEL_TOKENS and not accelerator_path(a.device):
+                out = _mode_products(a, x, 2)
+            else:
+                out = compound_apply(a, x, op.k)
+        else:
+            mat = op.expand(rows, n_blk, c, c).reshape(rows * n_blk, c, c)
+            out = torch.bmm(x, mat.mT)
+        parts.append(out.view(rows, n_blk, length, c).transpose(1, 2))
+    if plan.pad:
+        parts.append(segs[-1])
+    rotated = torch.cat(parts, dim=-1).flatten(-2)
+    if plan.leftover:
+        rotated = torch.cat([rotated, v[..., n_blk * b :]], dim=-1)
+    return rotated if fixed is None else rotated + fixed.to(rotated.dtype)

@@ -10,6 +10,7 @@ block-wise inverses (``base_map="free"`` / ``combine="sum"``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -28,8 +29,10 @@ from qpeft.circuits.compound_rotation import (
     compound_operators,
     explicit_cheaper,
     rotation_costs,
+    routed_block_rotate,
 )
 from qpeft.tuners._common import (
+    BASE_ROWS,
     Conv1D,
     WeightMergeLayer,
     layer_kind,
@@ -274,6 +277,94 @@ class QuICLayer(WeightMergeLayer):
             return self._forward_active(x, [adapter_name], *args, **kwargs)
         return self._rotate_output(base_out, [adapter_name],
                                    {adapter_name: self.forward_matrices(adapter_name)})
+
+    # ---- mixed-adapter batches -------------------------------------------------------------------
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, adapter_names: Sequence[str], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """Row i through adapter ``adapter_names[i]`` alone. Linear / Conv1D: the adapters whose
+        orders are all :class:`CompoundOperator` (``combine="product"`` or one chained adapter)
+        are grouped by (side, block plan, dtype); each group is one
+        :func:`routed_block_rotate` over all its rows (each row with its adapter's base matrices,
+        gathered per row: [R, N_A, n, n]), input-side groups before the one base call, output-
+        side groups after it. Other adapters (``combine="sum"``), and Conv2d, go adapter by
+        adapter (:meth:`WeightMergeLayer._mixed_batch_forward`). The base matrices come from
+        :meth:`forward_matrices` (reused while the parameters keep their values). Cost: one base
+        call plus per group and order one batched action over the group's tokens."""
+        if self.kind == "conv2d":
+            return super()._mixed_batch_forward(x, adapter_names, *args, **kwargs)
+        rows_of: dict[str, list[int]] = {}
+        for i, name in enumerate(adapter_names):
+            rows_of.setdefault(name, []).append(i)
+        groups: dict[tuple[Any, ...], list[str]] = {}
+        ops: dict[str, list[torch.Tensor | CompoundOperator]] = {}
+        singles = []
+        for name in rows_of:
+            if name == BASE_ROWS or not self._owns_adapter(name):
+                continue
+            ops[name] = self.forward_matrices(name)
+            if all(isinstance(op, CompoundOperator) for op in ops[name]):
+                key = (self.quic_settings[name].side, self.quic_plan[name], ops[name][0].dtype)
+                groups.setdefault(key, []).append(name)
+            else:
+                singles.append(name)
+        x_in = x
+        for (side, plan, _), names in groups.items():
+            if side == "input":  # W·Qᵀ: the rows of x rotated by Qᵀ, then the one base call
+                idx, y = self._routed(x, names, rows_of, ops, plan, transpose=True)
+                if idx is None:
+                    x_in = y.to(x.dtype)
+                else:
+                    x_in = x_in.clone() if x_in is x else x_in
+                    x_in.index_copy_(0, idx, y.to(x.dtype))
+        result = self.base_layer(x_in, *args, **kwargs)
+        for (side, plan, _), names in groups.items():
+            if side == "output":  # Q·(x·Wᵀ) about the bias, on the rows of these adapters
+                idx, y = self._routed(result, names, rows_of, ops, plan,
+                                      fixed=self.get_base_layer().bias)
+                if idx is None:
+                    result = y.to(result.dtype)
+                else:
+                    result.index_copy_(0, idx, y.to(result.dtype))
+        for name in singles:  # their rows were rotated by no group: result holds base(x) there
+            rows = torch.tensor(rows_of[name], device=x.device)
+            out = self._apply_one(x[rows], result[rows], name, *args, **kwargs)
+            result.index_copy_(0, rows, out.to(result.dtype))
+        return result
+
+    def _routed(
+        self, v: torch.Tensor, names: list[str], rows_of: dict[str, list[int]],
+        ops: dict[str, list[torch.Tensor | CompoundOperator]], plan: BlockPlan,
+        transpose: bool = False, fixed: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The rows of ``v`` [B, ..., d] of the adapters ``names`` (one block plan, every order
+        a :class:`CompoundOperator`), each rotated by its adapter's Q (Qᵀ with ``transpose``;
+        about ``fixed``), in the compute dtype: (row indices, rows [R, ..., d]); the indices are
+        None when the rows are all of v's in order (no gather or scatter then). The base
+        matrices are stacked per adapter and gathered per row ([R, N, n, n]). Cost: see
+        :func:`routed_block_rotate`."""
+        indices = [i for name in names for i in rows_of[name]]
+        idx = None
+        if indices != list(range(v.shape[0])):
+            idx = torch.tensor(indices, device=v.device)
+        rows = v if idx is None else v.index_select(0, idx)
+        which = torch.tensor([j for j, name in enumerate(names) for _ in rows_of[name]],
+                             device=v.device)
+        n_blk = plan.num_blocks
+        per_row: list[torch.Tensor | CompoundOperator] = []
+        stacked = None
+        for j in range(len(plan.orders)):
+            bases = [ops[name][j].base for name in names]
+            # the orders of a "product" adapter share one base matrix: gather it once
+            if stacked is None or not all(
+                    a is ops[name][j - 1].base for a, name in zip(bases, names, strict=True)):
+                stacked = torch.stack([a.expand(n_blk, *a.shape[-2:]) for a in bases])
+                stacked = stacked.index_select(0, which)
+            op = CompoundOperator(stacked, ops[names[0]][j].k)
+            per_row.append(op.mT if transpose else op)
+        flat = rows.reshape(rows.shape[0], -1, plan.d).to(stacked.dtype)
+        out = routed_block_rotate(flat, per_row, plan, fixed)
+        return idx, out.view(rows.shape)
 
     def _plain_linear(self) -> bool:
         """Whether the base layer is exactly ``nn.Linear`` / transformers ``Conv1D`` with no
