@@ -88,8 +88,12 @@ def run(task: str, method: str, seed: int, quick: bool) -> dict[str, Any]:
 
 
 def _config_record(method: str) -> dict[str, Any]:
-    """The config as saved (JSON types): a stored run is reused only when it matches."""
-    return json.loads(json.dumps(peft_config(method).to_dict(), default=str, sort_keys=True))
+    """The config as saved (JSON types, sets as sorted lists): a stored run is reused only when
+    it matches."""
+    def plain(value: Any) -> Any:
+        return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
+
+    return json.loads(json.dumps(peft_config(method).to_dict(), default=plain, sort_keys=True))
 
 
 def render(rows: list[dict[str, Any]], command: str) -> str:
