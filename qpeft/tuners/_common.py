@@ -307,6 +307,16 @@ class WeightMergeLayer(BaseTunerLayer):
                 "`unmerge_adapter` first."
             )
 
+    def _adapter_rows(self, adapter_names: Sequence[str]) -> dict[str, list[int]]:
+        """``{adapter: its row indices}`` for every distinct adapter of a mixed batch that this
+        layer owns, in first-seen order (``"__base__"`` rows and other layers' adapters are
+        left out). One pass over the names: O(rows), not O(rows x adapters)."""
+        rows_of: dict[str, list[int]] = {}
+        for i, name in enumerate(adapter_names):
+            rows_of.setdefault(name, []).append(i)
+        return {name: rows for name, rows in rows_of.items()
+                if name != BASE_ROWS and self._owns_adapter(name)}
+
     def _mixed_batch_forward(
         self, x: torch.Tensor, adapter_names: Sequence[str], *args: Any, **kwargs: Any
     ) -> torch.Tensor:
@@ -314,12 +324,7 @@ class WeightMergeLayer(BaseTunerLayer):
         layer does not have: the base layer). One base call for the batch, then one adapter call
         per distinct adapter on its rows."""
         result = self.base_layer(x, *args, **kwargs)
-        rows_of: dict[str, list[int]] = {}
-        for i, name in enumerate(adapter_names):  # one pass: O(rows), not O(rows x adapters)
-            rows_of.setdefault(name, []).append(i)
-        for name, indices in rows_of.items():
-            if name == BASE_ROWS or not self._owns_adapter(name):
-                continue
+        for name, indices in self._adapter_rows(adapter_names).items():
             rows = torch.tensor(indices, device=x.device)
             out = self._apply_one(x[rows], result[rows], name, *args, **kwargs)
             # in place: only these rows move (a copy of the whole output per adapter would cost

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qpeft.tuners._common import BASE_ROWS, WeightMergeLayer, layer_kind, matrix_to_weight
+from qpeft.tuners._common import WeightMergeLayer, layer_kind, matrix_to_weight
 from qpeft.tuners.qpa.generator import QPAGenerator
 
 
@@ -117,12 +117,7 @@ class QPALayer(WeightMergeLayer):
         same sums as ``base + delta`` row by row; the rows are distinct). O(rows) host work
         plus LoRA's arithmetic per adapter."""
         result = self.base_layer(x, *args, **kwargs)
-        rows_of: dict[str, list[int]] = {}
-        for i, name in enumerate(adapter_names):  # one pass: O(rows), not O(rows x adapters)
-            rows_of.setdefault(name, []).append(i)
-        for name, indices in rows_of.items():
-            if name == BASE_ROWS or not self._owns_adapter(name):
-                continue
+        for name, indices in self._adapter_rows(adapter_names).items():
             rows = torch.tensor(indices, device=x.device)
             result.index_add_(0, rows, self._delta_output(x[rows], name).to(result.dtype))
         return result

@@ -32,7 +32,6 @@ from qpeft.circuits.compound_rotation import (
     routed_block_rotate,
 )
 from qpeft.tuners._common import (
-    BASE_ROWS,
     Conv1D,
     WeightMergeLayer,
     layer_kind,
@@ -293,15 +292,11 @@ class QuICLayer(WeightMergeLayer):
         call plus per group and order one batched action over the group's tokens."""
         if self.kind == "conv2d":
             return super()._mixed_batch_forward(x, adapter_names, *args, **kwargs)
-        rows_of: dict[str, list[int]] = {}
-        for i, name in enumerate(adapter_names):
-            rows_of.setdefault(name, []).append(i)
+        rows_of = self._adapter_rows(adapter_names)
         groups: dict[tuple[Any, ...], list[str]] = {}
         ops: dict[str, list[torch.Tensor | CompoundOperator]] = {}
         singles = []
         for name in rows_of:
-            if name == BASE_ROWS or not self._owns_adapter(name):
-                continue
             ops[name] = self.forward_matrices(name)
             if all(isinstance(op, CompoundOperator) for op in ops[name]):
                 key = (self.quic_settings[name].side, self.quic_plan[name], ops[name][0].dtype)
