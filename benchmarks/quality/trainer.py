@@ -39,13 +39,12 @@ def peft_config(method: str) -> Any:
     same targets and trained head."""
     import peft
 
-    import qpeft
+    from qpeft.train.methods import config_class
 
     common = {"target_modules": ["query", "value"], "modules_to_save": ["classifier"]}
     if method == "lora":
         return peft.LoraConfig(r=8, lora_alpha=16, **common)
-    return {"quantum-peft": qpeft.QuantumPEFTConfig, "quic": qpeft.QuICConfig,
-            "qpa": qpeft.QPAConfig}[method](**common)
+    return config_class(method)(**common)
 
 
 def run(task: str, method: str, seed: int, quick: bool) -> dict[str, Any]:
