@@ -164,6 +164,9 @@ def stiefel_many(
         batches.setdefault((method, n), []).append(i)
     factors: list[torch.Tensor | None] = [None] * len(params)
     for (method, n), members in batches.items():
+        # equal gains next to each other: each distinct value is one fill (no host data)
+        members.sort(key=lambda i: (1.0 if scales is None else scales[i],
+                                    1.0 if columns is None or columns[i] is None else columns[i][1]))
         stacked = _Stack.apply(*(params[i] for i in members))
         if scales is not None:
             stacked = _times(stacked, [scales[i] for i in members])
@@ -195,10 +198,18 @@ class _Stack(torch.autograd.Function):
 
 def _times(stacked: torch.Tensor, gains: list[float]) -> torch.Tensor:
     """Row ``b`` of ``stacked`` times ``gains[b]``: one product, none when every gain is 1; a
-    common gain multiplies as a Python number, as ``row * gain`` would."""
+    common gain multiplies as a Python number, as ``row * gain`` would. Otherwise the gains'
+    column is built on ``stacked``'s device, one fill per run of equal gains (no host-to-device
+    copy, which ``torch.tensor`` would be), the same numbers as ``torch.tensor(gains)``."""
     if all(g == gains[0] for g in gains):
         return stacked if gains[0] == 1.0 else stacked * gains[0]
-    column = torch.tensor(gains, dtype=stacked.dtype, device=stacked.device)
+    runs: list[tuple[float, int]] = []
+    for g in gains:
+        if runs and runs[-1][0] == g:
+            runs[-1] = (g, runs[-1][1] + 1)
+        else:
+            runs.append((g, 1))
+    column = torch.cat([stacked.new_full((count,), g) for g, count in runs])
     return stacked * column.view(-1, *([1] * (stacked.dim() - 1)))
 
 
