@@ -136,12 +136,22 @@ def stiefel_many(
     dims: Sequence[int],
     k: int,
     depth: int,
+    *,
+    scales: Sequence[float] | None = None,
+    columns: Sequence[tuple[torch.Tensor, float] | None] | None = None,
 ) -> list[torch.Tensor]:
     """``[stiefel(m, p, n, k, depth) for m, p, n in zip(methods, params, dims)]`` for circuit
     methods (``"pauli"`` / ``"generalized"``), one batched call per (method, width): ``B``
     factors of one width cost about one factor's op count (the dispatch), ``B`` times its
     arithmetic. ``params[i]``: ``(P_i,)``, all one dtype and device; no NaN check (the layers'
-    forward path). Same values as one ``stiefel`` call each, float rounding aside."""
+    forward path). Same values as one ``stiefel`` call each, float rounding aside.
+
+    Optional, applied once per batch rather than once per factor (the dispatched operations of
+    a step, not the arithmetic, are what they save): ``scales[i]``, a gain on factor ``i``'s
+    parameters (the circuit runs on ``scales[i] * params[i]``); ``columns[i] = (c, s)``, factor
+    ``i``'s columns multiplied by ``c * s`` (``c``: ``(k,)``, same dtype and device; ``s`` a
+    float), ``None``: unscaled. Each product has the value of the same product per factor
+    (``scales[i] * params[i]``, ``factor * (c * s)``): elementwise, same operands."""
     if not len(methods) == len(params) == len(dims):
         raise ValueError(
             f"got {len(methods)} methods, {len(params)} parameter vectors and {len(dims)} dims"
@@ -154,11 +164,53 @@ def stiefel_many(
         batches.setdefault((method, n), []).append(i)
     factors: list[torch.Tensor | None] = [None] * len(params)
     for (method, n), members in batches.items():
-        stacked = torch.stack([params[i] for i in members])
+        # equal gains next to each other: each distinct value is one fill (no host data)
+        members.sort(key=lambda i: (1.0 if scales is None else scales[i],
+                                    1.0 if columns is None or columns[i] is None else columns[i][1]))
+        stacked = _Stack.apply(*(params[i] for i in members))
+        if scales is not None:
+            stacked = _times(stacked, [scales[i] for i in members])
         out = stiefel(method, stacked, n, k, depth, check_values=False)
+        if columns is not None and any(columns[i] is not None for i in members):
+            cols = [columns[i] for i in members]
+            ones = next(c for c, _ in filter(None, cols)).new_ones(k)
+            stacked_cols = _Stack.apply(*(ones if c is None else c[0] for c in cols))
+            stacked_cols = _times(stacked_cols, [1.0 if c is None else c[1] for c in cols])
+            out = out * stacked_cols.unsqueeze(1)
         for i, factor in zip(members, out.unbind(0), strict=True):
             factors[i] = factor
     return factors  # type: ignore[return-value]
+
+
+class _Stack(torch.autograd.Function):
+    """``torch.stack(tensors)`` whose backward splits the gradient with one ``unbind`` rather
+    than one ``select`` per tensor (autograd's): the same gradients, fewer dispatched
+    operations per factor."""
+
+    @staticmethod
+    def forward(ctx: object, *tensors: torch.Tensor) -> torch.Tensor:
+        return torch.stack(tensors)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return grad.unbind(0)
+
+
+def _times(stacked: torch.Tensor, gains: list[float]) -> torch.Tensor:
+    """Row ``b`` of ``stacked`` times ``gains[b]``: one product, none when every gain is 1; a
+    common gain multiplies as a Python number, as ``row * gain`` would. Otherwise the gains'
+    column is built on ``stacked``'s device, one fill per run of equal gains (no host-to-device
+    copy, which ``torch.tensor`` would be), the same numbers as ``torch.tensor(gains)``."""
+    if all(g == gains[0] for g in gains):
+        return stacked if gains[0] == 1.0 else stacked * gains[0]
+    runs: list[tuple[float, int]] = []
+    for g in gains:
+        if runs and runs[-1][0] == g:
+            runs[-1] = (g, runs[-1][1] + 1)
+        else:
+            runs.append((g, 1))
+    column = torch.cat([stacked.new_full((count,), g) for g, count in runs])
+    return stacked * column.view(-1, *([1] * (stacked.dim() - 1)))
 
 
 def stiefel_init(

@@ -152,6 +152,32 @@ def test_many_circuit_factors_batched_per_width_equal_one_call_each():
         torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
+def test_many_applies_parameter_gains_and_column_scales_as_per_factor_products():
+    """stiefel_many's ``scales`` / ``columns`` (one product per width, not per factor): values
+    bit for bit those of ``stiefel_many(scales * params) * (c * s)`` per factor, gradients to
+    1e-12 (float64), with common and differing gains and a factor without columns."""
+    from qpeft.circuits.stiefel import stiefel_many
+
+    k, depth = 3, 1
+    g = torch.Generator().manual_seed(7)
+    methods, dims = ["pauli"] * 4, [16, 16, 16, 8]
+    params = [stiefel_init(m, n, k, depth, g, F64).requires_grad_() for m, n in zip(methods, dims, strict=True)]
+    cols = [torch.randn(k, generator=g, dtype=F64).requires_grad_() for _ in range(3)]
+    for scales in ([0.5, 0.5, 0.5, 2.0], [0.5, 1.5, 1.0, 1.0]):
+        columns = [(cols[0], 0.25), None, (cols[1], 3.0), (cols[2], 1.0)]
+        got = stiefel_many(methods, params, dims, k, depth, scales=scales, columns=columns)
+        want = stiefel_many(methods, [s * p for s, p in zip(scales, params, strict=True)], dims, k, depth)
+        want = [f if c is None else f * (c[0] * c[1]) for f, c in zip(want, columns, strict=True)]
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+        weights = [torch.randn(n, k, generator=g, dtype=F64) for n in dims]
+        def loss(factors, weights=weights):
+            return sum((w * f).sum() for w, f in zip(weights, factors, strict=True))
+        for a, b in zip(torch.autograd.grad(loss(got), params + cols),
+                        torch.autograd.grad(loss(want), params + cols), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
 def test_many_refuses_lie_methods_and_mismatched_lists():
     from qpeft.circuits.stiefel import stiefel_many
 

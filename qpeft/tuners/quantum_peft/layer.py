@@ -1,8 +1,10 @@
-"""Quantum-PEFT adapter layers: ``y = base(x) + scaling · ((x·V) ⊙ λ_eff)·Uᵀ``.
+"""Quantum-PEFT adapter layers: ``y = base(x) + (x·V)·(U·diag(λ_eff))ᵀ`` (λ_eff carries the
+scaling).
 
 U (d_out x K) and V (d_in x K) have orthonormal columns by construction; they are generated from
-the circuit angles once per layer forward (``qpeft.circuits.stiefel``), in ``circuit_dtype``, then
-cast to the input's dtype. The forward costs like LoRA at rank K plus the generation
+the circuit angles once per layer forward (``qpeft.circuits.stiefel``), in ``circuit_dtype``, and
+U·diag(λ_eff) is formed with them, then both are cast to the input's dtype. The token path is
+LoRA's: two thin matmuls. The forward costs like LoRA at rank K plus the generation
 (O(L·n·N·K) for the Pauli circuit); no N x N matrix is ever formed.
 """
 
@@ -114,6 +116,35 @@ def stiefel_factors(spec: AdapterSpec, angles: Params) -> tuple[torch.Tensor, to
                         (spec.out_features, spec.in_features), spec.r, spec.depth)
 
 
+def lambda_unscaled(spec: AdapterSpec, raw: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
+    """λ_eff / scaling [K] in the circuit dtype from the stored λ (or ρ) and gain: domain map,
+    quantization, intrinsic-rank mask. O(K log K)."""
+    raw = raw.to(spec.circuit_dtype)
+    if spec.quantize_bits is not None and spec.lambda_domain != "sign":
+        raw = quantize_symmetric(raw, spec.quantize_bits)
+    if spec.lambda_domain == "real":
+        lam = raw
+    else:
+        g = gain.to(spec.circuit_dtype)
+        if spec.lambda_domain == "positive":
+            lam = g * F.softplus(raw)
+        else:
+            lam = g * _straight_through(raw, torch.where(raw >= 0, 1.0, -1.0).to(raw.dtype))
+    if spec.intrinsic_rank is not None and spec.intrinsic_rank < spec.r:
+        order = torch.sort(lam.detach().abs(), descending=True, stable=True).indices
+        mask = torch.zeros_like(lam).scatter(0, order[: spec.intrinsic_rank], 1.0)
+        lam = lam * mask
+    return lam
+
+
+def scaled_factors(spec: AdapterSpec, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+    """What one layer's forward consumes, (U·diag(λ_eff) [d_out, K], V [d_in, K]) in the
+    circuit dtype, from its (angles_u, angles_v, λ[, gain]) — the layer's ``adapter_params``."""
+    u, v = stiefel_factors(spec, params[:2])
+    gain = params[3] if len(params) > 3 else None
+    return u * (lambda_unscaled(spec, params[2], gain) * spec.scaling), v
+
+
 def is_circuit_layer(spec: AdapterSpec, angles: Params) -> bool:
     """Both sides are circuits with free angles: the layers a :class:`CircuitGroup` batches."""
     return all(m in ANGLE_PARAMETERIZATIONS for m in (spec.method_u, spec.method_v)) and all(
@@ -122,51 +153,70 @@ def is_circuit_layer(spec: AdapterSpec, angles: Params) -> bool:
 
 class CircuitGroup:
     """The circuit layers of one adapter with one (r, depth, circuit dtype) — its *members* —
-    whose factors (U, V) are generated as one batched program per width (:func:`stiefel_many`)
-    by the first member that asks in a training step and handed to the others through
+    whose factors (U·diag(λ_eff), V) are generated as one batched program per width
+    (:func:`stiefel_many`: the angle gains and λ_eff multiplied in once per width, not once per
+    layer) by the first member that asks in a training step and handed to the others through
     :class:`BatchedGeneration` (``qpeft/tuners/_batched_generation.py``: why that is correct
     under checkpointing, FSDP, DDP, compile). E.g. SmolLM2's 30 q_proj and 30 v_proj layers:
     two programs (widths 576 and 192) instead of 60. Outside training, or when some member cannot
-    be read as a plain parameter, a layer generates its own factors.
+    be read as a plain parameter, a layer generates its own factors (:func:`scaled_factors`).
+    A member's parameters: its ``adapter_params`` (angles_u, angles_v, λ[, gain]).
 
     Owned by the tuner (``QuantumPEFTModel.circuit_groups``); a member layer holds plain data
     (``qpeft_index[adapter]``, its slot) and one unregistered reference to this group
     (``qpeft_group[adapter]``), as a QPA layer does to its generator. The group holds what it
     batches over, the members' angle stores (their ``qpeft_angles_u`` / ``qpeft_angles_v``
-    ParameterDicts, read by adapter name at every generation, so parameters replaced in them —
+    ParameterDicts) and λ stores (``qpeft_lambda`` / ``qpeft_gain``), read by adapter name at
+    every generation, so parameters replaced in them —
     a low-memory load, FSDP — are seen), never a layer. ``copy.deepcopy`` / pickling a model
     copy it once, with the members' stores (Python's memo): no custom copy code."""
 
     def __init__(self, adapter_name: str, specs: list[AdapterSpec],
-                 stores: list[tuple[nn.ParameterDict, nn.ParameterDict]]) -> None:
+                 stores: list[tuple[nn.ParameterDict, nn.ParameterDict]],
+                 lambda_stores: list[tuple[nn.ParameterDict, nn.ParameterDict]]) -> None:
         self.adapter_name = adapter_name
         self.specs = specs
         self.stores = stores
+        self.lambda_stores = lambda_stores
         self.shared = BatchedGeneration(self.generate_all, self.generate_one, n_outputs=2)
 
-    def generate_one(self, member: int, angles: Params) -> tuple[torch.Tensor, torch.Tensor]:
-        return stiefel_factors(self.specs[member], angles)
+    def generate_one(self, member: int, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        return scaled_factors(self.specs[member], params)
 
     def generate_all(self, params: list[Params]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        methods, angles, dims = [], [], []
+        methods, angles, dims, columns = [], [], [], []
+        # without quantization the gains go to stiefel_many (one product per width); with it,
+        # each layer's angles are snapped after its gain, as circuit_params does
+        per_layer = any(spec.quantize_bits is not None for spec in self.specs)
+        scales: list[float] | None = None if per_layer else []
         for spec, raw in zip(self.specs, params, strict=True):
             methods += [spec.method_u, spec.method_v]
-            angles += circuit_params(spec, *raw)
+            if per_layer:
+                angles += circuit_params(spec, *raw[:2])
+            else:
+                angles += [raw[0].to(spec.circuit_dtype), raw[1].to(spec.circuit_dtype)]
+                scales += spec.angle_gains
             dims += [spec.out_features, spec.in_features]
+            gain = raw[3] if len(raw) > 3 else None
+            columns += [(lambda_unscaled(spec, raw[2], gain), spec.scaling), None]
         spec = self.specs[0]  # one adapter: one r and depth
-        factors = stiefel_many(methods, angles, dims, spec.r, spec.depth)
+        factors = stiefel_many(methods, angles, dims, spec.r, spec.depth, scales=scales,
+                               columns=columns)
         return list(zip(factors[0::2], factors[1::2], strict=True))
 
     def gather(self) -> list[Params] | None:
-        """Every member's current (angles_u, angles_v); None if a member lost the adapter."""
+        """Every member's current (angles_u, angles_v, λ[, gain]); None if a member lost the
+        adapter."""
         name = self.adapter_name
-        if any(name not in u or name not in v for u, v in self.stores):
+        if any(name not in u or name not in v or name not in lam
+               for (u, v), (lam, _) in zip(self.stores, self.lambda_stores, strict=True)):
             return None
-        return [(u[name], v[name]) for u, v in self.stores]
+        return [(u[name], v[name], lam[name], *((gain[name],) if name in gain else ()))
+                for (u, v), (lam, gain) in zip(self.stores, self.lambda_stores, strict=True)]
 
-    def outputs(self, member: int, angles: Params) -> tuple[torch.Tensor, torch.Tensor]:
-        """Member ``member``'s (U, V) given its own current ``angles``."""
-        return self.shared.outputs(member, angles, self.gather)
+    def outputs(self, member: int, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        """Member ``member``'s (U·diag(λ_eff), V) given its own current ``params``."""
+        return self.shared.outputs(member, params, self.gather)
 
 
 class QuantumPEFTLayer(WeightMergeLayer):
@@ -249,11 +299,11 @@ class QuantumPEFTLayer(WeightMergeLayer):
     def angles(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapter's trainable (angles_u [P_u], angles_v [P_v]); a side without free angles
         (width 1, P = 0) stores no tensor and reads as an empty one."""
+        u, v = self.qpeft_angles_u, self.qpeft_angles_v
+        if adapter_name in u and adapter_name in v:  # every circuit layer: no placeholder
+            return u[adapter_name], v[adapter_name]
         empty = self.qpeft_lambda[adapter_name].new_zeros(0)
-        return tuple(
-            store[adapter_name] if adapter_name in store else empty
-            for store in (self.qpeft_angles_u, self.qpeft_angles_v)
-        )
+        return tuple(store[adapter_name] if adapter_name in store else empty for store in (u, v))
 
     def circuit_params(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The (angles_u, angles_v) the circuits consume: cast to the circuit dtype and, when the
@@ -263,33 +313,16 @@ class QuantumPEFTLayer(WeightMergeLayer):
     def stiefel_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(U [d_out, K], V [d_in, K]) with orthonormal columns, in the adapter's circuit dtype,
         generated from the current angles. Cost O(L·n·N·K) for Pauli circuits; O(N·K²) for Lie
-        maps; never N x N. While training, a layer whose two sides are circuits reads them from
-        its adapter's :class:`CircuitGroup` (every layer's circuits in one batched call)."""
-        group = self.qpeft_group.get(adapter_name)
-        if group is None:
-            return stiefel_factors(self.qpeft_spec[adapter_name], self.angles(adapter_name))
-        return group.outputs(self.qpeft_index[adapter_name], self.angles(adapter_name))
+        maps; never N x N. Generated by this layer alone (the forward reads U·diag(λ_eff) from
+        its adapter's :class:`CircuitGroup` while training: :meth:`_factors_for`)."""
+        return stiefel_factors(self.qpeft_spec[adapter_name], self.angles(adapter_name))
 
     def effective_lambda(self, adapter_name: str) -> torch.Tensor:
         """λ_eff [K] in the circuit dtype: domain map, quantization, intrinsic-rank mask and
         scaling applied. O(K log K)."""
         spec = self.qpeft_spec[adapter_name]
-        raw = self.qpeft_lambda[adapter_name].to(spec.circuit_dtype)
-        if spec.quantize_bits is not None and spec.lambda_domain != "sign":
-            raw = quantize_symmetric(raw, spec.quantize_bits)
-        if spec.lambda_domain == "real":
-            lam = raw
-        else:
-            gain = self.qpeft_gain[adapter_name].to(spec.circuit_dtype)
-            if spec.lambda_domain == "positive":
-                lam = gain * F.softplus(raw)
-            else:
-                lam = gain * _straight_through(raw, torch.where(raw >= 0, 1.0, -1.0).to(raw.dtype))
-        if spec.intrinsic_rank is not None and spec.intrinsic_rank < spec.r:
-            order = torch.sort(lam.detach().abs(), descending=True, stable=True).indices
-            mask = torch.zeros_like(lam).scatter(0, order[: spec.intrinsic_rank], 1.0)
-            lam = lam * mask
-        return lam * spec.scaling
+        return lambda_unscaled(spec, self.qpeft_lambda[adapter_name],
+                               self.qpeft_gain.get(adapter_name)) * spec.scaling
 
     def delta_matrix(self, adapter_name: str) -> torch.Tensor:
         """ΔW as an ``[out, in]`` matrix in the circuit dtype. O(d_out·d_in·K) — only for merging
@@ -343,12 +376,19 @@ class QuantumPEFTLayer(WeightMergeLayer):
             tensors.append(self.qpeft_gain[adapter_name])
         return tensors
 
-    def _factors_for(self, x: torch.Tensor, adapter_name: str) -> tuple[torch.Tensor, ...]:
-        u, v, lam = self._generated(
-            adapter_name, self.adapter_params(adapter_name),
-            lambda: (*self.stiefel_factors(adapter_name), self.effective_lambda(adapter_name)))
-        dtype = x.dtype if x.is_floating_point() else u.dtype
-        return u.to(dtype), v.to(dtype), lam.to(dtype)
+    def _factors_for(self, x: torch.Tensor, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U·diag(λ_eff), V) in ``x``'s dtype: from the adapter's :class:`CircuitGroup` (one
+        batched generation per training step) or generated by this layer alone."""
+        params = tuple(self.adapter_params(adapter_name))
+        spec = self.qpeft_spec[adapter_name]
+        group = self.qpeft_group.get(adapter_name)
+        if group is None:
+            build = lambda: scaled_factors(spec, params)  # noqa: E731
+        else:
+            build = lambda: group.outputs(self.qpeft_index[adapter_name], params)  # noqa: E731
+        ul, v = self._generated(adapter_name, params, build)
+        dtype = x.dtype if x.is_floating_point() else ul.dtype
+        return ul.to(dtype), v.to(dtype)
 
 
 class QuantumPEFTLinear(nn.Module, QuantumPEFTLayer):
@@ -365,8 +405,8 @@ class QuantumPEFTLinear(nn.Module, QuantumPEFTLayer):
         self.update_layer(adapter_name, config, module_name)
 
     def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        u, v, lam = self._factors_for(x, adapter_name)
-        return ((x.to(u.dtype) @ v) * lam) @ u.T
+        ul, v = self._factors_for(x, adapter_name)
+        return (x.to(ul.dtype) @ v) @ ul.T
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._forward_dispatch(x, *args, **kwargs)
@@ -377,8 +417,8 @@ class QuantumPEFTLinear(nn.Module, QuantumPEFTLayer):
 
 class QuantumPEFTConv2d(nn.Module, QuantumPEFTLayer):
     """Quantum-PEFT on ``nn.Conv2d`` (groups=1): the update is a conv with Vᵀ reshaped to
-    [K, in_ch, kh, kw] (same stride/padding/dilation as the base), a scale by λ, then a 1x1 conv
-    with U. Cost O(batch·H'·W'·K·(in_ch·kh·kw + out_ch)); no unfold."""
+    [K, in_ch, kh, kw] (same stride/padding/dilation as the base), then a 1x1 conv with
+    U·diag(λ_eff). Cost O(batch·H'·W'·K·(in_ch·kh·kw + out_ch)); no unfold."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: QuantumPEFTConfig,
                  module_name: str = "", **kwargs: Any) -> None:
@@ -390,12 +430,11 @@ class QuantumPEFTConv2d(nn.Module, QuantumPEFTLayer):
         self.update_layer(adapter_name, config, module_name)
 
     def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        u, v, lam = self._factors_for(x, adapter_name)
+        ul, v = self._factors_for(x, adapter_name)
         base = self.get_base_layer()
         kernel = v.T.reshape(v.shape[1], *base.weight.shape[1:])
-        h = base._conv_forward(x.to(u.dtype), kernel, None)
-        h = h * lam[:, None, None]
-        return F.conv2d(h, u[:, :, None, None])
+        h = base._conv_forward(x.to(ul.dtype), kernel, None)
+        return F.conv2d(h, ul[:, :, None, None])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._forward_dispatch(x, *args, **kwargs)

@@ -77,7 +77,8 @@ class QuantumPEFTModel(QpeftTuner):
                 continue
             group = CircuitGroup(
                 adapter_name, [layer.qpeft_spec[adapter_name] for layer in layers],
-                [(layer.qpeft_angles_u, layer.qpeft_angles_v) for layer in layers])
+                [(layer.qpeft_angles_u, layer.qpeft_angles_v) for layer in layers],
+                [(layer.qpeft_lambda, layer.qpeft_gain) for layer in layers])
             for index, layer in enumerate(layers):
                 layer.qpeft_group[adapter_name] = group
                 layer.qpeft_index[adapter_name] = index

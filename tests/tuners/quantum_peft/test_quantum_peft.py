@@ -408,7 +408,8 @@ def test_a_side_of_width_one_has_no_empty_parameter_and_everything_trains(method
     """A 1-output (or 1-input) layer: that side's U (V) is the fixed 1 x 1 identity with no
     angles. No 0-element trainable tensor may exist (it could never change: peft's
     test_only_params_are_updated, issue 13); every trainable tensor gets a gradient and moves;
-    the output is still base + λ·u·vᵀx (checked in float64); save/load round-trips."""
+    the output is still base + (u·λ)·vᵀx (checked in float64; u·λ is formed in the circuit
+    dtype, as the layer does); save/load round-trips."""
     torch.manual_seed(0)
     d_out, d_in = shape
     model, layer = wrapped(nn.Linear(d_in, d_out).double(), r=1, parameterization=method,
@@ -420,7 +421,7 @@ def test_a_side_of_width_one_has_no_empty_parameter_and_everything_trains(method
     x = torch.randn(4, d_in, dtype=torch.float64)
     u, v = layer.stiefel_factors("default")
     lam = layer.effective_lambda("default")
-    expected = layer.get_base_layer()(x) + ((x @ v.double()) * lam.double()) @ u.double().T
+    expected = layer.get_base_layer()(x) + (x @ v.double()) @ (u * lam).double().T
     torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-10)
     before = {n: p.detach().clone() for n, p in trainable.items()}
     opt = torch.optim.SGD(trainable.values(), lr=0.5)
