@@ -271,7 +271,11 @@ class QuantumPEFTLayer(WeightMergeLayer):
                     / spec.angle_gains[1]).float()
         g_l = torch.Generator().manual_seed(_seed(config.init_seed, module_name, "lambda"))
         if config.lambda_domain == "real":
-            lam = torch.zeros(k) if config.init_weights else 0.5 * torch.randn(k, generator=g_l)
+            # the random test start is the paper's ΔW (λ_eff ~ 0.5·N(0, 1)·alpha/r) under every
+            # lr_scale: the "lora" scale (~2·sqrt(d_out/3)) would otherwise make ΔW dwarf W
+            paper = float(config.alpha) / k if config.alpha is not None else 1.0
+            lam = (torch.zeros(k) if config.init_weights
+                   else 0.5 * torch.randn(k, generator=g_l) * (paper / spec.scaling))
         elif config.lambda_domain == "positive":  # softplus(ρ0) = 1
             lam = torch.full((k,), math.log(math.e - 1.0))
             if not config.init_weights:
