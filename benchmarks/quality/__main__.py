@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true",
                    help="also sweep learning rates (seed 0) on the tuning tasks")
     p.add_argument("--sweep-only", action="store_true", help="only the sweep")
+    p.add_argument("--render-only", action="store_true",
+                   help="run nothing: render the suite and sweep from the runs already stored "
+                        "for the current settings (missing runs are left out, seeds counted)")
     p.add_argument("--out", type=Path, default=None,
                    help="results root (default benchmarks/results/quality; --quick: a temp dir)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("QPEFT_BENCH_THREADS", 2)))
@@ -44,17 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if not a.sweep_only:
-        rows = suite.run_suite(tasks, entries, a.seeds, root, log)
+        rows = suite.run_suite(tasks, entries, a.seeds, root, log, stored_only=a.render_only)
         summary = suite.summarise(rows)
         suite.dump({"command": command, "rows": rows, "summary": summary,
                     "seconds": time.perf_counter() - t0}, root / "quality.json")
         plot = suite.pareto_plots(summary, tasks, docs / "quality_pareto.png")
         body = suite.render(summary, tasks, command, {"Pareto": plot.name})
         suite.replace_section(docs / "results.md", "quality-suite", body)
-    if a.sweep or a.sweep_only:
+    if a.sweep or a.sweep_only or a.render_only:
         tuning = [t for t in tasks if t.role == "tuning"]
         lrs = suite.SWEEP_LRS[:3] if a.quick else suite.SWEEP_LRS
-        rows = suite.run_sweep(tuning, entries, lrs, root, log)
+        rows = suite.run_sweep(tuning, entries, lrs, root, log, stored_only=a.render_only)
         suite.dump({"command": command, "rows": rows}, root / "sweep.json")
         plot = suite.sweep_plot(rows, docs / "quality_lr.png")
         suite.replace_section(docs / "results.md", "quality-sweep",

@@ -28,21 +28,27 @@ SWEEP_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 
 @dataclass(frozen=True)
 class Entry:
-    """A method as the suite runs it: ``options`` are CLI method options, ``lr`` None means
-    the method's default learning rate."""
+    """A method as the suite runs it: ``options`` are CLI method options; ``lr`` maps a model
+    name ("minilm", "smollm2") to the learning rate the entry runs at on that model's tasks
+    (its best on the model's tuning task); a model not in it (and every model for qpeft's
+    methods, ``lr`` empty) gets the method's default learning rate."""
 
     name: str
     label: str
     method: str
     options: dict[str, Any] = field(default_factory=dict)
-    lr: float | None = None
+    lr: dict[str, float] = field(default_factory=dict)
     ours: bool = False
+
+    def rate_for(self, task: Task) -> float | None:
+        """The entry's learning rate on ``task`` (None: the method's default)."""
+        return self.lr.get(task.spec["model"])
 
 
 ENTRIES: tuple[Entry, ...] = (
     # LoRA at its best rate of the sweep (1e-2; the CLI's 2e-3 reached 90.7 % there at 3e-3)
-    Entry("lora", "peft LoRA r=8", "lora", lr=1e-2),
-    Entry("lora-r1", "peft LoRA r=1", "lora", {"rank": 1, "alpha": 2.0}, lr=1e-2),
+    Entry("lora", "peft LoRA r=8", "lora", lr={"minilm": 1e-2}),
+    Entry("lora-r1", "peft LoRA r=1", "lora", {"rank": 1, "alpha": 2.0}, lr={"minilm": 1e-2}),
     Entry("vera", "peft VeRA", "vera"),
     Entry("fourierft", "peft FourierFT", "fourierft"),
     Entry("ia3", "peft IA3", "ia3"),
@@ -57,14 +63,15 @@ def _metric(results: dict[str, Any], task: Task) -> float:
 
 
 def run_one(task: Task, entry: Entry, seed: int, out: Path, root: Path, lr: float | None = None,
-            progress: bool = False) -> dict[str, Any]:
-    """One run's results.json (read back when the same run is already there); a chat task's
-    data files live under ``root/data`` (one copy for the suite and the sweep)."""
+            progress: bool = False, stored_only: bool = False) -> dict[str, Any] | None:
+    """One run's results.json (read back when the same run is already there; with
+    ``stored_only`` None instead of running it); a chat task's data files live under
+    ``root/data`` (one copy for the suite and the sweep)."""
     from qpeft.train.finetune import FinetuneSpec, run_finetune
     from qpeft.train.loop import TrainConfig
     from qpeft.train.methods import default_learning_rate
 
-    lr = lr if lr is not None else entry.lr
+    lr = lr if lr is not None else entry.rate_for(task)
     lr, source = (lr, "suite entry") if lr is not None else default_learning_rate(entry.method)
     spec = FinetuneSpec(
         method=entry.method, output_dir=str(out), seed=seed, data_seed=0,
@@ -78,6 +85,8 @@ def run_one(task: Task, entry: Entry, seed: int, out: Path, root: Path, lr: floa
         previous = json.loads((out / "run.json").read_text()).get("fingerprint")
         if json.loads(json.dumps(spec.fingerprint(), default=str)) == previous:
             return json.loads(done.read_text())
+    if stored_only:
+        return None
     results = run_finetune(spec, command=[sys.argv[0], "benchmarks.quality", task.name,
                                           entry.name, f"seed{seed}"])
     gc.collect()
@@ -85,15 +94,19 @@ def run_one(task: Task, entry: Entry, seed: int, out: Path, root: Path, lr: floa
 
 
 def run_suite(tasks: Sequence[Task], entries: Sequence[Entry], seeds: int, root: Path,
-              log=print) -> list[dict[str, Any]]:
-    """Every (task, entry, seed): the rows :func:`summarise` reads."""
+              log=print, stored_only: bool = False) -> list[dict[str, Any]]:
+    """Every (task, entry, seed): the rows :func:`summarise` reads. ``stored_only``: run
+    nothing, collect the runs already stored for the current settings (render-only)."""
     rows, total, i = [], len(tasks) * len(entries) * seeds, 0
     for task in tasks:
         for entry in entries:
             for seed in range(seeds):
                 i += 1
                 t0 = time.perf_counter()
-                r = run_one(task, entry, seed, root / task.name / entry.name / f"seed{seed}", root)
+                r = run_one(task, entry, seed, root / task.name / entry.name / f"seed{seed}", root,
+                            stored_only=stored_only)
+                if r is None:
+                    continue
                 rows.append(_row(task, entry, seed, r))
                 log(f"[{i}/{total}] {task.name} {entry.name} seed {seed}: "
                     f"{task.metric} {rows[-1]['metric']:.4f} ({time.perf_counter() - t0:.0f} s)")
@@ -110,15 +123,18 @@ def _row(task: Task, entry: Entry, seed: int, r: dict[str, Any], **extra: Any) -
 
 
 def run_sweep(tasks: Sequence[Task], entries: Sequence[Entry], lrs: Iterable[float],
-              root: Path, log=print) -> list[dict[str, Any]]:
-    """Seed 0 of every (task, entry, lr): the learning-rate sensitivity curves."""
+              root: Path, log=print, stored_only: bool = False) -> list[dict[str, Any]]:
+    """Seed 0 of every (task, entry, lr): the learning-rate sensitivity curves
+    (``stored_only`` as in :func:`run_suite`)."""
     rows = []
     for task in tasks:
         for entry in entries:
             for lr in lrs:
                 out = root / "sweep" / task.name / entry.name / f"lr{lr:g}"
                 t0 = time.perf_counter()
-                r = run_one(task, entry, 0, out, root, lr=lr)
+                r = run_one(task, entry, 0, out, root, lr=lr, stored_only=stored_only)
+                if r is None:
+                    continue
                 rows.append(_row(task, entry, 0, r, sweep_lr=lr))
                 log(f"sweep {task.name} {entry.name} lr {lr:g}: {task.metric} "
                     f"{rows[-1]['metric']:.4f} ({time.perf_counter() - t0:.0f} s)")
@@ -197,12 +213,12 @@ def render(summary: list[dict[str, Any]], tasks: Sequence[Task], command: str,
         if before is not None:
             shown = f"{before:.2f}" if task.metric == "perplexity" else f"{100 * before:.1f} %"
             head += f"Untrained (LoRA at init, a fresh head where there is one): {shown}.\n\n"
-        lines = ["| method | trainable | " + task.metric + " | vs LoRA | lr | s / run |",
-                 "|---|---|---|---|---|---|"]
+        lines = ["| method | trainable | " + task.metric + " | vs LoRA | lr | seeds | s / run |",
+                 "|---|---|---|---|---|---|---|"]
         for s in rows:
             lr = f"{s['lr']:g} ({'default' if s['lr_source'].startswith('default') else s['lr_source']})"
             lines.append(f"| {s['label']} | {s['trainable']:,} | {_fmt(s)} | {_vs(s)} | {lr} | "
-                         f"{s['seconds']:.0f} |")
+                         f"{s['seeds']} | {s['seconds']:.0f} |")
         parts.append(head + "\n".join(lines))
     for title, path in plots.items():
         parts.append(f"![{title}]({path})")
@@ -218,7 +234,7 @@ def pareto_plots(summary: list[dict[str, Any]], tasks: Sequence[Task], path: Pat
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    shown = [t for t in tasks if any(s["task"] == t.name for s in summary)]
+    shown = [t for t in tasks if any(s["task"] == t.name for s in summary)] or list(tasks[:1])
     fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), squeeze=False)
     for ax, task in zip(axes[0], shown, strict=True):
         rows = [s for s in summary if s["task"] == task.name]

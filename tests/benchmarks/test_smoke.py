@@ -356,3 +356,32 @@ def test_quality_suite_quick(tmp_path):
     assert "<!-- quality-suite -->" in doc and "<!-- quality-sweep -->" in doc
     assert (tmp_path / "quality_pareto.png").stat().st_size > 0
     assert (tmp_path / "quality_lr.png").stat().st_size > 0
+    # render-only runs nothing: the stored runs come back, the missing seed and entry stay out
+    assert quality_main(["--quick", "--tasks", "minilm-bbc", "--entries", "lora", "quantum-peft",
+                         "quic", "--seeds", "3", "--render-only", "--out", str(tmp_path),
+                         "--threads", "1"]) == 0
+    rendered = json.loads((tmp_path / "quality.json").read_text())
+    assert [(s["entry"], s["seeds"]) for s in rendered["summary"]] == [
+        ("lora", 2), ("quantum-peft", 2)]
+    assert not (tmp_path / "minilm-bbc" / "quic").exists()
+    assert not (tmp_path / "minilm-bbc" / "lora" / "seed2").exists()
+    assert len(json.loads((tmp_path / "sweep.json").read_text())["rows"]) == 6
+
+
+def test_trainer_check_quick(tmp_path):
+    """The swap-the-config check at toy budgets: a Trainer run (MiniLM) and an SFTTrainer run
+    (SmolLM2 chats) per method, one JSON each with the task's metric, the docs section."""
+    import json
+
+    from benchmarks.quality.trainer import main as trainer_main
+
+    assert trainer_main(["--quick", "--tasks", "minilm-bbc", "smollm2-bbc-sft", "--methods",
+                         "lora", "quantum-peft", "--seeds", "1", "--out", str(tmp_path),
+                         "--threads", "1"]) == 0
+    sft = json.loads((tmp_path / "smollm2-bbc-sft" / "quantum-peft" / "seed0.json").read_text())
+    assert 0.0 <= sft["exact_match"] <= 1.0 and len(sft["answers"]) == 8
+    assert sft["config"]["peft_type"] == "QUANTUM_PEFT" and sft["trainable"] > 0
+    cls = json.loads((tmp_path / "minilm-bbc" / "lora" / "seed0.json").read_text())
+    assert 0.0 <= cls["accuracy"] <= 1.0 and cls["lr"] == 1e-3
+    doc = (tmp_path / "results.md").read_text()
+    assert "SFTTrainer`, learning rate 0.0002" in doc and "| quantum-peft |" in doc
