@@ -172,7 +172,7 @@ def _learning_rate(args: argparse.Namespace, method: str) -> tuple[float, str]:
 
 
 def _spec_from_args(args: argparse.Namespace, method: str) -> Any:
-    from qpeft.train.finetune import FinetuneSpec
+    from qpeft.train.finetune import FinetuneSpec, with_default_learning_rate
     from qpeft.train.loop import TrainConfig
 
     lr, lr_source = _learning_rate(args, method)
@@ -182,7 +182,7 @@ def _spec_from_args(args: argparse.Namespace, method: str) -> Any:
         max_steps=args.max_steps, epochs=args.epochs, eval_batch_size=args.eval_batch_size,
         checkpoint_every=args.checkpoint_every, max_grad_norm=args.max_grad_norm,
         seed=args.seed, progress=not args.no_progress)
-    return FinetuneSpec(
+    return with_default_learning_rate(FinetuneSpec(
         method=method, model=args.model, task=getattr(args, "task", None),
         train_file=getattr(args, "train_file", None), eval_file=getattr(args, "eval_file", None),
         text_column=getattr(args, "text_column", "text"),
@@ -196,7 +196,7 @@ def _spec_from_args(args: argparse.Namespace, method: str) -> Any:
         skip_bad_records=args.skip_bad_records,
         gradient_checkpointing=args.gradient_checkpointing,
         load_in_bits=getattr(args, "load_in_bits", None), overwrite=getattr(args, "overwrite", False),
-        resume=getattr(args, "resume", False), lr_source=lr_source)
+        resume=getattr(args, "resume", False), lr_source=lr_source))
 
 
 # ----------------------------------------------------------------------------- finetune

@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true",
                    help="also sweep learning rates (seed 0) on the tuning tasks")
     p.add_argument("--sweep-only", action="store_true", help="only the sweep")
+    p.add_argument("--sweep-lrs", nargs="+", type=float, default=None,
+                   help=f"the sweep's learning rates (default {' '.join(map(str, suite.SWEEP_LRS))})")
     p.add_argument("--render-only", action="store_true",
                    help="run nothing: render the suite and sweep from the runs already stored "
                         "for the current settings (missing runs are left out, seeds counted)")
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         suite.replace_section(docs / "results.md", "quality-suite", body)
     if a.sweep or a.sweep_only or a.render_only:
         tuning = [t for t in tasks if t.role == "tuning"]
-        lrs = suite.SWEEP_LRS[:3] if a.quick else suite.SWEEP_LRS
+        lrs = a.sweep_lrs or (suite.SWEEP_LRS[:3] if a.quick else suite.SWEEP_LRS)
         rows = suite.run_sweep(tuning, entries, lrs, root, log, stored_only=a.render_only)
         suite.dump({"command": command, "rows": rows}, root / "sweep.json")
         plot = suite.sweep_plot(rows, docs / "quality_lr.png")

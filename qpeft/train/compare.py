@@ -16,8 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from qpeft.train.errors import RunError
-from qpeft.train.finetune import FinetuneSpec, check_output_dir, load_data, run_finetune
-from qpeft.train.methods import check_method, default_learning_rate
+from qpeft.train.finetune import (
+    FinetuneSpec,
+    check_output_dir,
+    default_rate,
+    load_data,
+    run_finetune,
+)
+from qpeft.train.methods import check_method
 from qpeft.train.results import atomic_write_json
 from qpeft.tuners.registry import get_method
 
@@ -155,7 +161,7 @@ def _learning_rate(base: FinetuneSpec, method: str,
     if method in (lr_for or {}):
         return lr_for[method], "--lr-for"
     if base.lr_source.startswith("default"):
-        return default_learning_rate(method)
+        return default_rate(base, method)
     return base.train.lr, base.lr_source
 
 

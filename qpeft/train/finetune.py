@@ -39,7 +39,13 @@ from qpeft.train.checkpoint import CHECKPOINT_NAME
 from qpeft.train.data import CausalLMData, ImageData, PreparedData, TextClassificationData
 from qpeft.train.errors import RunError
 from qpeft.train.loop import TrainConfig, TrainResult, check_data_sizes, evaluate, train
-from qpeft.train.methods import build_peft_config, check_method, config_class, resolve_options
+from qpeft.train.methods import (
+    build_peft_config,
+    check_method,
+    config_class,
+    default_learning_rate,
+    resolve_options,
+)
 from qpeft.train.results import (
     RESULTS_NAME,
     RUN_NAME,
@@ -153,6 +159,30 @@ def data_kind(spec: FinetuneSpec) -> str:
         return jsonl_kind(spec.train_file, spec.label_column)
     except ValueError as exc:
         raise RunError(str(exc)) from None
+
+
+def default_rate(spec: FinetuneSpec, method: str | None = None) -> tuple[float, str]:
+    """``(lr, why)``: the default learning rate of ``method`` (default ``spec.method``) for
+    ``spec``'s kind of data (the general default when the data cannot be read: the run reports
+    that). O(file) for a ``--train-file`` (it is read once)."""
+    try:
+        kind = data_kind(spec)
+    except (ValueError, OSError):  # RunError / AssetError included
+        kind = None
+    return default_learning_rate(method or spec.method, kind)
+
+
+def with_default_learning_rate(spec: FinetuneSpec) -> FinetuneSpec:
+    """``spec`` with :func:`default_rate` when its rate is a default (``lr_source``
+    "default ..."); a rate the user gave is kept, and so is a spec of an unknown method."""
+    if not spec.lr_source.startswith("default"):
+        return spec
+    try:
+        lr, source = default_rate(spec)
+    except ValueError:
+        return spec
+    return dataclasses.replace(spec, train=dataclasses.replace(spec.train, lr=lr),
+                               lr_source=source)
 
 
 def _check_model_readable(source: ModelSource) -> None:

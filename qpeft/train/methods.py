@@ -42,9 +42,12 @@ def config_class(method: str) -> type:
     return get_method(check_method(method)).config_cls
 
 
-def default_learning_rate(method: str) -> tuple[float, str]:
-    """``(lr, why)``: the learning rate the CLI uses for ``method`` when ``--lr`` is not given."""
+def default_learning_rate(method: str, kind: str | None = None) -> tuple[float, str]:
+    """``(lr, why)``: the learning rate the CLI uses for ``method`` when ``--lr`` is not given,
+    on data of ``kind`` ("text-classification", "causal-lm", ...; None: the general default)."""
     spec = get_method(check_method(method))
+    if kind in spec.learning_rate_by_kind:
+        return spec.learning_rate_by_kind[kind]
     return spec.learning_rate, spec.learning_rate_note or f"default for {spec.name}"
 
 

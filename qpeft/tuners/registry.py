@@ -78,6 +78,14 @@ LoraFromCheckpoint = Callable[[dict, dict, Callable[[], Any]], tuple[Any, dict]]
 OftFromCheckpoint = LoraFromCheckpoint
 
 
+def causal_lm_rate(name: str, lr: float) -> dict[str, tuple[float, str]]:
+    """``learning_rate_by_kind`` for a method whose SFT / language-modelling default is ``lr``:
+    the best rate of LoRA and of the method on the quality suite's SmolLM2 tuning task."""
+    return {"causal-lm": (lr, f"default for {name} on causal-LM data: the best rate of LoRA "
+                              f"and {name} on the quality suite's SmolLM2 tuning task "
+                              "(docs/results.md)")}
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """Everything outside a method's folder needs to know about the method.
@@ -90,7 +98,10 @@ class MethodSpec:
     ``options`` / ``defaults``: command-line options and the values the CLI uses when they are
     not given (a config's own default applies to anything else). ``learning_rate``: the CLI's
     learning rate for the method when ``--lr`` is not given, with ``learning_rate_note`` saying
-    where it comes from (recorded in results.json). ``benchmark_config(targets, task_type)``:
+    where it comes from (recorded in results.json); ``learning_rate_by_kind``: ``{data kind:
+    (lr, note)}`` where a kind of data ("causal-lm", ...) wants another default (a classifier
+    with a fresh head learns best at a higher rate than SFT of a causal LM, LoRA too).
+    ``benchmark_config(targets, task_type)``:
     the configuration ``benchmarks/`` compares, described by ``benchmark_label``.
     ``circuits_from_model`` / ``circuits_from_checkpoint``: circuit export (``qpeft
     export-circuits``), and ``circuit_examples(targets, task_type)`` the named configs whose
@@ -110,6 +121,7 @@ class MethodSpec:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     learning_rate: float = 2e-3
     learning_rate_note: str = ""
+    learning_rate_by_kind: Mapping[str, tuple[float, str]] = field(default_factory=dict)
     benchmark_config: Callable[[list[str], str | None], Any] | None = None
     benchmark_label: str = ""
     circuits_from_model: CircuitsFromModel | None = None

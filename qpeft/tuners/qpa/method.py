@@ -7,7 +7,7 @@ from qpeft.tuners.qpa.config import QPAConfig
 from qpeft.tuners.qpa.model import QPAModel
 from qpeft.tuners.qpa.paper_counts import paper_count_rows
 from qpeft.tuners.qpa.peft_matrix import peft_matrix_rows
-from qpeft.tuners.registry import MethodOption, MethodSpec
+from qpeft.tuners.registry import MethodOption, MethodSpec, causal_lm_rate
 
 METHOD = MethodSpec(
     name="qpa",
@@ -28,6 +28,7 @@ METHOD = MethodSpec(
     learning_rate=1e-2,
     learning_rate_note=("default for qpa: "
                         "best rate of the learning-rate sweep on the quality suite's tuning task (docs/results.md)"),
+    learning_rate_by_kind=causal_lm_rate("qpa", 3e-3),
     benchmark_config=lambda targets, task_type: QPAConfig(
         r=8, target_modules=targets, task_type=task_type),
     benchmark_label="QPA r=8",

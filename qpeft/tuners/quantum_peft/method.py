@@ -7,7 +7,7 @@ from qpeft.tuners.quantum_peft.config import QuantumPEFTConfig
 from qpeft.tuners.quantum_peft.model import QuantumPEFTModel
 from qpeft.tuners.quantum_peft.paper_counts import paper_count_rows
 from qpeft.tuners.quantum_peft.peft_matrix import peft_matrix_rows
-from qpeft.tuners.registry import MethodOption, MethodSpec
+from qpeft.tuners.registry import MethodOption, MethodSpec, causal_lm_rate
 
 METHOD = MethodSpec(
     name="quantum-peft",
@@ -28,6 +28,7 @@ METHOD = MethodSpec(
     learning_rate_note=("default for quantum-peft: LoRA's best rate on the quality suite's "
                         "tuning task; with the angle gain the method learns at LoRA's rates "
                         "(docs/methods/quantum_peft.md, 'Learning-rate scale')"),
+    learning_rate_by_kind=causal_lm_rate("quantum-peft", 3e-3),
     benchmark_config=lambda targets, task_type: QuantumPEFTConfig(
         r=8, depth=1, target_modules=targets, task_type=task_type),
     benchmark_label="Quantum-PEFT K=8, L=1",

@@ -9,7 +9,7 @@ from qpeft.tuners.quic.config import QuICConfig
 from qpeft.tuners.quic.model import QuICModel
 from qpeft.tuners.quic.paper_counts import paper_count_rows
 from qpeft.tuners.quic.peft_matrix import peft_matrix_rows
-from qpeft.tuners.registry import MethodOption, MethodSpec
+from qpeft.tuners.registry import MethodOption, MethodSpec, causal_lm_rate
 
 
 def parse_orders(value: Any) -> list[int]:
@@ -45,6 +45,7 @@ METHOD = MethodSpec(
     learning_rate_note=("default for quic: LoRA's best rate on the quality suite's tuning task; "
                         "with lr_scale 'lora' (parameters read x3) QuIC learns at LoRA's rates "
                         "(docs/methods/quic.md, 'Learning-rate scale')"),
+    learning_rate_by_kind=causal_lm_rate("quic", 3e-3),
     benchmark_config=lambda targets, task_type: QuICConfig(
         num_blocks=3, orders=[1, 2], target_modules=targets, task_type=task_type),
     benchmark_label="QuIC C1⊕C2, N=3",
