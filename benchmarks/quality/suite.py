@@ -65,9 +65,11 @@ def _metric(results: dict[str, Any], task: Task) -> float:
 
 def run_one(task: Task, entry: Entry, seed: int, out: Path, root: Path, lr: float | None = None,
             progress: bool = False, stored_only: bool = False) -> dict[str, Any] | None:
-    """One run's results.json (read back when the same run is already there; with
-    ``stored_only`` None instead of running it); a chat task's data files live under
-    ``root/data`` (one copy for the suite and the sweep)."""
+    """One run's results.json: read back when the same run (same fingerprint) is stored in
+    ``out`` or, for seed 0, in the other place the suite keeps it (the suite's ``seed0`` and
+    the sweep's folder at that rate are the same run); with ``stored_only`` None instead of
+    running it. ``lr_source`` is this call's (a default or the suite entry's rate). A chat
+    task's data files live under ``root/data`` (one copy for the suite and the sweep)."""
     from qpeft.train.finetune import FinetuneSpec, run_finetune, with_default_learning_rate
     from qpeft.train.loop import TrainConfig
     from qpeft.train.methods import default_learning_rate
@@ -81,11 +83,16 @@ def run_one(task: Task, entry: Entry, seed: int, out: Path, root: Path, lr: floa
                           warmup_ratio=0.06, **task.train),
         lr_source=source, overwrite=True,
         **{**task.spec, **task.data_files(root)}))
-    done = out / "results.json"
-    if done.is_file() and (out / "run.json").is_file():
-        previous = json.loads((out / "run.json").read_text()).get("fingerprint")
-        if json.loads(json.dumps(spec.fingerprint(), default=str)) == previous:
-            return json.loads(done.read_text())
+    fingerprint = json.loads(json.dumps(spec.fingerprint(), default=str))
+    places = [out]
+    if seed == 0:
+        places += [root / task.name / entry.name / "seed0",
+                   root / "sweep" / task.name / entry.name / f"lr{spec.train.lr:g}"]
+    for place in places:
+        done, run = place / "results.json", place / "run.json"
+        if done.is_file() and run.is_file():
+            if json.loads(run.read_text()).get("fingerprint") == fingerprint:
+                return {**json.loads(done.read_text()), "lr_source": spec.lr_source}
     if stored_only:
         return None
     results = run_finetune(spec, command=[sys.argv[0], "benchmarks.quality", task.name,
@@ -133,10 +140,7 @@ def run_sweep(tasks: Sequence[Task], entries: Sequence[Entry], lrs: Iterable[flo
             for lr in lrs:
                 out = root / "sweep" / task.name / entry.name / f"lr{lr:g}"
                 t0 = time.perf_counter()
-                # the suite's seed 0 at this rate is the same run (same fingerprint): reuse it
-                r = (run_one(task, entry, 0, root / task.name / entry.name / "seed0", root,
-                             lr=lr, stored_only=True)
-                     or run_one(task, entry, 0, out, root, lr=lr, stored_only=stored_only))
+                r = run_one(task, entry, 0, out, root, lr=lr, stored_only=stored_only)
                 if r is None:
                     continue
                 rows.append(_row(task, entry, 0, r, sweep_lr=lr))
