@@ -80,10 +80,10 @@ OftFromCheckpoint = LoraFromCheckpoint
 
 def causal_lm_rate(name: str, lr: float) -> dict[str, tuple[float, str]]:
     """``learning_rate_by_kind`` for a method whose SFT / language-modelling default is ``lr``:
-    the best rate of LoRA and of the method on the quality suite's SmolLM2 tuning task."""
-    return {"causal-lm": (lr, f"default for {name} on causal-LM data: the best rate of LoRA "
-                              f"and {name} on the quality suite's SmolLM2 tuning task "
-                              "(docs/results.md)")}
+    LoRA's best rate on the quality suite's SmolLM2 tuning task (the method's learning-rate
+    scale makes it learn at LoRA's rates)."""
+    return {"causal-lm": (lr, f"default for {name} on causal-LM data: LoRA's best rate on the "
+                              "quality suite's SmolLM2 tuning task (docs/results.md)")}
 
 
 @dataclass(frozen=True)
