@@ -315,44 +315,50 @@ def block_matrix(mats: list[torch.Tensor], plan: BlockPlan) -> torch.Tensor:
 
 
 def _blocks_view(v: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
-    """The blocks of the rows of ``v`` [T, d] as [N, T, b] (a strided view, no copy; the
-    leftover rows left out)."""
-    # no slice without leftover rows: each is a dispatched op on every call
-    head = v[:, : plan.num_blocks * plan.block_size] if plan.leftover else v
-    return head.view(v.shape[0], plan.num_blocks, plan.block_size).transpose(0, 1)
+    """The blocks of the rows of ``v`` [T, d] (any strides) as [N, T, b], the leftover rows left
+    out: one strided view (no copy), where slicing, splitting and transposing would dispatch one
+    operation each on every call (under torch.compile, which does not trace storage offsets,
+    those three)."""
+    if torch.compiler.is_compiling():
+        head = v[:, : plan.num_blocks * plan.block_size] if plan.leftover else v
+        return head.unflatten(-1, (plan.num_blocks, plan.block_size)).transpose(0, 1)
+    row, col = v.stride()
+    return v.as_strided((plan.num_blocks, v.shape[0], plan.block_size),
+                        (plan.block_size * col, row, col), v.storage_offset())
 
 
 def _apply_blocks(v: torch.Tensor, block: torch.Tensor, plan: BlockPlan,
                   add: torch.Tensor | None = None) -> torch.Tensor:
     """Q·v_t + ``add`` for every row v_t of ``v`` [T, d] (``add`` [d] or None), Q given by its
     block matrices ``block`` [N_A, b, b] (:func:`block_matrix`): one (b)addbmm written straight
-    into the output's strided blocks, a copy for the leftover rows; no concatenation. Under
-    torch.compile, which cannot trace ``out=`` into strided views, the blocks are computed
-    apart and concatenated. Not differentiable in eager mode (``out=``): autograd goes through
-    :class:`BlockRotate` / :class:`RotatedLinear`. Cost: T·N·b² multiply-adds."""
+    into the output's strided blocks; with leftover rows the output starts as v (+ add) and the
+    blocks are overwritten. No concatenation. Under torch.compile, which cannot trace ``out=``
+    into strided views, the blocks are computed apart and concatenated. Not differentiable in
+    eager mode (``out=``): autograd goes through :class:`BlockRotate` / :class:`RotatedLinear`.
+    Cost: T·N·b² multiply-adds (+ T·d copied with leftover rows)."""
     n_blk, b = plan.num_blocks, plan.block_size
-    head = n_blk * b
     mat = (block if block.shape[0] == n_blk else block.expand(n_blk, b, b)).mT
     src = _blocks_view(v, plan)
-    shift = None if add is None else (add[:head] if plan.leftover else add).view(n_blk, 1, b)
+    shift = None if add is None else _blocks_view(add[None], plan)  # [N, 1, b]
     if torch.compiler.is_compiling():
         rotated = torch.bmm(src, mat) if shift is None else torch.baddbmm(shift, src, mat)
         rotated = rotated.transpose(0, 1).flatten(1)
         if not plan.leftover:
             return rotated
+        head = n_blk * b
         rest = v[:, head:] if add is None else v[:, head:] + add[head:]
         return torch.cat([rotated, rest], dim=-1)
-    out = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if not plan.leftover:
+        out = torch.empty_like(v, memory_format=torch.contiguous_format)
+    elif add is None:
+        out = v.clone(memory_format=torch.contiguous_format)
+    else:
+        out = (v + add).contiguous()
     dst = _blocks_view(out, plan)
     if shift is None:
         torch.bmm(src, mat, out=dst)
     else:
         torch.baddbmm(shift, src, mat, out=dst)
-    if plan.leftover:
-        if add is None:
-            out[:, head:].copy_(v[:, head:])
-        else:
-            torch.add(v[:, head:], add[head:], out=out[:, head:])
     return out
 
 

@@ -547,8 +547,11 @@ class QuICLayer(WeightMergeLayer):
             return self._forward_rotated_weight(name, x, self._rotation(name, other))
         if path is ForwardPath.FUSED_LINEAR:  # choose_path counted every order formed cheaper
             return self._forward_fused(kept[0], x, self.forward_blocks(kept[0]))
-        # each adapter's matrices once per forward, in the form the tokens' count favours
-        ops = {name: self._rotation(name, tokens) for name in kept}
+        # each adapter's matrices once per forward, in the form the tokens' count favours; a
+        # Conv2d's vectors (output positions, or the weight's rows) are counted where they are
+        # rotated (block_rotate), so it gets the operators
+        ops = {name: self.forward_matrices(name) if self.kind == "conv2d"
+               else self._rotation(name, tokens) for name in kept}
         ins = [a for a in kept if self.quic_settings[a].side == "input"]
         outs = [a for a in kept if self.quic_settings[a].side == "output"]
         result = (self._base_forward_rotated_input(x, ins, ops, *args, **kwargs) if ins
