@@ -217,8 +217,8 @@ _FORM_WEIGHT = 256
 @dataclass(frozen=True)
 class OrderShape:
     """What the cost model reads of one order, without its tensors: base matrices n x n, order
-    ``k``, ``n_a`` distinct blocks (1 = shared), the ``device`` it runs on, and whether it is
-    ``formed`` (an explicit C(n,k) x C(n,k) matrix per block, e.g. ``combine="sum"``'s mean)."""
+    ``k``, ``n_a`` distinct blocks (1 = shared), the ``device`` it runs on; ``formed``: explicit
+    n x n matrices per block instead (n = C(n_base, k), k = 1; e.g. ``combine="sum"``'s mean)."""
 
     n: int
     k: int

@@ -5,8 +5,8 @@ Training never forms a dense ``d x d`` Q: the compounds ``C_k(A_i)`` (``C(n,k) x
 block, batched over blocks) are applied to the activations block by block, either formed into
 one ``b x b`` block matrix per block or as their action. While training, the matrices of all
 layers of an adapter with one block plan are generated in one batched call per step
-(:class:`QuICGroup`). Merge folds Q into W once; unmerge applies Qᵀ (exact for the orthogonal variants) or the
-block-wise inverses (``base_map="free"`` / ``combine="sum"``).
+(:class:`QuICGroup`). Merge folds Q into W once; unmerge applies Qᵀ (exact for the orthogonal
+variants) or the block-wise inverses (``base_map="free"`` / ``combine="sum"``).
 """
 
 from __future__ import annotations
@@ -316,14 +316,15 @@ class QuICLayer(WeightMergeLayer):
         params = self.quic_params[adapter_name]
         settings, plan = self.quic_settings[adapter_name], self.quic_plan[adapter_name]
         group = self.quic_group.get(adapter_name)
-        if group is not None:
-            index = self.quic_index[adapter_name]
-            return self._generated(adapter_name, [params], lambda: [
-                CompoundOperator(base, k) for base in [group.bases(index, params)]
-                for k in plan.orders])
-        return self._generated(adapter_name, [params], lambda: compound_operators(
-            generator_params(params, settings), plan, settings.base_map, settings.rbs_layout,
-            settings.combine))
+
+        def operators() -> list[torch.Tensor | CompoundOperator]:
+            if group is None:
+                return compound_operators(generator_params(params, settings), plan,
+                                          settings.base_map, settings.rbs_layout, settings.combine)
+            base = group.bases(self.quic_index[adapter_name], params)  # one base, every order
+            return [CompoundOperator(base, k) for k in plan.orders]
+
+        return self._generated(adapter_name, [params], operators)
 
     def forward_blocks(self, adapter_name: str) -> torch.Tensor:
         """Q's block matrices [N_A, b, b] for the forward (every order formed: the explicit
@@ -333,12 +334,13 @@ class QuICLayer(WeightMergeLayer):
         params = self.quic_params[adapter_name]
         settings, plan = self.quic_settings[adapter_name], self.quic_plan[adapter_name]
         group = self.quic_group.get(adapter_name)
-        if group is not None:
-            index = self.quic_index[adapter_name]
-            build = lambda: group.blocks(index, params)  # noqa: E731
-        else:
-            build = lambda: full_blocks(params, plan, settings)  # noqa: E731
-        return self._generated(f"{adapter_name}/blocks", [params], build)
+
+        def blocks() -> torch.Tensor:
+            if group is None:
+                return full_blocks(params, plan, settings)
+            return group.blocks(self.quic_index[adapter_name], params)
+
+        return self._generated(f"{adapter_name}/blocks", [params], blocks)
 
     def _rotation(self, adapter_name: str, vectors: int) -> Rotation:
         """What a forward multiplies ``vectors`` vectors by: the block matrices when every order
