@@ -12,7 +12,8 @@ tuner layer (``qpeft/tuners/quic/layer.py``) holds the parameters and calls thes
   weight are rotated.
 - The kernels: :func:`block_rotate` (Q·v for any batch of vectors), and the two autograd nodes
   it and the layer use, :class:`BlockRotate` (Q·(v − f) + f) and :class:`RotatedLinear`
-  (Q·(x·Wᵀ) + b for a frozen W).
+  (Q·(x·Wᵀ) + b for a frozen W), both on Q's block matrices (:func:`block_matrix`: every order
+  and the pad's identity in one b x b matrix per block).
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ __all__ = [
     "BlockRotate",
     "CompoundOperator",
     "RotatedLinear",
-    "all_explicit",
     "as_matrix",
+    "OrderShape",
     "base_matrices",
+    "block_matrix",
     "block_rotate",
     "compound_blocks",
     "compound_operators",
@@ -212,23 +214,51 @@ _ACTION_MOVES_PER_N2 = 250
 _FORM_WEIGHT = 256
 
 
-def order_costs(op: torch.Tensor | CompoundOperator, tokens: int, n_blocks: int) -> dict[str, int]:
+@dataclass(frozen=True)
+class OrderShape:
+    """What the cost model reads of one order, without its tensors: base matrices n x n, order
+    ``k``, ``n_a`` distinct blocks (1 = shared), the ``device`` it runs on; ``formed``: explicit
+    n x n matrices per block instead (n = C(n_base, k), k = 1; e.g. ``combine="sum"``'s mean)."""
+
+    n: int
+    k: int
+    n_a: int
+    device: torch.device
+    formed: bool = False
+
+    @classmethod
+    def of(cls, op: torch.Tensor | CompoundOperator | OrderShape, k: int = 1) -> OrderShape:
+        """The shape of an operator or explicit block matrices [N_A, c, c] (read as order 1 on
+        c x c, what an explicit matrix costs). O(1)."""
+        if isinstance(op, OrderShape):
+            return op
+        if isinstance(op, CompoundOperator):
+            base = op.base
+            return cls(base.shape[-1], op.k, base.shape[-3] if base.dim() >= 3 else 1, base.device)
+        return cls(op.shape[-1], k, op.shape[-3] if op.dim() >= 3 else 1, op.device, formed=True)
+
+
+def order_costs(op: torch.Tensor | CompoundOperator | OrderShape, tokens: int,
+                n_blocks: int) -> dict[str, int]:
     """Estimated cost (multiply-add equivalents, forward) of one order on ``tokens`` vectors of
-    ``n_blocks`` blocks: ``explicit`` = forming C_k (256·k·C² per distinct block, as the Laplace
-    recursion) + tokens·C² per block; ``action`` = tokens·(7·compound_apply_cost + 250·n²) per
-    block on the CPU (the weights: see ``_ACTION_FLOP_WEIGHT``), tokens·compound_apply_cost on
-    an accelerator (unweighted: there the action runs as a few large kernels, see
-    :func:`~qpeft.circuits.compound.compound_apply`). An explicit tensor has only ``explicit``
-    (tokens·C²). O(1)."""
-    if not isinstance(op, CompoundOperator):
-        return {"explicit": tokens * n_blocks * op.shape[-1] ** 2}
-    n, k = op.base.shape[-1], op.k
+    ``n_blocks`` blocks: ``explicit`` = forming C_k (k·C² per distinct block, weighted 256 on
+    the CPU, as the Laplace recursion) + tokens·C² per block; ``action`` = tokens·(7·
+    compound_apply_cost + 250·n²) per block on the CPU (the weights: see
+    ``_ACTION_FLOP_WEIGHT``), tokens·compound_apply_cost on an accelerator. On an accelerator
+    both are unweighted: the action runs as a few large kernels, and the compounds of all
+    layers of one block plan are formed in one batched call per training step
+    (``qpeft/tuners/quic/layer.py``, :class:`~qpeft.tuners.quic.layer.QuICGroup`). An explicit
+    tensor has only ``explicit`` (tokens·C²). O(1)."""
+    shape = OrderShape.of(op)
+    if shape.formed:
+        return {"explicit": tokens * n_blocks * shape.n ** 2}
+    n, k = shape.n, shape.k
     c = math.comb(n, k)
-    n_a = op.base.shape[-3] if op.base.dim() >= 3 else 1
-    form = 0 if k == 1 else _FORM_WEIGHT * k * c * c * n_a
+    accelerator = accelerator_path(shape.device)
+    form = 0 if k == 1 else (1 if accelerator else _FORM_WEIGHT) * k * c * c * shape.n_a
     costs = {"explicit": form + tokens * n_blocks * c * c}
     if 1 < k < n:
-        if not accelerator_path(op.base.device):
+        if not accelerator:
             apply = _ACTION_FLOP_WEIGHT * compound_apply_cost(n, k) + _ACTION_MOVES_PER_N2 * n * n
         else:  # an accelerator runs the action as a few large kernels at full rate
             apply = compound_apply_cost(n, k)
@@ -237,7 +267,7 @@ def order_costs(op: torch.Tensor | CompoundOperator, tokens: int, n_blocks: int)
 
 
 def rotation_costs(
-    ops: list[torch.Tensor | CompoundOperator], plan: BlockPlan, tokens: int, other_dim: int,
+    ops: list[torch.Tensor | CompoundOperator | OrderShape], plan: BlockPlan, tokens: int, other_dim: int,
     needs_grad: bool,
 ) -> dict[str, int]:
     """Counted multiply-adds of Q on a layer call with ``tokens`` vectors, per path:
@@ -254,172 +284,190 @@ def rotation_costs(
     return {"activations": scale * rotate(tokens), "weight": weight}
 
 
-def _segments(v: torch.Tensor, plan: BlockPlan) -> list[torch.Tensor]:
-    """Views of ``v`` [T, d] per block segment, blocks first: per order j [N, T, c_j], then the
-    identity pad [N, T, pad] if any (strided views, no copy)."""
-    sizes = [*plan.dims, plan.pad] if plan.pad else list(plan.dims)
-    # no slice without leftover rows, no split of a single segment: each is a dispatched op
-    # on every call (a kernel launch's worth of host time on an accelerator)
-    head = v[:, : plan.num_blocks * plan.block_size] if plan.leftover else v
-    blocks = head.unflatten(-1, (plan.num_blocks, -1))
-    pieces = blocks.split(sizes, dim=-1) if len(sizes) > 1 else [blocks]
-    return [s.transpose(0, 1) for s in pieces]
+@tensor_table_cache(maxsize=64)
+def _block_gather_table(dims: tuple[int, ...], block_size: int, device: str) -> torch.Tensor:
+    """For the row [0, 1, m_0 (row-major), m_1, ...] (m_j the c_j x c_j matrix of order j):
+    which entry lands at (r, s) of one b x b block, row-major [b*b]: order j's matrix on its
+    diagonal segment, 1 on the pad's diagonal, 0 elsewhere."""
+    table = torch.zeros(block_size, block_size, dtype=torch.long)
+    start, offset = 0, 2
+    for c in dims:
+        table[start:start + c, start:start + c] = offset + torch.arange(c * c).view(c, c)
+        start, offset = start + c, offset + c * c
+    pad = torch.arange(start, block_size)
+    table[pad, pad] = 1
+    return table.flatten().to(torch.device(device))
 
 
-def _apply_blocks(v: torch.Tensor, mats: list[torch.Tensor], plan: BlockPlan,
+def block_matrix(mats: list[torch.Tensor], plan: BlockPlan) -> torch.Tensor:
+    """One b x b matrix per block, ⊕_j mats[j] ⊕ I_pad, from the orders' explicit matrices
+    ``mats[j]`` [..., N_A, c_j, c_j]: [..., N_A, b, b] in one gather (its backward one
+    scatter-add). The explicit paths multiply by it: one product per block, where one per order
+    and a copy of the pad dispatched several view operations each, at (b² − Σ_j c_j²) more
+    multiply-adds per vector and block. O(N_A·b²)."""
+    lead = torch.broadcast_shapes(*(m.shape[:-2] for m in mats))
+    flat = [(m if m.shape[:-2] == lead else m.expand(*lead, *m.shape[-2:])).reshape(*lead, -1)
+            for m in mats]
+    zero_one = [flat[0].new_zeros((*lead, 1)), flat[0].new_ones((*lead, 1))]
+    table = _block_gather_table(plan.dims, plan.block_size, str(flat[0].device))
+    row = torch.cat([*zero_one, *flat], dim=-1)
+    return row.index_select(-1, table).view(*lead, plan.block_size, plan.block_size)
+
+
+def _blocks_view(v: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
+    """The blocks of the rows of ``v`` [T, d] (any strides) as [N, T, b], the leftover rows left
+    out: one strided view (no copy), where slicing, splitting and transposing would dispatch one
+    operation each on every call (under torch.compile, which does not trace storage offsets,
+    those three)."""
+    if torch.compiler.is_compiling():
+        head = v[:, : plan.num_blocks * plan.block_size] if plan.leftover else v
+        return head.unflatten(-1, (plan.num_blocks, plan.block_size)).transpose(0, 1)
+    row, col = v.stride()
+    return v.as_strided((plan.num_blocks, v.shape[0], plan.block_size),
+                        (plan.block_size * col, row, col), v.storage_offset())
+
+
+def _apply_blocks(v: torch.Tensor, block: torch.Tensor, plan: BlockPlan,
                   add: torch.Tensor | None = None) -> torch.Tensor:
-    """Q·v_t + ``add`` for every row v_t of ``v`` [T, d] (``add`` [d] or None), Q given by the
-    explicit block matrices ``mats[j]`` [N_A, c_j, c_j]: one (b)addbmm per order written straight
-    into the output's strided segments, copies for the identity rows; no concatenation. Under
-    torch.compile, which cannot trace ``out=`` into strided views, the segments are computed
-    apart and concatenated. Not differentiable in eager mode (``out=``): autograd goes through
-    :class:`BlockRotate` / :class:`RotatedLinear`. Cost: T·N·Σ_j c_j² multiply-adds."""
-    n_blk = plan.num_blocks
-    out = None
-    if not torch.compiler.is_compiling():
+    """Q·v_t + ``add`` for every row v_t of ``v`` [T, d] (``add`` [d] or None), Q given by its
+    block matrices ``block`` [N_A, b, b] (:func:`block_matrix`): one (b)addbmm written straight
+    into the output's strided blocks; with leftover rows the output starts as v (+ add) and the
+    blocks are overwritten. No concatenation. Under torch.compile, which cannot trace ``out=``
+    into strided views, the blocks are computed apart and concatenated. Not differentiable in
+    eager mode (``out=``): autograd goes through :class:`BlockRotate` / :class:`RotatedLinear`.
+    Cost: T·N·b² multiply-adds (+ T·d copied with leftover rows)."""
+    n_blk, b = plan.num_blocks, plan.block_size
+    mat = (block if block.shape[0] == n_blk else block.expand(n_blk, b, b)).mT
+    src = _blocks_view(v, plan)
+    shift = None if add is None else _blocks_view(add[None], plan)  # [N, 1, b]
+    if torch.compiler.is_compiling():
+        rotated = torch.bmm(src, mat) if shift is None else torch.baddbmm(shift, src, mat)
+        rotated = rotated.transpose(0, 1).flatten(1)
+        if not plan.leftover:
+            return rotated
+        head = n_blk * b
+        rest = v[:, head:] if add is None else v[:, head:] + add[head:]
+        return torch.cat([rotated, rest], dim=-1)
+    if not plan.leftover:
         out = torch.empty_like(v, memory_format=torch.contiguous_format)
-    srcs = _segments(v, plan)
-    dsts = [None] * len(srcs) if out is None else _segments(out, plan)
-    shifts = [None] * len(srcs) if add is None else _segments(add[None], plan)
-    parts = []
-    for j, (src, dst, shift) in enumerate(zip(srcs, dsts, shifts, strict=True)):
-        if j < len(mats):
-            mat = mats[j] if mats[j].shape[0] == n_blk else mats[j].expand(n_blk, -1, -1)
-            mat = mat.mT
-            into = {} if dst is None else {"out": dst}
-            parts.append(torch.bmm(src, mat, **into) if shift is None
-                         else torch.baddbmm(shift, src, mat, **into))
-        else:  # the identity pad
-            parts.append(src if shift is None else src + shift)
-            if dst is not None:
-                dst.copy_(parts[-1])
-    rest = slice(n_blk * plan.block_size, None)
-    leftover = v[:, rest] if add is None else v[:, rest] + add[rest]
-    if out is not None:
-        if plan.leftover:
-            out[:, rest].copy_(leftover)
-        return out
-    rotated = torch.cat([p.transpose(0, 1) for p in parts], dim=-1).flatten(1)
-    return torch.cat([rotated, leftover], dim=-1) if plan.leftover else rotated
+    elif add is None:
+        out = v.clone(memory_format=torch.contiguous_format)
+    else:
+        out = (v + add).contiguous()
+    dst = _blocks_view(out, plan)
+    if shift is None:
+        torch.bmm(src, mat, out=dst)
+    else:
+        torch.baddbmm(shift, src, mat, out=dst)
+    return out
 
 
-def _block_grads(grad: torch.Tensor, v: torch.Tensor, plan: BlockPlan, n_a: list[int],
-                 fixed: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Gradients of the block matrices of ``y_t = Q·(v_t − fixed) + …``: per order j,
-    Σ_t g_t,seg (v_t − fixed)_segᵀ [N_A_j, c_j, c_j] (summed over the blocks when the matrix is
-    shared, ``n_a[j]`` = 1), from ``grad`` and ``v`` [T, d]. The shift by ``fixed`` is a rank-1
-    correction with the gradient's column sums. Cost: T·N·Σ_j c_j² (one bmm per order)."""
-    g_sum = None if fixed is None else _segments(grad.sum(0, keepdim=True), plan)
-    f_segs = None if fixed is None else _segments(fixed[None].to(v.dtype), plan)
-    k = len(plan.dims)  # the identity pad's segment (if any) comes last and has no matrix
-    grads = []
-    for j, (g_seg, v_seg) in enumerate(zip(_segments(grad, plan)[:k], _segments(v, plan)[:k],
-                                           strict=True)):
-        gm = torch.bmm(g_seg.mT, v_seg)  # [N, c, c]
-        if fixed is not None:
-            gm = gm - g_sum[j].mT * f_segs[j]
-        grads.append(gm.sum(0, keepdim=True) if n_a[j] == 1 and plan.num_blocks > 1 else gm)
-    return grads
+def _block_grads(grad: torch.Tensor, v: torch.Tensor, plan: BlockPlan, n_a: int,
+                 fixed: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient of the block matrices of ``y_t = Q·(v_t − fixed) + …``: Σ_t g_t,blk
+    (v_t − fixed)_blkᵀ [n_a, b, b] (summed over the blocks when the matrix is shared,
+    ``n_a`` = 1), from ``grad`` and ``v`` [T, d]. The shift by ``fixed`` is a rank-1 correction
+    with the gradient's column sums. Cost: T·N·b² (one bmm)."""
+    n_blk = plan.num_blocks
+    grads = torch.bmm(_blocks_view(grad, plan).mT, _blocks_view(v, plan))  # [N, b, b]
+    if fixed is not None:
+        g_sum = _blocks_view(grad.sum(0, keepdim=True), plan)  # [N, 1, b]
+        grads = grads - g_sum.mT * _blocks_view(fixed[None].to(v.dtype), plan)
+    return grads.sum(0, keepdim=True) if n_a == 1 and n_blk > 1 else grads
 
 
-def _rotate_rows(v: torch.Tensor, mats: list[torch.Tensor], plan: BlockPlan) -> torch.Tensor:
+def _rotate_rows(v: torch.Tensor, block: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
     """Q·v_t for the rows of v [T, d] inside a backward: a :class:`BlockRotate` node when
     autograd records it (double backward), else the bare :func:`_apply_blocks` (torch.compile
     mistraces a Function applied inside another's backward: it drops non-tensor arguments)."""
     if torch.is_grad_enabled():
-        return BlockRotate.apply(v, plan, *mats)
-    return _apply_blocks(v, mats, plan)
+        return BlockRotate.apply(v, plan, block)
+    return _apply_blocks(v, block, plan)
 
 
 class BlockRotate(torch.autograd.Function):
-    """``Q·(v − fixed) + fixed`` for v [T, d] (fixed [d] optional), Q = ⊕_blocks(⊕_j mats[j]_i ⊕ I)
-    ⊕ I given by explicit block matrices: forward :func:`_apply_blocks` (no concatenation);
-    backward grad v = Qᵀ·g (this function on the transposed matrices), grad mats =
-    :func:`_block_grads`, grad fixed = (I − Q)ᵀ Σ_t g_t. One autograd node instead of a split,
-    transposes, a matmul per order and a concatenation. Backward built from differentiable
-    ops (double backward works). Cost: T·N·Σ_j c_j² each way, 2x for the backward.
+    """``Q·(v − fixed) + fixed`` for v [T, d] (fixed [d] optional), Q = ⊕_blocks block_i ⊕ I
+    given by its block matrices ``block`` [N_A, b, b] (:func:`block_matrix`): forward
+    :func:`_apply_blocks` (no concatenation); backward grad v = Qᵀ·g (this function on the
+    transposed blocks), grad block = :func:`_block_grads`, grad fixed = (I − Q)ᵀ Σ_t g_t. One
+    autograd node instead of a split, transposes, a matmul per block and a concatenation.
+    Backward built from differentiable ops (double backward works). Cost: T·N·b² each way, 2x
+    for the backward.
 
-    Arguments ``(v, plan, *mats[, fixed])``: the optional tensor rides at the end."""
+    Arguments ``(v, plan, block[, fixed])``: the optional tensor rides at the end."""
 
     @staticmethod
-    def forward(ctx: Any, v: torch.Tensor, plan: BlockPlan, *tensors: torch.Tensor) -> torch.Tensor:
-        k = len(plan.dims)
-        mats = list(tensors[:k])
-        fixed = tensors[k].to(v.dtype) if len(tensors) > k else None
+    def forward(ctx: Any, v: torch.Tensor, plan: BlockPlan, block: torch.Tensor,
+                *fixed: torch.Tensor) -> torch.Tensor:
+        point = fixed[0].to(v.dtype) if fixed else None
         add = None
-        if fixed is not None:  # Q(v − f) + f = Q·v + (f − Q·f)
-            add = fixed - _apply_blocks(fixed[None], mats, plan)[0]
+        if point is not None:  # Q(v − f) + f = Q·v + (f − Q·f)
+            add = point - _apply_blocks(point[None], block, plan)[0]
         ctx.plan = plan
-        ctx.save_for_backward(v, *mats, *([] if fixed is None else [fixed]))
-        return _apply_blocks(v, mats, plan, add)
+        ctx.save_for_backward(v, block, *([] if point is None else [point]))
+        return _apply_blocks(v, block, plan, add)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         plan = ctx.plan
-        k = len(plan.dims)
-        v, *rest = ctx.saved_tensors
-        mats, fixed = rest[:k], (rest[k] if len(rest) > k else None)
+        v, block, *fixed = ctx.saved_tensors
+        point = fixed[0] if fixed else None
         grad = grad.contiguous()
         needs = ctx.needs_input_grad
-        transposed = [m.mT for m in mats]
-        grad_v = _rotate_rows(grad, transposed, plan) if needs[0] else None
-        grad_mats = [None] * len(mats)
-        if any(needs[2 : 2 + k]):
-            grad_mats = _block_grads(grad, v, plan, [m.shape[0] for m in mats], fixed)
-        if fixed is None:
-            return (grad_v, None, *grad_mats)
+        grad_v = _rotate_rows(grad, block.mT, plan) if needs[0] else None
+        grad_block = _block_grads(grad, v, plan, block.shape[0], point) if needs[2] else None
+        if point is None:
+            return grad_v, None, grad_block
         grad_fixed = None
-        if needs[-1]:
+        if needs[3]:
             g_sum = grad.sum(0, keepdim=True)
-            grad_fixed = (g_sum - _rotate_rows(g_sum, transposed, plan))[0]
-        return (grad_v, None, *grad_mats, grad_fixed)
+            grad_fixed = (g_sum - _rotate_rows(g_sum, block.mT, plan))[0]
+        return grad_v, None, grad_block, grad_fixed
 
 
 class RotatedLinear(torch.autograd.Function):
     """``Q·(x·Wᵀ) + b`` for x [T, d_in], a frozen weight [d_out, d_in] (bias [d_out] optional)
-    and an output-side Q of explicit block matrices, as one node: what the layer computes as
-    ``Q·(base(x) − b) + b``, without the rotation about the bias.
+    and an output-side Q given by its block matrices [N_A, b, b] (:func:`block_matrix`), as one
+    node: what the layer computes as ``Q·(base(x) − b) + b``, without the rotation about the
+    bias.
 
     Forward: x·Wᵀ, then :func:`_apply_blocks` with b as the shift. Backward: grad x =
-    g·(Q·W), Q folded into W's d_in columns once, when d_in < T (else (Qᵀ·g)·W); grad mats =
+    g·(Q·W), Q folded into W's d_in columns once, when d_in < T (else (Qᵀ·g)·W); grad block =
     :func:`_block_grads` of g and the saved x·Wᵀ; grad b = Σ_t g_t. The weight gets no gradient
-    (only called with a frozen one). Cost: the linear's T·d_in·d_out each way plus
-    T·N·Σ_j c_j² forward and min(T, d_in)·N·Σ_j c_j² + T·N·Σ_j c_j² backward, where autograd
-    through base and rotation would rotate the T gradient rows.
+    (only called with a frozen one). Cost: the linear's T·d_in·d_out each way plus T·N·b²
+    forward and min(T, d_in)·N·b² + T·N·b² backward, where autograd through base and rotation
+    would rotate the T gradient rows.
 
-    Arguments ``(x, weight, plan, *mats[, bias])``, as for :class:`BlockRotate`."""
+    Arguments ``(x, weight, plan, block[, bias])``, as for :class:`BlockRotate`."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, plan: BlockPlan,
-                *tensors: torch.Tensor) -> torch.Tensor:
-        mats, bias = list(tensors[: len(plan.dims)]), tensors[len(plan.dims):]
+                block: torch.Tensor, *bias: torch.Tensor) -> torch.Tensor:
         y0 = x @ weight.mT
         ctx.plan = plan
         ctx.has_bias = bool(bias)
-        ctx.save_for_backward(y0, weight, *mats)
-        return _apply_blocks(y0, mats, plan, bias[0] if bias else None)
+        ctx.save_for_backward(y0, weight, block)
+        return _apply_blocks(y0, block, plan, bias[0] if bias else None)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        y0, weight, *mats = ctx.saved_tensors
+        y0, weight, block = ctx.saved_tensors
         plan = ctx.plan
         grad = grad.contiguous()
         needs = ctx.needs_input_grad
         grad_x = None
         if needs[0]:
             if weight.shape[1] < grad.shape[0]:  # rotate W's d_in columns, not the T rows of g
-                grad_x = grad @ _rotate_rows(weight.mT, mats, plan).mT
+                grad_x = grad @ _rotate_rows(weight.mT, block, plan).mT
             else:
-                grad_x = _rotate_rows(grad, [m.mT for m in mats], plan) @ weight
-        grad_mats = [None] * len(mats)
-        if any(needs[3 : 3 + len(mats)]):
-            grad_mats = _block_grads(grad, y0, plan, [m.shape[0] for m in mats])
+                grad_x = _rotate_rows(grad, block.mT, plan) @ weight
+        grad_block = _block_grads(grad, y0, plan, block.shape[0]) if needs[3] else None
         if not ctx.has_bias:
-            return (grad_x, None, None, *grad_mats)
-        return (grad_x, None, None, *grad_mats, grad.sum(0) if needs[-1] else None)
+            return grad_x, None, None, grad_block
+        return grad_x, None, None, grad_block, grad.sum(0) if needs[4] else None
 
 
-def explicit_cheaper(mats: list[torch.Tensor | CompoundOperator], tokens: int,
+def explicit_cheaper(mats: list[torch.Tensor | CompoundOperator | OrderShape], tokens: int,
                      n_blocks: int) -> bool:
     """Whether :func:`order_costs` counts every order cheaper formed explicitly than applied as
     an action on ``tokens`` vectors of ``n_blocks`` blocks. O(len(mats)), no tensor work."""
@@ -430,32 +478,26 @@ def explicit_cheaper(mats: list[torch.Tensor | CompoundOperator], tokens: int,
     return True
 
 
-def all_explicit(mats: list[torch.Tensor | CompoundOperator], tokens: int,
-                 n_blocks: int) -> list[torch.Tensor] | None:
-    """The orders as explicit block matrices when :func:`explicit_cheaper` (every order formed);
-    None if any order takes the action (then nothing is formed)."""
-    if not explicit_cheaper(mats, tokens, n_blocks):
-        return None
-    return [as_matrix(mat) for mat in mats]
-
-
 def block_rotate(
-    v: torch.Tensor, mats: list[torch.Tensor], plan: BlockPlan, fixed: torch.Tensor | None = None
+    v: torch.Tensor, mats: torch.Tensor | list[torch.Tensor | CompoundOperator], plan: BlockPlan,
+    fixed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``Q·v`` for every vector in ``v`` [..., d], Q = ⊕_blocks (⊕_k mats[k]_i ⊕ I_pad) ⊕ I;
     with ``fixed`` [d] (a layer's bias): ``Q·(v − fixed) + fixed``, the rotation about that point.
 
-    ``mats[j]``: [N_A, c_j, c_j] with N_A ∈ {1, N} (1 = shared by all blocks),
-    c_j = plan.dims[j], or a :class:`CompoundOperator` on [N_A, n, n], then formed or applied as
-    its action, whichever :func:`order_costs` counts cheaper for this many vectors. All orders
-    explicit: one :class:`BlockRotate` node. Otherwise one batched matmul (or action) per
-    order (``fixed`` folded in as a per-block shift) and one concatenation; no d x d matrix.
-    Cost per vector: O(N · Σ_j min(c_j², action_j))."""
+    ``mats``: the block matrices [N_A, b, b] (:func:`block_matrix`), or per order ``mats[j]``:
+    [N_A, c_j, c_j] with N_A ∈ {1, N} (1 = shared by all blocks), c_j = plan.dims[j], or a
+    :class:`CompoundOperator` on [N_A, n, n], then formed or applied as its action, whichever
+    :func:`order_costs` counts cheaper for this many vectors. All orders explicit: one
+    :class:`BlockRotate` node on the block matrices. Otherwise one batched matmul (or action)
+    per order (``fixed`` folded in as a per-block shift) and one concatenation; no d x d
+    matrix. Cost per vector: O(N · b²) explicit, O(N · Σ_j min(c_j², action_j)) otherwise."""
     n_blk, b = plan.num_blocks, plan.block_size
     flat = v.reshape(-1, plan.d)
-    explicit = all_explicit(mats, flat.shape[0], n_blk)
-    if explicit is not None:
-        tensors = explicit if fixed is None else [*explicit, fixed]
+    if isinstance(mats, torch.Tensor) or explicit_cheaper(mats, flat.shape[0], n_blk):
+        block = mats if isinstance(mats, torch.Tensor) else block_matrix(
+            [as_matrix(m) for m in mats], plan)
+        tensors = [block] if fixed is None else [block, fixed]
         return BlockRotate.apply(flat, plan, *tensors).view(*v.shape[:-1], plan.d)
     sizes = [*plan.dims, plan.pad] if plan.pad else list(plan.dims)
     # split (not slices): its backward is one concatenation instead of a zero-filled

@@ -40,9 +40,10 @@ def test_quick_counts(quick_result) -> None:
         assert block["lora"]["ops"] < block["oft"]["ops"]
         assert block["lora"]["ops"] < min(block[m]["ops"] for m in M.QPEFT_METHODS)
     cpu, acc = result["runs"]["cpu/2"], result["runs"]["accelerator/2"]
-    # only QuIC picks kernels by device: forcing the accelerator's path changes its count alone
+    # only QuIC picks kernels by device, and on these small blocks both its cost models form
+    # every order (its accelerator kernels: tests/ecosystem/test_devices.py): the same counts
     for method in dispatch.METHODS:
-        assert (cpu[method]["ops"] != acc[method]["ops"]) == (method == "quic"), method
+        assert cpu[method]["ops"] == acc[method]["ops"], method
     assert (out / "dispatch.md").read_text().startswith("**cpu path**")
 
 

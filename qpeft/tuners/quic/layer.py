@@ -2,9 +2,11 @@
 side of a frozen weight (``docs/methods/quic.md``).
 
 Training never forms a dense ``d x d`` Q: the compounds ``C_k(A_i)`` (``C(n,k) x C(n,k)`` per
-block, batched over blocks) are built once per forward and applied to the activations block by
-block. Merge folds Q into W once; unmerge applies Qᵀ (exact for the orthogonal variants) or the
-block-wise inverses (``base_map="free"`` / ``combine="sum"``).
+block, batched over blocks) are applied to the activations block by block, either formed into
+one ``b x b`` block matrix per block or as their action. While training, the matrices of all
+layers of an adapter with one block plan are generated in one batched call per step
+(:class:`QuICGroup`). Merge folds Q into W once; unmerge applies Qᵀ (exact for the orthogonal
+variants) or the block-wise inverses (``base_map="free"`` / ``combine="sum"``).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from torch import nn
 from qpeft.circuits.compound_rotation import (
     BlockPlan,
     CompoundOperator,
+    OrderShape,
     RotatedLinear,
-    as_matrix,
+    block_matrix,
     block_rotate,
     compound_blocks,
     compound_operators,
@@ -31,6 +34,8 @@ from qpeft.circuits.compound_rotation import (
     rotation_costs,
     routed_block_rotate,
 )
+from qpeft.circuits.stiefel import _Stack
+from qpeft.tuners._batched_generation import BatchedGeneration, Params
 from qpeft.tuners._common import (
     Conv1D,
     WeightMergeLayer,
@@ -68,6 +73,101 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
+#: What a forward multiplies by: Q's block matrices [N_A, b, b] (:func:`block_matrix`, every
+#: order formed), or per order an operator / explicit matrices (some order as its action)
+Rotation = torch.Tensor | list[torch.Tensor | CompoundOperator]
+
+
+def generator_params(params: torch.Tensor, settings: QuICSettings) -> torch.Tensor:
+    """Stored parameters [..., m, N_A, P] as the generation consumes them: in float32 / float64
+    (half precision evaluated in float32), times ``settings.param_gain`` (one product for
+    however many layers are stacked in the leading dimensions). O(numel)."""
+    cast = params.to(_compute_dtype(params.dtype))
+    return cast if settings.param_gain == 1.0 else cast * settings.param_gain
+
+
+def base_products(params: torch.Tensor, plan: BlockPlan, settings: QuICSettings) -> torch.Tensor:
+    """The base matrices [..., N_A, n, n] every order's compound is taken of (the product of
+    the chained adapters: ``combine="product"`` or one adapter), from stored parameters
+    [..., m, N_A, P]. Cost: O(m·N_A·n³) per stacked layer."""
+    return compound_operators(generator_params(params, settings), plan, settings.base_map,
+                              settings.rbs_layout, settings.combine)[0].base
+
+
+def full_blocks(params: torch.Tensor, plan: BlockPlan, settings: QuICSettings) -> torch.Tensor:
+    """Q's block matrices [..., N_A, b, b] (every order formed, the pad's identity included:
+    :func:`block_matrix`) from stored parameters [..., m, N_A, P]. Cost: O(m·N_A·n³) plus the
+    compounds' O(Σ_k k·C(n,k)²) per stacked layer."""
+    mats = compound_blocks(generator_params(params, settings), plan, settings.base_map,
+                           settings.rbs_layout, settings.combine)
+    return block_matrix(mats, plan)
+
+
+def groupable(settings: QuICSettings) -> bool:
+    """Whether an adapter's orders are compounds of one base product (what :class:`QuICGroup`
+    generates): ``combine="product"`` or a single adapter."""
+    return settings.combine == "product" or settings.num_adapters == 1
+
+
+class QuICGroup:
+    """The layers of one QuIC adapter with one block plan, settings and parameter shape — its
+    *members* — whose matrices are generated for all of them in one batched call per training
+    step: the parameters stacked [L, m, N_A, P], the gain multiplied in once, one base-map
+    call and one compound per order for all L layers (the explicit form also one gather into
+    block matrices), handed to the other members through :class:`BatchedGeneration`
+    (``qpeft/tuners/_batched_generation.py``: why that is correct under checkpointing, FSDP,
+    DDP, compile; reuse is decided from host-known facts, nothing read back). Two forms, each
+    generated only when some member asks for it: :meth:`bases` (the base products, for orders
+    applied as their action) and :meth:`blocks` (Q's block matrices, for the explicit paths).
+    Outside training, or when some member cannot be read as a plain parameter, a layer
+    generates its own (:func:`base_products`, :func:`full_blocks`: the same values).
+
+    Owned by the tuner (``QuICModel.quic_groups``); a member layer holds its slot
+    (``quic_index[adapter]``) and one unregistered reference to this group
+    (``quic_group[adapter]``). The group holds the members' parameter stores (their
+    ``quic_params`` ParameterDicts, read by adapter name at every generation, so replaced
+    parameters are seen), never a layer; ``copy.deepcopy`` / pickling copy it once (Python's
+    memo)."""
+
+    def __init__(self, adapter_name: str, plan: BlockPlan, settings: QuICSettings,
+                 stores: list[nn.ParameterDict]) -> None:
+        self.adapter_name = adapter_name
+        self.plan = plan
+        self.settings = settings
+        self.stores = stores
+        self.shared_bases = BatchedGeneration(self._all_bases, self._one_base, n_outputs=1)
+        self.shared_blocks = BatchedGeneration(self._all_blocks, self._one_block, n_outputs=1)
+
+    def _one_base(self, member: int, params: Params) -> tuple[torch.Tensor]:
+        return (base_products(params[0], self.plan, self.settings),)
+
+    def _all_bases(self, params: list[Params]) -> list[tuple[torch.Tensor]]:
+        stacked = _Stack.apply(*(p for (p,) in params))
+        return [(a,) for a in base_products(stacked, self.plan, self.settings).unbind(0)]
+
+    def _one_block(self, member: int, params: Params) -> tuple[torch.Tensor]:
+        return (full_blocks(params[0], self.plan, self.settings),)
+
+    def _all_blocks(self, params: list[Params]) -> list[tuple[torch.Tensor]]:
+        stacked = _Stack.apply(*(p for (p,) in params))
+        return [(m,) for m in full_blocks(stacked, self.plan, self.settings).unbind(0)]
+
+    def gather(self) -> list[Params] | None:
+        """Every member's current parameters; None if a member lost the adapter."""
+        name = self.adapter_name
+        if any(name not in store for store in self.stores):
+            return None
+        return [(store[name],) for store in self.stores]
+
+    def bases(self, member: int, params: torch.Tensor) -> torch.Tensor:
+        """Member ``member``'s base products [N_A, n, n] given its current ``params``."""
+        return self.shared_bases.outputs(member, (params,), self.gather)[0]
+
+    def blocks(self, member: int, params: torch.Tensor) -> torch.Tensor:
+        """Member ``member``'s block matrices [N_A, b, b] given its current ``params``."""
+        return self.shared_blocks.outputs(member, (params,), self.gather)[0]
+
+
 class ForwardPath(Enum):
     """How a QuIC layer computes one forward call (chosen by :func:`choose_path`)."""
 
@@ -91,10 +191,11 @@ class PathChoice:
 
 
 def choose_path(layer: QuICLayer, kept: list[str], x: torch.Tensor,
-                ops: dict[str, list[torch.Tensor | CompoundOperator]],
+                ops: dict[str, list[torch.Tensor | CompoundOperator | OrderShape]],
                 extra_args: bool) -> PathChoice:
-    """The forward path of ``layer`` for input ``x`` with the adapters ``kept`` (their operators
-    ``ops``); ``extra_args``: the base layer is called with more than ``x``. The two special
+    """The forward path of ``layer`` for input ``x`` with the adapters ``kept`` (their orders
+    ``ops``: operators, or only their shapes, :meth:`QuICLayer.order_shapes`); ``extra_args``:
+    the base layer is called with more than ``x``. The two special
     paths need exactly one adapter on a plain, unhooked Linear / Conv1D called with ``x`` alone;
     then the rotated weight when :func:`rotation_costs` counts it cheaper, else the fused node
     when its conditions hold, else the general path. O(len(orders)) host arithmetic, no tensor
@@ -135,13 +236,17 @@ class QuICLayer(WeightMergeLayer):
     """Mixin holding QuIC adapters of one base layer (peft's per-adapter containers)."""
 
     adapter_layer_names = ("quic_params",)
-    other_param_names = ("quic_plan", "quic_settings")
+    other_param_names = ("quic_plan", "quic_settings", "quic_group", "quic_index")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self._init_base_layer(base_layer, **kwargs)
         self.quic_params = nn.ParameterDict({})
         self.quic_plan: dict[str, BlockPlan] = {}
         self.quic_settings: dict[str, QuICSettings] = {}
+        # adapter -> its QuICGroup (owned by the tuner, not a registered submodule) and this
+        # layer's slot in it; set by the tuner, absent for a layer that generates alone
+        self.quic_group: dict[str, QuICGroup] = {}
+        self.quic_index: dict[str, int] = {}
 
     # ---- construction -----------------------------------------------------------------------
     def update_layer(self, adapter_name: str, config: QuICConfig, **kwargs: Any) -> None:
@@ -188,23 +293,63 @@ class QuICLayer(WeightMergeLayer):
         ``param_gain``, in ``dtype``, by default float32 / float64 (half-precision parameters
         are evaluated in float32)."""
         params = self.quic_params[adapter_name]
-        gain = self.quic_settings[adapter_name].param_gain
-        cast = params.to(dtype or _compute_dtype(params.dtype))
-        return cast if gain == 1.0 else cast * gain
+        if dtype is not None:
+            params = params.to(dtype)
+        return generator_params(params, self.quic_settings[adapter_name])
+
+    def order_shapes(self, adapter_name: str) -> list[OrderShape]:
+        """What the cost model reads of the adapter's orders, from the plan alone (no tensor
+        work): compounds of n x n base matrices, or, for ``combine="sum"`` of several adapters,
+        explicit C(n,k) x C(n,k) means. O(len(orders))."""
+        plan, settings = self.quic_plan[adapter_name], self.quic_settings[adapter_name]
+        params = self.quic_params[adapter_name]
+        n_a, device = params.shape[-2], params.device
+        if groupable(settings):
+            return [OrderShape(plan.n, k, n_a, device) for k in plan.orders]
+        return [OrderShape(c, 1, n_a, device, formed=True) for c in plan.dims]
 
     def forward_matrices(self, adapter_name: str) -> list[torch.Tensor | CompoundOperator]:
         """Per order, the blocks' compounds for the forward (:func:`compound_operators`: formed
-        or applied as an action, whichever is cheaper for the call's token count); reused
+        or applied as an action, whichever is cheaper for the call's token count); in training
+        from the adapter's :class:`QuICGroup` (one batched generation per step), reused
         outside autograd while the parameters are unchanged (:meth:`WeightMergeLayer._generated`)."""
-        return self._generated(
-            adapter_name, [self.quic_params[adapter_name]],
-            lambda: self._compound_operators(adapter_name))
+        params = self.quic_params[adapter_name]
+        settings, plan = self.quic_settings[adapter_name], self.quic_plan[adapter_name]
+        group = self.quic_group.get(adapter_name)
 
-    def _compound_operators(self, adapter_name: str) -> list[torch.Tensor | CompoundOperator]:
-        settings = self.quic_settings[adapter_name]
-        return compound_operators(self.generator_params(adapter_name),
-                                  self.quic_plan[adapter_name], settings.base_map,
-                                  settings.rbs_layout, settings.combine)
+        def operators() -> list[torch.Tensor | CompoundOperator]:
+            if group is None:
+                return compound_operators(generator_params(params, settings), plan,
+                                          settings.base_map, settings.rbs_layout, settings.combine)
+            base = group.bases(self.quic_index[adapter_name], params)  # one base, every order
+            return [CompoundOperator(base, k) for k in plan.orders]
+
+        return self._generated(adapter_name, [params], operators)
+
+    def forward_blocks(self, adapter_name: str) -> torch.Tensor:
+        """Q's block matrices [N_A, b, b] for the forward (every order formed: the explicit
+        paths), from the adapter's :class:`QuICGroup` in training (one batched generation per
+        step), reused outside autograd as :meth:`forward_matrices`. Cost: see
+        :func:`full_blocks`."""
+        params = self.quic_params[adapter_name]
+        settings, plan = self.quic_settings[adapter_name], self.quic_plan[adapter_name]
+        group = self.quic_group.get(adapter_name)
+
+        def blocks() -> torch.Tensor:
+            if group is None:
+                return full_blocks(params, plan, settings)
+            return group.blocks(self.quic_index[adapter_name], params)
+
+        return self._generated(f"{adapter_name}/blocks", [params], blocks)
+
+    def _rotation(self, adapter_name: str, vectors: int) -> Rotation:
+        """What a forward multiplies ``vectors`` vectors by: the block matrices when every order
+        is counted cheaper formed (:func:`explicit_cheaper`), else the per-order operators.
+        The choice reads shapes only; only the chosen form is generated."""
+        shapes = self.order_shapes(adapter_name)
+        if explicit_cheaper(shapes, vectors, self.quic_plan[adapter_name].num_blocks):
+            return self.forward_blocks(adapter_name)
+        return self.forward_matrices(adapter_name)
 
     def _inverse(self, adapter_name: str, mats: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.quic_settings[adapter_name].orthogonal:
@@ -220,13 +365,13 @@ class QuICLayer(WeightMergeLayer):
         return block_rotate(eye, mats, plan).T
 
     def _rotate_weight(
-        self, weight: torch.Tensor, adapter_name: str, mats: list[torch.Tensor]
+        self, weight: torch.Tensor, adapter_name: str, mats: Rotation
     ) -> torch.Tensor:
         """Weight (base layout) -> Q·W (output side) or W·Qᵀ (input side), Q given by its block
-        matrices ``mats``. Returns the compute dtype. O(d_out·d_in·n)."""
+        matrices or per-order ``mats``. Returns the compute dtype. O(d_out·d_in·n)."""
         base = self.get_base_layer()
         plan = self.quic_plan[adapter_name]
-        mat = weight_to_matrix(base, weight).to(mats[0].dtype)
+        mat = weight_to_matrix(base, weight).to(_dtype(mats))
         if self.quic_settings[adapter_name].side == "output":
             new = block_rotate(mat.T, mats, plan).T  # columns of W are the vectors Q acts on
         else:
@@ -259,14 +404,14 @@ class QuICLayer(WeightMergeLayer):
         return not (self.training and p > 0.0) or bool(torch.rand(()) >= p)
 
     def _rotate(
-        self, name: str, v: torch.Tensor, mats: list[torch.Tensor | CompoundOperator],
+        self, name: str, v: torch.Tensor, mats: Rotation,
         transpose: bool = False, fixed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Q·v (Qᵀ·v with ``transpose``; about the point ``fixed`` if given) in the compute dtype,
         Q given by this forward's ``mats`` of adapter ``name``."""
         if transpose:
-            mats = [m.mT for m in mats]
-        return block_rotate(v.to(mats[0].dtype), mats, self.quic_plan[name], fixed)
+            mats = mats.mT if isinstance(mats, torch.Tensor) else [m.mT for m in mats]
+        return block_rotate(v.to(_dtype(mats)), mats, self.quic_plan[name], fixed)
 
     def _apply_one(self, x: torch.Tensor, base_out: torch.Tensor, adapter_name: str,
                    *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -372,7 +517,7 @@ class QuICLayer(WeightMergeLayer):
         return plain and not (base._forward_hooks or base._forward_pre_hooks)
 
     def _forward_rotated_weight(
-        self, name: str, x: torch.Tensor, mats: list[torch.Tensor | CompoundOperator]
+        self, name: str, x: torch.Tensor, mats: Rotation
     ) -> torch.Tensor:
         """:attr:`ForwardPath.ROTATED_WEIGHT`: x·W'ᵀ + b with W' = Q·W (output side) or W·Qᵀ
         (input side), W' formed once. O(d_out·d_in·n) + the linear."""
@@ -382,29 +527,33 @@ class QuICLayer(WeightMergeLayer):
         bias = None if base.bias is None else base.bias.to(x.dtype)
         return torch.nn.functional.linear(x, matrix, bias)
 
-    def _forward_fused(
-        self, name: str, x: torch.Tensor, mats: list[torch.Tensor | CompoundOperator]
-    ) -> torch.Tensor:
-        """:attr:`ForwardPath.FUSED_LINEAR`: Q·(x·Wᵀ) + b as one :class:`RotatedLinear` node,
-        every order formed explicitly. x [..., d_in] -> [..., d_out]."""
+    def _forward_fused(self, name: str, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        """:attr:`ForwardPath.FUSED_LINEAR`: Q·(x·Wᵀ) + b as one :class:`RotatedLinear` node on
+        Q's block matrices ``block`` [N_A, b, b]. x [..., d_in] -> [..., d_out]."""
         base = self.get_base_layer()
         plan = self.quic_plan[name]
         flat = x.reshape(-1, x.shape[-1])
-        explicit = [as_matrix(m) for m in mats]
-        tensors = explicit if base.bias is None else [*explicit, base.bias]
+        tensors = [block] if base.bias is None else [block, base.bias]
         out = RotatedLinear.apply(flat, weight_to_matrix(base, base.weight), plan, *tensors)
         return out.view(*x.shape[:-1], plan.d)
 
     def _forward_active(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
         kept = [a for a in active if self._kept(a)]
-        # each adapter's matrices once per forward, whichever path uses them
-        ops = {name: self.forward_matrices(name) for name in kept}
-        path = choose_path(self, kept, x, ops, extra_args=bool(args or kwargs)).path
+        shapes = {name: self.order_shapes(name) for name in kept}
+        path = choose_path(self, kept, x, shapes, extra_args=bool(args or kwargs)).path
+        tokens = x.numel() // x.shape[-1]
         if path is ForwardPath.ROTATED_WEIGHT:
-            return self._forward_rotated_weight(kept[0], x, ops[kept[0]])
-        if path is ForwardPath.FUSED_LINEAR:
-            return self._forward_fused(kept[0], x, ops[kept[0]])
+            name = kept[0]  # W's other side: its vectors are what Q rotates
+            other = self.in_features if self.quic_settings[name].side == "output" else self.out_features
+            return self._forward_rotated_weight(name, x, self._rotation(name, other))
+        if path is ForwardPath.FUSED_LINEAR:  # choose_path counted every order formed cheaper
+            return self._forward_fused(kept[0], x, self.forward_blocks(kept[0]))
+        # each adapter's matrices once per forward, in the form the tokens' count favours; a
+        # Conv2d's vectors (output positions, or the weight's rows) are counted where they are
+        # rotated (block_rotate), so it gets the operators
+        ops = {name: self.forward_matrices(name) if self.kind == "conv2d"
+               else self._rotation(name, tokens) for name in kept}
         ins = [a for a in kept if self.quic_settings[a].side == "input"]
         outs = [a for a in kept if self.quic_settings[a].side == "output"]
         result = (self._base_forward_rotated_input(x, ins, ops, *args, **kwargs) if ins
@@ -414,8 +563,8 @@ class QuICLayer(WeightMergeLayer):
         return self._rotate_output(result, outs, ops)
 
     def _base_forward_rotated_input(
-        self, x: torch.Tensor, names: list[str],
-        ops: dict[str, list[torch.Tensor | CompoundOperator]], *args: Any, **kwargs: Any,
+        self, x: torch.Tensor, names: list[str], ops: dict[str, Rotation],
+        *args: Any, **kwargs: Any,
     ) -> torch.Tensor:
         """The base layer's output with the input-side adapters ``names`` applied (W·Qᵀ)."""
         raise NotImplementedError
@@ -429,8 +578,7 @@ class QuICLayer(WeightMergeLayer):
         raise NotImplementedError
 
     def _rotate_output(
-        self, result: torch.Tensor, names: list[str],
-        ops: dict[str, list[torch.Tensor | CompoundOperator]],
+        self, result: torch.Tensor, names: list[str], ops: dict[str, Rotation],
     ) -> torch.Tensor:
         """The base layer's output ``result`` rotated by the output-side adapters ``names``
         (their matrices ``ops[name]``)."""
@@ -455,8 +603,8 @@ class QuICLinear(nn.Module, QuICLayer):
         self.update_layer(adapter_name, config)
 
     def _base_forward_rotated_input(
-        self, x: torch.Tensor, names: list[str],
-        ops: dict[str, list[torch.Tensor | CompoundOperator]], *args: Any, **kwargs: Any,
+        self, x: torch.Tensor, names: list[str], ops: dict[str, Rotation],
+        *args: Any, **kwargs: Any,
     ) -> torch.Tensor:
         # forward of W·Qᵀ is W·(Qᵀx); later merges multiply on the right, so apply in reverse
         for name in reversed(names):
@@ -490,8 +638,8 @@ class QuICConv2d(nn.Module, QuICLayer):
         self.update_layer(adapter_name, config)
 
     def _base_forward_rotated_input(
-        self, x: torch.Tensor, names: list[str],
-        ops: dict[str, list[torch.Tensor | CompoundOperator]], *args: Any, **kwargs: Any,
+        self, x: torch.Tensor, names: list[str], ops: dict[str, Rotation],
+        *args: Any, **kwargs: Any,
     ) -> torch.Tensor:
         base = self.get_base_layer()
         weight = base.weight
@@ -513,6 +661,11 @@ class QuICConv2d(nn.Module, QuICLayer):
 
     def __repr__(self) -> str:
         return "quic." + super().__repr__()
+
+
+def _dtype(mats: Rotation) -> torch.dtype:
+    """The compute dtype of a forward's matrices, in either form."""
+    return mats.dtype if isinstance(mats, torch.Tensor) else mats[0].dtype
 
 
 def quic_layer_class(base_layer: nn.Module) -> type[QuICLinear] | type[QuICConv2d]:

@@ -604,6 +604,10 @@ def test_cost_model_choices():
     # runs as a few large kernels, so it wins wherever it has fewer multiply-adds
     accel = order_costs(CompoundOperator(torch.zeros(3, 51, 51, device="meta"), 2), 2048, 3)
     assert accel["action"] == 2048 * 3 * 2 * 51**3 < accel["explicit"]
+    # and so is forming there (the compounds of all layers of a block plan: one batched call per
+    # step): the LLaMA-shaped benchmark's n = 8 at 64 tokens is formed, as on the CPU
+    formed = order_costs(CompoundOperator(torch.zeros(3, 8, 8, device="meta"), 2), 64, 3)
+    assert formed["explicit"] == 2 * 28**2 * 3 + 64 * 3 * 28**2 < formed["action"]
     plan = block_plan(4096, 3, [1, 2])
     ops = [op(plan.n, 1), op(plan.n, 2)]
     train = rotation_costs(ops, plan, 2048, 4096, needs_grad=True)
@@ -694,7 +698,7 @@ def test_block_rotate_node_double_backward():
 def test_rotated_linear_node_matches_dense_q_with_gradients(tokens, bias, shared):
     """RotatedLinear: Q (x Wᵀ) + b and the gradients in x, the block matrices and b equal
     autograd through F.linear and the dense Q (float64), whichever side grad x rotates."""
-    from qpeft.circuits.compound_rotation import RotatedLinear
+    from qpeft.circuits.compound_rotation import RotatedLinear, block_matrix
 
     plan = block_plan(26, 2, [1, 2])
     gen = torch.Generator().manual_seed(tokens)
@@ -703,7 +707,7 @@ def test_rotated_linear_node_matches_dense_q_with_gradients(tokens, bias, shared
     weight = torch.randn(26, 17, generator=gen, dtype=torch.float64)
     b = torch.randn(26, generator=gen, dtype=torch.float64).requires_grad_() if bias else None
     x = torch.randn(tokens, 17, generator=gen, dtype=torch.float64).requires_grad_()
-    got = RotatedLinear.apply(x, weight, plan, *mats, *([b] if bias else []))
+    got = RotatedLinear.apply(x, weight, plan, block_matrix(mats, plan), *([b] if bias else []))
     want = torch.nn.functional.linear(x, weight) @ _dense_q(mats, plan).T
     if bias:
         want = want + b
