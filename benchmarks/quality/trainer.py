@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--out", type=Path, default=None,
                    help="results root (default benchmarks/results/quality/trainer)")
+    p.add_argument("--render-only", action="store_true",
+                   help="run nothing: render the stored runs that match the current configs")
     p.add_argument("--threads", type=int, default=int(os.environ.get("QPEFT_BENCH_THREADS", 2)))
     a = p.parse_args(argv)
     import torch
@@ -237,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                     if stored.get("config") == _config_record(method, TASKS[task]):
                         rows.append(stored)
                         continue
+                if a.render_only:
+                    continue
                 row = run(task, method, seed, a.quick)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(row, indent=1) + "\n")

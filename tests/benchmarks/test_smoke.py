@@ -385,3 +385,11 @@ def test_trainer_check_quick(tmp_path):
     assert 0.0 <= cls["accuracy"] <= 1.0 and cls["lr"] == 1e-3
     doc = (tmp_path / "results.md").read_text()
     assert "SFTTrainer`, learning rate 0.0002" in doc and "| quantum-peft |" in doc
+    # render-only runs nothing: the stored runs are shown, the missing seed and method are not
+    assert trainer_main(["--render-only", "--tasks", "minilm-bbc", "smollm2-bbc-sft",
+                         "--methods", "lora", "quantum-peft", "qpa", "--seeds", "2",
+                         "--out", str(tmp_path)]) == 0
+    doc = (tmp_path / "results.md").read_text()
+    assert "| qpa |" not in doc and doc.count("| quantum-peft |") == 2
+    assert not (tmp_path / "minilm-bbc" / "qpa").exists()
+    assert not (tmp_path / "minilm-bbc" / "lora" / "seed1.json").exists()
