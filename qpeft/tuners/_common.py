@@ -204,6 +204,76 @@ class QpeftTuner(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
 
+class GroupedTuner(QpeftTuner):
+    """A tuner whose layers of one adapter generate their matrices together while training:
+    layers with the same :meth:`_group_key` form a *group* (built by :meth:`_new_group`, at
+    least two layers) that generates all its members' matrices in one batched call per step
+    (``qpeft.tuners._batched_generation``). The tuner owns the groups
+    (:attr:`generation_groups`); each member layer holds its group and slot in the two dicts
+    named by :attr:`group_attrs`. Groups are rebuilt when an adapter is injected and dropped when
+    it is deleted or the model unloaded."""
+
+    #: names of a layer's ``{adapter: group}`` and ``{adapter: slot}`` dicts
+    group_attrs: tuple[str, str] = ("", "")
+
+    @property
+    def generation_groups(self) -> dict[str, list[Any]]:
+        """Adapter name -> its groups."""
+        return self.__dict__.setdefault("_generation_groups", {})
+
+    def _group_key(self, layer: nn.Module, adapter_name: str) -> Any | None:
+        """What layers must share to be batched together (None: the layer generates alone)."""
+        raise NotImplementedError
+
+    def _new_group(self, adapter_name: str, key: Any, layers: list[nn.Module]) -> Any:
+        raise NotImplementedError
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """peft's injection (``BaseTuner.inject_adapter``, same signature), then the adapter's
+        groups, so a training step generates each group in one batched call."""
+        super().inject_adapter(
+            model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
+        )
+        group_attr, index_attr = self.group_attrs
+        members: dict[Any, list[nn.Module]] = {}
+        for module in model.modules():
+            if not isinstance(module, self.tuner_layer_cls):
+                continue
+            getattr(module, group_attr).pop(adapter_name, None)
+            getattr(module, index_attr).pop(adapter_name, None)
+            key = self._group_key(module, adapter_name)
+            if key is not None:
+                members.setdefault(key, []).append(module)
+        groups = []
+        for key, layers in members.items():
+            if len(layers) < 2:  # one layer: nothing to batch
+                continue
+            group = self._new_group(adapter_name, key, layers)
+            for index, layer in enumerate(layers):
+                getattr(layer, group_attr)[adapter_name] = group
+                getattr(layer, index_attr)[adapter_name] = index
+            groups.append(group)
+        self.generation_groups[adapter_name] = groups
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """peft's ``delete_adapter`` (the layers drop their group entries), and the groups."""
+        super().delete_adapter(adapter_name)
+        self.generation_groups.pop(adapter_name, None)
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        self.generation_groups.clear()
+        return model
+
+
 class WeightMergeLayer(BaseTunerLayer):
     """What qpeft's three tuner layers share: the base-layer bookkeeping peft expects
     (:meth:`_init_base_layer`) and ``merge`` / ``unmerge`` for an adapter that maps the base

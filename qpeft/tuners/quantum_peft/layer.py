@@ -162,7 +162,7 @@ class CircuitGroup:
     be read as a plain parameter, a layer generates its own factors (:func:`scaled_factors`).
     A member's parameters: its ``adapter_params`` (angles_u, angles_v, λ[, gain]).
 
-    Owned by the tuner (``QuantumPEFTModel.circuit_groups``); a member layer holds plain data
+    Owned by the tuner (``QuantumPEFTModel.generation_groups``); a member layer holds plain data
     (``qpeft_index[adapter]``, its slot) and one unregistered reference to this group
     (``qpeft_group[adapter]``), as a QPA layer does to its generator. The group holds what it
     batches over, the members' angle stores (their ``qpeft_angles_u`` / ``qpeft_angles_v``

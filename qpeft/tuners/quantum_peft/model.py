@@ -8,7 +8,7 @@ import torch
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from qpeft.tuners._common import QpeftTuner, layer_kind
+from qpeft.tuners._common import GroupedTuner, layer_kind
 
 from .layer import (
     CircuitGroup,
@@ -21,7 +21,7 @@ from .layer import (
 _ADAPTER_TENSORS = QuantumPEFTLayer.adapter_layer_names
 
 
-class QuantumPEFTModel(QpeftTuner):
+class QuantumPEFTModel(GroupedTuner):
     """Quantum-PEFT (Koike-Akino et al., ICLR 2025) as a peft tuner.
 
     Use through peft: ``get_peft_model(base, QuantumPEFTConfig(r=8, target_modules=[...]))``
@@ -31,6 +31,7 @@ class QuantumPEFTModel(QpeftTuner):
     prefix: str = "qpeft_"
     method_label = "Quantum-PEFT"
     tuner_layer_cls = QuantumPEFTLayer
+    group_attrs = ("qpeft_group", "qpeft_index")
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     def _update_layer(self, target: nn.Module, adapter_name: str, config: Any, module_name: str) -> None:
@@ -40,60 +41,18 @@ class QuantumPEFTModel(QpeftTuner):
         cls = QuantumPEFTConv2d if layer_kind(target) == "conv2d" else QuantumPEFTLinear
         return cls(target, adapter_name, config=config, module_name=module_name)
 
-    @property
-    def circuit_groups(self) -> dict[str, list[CircuitGroup]]:
-        """Adapter name -> its :class:`CircuitGroup` s (one per r / depth / circuit dtype with at
-        least two circuit layers). The tuner owns them; member layers reference theirs
-        (``qpeft_group``) and hold their slot (``qpeft_index``)."""
-        return self.__dict__.setdefault("_circuit_groups", {})
+    def _group_key(self, layer: nn.Module, adapter_name: str) -> Any | None:
+        """r, depth and circuit dtype of a circuit layer (None: not a circuit layer)."""
+        spec = layer.qpeft_spec.get(adapter_name)
+        if spec is None or not is_circuit_layer(spec, layer.angles(adapter_name)):
+            return None
+        return (spec.r, spec.depth, spec.circuit_dtype)
 
-    def inject_adapter(
-        self,
-        model: nn.Module,
-        adapter_name: str,
-        autocast_adapter_dtype: bool = True,
-        low_cpu_mem_usage: bool = False,
-        state_dict: dict[str, torch.Tensor] | None = None,
-    ) -> None:
-        """peft's injection (``BaseTuner.inject_adapter``, same signature), then the adapter's
-        :class:`CircuitGroup` s (its circuit layers per r / depth / circuit dtype), so a training
-        step generates each group in one batched call."""
-        super().inject_adapter(
-            model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-            low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
-        )
-        members: dict[tuple[Any, ...], list[QuantumPEFTLayer]] = {}
-        for module in model.modules():
-            if not isinstance(module, QuantumPEFTLayer):
-                continue
-            module.qpeft_group.pop(adapter_name, None)
-            module.qpeft_index.pop(adapter_name, None)
-            spec = module.qpeft_spec.get(adapter_name)
-            if spec is not None and is_circuit_layer(spec, module.angles(adapter_name)):
-                members.setdefault((spec.r, spec.depth, spec.circuit_dtype), []).append(module)
-        groups = []
-        for layers in members.values():
-            if len(layers) < 2:  # one layer: nothing to batch
-                continue
-            group = CircuitGroup(
-                adapter_name, [layer.qpeft_spec[adapter_name] for layer in layers],
-                [(layer.qpeft_angles_u, layer.qpeft_angles_v) for layer in layers],
-                [(layer.qpeft_lambda, layer.qpeft_gain) for layer in layers])
-            for index, layer in enumerate(layers):
-                layer.qpeft_group[adapter_name] = group
-                layer.qpeft_index[adapter_name] = index
-            groups.append(group)
-        self.circuit_groups[adapter_name] = groups
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        """peft's ``delete_adapter`` (the layers drop their group entries), and the groups."""
-        super().delete_adapter(adapter_name)
-        self.circuit_groups.pop(adapter_name, None)
-
-    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
-        model = super()._unload_and_optionally_merge(*args, **kwargs)
-        self.circuit_groups.clear()
-        return model
+    def _new_group(self, adapter_name: str, key: Any, layers: list[nn.Module]) -> CircuitGroup:
+        return CircuitGroup(
+            adapter_name, [layer.qpeft_spec[adapter_name] for layer in layers],
+            [(layer.qpeft_angles_u, layer.qpeft_angles_v) for layer in layers],
+            [(layer.qpeft_lambda, layer.qpeft_gain) for layer in layers])
 
     @classmethod
     def _remap_adapter_state_dict_for_load(

@@ -122,7 +122,7 @@ class QuICGroup:
     Outside training, or when some member cannot be read as a plain parameter, a layer
     generates its own (:func:`base_products`, :func:`full_blocks`: the same values).
 
-    Owned by the tuner (``QuICModel.quic_groups``); a member layer holds its slot
+    Owned by the tuner (``QuICModel.generation_groups``); a member layer holds its slot
     (``quic_index[adapter]``) and one unregistered reference to this group
     (``quic_group[adapter]``). The group holds the members' parameter stores (their
     ``quic_params`` ParameterDicts, read by adapter name at every generation, so replaced

@@ -19,6 +19,7 @@ from qpeft.tuners.counting import count_trainable
 from qpeft.tuners.quantum_peft import QuantumPEFTConfig, QuantumPEFTLayer
 from qpeft.tuners.quantum_peft.layer import quantize_angles, quantize_symmetric
 from tests.contract import harness as h
+from tests.tuners.tower import Tower
 
 
 def layers(model: nn.Module) -> dict[str, QuantumPEFTLayer]:
@@ -442,26 +443,11 @@ def test_a_side_of_width_one_has_no_empty_parameter_and_everything_trains(method
 # one batched generation of every circuit layer per training step (CircuitGroup)
 
 
-class _Tower(nn.Module):
-    """Two blocks of (q 24->24, v 24->12, o 12->24): three circuit widths, six layers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            nn.ModuleDict({"q": nn.Linear(24, 24), "v": nn.Linear(24, 12), "o": nn.Linear(12, 24)})
-            for _ in range(2))
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = x + b["o"](torch.tanh(b["v"](torch.tanh(b["q"](x)))))
-        return x
-
-
 def _tower(**kw):
     torch.manual_seed(0)
     cfg = QuantumPEFTConfig(r=3, depth=2, target_modules=["q", "v", "o"], init_weights=False,
                             circuit_dtype="float64", **kw)
-    return get_peft_model(_Tower().double(), cfg)
+    return get_peft_model(Tower().double(), cfg)
 
 
 def _train_grads(model, x):
@@ -541,8 +527,8 @@ def test_copies_share_their_own_generation_and_deleting_an_adapter_leaves_it() -
     copied = copy.deepcopy(model)
     layers = [m for m in copied.modules() if isinstance(m, QuantumPEFTLayer)]
     (group,) = {id(m.qpeft_group["default"]): m.qpeft_group["default"] for m in layers}.values()
-    assert copied.base_model.circuit_groups["default"] == [group]
-    assert group is not model.base_model.circuit_groups["default"][0]
+    assert copied.base_model.generation_groups["default"] == [group]
+    assert group is not model.base_model.generation_groups["default"][0]
     assert [m.qpeft_index["default"] for m in layers] == list(range(6))
     assert all(u is m.qpeft_angles_u and v is m.qpeft_angles_v
                for (u, v), m in zip(group.stores, layers, strict=True))
@@ -552,7 +538,7 @@ def test_copies_share_their_own_generation_and_deleting_an_adapter_leaves_it() -
     model.delete_adapter("default")
     assert all("default" not in m.qpeft_group and "default" not in m.qpeft_index
                for m in model.modules() if isinstance(m, QuantumPEFTLayer))
-    assert "default" not in model.base_model.circuit_groups
+    assert "default" not in model.base_model.generation_groups
     model.set_adapter("second")
     model.train()
     model(torch.randn(2, 24, dtype=torch.float64)).sum().backward()

@@ -13,30 +13,16 @@ from torch import nn
 
 import qpeft  # noqa: F401  (registers QuIC with peft)
 from qpeft.tuners.quic import QuICConfig, QuICLayer
+from tests.tuners.tower import Tower
 
 pytest.importorskip("qpeft.circuits.lie", reason="qpeft.circuits.lie (cayley/expm) not present")
-
-
-class _Tower(nn.Module):
-    """Two blocks of (q 24->24, v 24->12, o 12->24): two rotated widths (24, 12), six layers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            nn.ModuleDict({"q": nn.Linear(24, 24), "v": nn.Linear(24, 12), "o": nn.Linear(12, 24)})
-            for _ in range(2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for b in self.blocks:
-            x = x + b["o"](torch.tanh(b["v"](torch.tanh(b["q"](x)))))
-        return x
 
 
 def _tower(**kw) -> nn.Module:
     """A float64 QuIC tower (random start); base weights frozen by peft."""
     torch.manual_seed(0)
     cfg = QuICConfig(target_modules=["q", "v", "o"], init_weights=False, **{"num_blocks": 2, **kw})
-    model = get_peft_model(_Tower().double(), cfg)
+    model = get_peft_model(Tower().double(), cfg)
     for m in model.modules():
         if isinstance(m, QuICLayer):
             m.quic_params["default"].data = m.quic_params["default"].data.double()
@@ -100,7 +86,7 @@ def test_sum_of_adapters_generates_per_layer():
     """``combine="sum"`` of several adapters is no compound of one base product: no group, each
     layer forms its own mean (the same step as before)."""
     model = _tower(num_adapters=2, combine="sum")
-    assert model.base_model.quic_groups["default"] == []
+    assert model.base_model.generation_groups["default"] == []
     assert not any(m.quic_group for m in model.modules() if isinstance(m, QuICLayer))
     _train_grads(model, torch.randn(5, 24, dtype=torch.float64))
 
@@ -122,9 +108,9 @@ def test_copies_generate_for_themselves_and_deleting_an_adapter_drops_its_groups
     model = _tower()
     copied = copy.deepcopy(model)
     layers = [m for m in copied.modules() if isinstance(m, QuICLayer)]
-    groups = copied.base_model.quic_groups["default"]
+    groups = copied.base_model.generation_groups["default"]
     assert len(groups) == 2 and not set(map(id, groups)) & set(
-        map(id, model.base_model.quic_groups["default"]))
+        map(id, model.base_model.generation_groups["default"]))
     for group in groups:
         members = [m for m in layers if m.quic_group["default"] is group]
         assert [m.quic_index["default"] for m in members] == list(range(len(members)))
@@ -139,5 +125,5 @@ def test_copies_generate_for_themselves_and_deleting_an_adapter_drops_its_groups
     model.delete_adapter("default")
     assert all("default" not in m.quic_group and "default" not in m.quic_index
                for m in model.modules() if isinstance(m, QuICLayer))
-    assert "default" not in model.base_model.quic_groups
-    assert len(model.base_model.quic_groups["second"]) == 2
+    assert "default" not in model.base_model.generation_groups
+    assert len(model.base_model.generation_groups["second"]) == 2
