@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         body = suite.render(summary, tasks, command, {"Pareto": plot.name})
         suite.replace_section(docs / "results.md", "quality-suite", body)
     if a.sweep or a.sweep_only or a.render_only:
-        tuning = [t for t in tasks if t.role == "tuning"]
+        # the sweep runs on the tuning tasks; rendering also shows a held-out task swept after
+        # the defaults were chosen (one with a sweep folder)
+        tuning = [t for t in tasks if t.role == "tuning"
+                  or (a.render_only and (root / "sweep" / t.name).is_dir())]
         lrs = a.sweep_lrs or (suite.SWEEP_LRS[:3] if a.quick else suite.SWEEP_LRS)
         rows = suite.run_sweep(tuning, entries, lrs, root, log, stored_only=a.render_only)
         suite.dump({"command": command, "rows": rows}, root / "sweep.json")
