@@ -34,7 +34,7 @@ from qpeft.circuits.compound_rotation import (
     rotation_costs,
     routed_block_rotate,
 )
-from qpeft.circuits.stiefel import _Stack
+from qpeft.circuits.stiefel import stack_params
 from qpeft.tuners._batched_generation import BatchedGeneration, Params
 from qpeft.tuners._common import (
     Conv1D,
@@ -142,14 +142,14 @@ class QuICGroup:
         return (base_products(params[0], self.plan, self.settings),)
 
     def _all_bases(self, params: list[Params]) -> list[tuple[torch.Tensor]]:
-        stacked = _Stack.apply(*(p for (p,) in params))
+        stacked = stack_params([p for (p,) in params])
         return [(a,) for a in base_products(stacked, self.plan, self.settings).unbind(0)]
 
     def _one_block(self, member: int, params: Params) -> tuple[torch.Tensor]:
         return (full_blocks(params[0], self.plan, self.settings),)
 
     def _all_blocks(self, params: list[Params]) -> list[tuple[torch.Tensor]]:
-        stacked = _Stack.apply(*(p for (p,) in params))
+        stacked = stack_params([p for (p,) in params])
         return [(m,) for m in full_blocks(stacked, self.plan, self.settings).unbind(0)]
 
     def gather(self) -> list[Params] | None:
