@@ -481,6 +481,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("qpeft: interrupted (continue with --resume if checkpoints were on)",
               file=sys.stderr)
         return 130
+    finally:
+        from qpeft.train.sharding import close_process_group
+
+        close_process_group()  # a launched run's ranks leave gloo cleanly
 
 
 if __name__ == "__main__":  # pragma: no cover

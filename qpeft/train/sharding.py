@@ -43,6 +43,17 @@ class FsdpPlan:
         return int(self.plugin.fsdp_version)
 
 
+def close_process_group() -> None:
+    """Destroy torch.distributed's default process group when one is up (a launched run), so each
+    rank tears gloo down before the interpreter exits: left to interpreter shutdown, its
+    threads can abort a rank that already finished ("terminate called without an active
+    exception", a nonzero exit after a good run). Local to the rank, not a collective."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def fsdp_requested(env: dict[str, str] | None = None) -> bool:
     """True when ``accelerate launch`` was given an FSDP config (it sets ACCELERATE_USE_FSDP)."""
     env = os.environ if env is None else env
