@@ -206,7 +206,10 @@ def _recording() -> bool:
 
 
 def _plain(p: torch.Tensor, device: torch.device, dtype: torch.dtype) -> bool:
-    """A parameter the batched generation may read and send gradients to directly."""
+    """A parameter the batched generation may read and send gradients to directly, or a
+    constant it may read (a plain tensor that needs no gradient: a buffer, any dtype)."""
+    if type(p) is torch.Tensor and not p.requires_grad:
+        return p.device == device and p.device.type != "meta"
     return (
         type(p) is nn.Parameter
         and p.device == device

@@ -111,17 +111,21 @@ def test_quantum_peft_columns_equal_u_and_v(tmp_path, quantize_bits):
     man = _manifest(out)
     assert man["peft_type"] == "QUANTUM_PEFT" and "little-endian" in man["basis_ordering"]
     entries = {(e["module"], e["role"]): e for e in man["circuits"]}
-    assert len(entries) == 6 and not man["skipped"]
+    assert len(entries) == 12 and not man["skipped"]  # U, V and the offset start's U0, V0
+    from qpeft.tuners.quantum_peft.layer import stiefel_factors
+
     for name, layer in model.named_modules():
         if not hasattr(layer, "qpeft_spec"):
             continue
         module = name.removeprefix("base_model.model.")
         u, v = layer.stiefel_factors("default")
-        for role, mat in (("U", u), ("V", v)):
+        u0, v0 = stiefel_factors(layer.qpeft_spec["default"], layer.start("default")[:2])
+        assert quantize_bits or not torch.allclose(u, u0)  # trained away from the start
+        for role, mat in (("U", u), ("V", v), ("U0", u0), ("V0", v0)):
             e = entries[(module, role)]
             d, k = mat.shape
             assert e["dim"] == d and e["k"] == k == 3
-            assert e["num_params"] == getattr(layer, f"qpeft_angles_{role.lower()}")["default"].numel()
+            assert e["num_params"] == getattr(layer, f"qpeft_angles_{role[0].lower()}")["default"].numel()
             assert e["num_qubits"] == max(1, (d - 1).bit_length())
             op = Operator(_load(out, e)).data
             assert np.abs(op[:d, :k] - mat.detach().numpy()).max() < TOL, (module, role)
@@ -137,7 +141,8 @@ def test_quantum_peft_sizes_inferred_or_clear_error(tmp_path):
     )
     model.save_pretrained(tmp_path / "a")
     man = _manifest(export_circuits(tmp_path / "a", tmp_path / "o"))
-    assert {(e["role"], e["dim"]) for e in man["circuits"]} == {("U", 8), ("V", 16)}
+    assert {(e["role"], e["dim"]) for e in man["circuits"]} == {("U", 8), ("V", 16), ("U0", 8),
+                                                               ("V0", 16)}
     # 'generalized' sizes 6 and 16 both have 10 angles at L=1: without the base model, refuse
     torch.manual_seed(0)
 
@@ -151,14 +156,15 @@ def test_quantum_peft_sizes_inferred_or_clear_error(tmp_path):
     with pytest.raises(ValueError, match="'lin': its layer sizes cannot be read"):
         export_circuits(tmp_path / "b", tmp_path / "o2")
     man = _manifest(export_circuits(tmp_path / "b", tmp_path / "o3", base_model=Small()))
-    assert {(e["role"], e["dim"]) for e in man["circuits"]} == {("U", 6), ("V", 16)}
+    assert {(e["role"], e["dim"]) for e in man["circuits"]} == {("U", 6), ("V", 16), ("U0", 6),
+                                                               ("V0", 16)}
 
 
 def test_quantum_peft_lie_parameterization_is_skipped_with_reason(tmp_path):
     model = _wrap(qpeft.QuantumPEFTConfig(target_modules=["down"], r=2, parameterization="lie_exp"))
     man = _manifest(export_model_circuits(model, tmp_path / "o"))
     assert man["circuits"] == []
-    assert {s["role"] for s in man["skipped"]} == {"U", "V"}
+    assert {s["role"] for s in man["skipped"]} == {"U", "V", "U0", "V0"}
     assert all("no compact gate form" in s["reason"] for s in man["skipped"])
 
 

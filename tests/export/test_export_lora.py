@@ -18,6 +18,8 @@ from tests.contract import harness as h
 CASES = sorted(h.TINY_MODELS)
 # each method at a config that makes the tiny models' adapters visible and fast
 METHOD_OPTIONS = {"quantum-peft": {"rank": 3}, "qpa": {"rank": 2, "n_mlp": 64}}
+#: the rank of ΔW's LoRA form: Quantum-PEFT's offset start subtracts a second rank-K term
+LORA_RANK = {"quantum-peft": 6, "qpa": 2}
 
 
 def _trained(method: str, case: str, tmp_path, **extra):
@@ -44,15 +46,17 @@ def test_the_exported_lora_gives_the_adapter_s_outputs(method, case, tmp_path):
                                rtol=1e-5)
 
 
-def test_quantum_peft_export_has_rank_k_and_scale_one(tmp_path):
-    _trained("quantum-peft", "mlp", tmp_path, stiefel="lie_exp")
+@pytest.mark.parametrize("init_lambda, rank", [(None, 6), (0.0, 3)])
+def test_quantum_peft_export_has_rank_k_and_scale_one(tmp_path, init_lambda, rank):
+    """Rank K (2K with the offset start: A = [V, V₀]ᵀ) and LoRA's scale 1."""
+    _trained("quantum-peft", "mlp", tmp_path, stiefel="lie_exp", init_lambda=init_lambda)
     export_lora(tmp_path / "quantum-peft", tmp_path / "lora", base_model=h.build_tiny("mlp"))
     cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
-    assert cfg["r"] == 3 and cfg["lora_alpha"] == 3
+    assert cfg["r"] == rank and cfg["lora_alpha"] == rank
     tensors = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
     a = tensors["base_model.model.lin0.lora_A.weight"]
-    # A = Vᵀ: orthonormal rows
-    torch.testing.assert_close(a @ a.T, torch.eye(3), atol=1e-5, rtol=0)
+    for rows in (a[:3], a[3:]) if rank == 6 else (a,):  # Vᵀ (and V₀ᵀ): orthonormal rows
+        torch.testing.assert_close(rows @ rows.T, torch.eye(3), atol=1e-5, rtol=0)
 
 
 def test_without_the_base_model_shapes_come_from_the_angle_counts(tmp_path):
@@ -156,8 +160,7 @@ def test_peft_s_own_conversion_gives_the_same_lora(method, case, tmp_path):
 
     expected = _trained(method, case, tmp_path)
     model = PeftModel.from_pretrained(h.build_tiny(case), tmp_path / method)
-    rank = METHOD_OPTIONS[method]["rank"]
-    lora_config, state = convert_to_lora(model, rank)
+    lora_config, state = convert_to_lora(model, LORA_RANK[method])
     lora = get_peft_model(h.build_tiny(case), lora_config)
     set_peft_model_state_dict(lora, state)
     torch.testing.assert_close(h.run(lora, case), expected, atol=1e-5, rtol=1e-5)

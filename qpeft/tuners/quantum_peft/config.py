@@ -15,6 +15,10 @@ PARAMETERIZATIONS = ("pauli", "generalized", "lie_exp", "lie_cayley", "lie_taylo
 LAMBDA_DOMAINS = ("real", "positive", "sign")
 CIRCUIT_DTYPES = ("float32", "float64")
 BIAS_OPTIONS = ("none", "all", "qpeft_only")
+#: the stored λ's start under the offset start (``init_lambda`` None with lr_scale "lora"): λ_eff
+#: = 0.05·sqrt(d_out/3)·2, about 1.1 on a 384-wide layer — large enough that the angles' gradient
+#: (∝ λ) is LoRA-like from step 1 (docs/methods/quantum_peft.md, "The offset start")
+DEFAULT_INIT_LAMBDA = 0.05
 
 
 def lora_step_scale(out_features: int, alpha_over_r: float) -> float:
@@ -107,8 +111,19 @@ class QuantumPEFTConfig(LrScaledConfig):
             angles were trained unscaled). Lie-algebra sides are unscaled either way: their
             ~N·K coordinates of size ~1/sqrt(N) already move like LoRA's A.
         circuit_dtype: "float32" (default, also for bf16/fp16 bases) or "float64".
-        init_weights: True: λ = 0 (identity at init), angles at a seeded generic point. False:
-            random non-zero λ too (for tests).
+        init_lambda: where the stored λ starts (every entry; ``lambda_domain`` "real" only).
+            0: the paper's zero start, ΔW = 0 because λ = 0 — and with it the gradient of every
+            circuit angle is 0 until λ has grown, which stalls training at small learning rates
+            (docs/methods/quantum_peft.md, "The offset start"). Non-zero: the *offset start*,
+            ``ΔW = U·diag(λ_eff)·Vᵀ − U₀·diag(λ₀_eff)·V₀ᵀ`` where (U₀, V₀, λ₀) are the layer's
+            start, kept as buffers (saved with the adapter, never trained): the wrapped model is
+            still exactly the base model at init, and the angles learn from the first step. The
+            token path is then a rank-2K LoRA. None (default): 0.05 with ``lr_scale="lora"`` and
+            ``lambda_domain="real"``, else 0 (recorded, so a saved config keeps it; adapters
+            saved before this field existed load with 0).
+        init_weights: True: the update is 0 at init (identity), angles at a seeded generic point.
+            False: a random non-zero update (tests): random λ, and with the offset start the
+            trainable angles moved away from the start.
         init_seed: seed of the angle initialisation (combined with the module name and side).
     """
 
@@ -143,6 +158,12 @@ class QuantumPEFTConfig(LrScaledConfig):
                   "this field load as 'paper')"},
     )
     circuit_dtype: str = field(default="float32", metadata={"help": f"one of {CIRCUIT_DTYPES}"})
+    init_lambda: float | None = field(
+        default=None,
+        metadata={"help": "start of the stored λ; non-zero: the offset start (ΔW minus its frozen "
+                  "start, so every angle learns from step 1); None: 0.05 with lr_scale 'lora' and "
+                  "lambda_domain 'real', else 0 (the paper's zero start)"},
+    )
     init_weights: bool = field(
         default=True, metadata={"help": "True: identity at init; False: random λ (tests)"}
     )
@@ -173,6 +194,9 @@ class QuantumPEFTConfig(LrScaledConfig):
             self.exclude_modules = set(self.exclude_modules)
         if self.angle_scale is None:  # recorded explicitly, so a saved config keeps it
             self.angle_scale = self.lr_scale
+        if self.init_lambda is None:  # recorded too
+            lora_real = self.lr_scale == "lora" and self.lambda_domain == "real"
+            self.init_lambda = DEFAULT_INIT_LAMBDA if lora_real else 0.0
         self._validate()
 
     @classmethod
@@ -181,6 +205,7 @@ class QuantumPEFTConfig(LrScaledConfig):
         "paper": its angles were trained unscaled (with ``lr_scale`` "lora" or "paper")."""
         kwargs = super().check_kwargs(**kwargs)
         kwargs.setdefault("angle_scale", "paper")
+        kwargs.setdefault("init_lambda", 0.0)  # saved before the offset start: the zero start
         return kwargs
 
     def _validate(self) -> None:
@@ -209,6 +234,15 @@ class QuantumPEFTConfig(LrScaledConfig):
         check_choice("QuantumPEFTConfig.lr_scale", self.lr_scale, LR_SCALES)
         check_choice("QuantumPEFTConfig.angle_scale", self.angle_scale, LR_SCALES)
         check_choice("QuantumPEFTConfig.bias", self.bias, BIAS_OPTIONS)
+        if isinstance(self.init_lambda, bool) or not isinstance(self.init_lambda, (int, float)) or (
+                not math.isfinite(self.init_lambda)):
+            raise ValueError(f"QuantumPEFTConfig.init_lambda must be a finite number or None, "
+                             f"got {self.init_lambda!r}")
+        self.init_lambda = float(self.init_lambda)
+        if self.init_lambda != 0 and self.lambda_domain != "real":
+            raise ValueError(
+                f"QuantumPEFTConfig.init_lambda={self.init_lambda} (the offset start) needs "
+                f"lambda_domain='real', got {self.lambda_domain!r}; leave init_lambda None or 0")
         if self.alpha is not None and not (
             isinstance(self.alpha, (int, float)) and self.alpha == self.alpha and self.alpha != 0
         ):
@@ -219,6 +253,11 @@ class QuantumPEFTConfig(LrScaledConfig):
             raise ValueError("layers_pattern cannot be used when target_modules is a regex str")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern needs layers_to_transform to be set as well")
+
+    @property
+    def offset_start(self) -> bool:
+        """Whether layers subtract their frozen start ΔW₀ (``init_lambda`` non-zero)."""
+        return self.init_lambda != 0
 
     @property
     def scaling(self) -> float:

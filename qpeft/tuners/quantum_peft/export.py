@@ -1,4 +1,5 @@
-"""Quantum-PEFT's circuits: per adapted module, the circuit of U (``d_out``) and of V (``d_in``).
+"""Quantum-PEFT's circuits: per adapted module, the circuit of U (``d_out``) and of V (``d_in``);
+with the offset start also the start's, U0 and V0 (ΔW = U·diag(λ_eff)·Vᵀ − U0·diag(λ₀_eff)·V0ᵀ).
 
 The first K columns of each circuit's unitary, restricted to the basis states ``0..d-1``, are U
 (V). Lie-algebra parameterizations have no circuit form here (recorded as skipped, with the
@@ -68,14 +69,18 @@ def module_records(
     module: str, angles_u: torch.Tensor, angles_v: torch.Tensor, method_u: str, method_v: str,
     d_out: int, d_in: int, r: int, depth: int, quantize_bits: int | None, max_qubits: int,
     gains: tuple[float, float] = (1.0, 1.0), dtype: torch.dtype = torch.float64,
+    start: tuple[torch.Tensor, ...] = (),
 ) -> list[Record]:
     """Circuits of U (``d_out``) and V (``d_in``) of one module, with the angles as the forward
     pass uses them: the stored angles in the circuit ``dtype`` times the side's angle gain
-    (``QuantumPEFTConfig.angle_gains``), quantized to ``quantize_bits`` when set. O(L log**2 d)
-    gates per side."""
+    (``QuantumPEFTConfig.angle_gains``), quantized to ``quantize_bits`` when set; then, given the
+    offset ``start`` (angles_u₀, angles_v₀[, λ₀]), U0 and V0 the same way. O(L log**2 d) gates
+    per side."""
     out: list[Record] = []
-    for role, angles, method, d, gain in (("U", angles_u, method_u, d_out, gains[0]),
-                                          ("V", angles_v, method_v, d_in, gains[1])):
+    sides = [("U", angles_u, method_u, d_out, gains[0]), ("V", angles_v, method_v, d_in, gains[1])]
+    if start:
+        sides += [("U0", start[0], method_u, d_out, gains[0]), ("V0", start[1], method_v, d_in, gains[1])]
+    for role, angles, method, d, gain in sides:
         a = (angles.detach().to(dtype) * gain).double()
         if quantize_bits is not None and method in ANGLE_PARAMETERIZATIONS:
             a = quantize_angles(a, quantize_bits)
@@ -92,7 +97,8 @@ def circuits_from_model(model: nn.Module, adapter_name: str, max_qubits: int) ->
             records += module_records(
                 name.removeprefix("base_model.model."), *module.angles(adapter_name),
                 s.method_u, s.method_v, s.out_features, s.in_features, s.r, s.depth,
-                s.quantize_bits, max_qubits, s.angle_gains, s.circuit_dtype)
+                s.quantize_bits, max_qubits, s.angle_gains, s.circuit_dtype,
+                module.start(adapter_name))
     return records
 
 
@@ -140,6 +146,7 @@ def circuits_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Te
     qc = config_from_dict(QuantumPEFTConfig, config)
     us = tensors_by_module(tensors, "qpeft_angles_u")
     vs = tensors_by_module(tensors, "qpeft_angles_v")
+    starts = [tensors_by_module(tensors, sfx) for sfx in ("qpeft_start_u", "qpeft_start_v")]
     tree = base_tree()
     records: list[Record] = []
     for module in sorted(set(us) | set(vs)):  # a side of width 1 stores no angles
@@ -147,9 +154,10 @@ def circuits_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Te
         u, v = us.get(module, empty), vs.get(module, empty)
         d_out, d_in = _module_shape(module, tree, qc, [int(u.numel()), int(v.numel())], max_qubits)
         method_u, method_v = qc.side_methods(d_out, d_in, f"module {module!r}")
+        start = tuple(s.get(module, empty) for s in starts) if qc.offset_start else ()
         records += module_records(module, u, v, method_u, method_v, d_out, d_in, qc.r, qc.depth,
                                   qc.quantize_bits, max_qubits, qc.angle_gains(d_out, d_in),
-                                  getattr(torch, qc.circuit_dtype))
+                                  getattr(torch, qc.circuit_dtype), start)
     return records
 
 
@@ -157,12 +165,12 @@ def circuits_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Te
 
 
 def _lora_factors(layer: Any, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lora_B [d_out, K], lora_A [K, d_in])`` with ``B @ A = ΔW`` exactly:
-    B = U·diag(λ_eff) (λ_eff holds every scale), A = Vᵀ."""
+    """``(lora_B [d_out, rank], lora_A [rank, d_in])`` with ``B @ A = ΔW`` exactly:
+    B = U·diag(λ_eff) (λ_eff holds every scale), A = Vᵀ; with the offset start B = [U·diag(λ_eff),
+    −U0·diag(λ₀_eff)], A = [V, V0]ᵀ (rank 2K)."""
     with torch.no_grad():
-        u, v = layer.stiefel_factors(adapter_name)
-        lam = layer.effective_lambda(adapter_name)
-        return (u * lam).float(), v.T.float()
+        b, a = layer.factors(adapter_name)
+        return b.float(), a.T.float()
 
 
 def lora_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Tensor],
@@ -170,19 +178,25 @@ def lora_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Tensor
                          ) -> tuple[Any, dict[str, torch.Tensor]]:
     """``(LoraConfig, tensors)``: the saved adapter as the rank-K LoRA it is —
     ``lora_B = U·diag(λ_eff)``, ``lora_A = Vᵀ``, ``lora_alpha = r`` (LoRA's scale 1), so
-    ``lora_B @ lora_A`` is ΔW to float rounding. Layer shapes and kinds come from ``base_tree()``
+    ``lora_B @ lora_A`` is ΔW to float rounding (with the offset start, rank 2K: the start's
+    factors appended, negated). Layer shapes and kinds come from ``base_tree()``
     (the base model on the meta device) or, without it, from the angle counts (read as Linear
     layers). ``modules_to_save`` copies are carried over. O(circuit generation) per layer."""
     from peft import LoraConfig
 
-    from qpeft.tuners.quantum_peft.layer import QuantumPEFTConv2d, QuantumPEFTLinear
+    from qpeft.tuners.quantum_peft.layer import (
+        QuantumPEFTConv2d,
+        QuantumPEFTLayer,
+        QuantumPEFTLinear,
+    )
 
     qc = config_from_dict(QuantumPEFTConfig, {**config, "inference_mode": True})
-    suffixes = ("qpeft_angles_u", "qpeft_angles_v", "qpeft_lambda", "qpeft_gain")
+    suffixes = (*QuantumPEFTLayer.adapter_layer_names, *QuantumPEFTLayer.start_names)
     by_suffix = {sfx: tensors_by_module(tensors, sfx) for sfx in suffixes}
     tree = base_tree()
     lora: dict[str, torch.Tensor] = {}
     kinds = set()
+    rank = 2 * qc.r if qc.offset_start else qc.r
     for module in sorted(by_suffix["qpeft_lambda"]):
         empty = torch.zeros(0)
         counts = [int(by_suffix[s].get(module, empty).numel()) for s in suffixes[:2]]
@@ -199,15 +213,15 @@ def lora_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Tensor
                     getattr(layer, suffix)["default"].copy_(by_suffix[suffix][module])
         lora_b, lora_a = _lora_factors(layer, "default")
         if kind == "conv2d":
-            lora_a = lora_a.reshape(qc.r, *shape[1:])
-            lora_b = lora_b.reshape(d_out, qc.r, 1, 1)
+            lora_a = lora_a.reshape(rank, *shape[1:])
+            lora_b = lora_b.reshape(d_out, rank, 1, 1)
         lora[f"base_model.model.{module}.lora_A.weight"] = lora_a.contiguous()
         lora[f"base_model.model.{module}.lora_B.weight"] = lora_b.contiguous()
     for key, value in tensors.items():  # modules_to_save copies (a classifier head)
         if not any(f".{s}" in key for s in suffixes):
             lora[key] = value
     lora_config = LoraConfig(
-        r=qc.r, lora_alpha=qc.r, target_modules=sorted(by_suffix["qpeft_lambda"]),
+        r=rank, lora_alpha=rank, target_modules=sorted(by_suffix["qpeft_lambda"]),
         fan_in_fan_out=kinds == {"conv1d"}, modules_to_save=qc.modules_to_save,
         base_model_name_or_path=config.get("base_model_name_or_path"),
         task_type=config.get("task_type"), inference_mode=True)

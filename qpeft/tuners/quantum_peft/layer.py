@@ -1,5 +1,7 @@
 """Quantum-PEFT adapter layers: ``y = base(x) + (x·V)·(U·diag(λ_eff))ᵀ`` (λ_eff carries the
-scaling).
+scaling); with the offset start (``init_lambda`` non-zero) minus the frozen start's
+``(x·V₀)·(U₀·diag(λ₀_eff))ᵀ``: two products of the same kernels on the same inputs at init, so
+their difference, and the update, is exactly zero there (one rank-2K product would round).
 
 U (d_out x K) and V (d_in x K) have orthonormal columns by construction; they are generated from
 the circuit angles once per layer forward (``qpeft.circuits.stiefel``), in ``circuit_dtype``, and
@@ -17,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from qpeft.circuits.stiefel import stiefel_init, stiefel_many, stiefel_num_params, stiefel_pair
@@ -48,6 +51,13 @@ class AdapterSpec:
     circuit_dtype: torch.dtype
     #: (g_u, g_v): effective angle = g · stored angle (``QuantumPEFTConfig.angle_gains``)
     angle_gains: tuple[float, float] = (1.0, 1.0)
+    #: the offset start: the layer subtracts ΔW₀ of its stored start (angles_u₀, angles_v₀, λ₀)
+    offset: bool = False
+
+    @property
+    def rank(self) -> int:
+        """Rank of ΔW's LoRA factors (the export): K, or 2K with the offset start."""
+        return 2 * self.r if self.offset else self.r
 
     def num_params(self) -> int:
         """Trainable numbers of this adapter: P_u + P_v + K (+1 gain). Must equal the config's
@@ -137,12 +147,18 @@ def lambda_unscaled(spec: AdapterSpec, raw: torch.Tensor, gain: torch.Tensor | N
     return lam
 
 
-def scaled_factors(spec: AdapterSpec, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+def scaled_factors(spec: AdapterSpec, params: Params) -> tuple[torch.Tensor, ...]:
     """What one layer's forward consumes, (U·diag(λ_eff) [d_out, K], V [d_in, K]) in the
-    circuit dtype, from its (angles_u, angles_v, λ[, gain]) — the layer's ``adapter_params``."""
+    circuit dtype, from its (angles_u, angles_v, λ[, gain]) — the layer's ``factor_inputs``.
+    With the offset start, ``params`` ends with the start (angles_u₀, angles_v₀, λ₀) and the
+    start's pair follows: (U·diag(λ_eff), V, U₀·diag(λ₀_eff), V₀); ΔW = first − second."""
     u, v = stiefel_factors(spec, params[:2])
-    gain = params[3] if len(params) > 3 else None
-    return u * (lambda_unscaled(spec, params[2], gain) * spec.scaling), v
+    gain = params[3] if len(params) > 3 and not spec.offset else None
+    ul = u * (lambda_unscaled(spec, params[2], gain) * spec.scaling)
+    if not spec.offset:
+        return ul, v
+    u0, v0 = stiefel_factors(spec, params[3:5])
+    return ul, v, u0 * (lambda_unscaled(spec, params[5], None) * spec.scaling), v0
 
 
 def is_circuit_layer(spec: AdapterSpec, angles: Params) -> bool:
@@ -160,7 +176,8 @@ class CircuitGroup:
     under checkpointing, FSDP, DDP, compile). E.g. SmolLM2's 30 q_proj and 30 v_proj layers:
     two programs (widths 576 and 192) instead of 60. Outside training, or when some member cannot
     be read as a plain parameter, a layer generates its own factors (:func:`scaled_factors`).
-    A member's parameters: its ``adapter_params`` (angles_u, angles_v, λ[, gain]).
+    A member's parameters: its ``factor_inputs`` (angles_u, angles_v, λ[, gain]; with the
+    offset start, then its start angles_u₀, angles_v₀, λ₀ — buffers, read, never trained).
 
     Owned by the tuner (``QuantumPEFTModel.generation_groups``); a member layer holds plain data
     (``qpeft_index[adapter]``, its slot) and one unregistered reference to this group
@@ -173,49 +190,62 @@ class CircuitGroup:
 
     def __init__(self, adapter_name: str, specs: list[AdapterSpec],
                  stores: list[tuple[nn.ParameterDict, nn.ParameterDict]],
-                 lambda_stores: list[tuple[nn.ParameterDict, nn.ParameterDict]]) -> None:
+                 lambda_stores: list[tuple[nn.ParameterDict, nn.ParameterDict]],
+                 start_stores: list[tuple[nn.Module, nn.Module, nn.Module]]) -> None:
         self.adapter_name = adapter_name
         self.specs = specs
         self.stores = stores
         self.lambda_stores = lambda_stores
-        self.shared = BatchedGeneration(self.generate_all, self.generate_one, n_outputs=2)
+        self.start_stores = start_stores
+        self.shared = BatchedGeneration(self.generate_all, self.generate_one,
+                                        n_outputs=4 if specs[0].offset else 2)
 
-    def generate_one(self, member: int, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate_one(self, member: int, params: Params) -> tuple[torch.Tensor, ...]:
         return scaled_factors(self.specs[member], params)
 
-    def generate_all(self, params: list[Params]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def generate_all(self, params: list[Params]) -> list[tuple[torch.Tensor, ...]]:
         methods, angles, dims, columns = [], [], [], []
         # without quantization the gains go to stiefel_many (one product per width); with it,
         # each layer's angles are snapped after its gain, as circuit_params does
         per_layer = any(spec.quantize_bits is not None for spec in self.specs)
         scales: list[float] | None = None if per_layer else []
         for spec, raw in zip(self.specs, params, strict=True):
-            methods += [spec.method_u, spec.method_v]
-            if per_layer:
-                angles += circuit_params(spec, *raw[:2])
-            else:
-                angles += [raw[0].to(spec.circuit_dtype), raw[1].to(spec.circuit_dtype)]
-                scales += spec.angle_gains
-            dims += [spec.out_features, spec.in_features]
-            gain = raw[3] if len(raw) > 3 else None
-            columns += [(lambda_unscaled(spec, raw[2], gain), spec.scaling), None]
-        spec = self.specs[0]  # one adapter: one r and depth
+            # one (U, V) pair per circuit: the current angles, and with the offset start the
+            # start's, in the same batched programs
+            pairs = [(raw[:2], raw[3] if len(raw) > 3 and not spec.offset else None, raw[2])]
+            if spec.offset:
+                pairs.append((raw[3:5], None, raw[5]))
+            for (au, av), gain, lam in pairs:
+                methods += [spec.method_u, spec.method_v]
+                if per_layer:
+                    angles += circuit_params(spec, au, av)
+                else:
+                    angles += [au.to(spec.circuit_dtype), av.to(spec.circuit_dtype)]
+                    scales += spec.angle_gains
+                dims += [spec.out_features, spec.in_features]
+                columns += [(lambda_unscaled(spec, lam, gain), spec.scaling), None]
+        spec = self.specs[0]  # one adapter: one r, depth and start
         factors = stiefel_many(methods, angles, dims, spec.r, spec.depth, scales=scales,
                                columns=columns)
-        return list(zip(factors[0::2], factors[1::2], strict=True))
+        width = 4 if spec.offset else 2  # factors per member
+        return [tuple(factors[i:i + width]) for i in range(0, len(factors), width)]
 
     def gather(self) -> list[Params] | None:
-        """Every member's current (angles_u, angles_v, λ[, gain]); None if a member lost the
-        adapter."""
+        """Every member's current (angles_u, angles_v, λ[, gain][, start]); None if a member
+        lost the adapter."""
         name = self.adapter_name
+        everything = zip(self.stores, self.lambda_stores, self.start_stores, strict=True)
         if any(name not in u or name not in v or name not in lam
-               for (u, v), (lam, _) in zip(self.stores, self.lambda_stores, strict=True)):
+               or any(name not in s for s in starts) for (u, v), (lam, _), starts in everything):
             return None
-        return [(u[name], v[name], lam[name], *((gain[name],) if name in gain else ()))
-                for (u, v), (lam, gain) in zip(self.stores, self.lambda_stores, strict=True)]
+        return [(u[name], v[name], lam[name], *((gain[name],) if name in gain else ()),
+                 *(s[name] for s in starts))
+                for (u, v), (lam, gain), starts in zip(self.stores, self.lambda_stores,
+                                                       self.start_stores, strict=True)]
 
-    def outputs(self, member: int, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
-        """Member ``member``'s (U·diag(λ_eff), V) given its own current ``params``."""
+    def outputs(self, member: int, params: Params) -> tuple[torch.Tensor, ...]:
+        """Member ``member``'s (U·diag(λ_eff), V[, U₀·diag(λ₀_eff), V₀]) given its own current
+        ``params``."""
         return self.shared.outputs(member, params, self.gather)
 
 
@@ -224,10 +254,13 @@ class QuantumPEFTLayer(WeightMergeLayer):
 
     Per adapter: ``qpeft_angles_u[name]`` [P_u], ``qpeft_angles_v[name]`` [P_v],
     ``qpeft_lambda[name]`` [K] (λ itself, or ρ for the "positive"/"sign" domains) and, for those
-    domains only, ``qpeft_gain[name]`` [1]."""
+    domains only, ``qpeft_gain[name]`` [1]. With the offset start, the start as persistent
+    buffers (saved, never trained): ``qpeft_start_u[name]`` [P_u], ``qpeft_start_v[name]``
+    [P_v], ``qpeft_start_lambda[name]`` [K]."""
 
     adapter_layer_names = ("qpeft_angles_u", "qpeft_angles_v", "qpeft_lambda", "qpeft_gain")
-    other_param_names = ("qpeft_r", "qpeft_spec", "qpeft_group", "qpeft_index")
+    start_names = ("qpeft_start_u", "qpeft_start_v", "qpeft_start_lambda")
+    other_param_names = ("qpeft_r", "qpeft_spec", "qpeft_group", "qpeft_index", *start_names)
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self._init_base_layer(base_layer, **kwargs)
@@ -235,6 +268,9 @@ class QuantumPEFTLayer(WeightMergeLayer):
         self.qpeft_angles_v = nn.ParameterDict({})
         self.qpeft_lambda = nn.ParameterDict({})
         self.qpeft_gain = nn.ParameterDict({})
+        self.qpeft_start_u = BufferDict(persistent=True)
+        self.qpeft_start_v = BufferDict(persistent=True)
+        self.qpeft_start_lambda = BufferDict(persistent=True)
         self.qpeft_r: dict[str, int] = {}
         self.qpeft_spec: dict[str, AdapterSpec] = {}
         # adapter -> its CircuitGroup (owned by the tuner, not a registered submodule) and this
@@ -260,6 +296,7 @@ class QuantumPEFTLayer(WeightMergeLayer):
             scaling=config.layer_scaling(self.out_features),
             circuit_dtype=getattr(torch, config.circuit_dtype),
             angle_gains=config.angle_gains(self.out_features, self.in_features),
+            offset=config.offset_start,
         )
         k = config.r
         g_u = torch.Generator().manual_seed(_seed(config.init_seed, module_name, "u"))
@@ -270,7 +307,17 @@ class QuantumPEFTLayer(WeightMergeLayer):
         angles_v = (stiefel_init(method_v, self.in_features, k, config.depth, g_v, torch.float64)
                     / spec.angle_gains[1]).float()
         g_l = torch.Generator().manual_seed(_seed(config.init_seed, module_name, "lambda"))
-        if config.lambda_domain == "real":
+        if spec.offset:  # the start is kept; the trainable copy starts there (ΔW = 0)
+            start = (angles_u, angles_v, torch.full((k,), config.init_lambda))
+            for store, tensor in zip(self._start_stores(), start, strict=True):
+                if tensor.numel():
+                    store[adapter_name] = tensor.clone()
+            lam = start[2].clone()
+            if not config.init_weights:  # tests: a generic point away from the start
+                angles_u = angles_u + 0.05 * torch.randn(angles_u.shape, generator=g_u)
+                angles_v = angles_v + 0.05 * torch.randn(angles_v.shape, generator=g_v)
+                lam = lam + 0.5 * torch.randn(k, generator=g_l) / spec.scaling
+        elif config.lambda_domain == "real":
             # the random test start is the paper's ΔW (λ_eff ~ 0.5·N(0, 1)·alpha/r) under every
             # lr_scale: the "lora" scale (~2·sqrt(d_out/3)) would otherwise make ΔW dwarf W
             paper = float(config.alpha) / k if config.alpha is not None else 1.0
@@ -300,6 +347,18 @@ class QuantumPEFTLayer(WeightMergeLayer):
 
     # ---- the update ΔW = U diag(λ_eff) Vᵀ ------------------------------------------------------
 
+    def _start_stores(self) -> tuple[BufferDict, BufferDict, BufferDict]:
+        return self.qpeft_start_u, self.qpeft_start_v, self.qpeft_start_lambda
+
+    def start(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
+        """The offset start (angles_u₀ [P_u], angles_v₀ [P_v], λ₀ [K]), buffers; () without it.
+        A side without free angles reads as an empty tensor, as in :meth:`angles`."""
+        if not self.qpeft_spec[adapter_name].offset:
+            return ()
+        empty = self.qpeft_start_lambda[adapter_name].new_zeros(0)
+        return tuple(store[adapter_name] if adapter_name in store else empty
+                     for store in self._start_stores())
+
     def angles(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapter's trainable (angles_u [P_u], angles_v [P_v]); a side without free angles
         (width 1, P = 0) stores no tensor and reads as an empty one."""
@@ -328,20 +387,32 @@ class QuantumPEFTLayer(WeightMergeLayer):
         return lambda_unscaled(spec, self.qpeft_lambda[adapter_name],
                                self.qpeft_gain.get(adapter_name)) * spec.scaling
 
+    def factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B [d_out, rank], A [d_in, rank]) with ΔW = B·Aᵀ, in the circuit dtype, generated by
+        this layer alone: (U·diag(λ_eff), V), or with the offset start ([U·diag(λ_eff),
+        −U₀·diag(λ₀_eff)], [V, V₀]) — rank K or 2K (``qpeft_spec[name].rank``). The LoRA
+        export's factors."""
+        f = scaled_factors(self.qpeft_spec[adapter_name], self.factor_inputs(adapter_name))
+        if len(f) == 2:
+            return f
+        return torch.cat([f[0], -f[2]], dim=1), torch.cat([f[1], f[3]], dim=1)
+
     def delta_matrix(self, adapter_name: str) -> torch.Tensor:
-        """ΔW as an ``[out, in]`` matrix in the circuit dtype. O(d_out·d_in·K) — only for merging
-        and tests; the forward never builds it."""
-        u, v = self.stiefel_factors(adapter_name)
-        lam = self.effective_lambda(adapter_name)
-        return (u * lam) @ v.T
+        """ΔW as an ``[out, in]`` matrix in the circuit dtype (the offset start subtracted as a
+        second product: exactly zero at init). O(d_out·d_in·rank) — only for merging and tests;
+        the forward never builds it."""
+        f = scaled_factors(self.qpeft_spec[adapter_name], self.factor_inputs(adapter_name))
+        delta = f[0] @ f[1].T
+        return delta - f[2] @ f[3].T if len(f) == 4 else delta
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """ΔW laid out like the base layer's weight (Conv1D transposed, Conv2d 4-D), circuit dtype."""
         return matrix_to_weight(self.get_base_layer(), self.delta_matrix(adapter_name))
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        """peft's ``convert_to_lora``: ΔW is exactly rank K, so peft's SVD at ``rank=r`` gives
-        the same LoRA as ``qpeft export-lora`` (peft converts linear layers only)."""
+        """peft's ``convert_to_lora``: ΔW is exactly rank K (2K with the offset start), so
+        peft's SVD at that rank gives ΔW as ``qpeft export-lora`` does (peft converts linear
+        layers only)."""
         return self.kind != "conv2d"
 
     # ---- merge / unmerge (additive, exact up to rounding) ---------------------------------------
@@ -373,26 +444,28 @@ class QuantumPEFTLayer(WeightMergeLayer):
                    *args: Any, **kwargs: Any) -> torch.Tensor:
         return base_out + self._adapter_output(x, adapter_name).to(base_out.dtype)
 
-    def adapter_params(self, adapter_name: str) -> list[torch.Tensor]:
-        """The adapter's trainable tensors (angles, λ, gain), what its factors depend on."""
+    def factor_inputs(self, adapter_name: str) -> list[torch.Tensor]:
+        """What the adapter's factors depend on: its trainable tensors (angles, λ, gain), then
+        its offset start (buffers) when it has one."""
         tensors = [*self.angles(adapter_name), self.qpeft_lambda[adapter_name]]
         if adapter_name in self.qpeft_gain:
             tensors.append(self.qpeft_gain[adapter_name])
-        return tensors
+        return [*tensors, *self.start(adapter_name)]
 
-    def _factors_for(self, x: torch.Tensor, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(U·diag(λ_eff), V) in ``x``'s dtype: from the adapter's :class:`CircuitGroup` (one
-        batched generation per training step) or generated by this layer alone."""
-        params = tuple(self.adapter_params(adapter_name))
+    def _factors_for(self, x: torch.Tensor, adapter_name: str) -> tuple[torch.Tensor, ...]:
+        """(U·diag(λ_eff), V[, U₀·diag(λ₀_eff), V₀]) in ``x``'s dtype: from the adapter's
+        :class:`CircuitGroup` (one batched generation per training step) or generated by this
+        layer alone."""
+        params = tuple(self.factor_inputs(adapter_name))
         spec = self.qpeft_spec[adapter_name]
         group = self.qpeft_group.get(adapter_name)
         if group is None:
             build = lambda: scaled_factors(spec, params)  # noqa: E731
         else:
             build = lambda: group.outputs(self.qpeft_index[adapter_name], params)  # noqa: E731
-        ul, v = self._generated(adapter_name, params, build)
-        dtype = x.dtype if x.is_floating_point() else ul.dtype
-        return ul.to(dtype), v.to(dtype)
+        factors = self._generated(adapter_name, params, build)
+        dtype = x.dtype if x.is_floating_point() else factors[0].dtype
+        return tuple(f.to(dtype) for f in factors)
 
 
 class QuantumPEFTLinear(nn.Module, QuantumPEFTLayer):
@@ -409,8 +482,12 @@ class QuantumPEFTLinear(nn.Module, QuantumPEFTLayer):
         self.update_layer(adapter_name, config, module_name)
 
     def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        ul, v = self._factors_for(x, adapter_name)
-        return (x.to(ul.dtype) @ v) @ ul.T
+        ul, v, *start = self._factors_for(x, adapter_name)
+        x = x.to(ul.dtype)
+        out = (x @ v) @ ul.T
+        if start:
+            out = out - (x @ start[1]) @ start[0].T
+        return out
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._forward_dispatch(x, *args, **kwargs)
@@ -434,11 +511,14 @@ class QuantumPEFTConv2d(nn.Module, QuantumPEFTLayer):
         self.update_layer(adapter_name, config, module_name)
 
     def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        ul, v = self._factors_for(x, adapter_name)
+        factors = self._factors_for(x, adapter_name)
         base = self.get_base_layer()
-        kernel = v.T.reshape(v.shape[1], *base.weight.shape[1:])
-        h = base._conv_forward(x.to(ul.dtype), kernel, None)
-        return F.conv2d(h, ul[:, :, None, None])
+        x = x.to(factors[0].dtype)
+        outs = []
+        for ul, v in zip(factors[0::2], factors[1::2], strict=True):  # the start's second
+            kernel = v.T.reshape(v.shape[1], *base.weight.shape[1:])
+            outs.append(F.conv2d(base._conv_forward(x, kernel, None), ul[:, :, None, None]))
+        return outs[0] - outs[1] if len(outs) == 2 else outs[0]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._forward_dispatch(x, *args, **kwargs)

@@ -22,6 +22,9 @@ METHOD = MethodSpec(
         MethodOption("stiefel", "parameterization", str,
                      "Quantum-PEFT Stiefel parametrisation (pauli, generalized, lie_exp, ...)"),
         MethodOption("alpha", "alpha", float, "scaling alpha (LoRA, QPA, Quantum-PEFT)"),
+        MethodOption("init_lambda", "init_lambda", float,
+                     "Quantum-PEFT: start of λ; 0 = the paper's zero start (default: the offset "
+                     "start at 0.05, minus the frozen start ΔW₀)"),
     ),
     defaults={"rank": 8},
     learning_rate=1e-2,

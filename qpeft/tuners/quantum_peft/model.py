@@ -18,7 +18,7 @@ from .layer import (
     is_circuit_layer,
 )
 
-_ADAPTER_TENSORS = QuantumPEFTLayer.adapter_layer_names
+_ADAPTER_TENSORS = (*QuantumPEFTLayer.adapter_layer_names, *QuantumPEFTLayer.start_names)
 
 
 class QuantumPEFTModel(GroupedTuner):
@@ -52,7 +52,9 @@ class QuantumPEFTModel(GroupedTuner):
         return CircuitGroup(
             adapter_name, [layer.qpeft_spec[adapter_name] for layer in layers],
             [(layer.qpeft_angles_u, layer.qpeft_angles_v) for layer in layers],
-            [(layer.qpeft_lambda, layer.qpeft_gain) for layer in layers])
+            [(layer.qpeft_lambda, layer.qpeft_gain) for layer in layers],
+            [layer._start_stores() if layer.qpeft_spec[adapter_name].offset else ()
+             for layer in layers])
 
     @classmethod
     def _remap_adapter_state_dict_for_load(

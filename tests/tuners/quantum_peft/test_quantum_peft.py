@@ -49,6 +49,24 @@ def wrapped(layer: nn.Module, **kw) -> tuple[nn.Module, QuantumPEFTLayer]:
 # ---- slow dense references ----------------------------------------------------------------------
 
 
+def factor_pairs(layer: QuantumPEFTLayer) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """[(U, λ_eff, V)] of the current angles, then, with the offset start, (U₀, −λ₀_eff, V₀) of
+    the start buffers: ΔW = Σ U·diag(λ)·Vᵀ over the pairs."""
+    from qpeft.tuners.quantum_peft.layer import stiefel_factors
+
+    spec = layer.qpeft_spec["default"]
+    pairs = [(*layer.stiefel_factors("default"), layer.effective_lambda("default"))]
+    if spec.offset:
+        au0, av0, lam0 = layer.start("default")
+        pairs.append((*stiefel_factors(spec, (au0, av0)), -spec.scaling * lam0.to(spec.circuit_dtype)))
+    return [(u.detach(), lam.detach(), v.detach()) for u, v, lam in pairs]
+
+
+def reference_delta(layer: QuantumPEFTLayer) -> torch.Tensor:
+    """ΔW [out, in] from explicit dense products of the factors (float64)."""
+    return sum(u.double() @ torch.diag(lam.double()) @ v.double().T for u, lam, v in factor_pairs(layer))
+
+
 def dense_pauli(angles: torch.Tensor, n: int, depth: int) -> torch.Tensor:
     """The circuit's full 2**n x 2**n matrix from explicit Kronecker products (qubit 0 = LSB)."""
     eye2 = torch.eye(2, dtype=torch.float64)
@@ -99,14 +117,16 @@ def test_linear_forward_and_merge_match_dense_delta(d_in, d_out, k, method) -> N
     lin = nn.Linear(d_in, d_out).double()
     model, layer = wrapped(lin, r=k, parameterization=method, init_weights=False,
                            circuit_dtype="float64", alpha=3.0)
-    u, v = layer.stiefel_factors("default")
     # lr_scale="lora" (default): λ carries (alpha / r) · sqrt(d_out / 3)
-    lam = layer.qpeft_lambda["default"].detach() * (3.0 / k) * math.sqrt(d_out / 3.0)
+    torch.testing.assert_close(layer.effective_lambda("default").detach(),
+                               layer.qpeft_lambda["default"].detach() * (3.0 / k) * math.sqrt(d_out / 3.0))
     eye_k = torch.eye(k, dtype=torch.float64)
     tol = 1e-3 if method == "lie_taylor" else 1e-10  # truncated Taylor (order 8): approximate
-    torch.testing.assert_close(u.T @ u, eye_k, atol=tol, rtol=0)
-    torch.testing.assert_close(v.T @ v, eye_k, atol=tol, rtol=0)
-    delta = u @ torch.diag(lam) @ v.T
+    assert len(factor_pairs(layer)) == 2  # the default offset start: minus the start's ΔW₀
+    for u, _, v in factor_pairs(layer):
+        torch.testing.assert_close(u.T @ u, eye_k, atol=tol, rtol=0)
+        torch.testing.assert_close(v.T @ v, eye_k, atol=tol, rtol=0)
+    delta = reference_delta(layer)
     x = torch.randn(3, 5, d_in, dtype=torch.float64)
     expected = x @ (lin.weight + delta).T + lin.bias
     torch.testing.assert_close(model(x), expected, atol=1e-10, rtol=0)
@@ -146,10 +166,13 @@ def test_conv2d_matches_dense_conv(padding_mode: str) -> None:
 def test_rank_of_delta_is_at_most_k_and_k_prime() -> None:
     torch.manual_seed(0)
     _, layer = wrapped(nn.Linear(32, 64).double(), r=5, init_weights=False,
-                       circuit_dtype="float64")
+                       circuit_dtype="float64", init_lambda=0.0)  # the paper's zero start
     assert torch.linalg.matrix_rank(layer.delta_matrix("default")) == 5
+    _, layer = wrapped(nn.Linear(32, 64).double(), r=5, init_weights=False,
+                       circuit_dtype="float64")  # the offset start: the difference of two
+    assert torch.linalg.matrix_rank(layer.delta_matrix("default")) == 10
     _, layer = wrapped(nn.Linear(32, 64).double(), r=5, intrinsic_rank=2, init_weights=False,
-                       circuit_dtype="float64")
+                       circuit_dtype="float64", init_lambda=0.0)
     lam_raw = layer.qpeft_lambda["default"].detach()
     lam = layer.effective_lambda("default")
     keep = torch.argsort(lam_raw.abs(), descending=True, stable=True)[:2]
@@ -420,9 +443,8 @@ def test_a_side_of_width_one_has_no_empty_parameter_and_everything_trains(method
     assert sum(p.numel() for p in trainable.values()) == QuantumPEFTConfig(
         r=1, parameterization=method).count_module(d_out, d_in)
     x = torch.randn(4, d_in, dtype=torch.float64)
-    u, v = layer.stiefel_factors("default")
-    lam = layer.effective_lambda("default")
-    expected = layer.get_base_layer()(x) + (x @ v.double()) @ (u * lam).double().T
+    expected = layer.get_base_layer()(x) + sum((x @ v.double()) @ (u * lam).double().T
+                                               for u, lam, v in factor_pairs(layer))
     torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-10)
     before = {n: p.detach().clone() for n, p in trainable.items()}
     opt = torch.optim.SGD(trainable.values(), lr=0.5)
@@ -457,8 +479,9 @@ def _train_grads(model, x):
 
 
 def test_a_training_step_generates_all_circuit_layers_in_one_batched_call(monkeypatch) -> None:
-    """Six layers, three widths: one stiefel_many call (three programs) per step instead of six
-    factor pairs, with the gradients of per-layer generation (float64, 1e-12)."""
+    """Six layers, three widths: one stiefel_many call (three programs, the offset start's
+    circuits in them) per step instead of twelve factor pairs, with the gradients of per-layer
+    generation (float64, 1e-12)."""
     import qpeft.tuners._batched_generation as shared
     from qpeft.tuners.quantum_peft import layer as layer_module
 
@@ -473,7 +496,7 @@ def test_a_training_step_generates_all_circuit_layers_in_one_batched_call(monkey
     assert (len(batched), len(alone)) == (1, 0)
     monkeypatch.setattr(shared, "_recording", lambda: False)  # every layer on its own
     want = _train_grads(model, x)
-    assert (len(batched), len(alone)) == (1, 6)
+    assert (len(batched), len(alone)) == (1, 12)  # alone: a pair for the angles, one for the start
     assert got.keys() == want.keys() and len(got) == 6 * 3
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-12, rtol=1e-12, msg=name)
