@@ -140,6 +140,7 @@ def stiefel_many(
     *,
     scales: Sequence[float] | None = None,
     columns: Sequence[tuple[torch.Tensor, float] | None] | None = None,
+    append: Sequence[torch.Tensor | None] | None = None,
 ) -> list[torch.Tensor]:
     """``[stiefel(m, p, n, k, depth) for m, p, n in zip(methods, params, dims)]`` for circuit
     methods (``"pauli"`` / ``"generalized"``), one batched call per (method, width): ``B``
@@ -152,7 +153,10 @@ def stiefel_many(
     parameters (the circuit runs on ``scales[i] * params[i]``); ``columns[i] = (c, s)``, factor
     ``i``'s columns multiplied by ``c * s`` (``c``: ``(k,)``, same dtype and device; ``s`` a
     float), ``None``: unscaled. Each product has the value of the same product per factor
-    (``scales[i] * params[i]``, ``factor * (c * s)``): elementwise, same operands."""
+    (``scales[i] * params[i]``, ``factor * (c * s)``): elementwise, same operands.
+    ``append[i]``: ``(n, k_a)`` columns placed after factor ``i``'s (``(n, k + k_a)``), one
+    concatenation per batch; constants (no gradient is sent to them); given for every factor
+    of a width or for none of them."""
     if not len(methods) == len(params) == len(dims):
         raise ValueError(
             f"got {len(methods)} methods, {len(params)} parameter vectors and {len(dims)} dims"
@@ -178,6 +182,8 @@ def stiefel_many(
             stacked_cols = stack_params([ones if c is None else c[0] for c in cols])
             stacked_cols = _times(stacked_cols, [1.0 if c is None else c[1] for c in cols])
             out = out * stacked_cols.unsqueeze(1)
+        if append is not None and append[members[0]] is not None:
+            out = torch.cat([out, torch.stack([append[i] for i in members])], dim=2)
         for i, factor in zip(members, out.unbind(0), strict=True):
             factors[i] = factor
     return factors  # type: ignore[return-value]

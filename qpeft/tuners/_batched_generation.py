@@ -52,15 +52,17 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from torch.autograd import Variable
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["BatchedGeneration", "parameters_written", "same_values"]
+__all__ = ["BatchedGeneration", "KeptConstant", "parameters_written", "same_values"]
 
+
+T = TypeVar("T")
 Params = tuple[torch.Tensor, ...]
 Outputs = tuple[torch.Tensor, ...]
 
@@ -163,7 +165,8 @@ class _Detached(torch.autograd.Function):
     def forward(ctx: Any, fn: Callable[..., Outputs], param_member: tuple[int, ...],
                 output_member: tuple[int, ...], lifetime: _Lifetime | None,
                 *params: torch.Tensor) -> Outputs:
-        inputs = tuple(p.detach().requires_grad_(p.requires_grad) for p in params)
+        # constants (buffers) are read as they are: only what needs a gradient is detached
+        inputs = tuple(p.detach().requires_grad_() if p.requires_grad else p for p in params)
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
             outputs = tuple(fn(*inputs))
         ctx.inner = (inputs, outputs)
@@ -320,6 +323,32 @@ class _Entry:
         return (self.lifetime.live and self.writes == _writes and self.state == state
                 and member < len(self.stamps) and len(own) == len(self.stamps[member])
                 and all(s.holds(p) for s, p in zip(self.stamps[member], own, strict=True)))
+
+
+class KeptConstant:
+    """A value computed from constant tensors (buffers that need no gradient, e.g. an adapter's
+    frozen start), computed once and handed out while those tensors are the same objects,
+    unwritten, under the same autocast state (host-side :class:`_Stamp` checks: no tensor
+    operation, no device sync). A load, a hot-swap or a device move writes or replaces them,
+    and the next call recomputes. A copy (``copy.deepcopy``, pickling) starts empty."""
+
+    def __init__(self) -> None:
+        self._kept: tuple[list[_Stamp], tuple, Any] | None = None
+
+    def get(self, tensors: Sequence[torch.Tensor], build: Callable[[], T]) -> T:
+        """``build()`` (run without autograd) for ``tensors``, or the value kept for them."""
+        state = _autocast_state(tensors[0].device.type) if tensors else None
+        kept = self._kept
+        if kept is not None and kept[1] == state and len(kept[0]) == len(tensors) and all(
+                stamp.holds(t) for stamp, t in zip(kept[0], tensors, strict=True)):
+            return kept[2]
+        with torch.no_grad():
+            value = build()
+        self._kept = ([_Stamp(t) for t in tensors], state, value)
+        return value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_kept": None}
 
 
 def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:

@@ -154,9 +154,12 @@ def test_wrap_shapes_identity_and_training_match_dequantized_float(method, quant
     for key in sq:
         assert sq[key].dtype == torch.float32, key
         assert torch.equal(sq[key], sf[key]), key
-    # identity at init
+    # identity at init (Quantum-PEFT's offset start: its two halves cancel to float rounding)
     with torch.no_grad():
-        assert torch.equal(pq(x), base_out)
+        if getattr(pq.peft_config["default"], "offset_start", False):
+            torch.testing.assert_close(pq(x), base_out, atol=1e-5, rtol=0)
+        else:
+            assert torch.equal(pq(x), base_out)
     # a few training steps: same losses and adapter as on the dequantized float model
     lq, lf = train(pq), train(pf)
     assert lq[-1] < lq[0]

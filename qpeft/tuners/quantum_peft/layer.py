@@ -1,7 +1,7 @@
 """Quantum-PEFT adapter layers: ``y = base(x) + (x·V)·(U·diag(λ_eff))ᵀ`` (λ_eff carries the
 scaling); with the offset start (``init_lambda`` non-zero) minus the frozen start's
-``(x·V₀)·(U₀·diag(λ₀_eff))ᵀ``: two products of the same kernels on the same inputs at init, so
-their difference, and the update, is exactly zero there (one rank-2K product would round).
+``(x·V₀)·(U₀·diag(λ₀_eff))ᵀ``, both as one rank-2K pair: ``(x·[V V₀])·[U·diag(λ_eff)
+−U₀·diag(λ₀_eff)]ᵀ`` (LoRA's two thin matmuls at rank 2K; zero at init to float rounding).
 
 U (d_out x K) and V (d_in x K) have orthonormal columns by construction; they are generated from
 the circuit angles once per layer forward (``qpeft.circuits.stiefel``), in ``circuit_dtype``, and
@@ -23,7 +23,7 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from qpeft.circuits.stiefel import stiefel_init, stiefel_many, stiefel_num_params, stiefel_pair
-from qpeft.tuners._batched_generation import BatchedGeneration, Params
+from qpeft.tuners._batched_generation import BatchedGeneration, KeptConstant, Params
 from qpeft.tuners._common import WeightMergeLayer, matrix_to_weight
 
 from .config import QuantumPEFTConfig
@@ -147,18 +147,20 @@ def lambda_unscaled(spec: AdapterSpec, raw: torch.Tensor, gain: torch.Tensor | N
     return lam
 
 
-def scaled_factors(spec: AdapterSpec, params: Params) -> tuple[torch.Tensor, ...]:
-    """What one layer's forward consumes, (U·diag(λ_eff) [d_out, K], V [d_in, K]) in the
-    circuit dtype, from its (angles_u, angles_v, λ[, gain]) — the layer's ``factor_inputs``.
-    With the offset start, ``params`` ends with the start (angles_u₀, angles_v₀, λ₀) and the
-    start's pair follows: (U·diag(λ_eff), V, U₀·diag(λ₀_eff), V₀); ΔW = first − second."""
+def scaled_factors(spec: AdapterSpec, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+    """What one layer's forward consumes, (B, A) with ΔW = B·Aᵀ, in the circuit dtype, from its
+    (angles_u, angles_v, λ[, gain]) — the layer's ``factor_inputs``: (U·diag(λ_eff) [d_out, K],
+    V [d_in, K]). With the offset start ``params`` ends with the start (angles_u₀, angles_v₀,
+    λ₀) and the factors are rank 2K: ([U·diag(λ_eff), −U₀·diag(λ₀_eff)], [V, V₀])."""
     u, v = stiefel_factors(spec, params[:2])
     gain = params[3] if len(params) > 3 and not spec.offset else None
     ul = u * (lambda_unscaled(spec, params[2], gain) * spec.scaling)
     if not spec.offset:
         return ul, v
-    u0, v0 = stiefel_factors(spec, params[3:5])
-    return ul, v, u0 * (lambda_unscaled(spec, params[5], None) * spec.scaling), v0
+    with torch.no_grad():  # the start is a constant
+        u0, v0 = stiefel_factors(spec, params[3:5])
+        ul0 = u0 * (lambda_unscaled(spec, params[5], None) * -spec.scaling)
+    return torch.cat([ul, ul0], dim=1), torch.cat([v, v0], dim=1)
 
 
 def is_circuit_layer(spec: AdapterSpec, angles: Params) -> bool:
@@ -197,38 +199,50 @@ class CircuitGroup:
         self.stores = stores
         self.lambda_stores = lambda_stores
         self.start_stores = start_stores
-        self.shared = BatchedGeneration(self.generate_all, self.generate_one,
-                                        n_outputs=4 if specs[0].offset else 2)
+        self.start_factors = KeptConstant()  # the offset start's factors: constants
+        self.shared = BatchedGeneration(self.generate_all, self.generate_one, n_outputs=2)
 
-    def generate_one(self, member: int, params: Params) -> tuple[torch.Tensor, ...]:
+    def generate_one(self, member: int, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
         return scaled_factors(self.specs[member], params)
 
-    def generate_all(self, params: list[Params]) -> list[tuple[torch.Tensor, ...]]:
+    def generate_all(self, params: list[Params]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        spec = self.specs[0]  # one adapter: one r, depth and start
+        sides = [(raw[:2], raw[3] if len(raw) > 3 and not spec.offset else None, raw[2])
+                 for raw in params]
+        if not spec.offset:
+            return self._program(sides, 1.0)
+        # the start's factors (−U₀·diag(λ₀_eff), V₀) are constants: generated once (no
+        # autograd) and kept while the start buffers are unwritten; appended to the current
+        # factors' columns once per batched program (rank 2K), so no gradient reaches them
+        start = self.start_factors.get(
+            [t for raw in params for t in raw[3:6]],
+            lambda: self._program([(raw[3:5], None, raw[5]) for raw in params], -1.0))
+        return self._program(sides, 1.0, [f for pair in start for f in pair])
+
+    def _program(self, sides: list[tuple[Params, torch.Tensor | None, torch.Tensor]],
+                 sign: float, append: list[torch.Tensor] | None = None,
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every member's (sign·U·diag(λ_eff), V) from its ((angles_u, angles_v), gain, λ), as
+        one batched program per width (:func:`stiefel_many`), each factor followed by its
+        ``append`` columns when given."""
         methods, angles, dims, columns = [], [], [], []
         # without quantization the gains go to stiefel_many (one product per width); with it,
         # each layer's angles are snapped after its gain, as circuit_params does
         per_layer = any(spec.quantize_bits is not None for spec in self.specs)
         scales: list[float] | None = None if per_layer else []
-        for spec, raw in zip(self.specs, params, strict=True):
-            # one (U, V) pair per circuit: the current angles, and with the offset start the
-            # start's, in the same batched programs
-            pairs = [(raw[:2], raw[3] if len(raw) > 3 and not spec.offset else None, raw[2])]
-            if spec.offset:
-                pairs.append((raw[3:5], None, raw[5]))
-            for (au, av), gain, lam in pairs:
-                methods += [spec.method_u, spec.method_v]
-                if per_layer:
-                    angles += circuit_params(spec, au, av)
-                else:
-                    angles += [au.to(spec.circuit_dtype), av.to(spec.circuit_dtype)]
-                    scales += spec.angle_gains
-                dims += [spec.out_features, spec.in_features]
-                columns += [(lambda_unscaled(spec, lam, gain), spec.scaling), None]
-        spec = self.specs[0]  # one adapter: one r, depth and start
+        for spec, ((au, av), gain, lam) in zip(self.specs, sides, strict=True):
+            methods += [spec.method_u, spec.method_v]
+            if per_layer:
+                angles += circuit_params(spec, au, av)
+            else:
+                angles += [au.to(spec.circuit_dtype), av.to(spec.circuit_dtype)]
+                scales += spec.angle_gains
+            dims += [spec.out_features, spec.in_features]
+            columns += [(lambda_unscaled(spec, lam, gain), sign * spec.scaling), None]
+        spec = self.specs[0]
         factors = stiefel_many(methods, angles, dims, spec.r, spec.depth, scales=scales,
-                               columns=columns)
-        width = 4 if spec.offset else 2  # factors per member
-        return [tuple(factors[i:i + width]) for i in range(0, len(factors), width)]
+                               columns=columns, append=append)
+        return list(zip(factors[0::2], factors[1::2], strict=True))
 
     def gather(self) -> list[Params] | None:
         """Every member's current (angles_u, angles_v, λ[, gain][, start]); None if a member
@@ -243,8 +257,8 @@ class CircuitGroup:
                 for (u, v), (lam, gain), starts in zip(self.stores, self.lambda_stores,
                                                        self.start_stores, strict=True)]
 
-    def outputs(self, member: int, params: Params) -> tuple[torch.Tensor, ...]:
-        """Member ``member``'s (U·diag(λ_eff), V[, U₀·diag(λ₀_eff), V₀]) given its own current
+    def outputs(self, member: int, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        """Member ``member``'s factors (:func:`scaled_factors`) given its own current
         ``params``."""
         return self.shared.outputs(member, params, self.gather)
 
@@ -389,21 +403,20 @@ class QuantumPEFTLayer(WeightMergeLayer):
 
     def factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(B [d_out, rank], A [d_in, rank]) with ΔW = B·Aᵀ, in the circuit dtype, generated by
-        this layer alone: (U·diag(λ_eff), V), or with the offset start ([U·diag(λ_eff),
-        −U₀·diag(λ₀_eff)], [V, V₀]) — rank K or 2K (``qpeft_spec[name].rank``). The LoRA
-        export's factors."""
-        f = scaled_factors(self.qpeft_spec[adapter_name], self.factor_inputs(adapter_name))
-        if len(f) == 2:
-            return f
-        return torch.cat([f[0], -f[2]], dim=1), torch.cat([f[1], f[3]], dim=1)
+        this layer alone (:func:`scaled_factors`): rank K, or 2K with the offset start
+        (``qpeft_spec[name].rank``). The LoRA export's factors."""
+        return scaled_factors(self.qpeft_spec[adapter_name], self.factor_inputs(adapter_name))
 
     def delta_matrix(self, adapter_name: str) -> torch.Tensor:
-        """ΔW as an ``[out, in]`` matrix in the circuit dtype (the offset start subtracted as a
-        second product: exactly zero at init). O(d_out·d_in·rank) — only for merging and tests;
-        the forward never builds it."""
-        f = scaled_factors(self.qpeft_spec[adapter_name], self.factor_inputs(adapter_name))
-        delta = f[0] @ f[1].T
-        return delta - f[2] @ f[3].T if len(f) == 4 else delta
+        """ΔW as an ``[out, in]`` matrix in the circuit dtype. With the offset start the start's
+        product is subtracted from the current one (two products of the same kernels: exactly
+        zero at init, so merging an untrained adapter leaves W as it is). O(d_out·d_in·rank) —
+        only for merging and tests; the forward never builds it."""
+        b, a = self.factors(adapter_name)
+        k = self.qpeft_spec[adapter_name].r
+        if b.shape[1] == k:
+            return b @ a.T
+        return b[:, :k] @ a[:, :k].T - (-b[:, k:]) @ a[:, k:].T
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """ΔW laid out like the base layer's weight (Conv1D transposed, Conv2d 4-D), circuit dtype."""
@@ -452,8 +465,8 @@ class QuantumPEFTLayer(WeightMergeLayer):
             tensors.append(self.qpeft_gain[adapter_name])
         return [*tensors, *self.start(adapter_name)]
 
-    def _factors_for(self, x: torch.Tensor, adapter_name: str) -> tuple[torch.Tensor, ...]:
-        """(U·diag(λ_eff), V[, U₀·diag(λ₀_eff), V₀]) in ``x``'s dtype: from the adapter's
+    def _factors_for(self, x: torch.Tensor, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors (B, A) of :func:`scaled_factors` in ``x``'s dtype: from the adapter's
         :class:`CircuitGroup` (one batched generation per training step) or generated by this
         layer alone."""
         params = tuple(self.factor_inputs(adapter_name))
@@ -463,9 +476,9 @@ class QuantumPEFTLayer(WeightMergeLayer):
             build = lambda: scaled_factors(spec, params)  # noqa: E731
         else:
             build = lambda: group.outputs(self.qpeft_index[adapter_name], params)  # noqa: E731
-        factors = self._generated(adapter_name, params, build)
-        dtype = x.dtype if x.is_floating_point() else factors[0].dtype
-        return tuple(f.to(dtype) for f in factors)
+        ul, v = self._generated(adapter_name, params, build)
+        dtype = x.dtype if x.is_floating_point() else ul.dtype
+        return ul.to(dtype), v.to(dtype)
 
 
 class QuantumPEFTLinear(nn.Module, QuantumPEFTLayer):
@@ -482,12 +495,8 @@ class QuantumPEFTLinear(nn.Module, QuantumPEFTLayer):
         self.update_layer(adapter_name, config, module_name)
 
     def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        ul, v, *start = self._factors_for(x, adapter_name)
-        x = x.to(ul.dtype)
-        out = (x @ v) @ ul.T
-        if start:
-            out = out - (x @ start[1]) @ start[0].T
-        return out
+        ul, v = self._factors_for(x, adapter_name)
+        return (x.to(ul.dtype) @ v) @ ul.T
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._forward_dispatch(x, *args, **kwargs)
@@ -511,14 +520,11 @@ class QuantumPEFTConv2d(nn.Module, QuantumPEFTLayer):
         self.update_layer(adapter_name, config, module_name)
 
     def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        factors = self._factors_for(x, adapter_name)
+        ul, v = self._factors_for(x, adapter_name)
         base = self.get_base_layer()
-        x = x.to(factors[0].dtype)
-        outs = []
-        for ul, v in zip(factors[0::2], factors[1::2], strict=True):  # the start's second
-            kernel = v.T.reshape(v.shape[1], *base.weight.shape[1:])
-            outs.append(F.conv2d(base._conv_forward(x, kernel, None), ul[:, :, None, None]))
-        return outs[0] - outs[1] if len(outs) == 2 else outs[0]
+        kernel = v.T.reshape(v.shape[1], *base.weight.shape[1:])
+        h = base._conv_forward(x.to(ul.dtype), kernel, None)
+        return F.conv2d(h, ul[:, :, None, None])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._forward_dispatch(x, *args, **kwargs)

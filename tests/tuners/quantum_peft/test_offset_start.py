@@ -163,3 +163,32 @@ def test_circuit_export_has_the_start_circuits(tmp_path) -> None:
     assert sorted(map(key, saved)) == sorted(map(key, records)) and len(records) == 24
     for a, b in zip(sorted(saved, key=key), sorted(records, key=key), strict=True):
         assert a.circuit == b.circuit
+
+
+def test_a_written_start_is_seen_by_the_batched_generation() -> None:
+    """The start's factors are kept between training steps (constants); writing the start
+    buffers (a load, a hot-swap) makes the next step generate them afresh."""
+    x = torch.randn(4, 24, dtype=torch.float64)
+    model, other = _tower(init_weights=False, circuit_dtype="float64"), _tower(
+        init_weights=False, circuit_dtype="float64", init_seed=3)
+    model.train(), other.train()
+    model(x)  # generates and keeps the start's factors
+    state = {k: v for k, v in other.state_dict().items() if "qpeft_" in k}
+    assert any("qpeft_start_u" in k for k in state)
+    model.load_state_dict(state, strict=False)
+    torch.testing.assert_close(model(x), other(x), atol=1e-12, rtol=0)
+
+
+def test_stiefel_many_appends_constant_columns() -> None:
+    from qpeft.circuits.stiefel import stiefel_many
+
+    g = torch.Generator().manual_seed(0)
+    angles = [torch.randn(7, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2)]
+    extra = [torch.randn(8, 2, generator=g, dtype=torch.float64) for _ in range(2)]
+    plain = stiefel_many(["pauli"] * 2, angles, [8, 8], 3, 1)
+    got = stiefel_many(["pauli"] * 2, angles, [8, 8], 3, 1, append=extra)
+    for p, e, out in zip(plain, extra, got, strict=True):
+        assert out.shape == (8, 5)
+        torch.testing.assert_close(out, torch.cat([p, e], dim=1), atol=0, rtol=0)
+    sum(out.sum() for out in got).backward()
+    assert all(a.grad is not None for a in angles) and all(e.grad is None for e in extra)
