@@ -88,8 +88,27 @@ STEP_MATCHED = ("qpa", "quantum-peft")
 @pytest.mark.parametrize("method", STEP_MATCHED)
 @pytest.mark.parametrize("shape", WIDTHS, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_one_adamw_step_moves_the_output_like_a_lora_step(method, shape, lora_steps) -> None:
-    ratio = one_step_change(METHODS[method](), *shape) / lora_steps[shape]
+    # QPA's zero start: its first step moves only the gain, as LoRA's moves only B. The offset
+    # start (the default) moves every generator number from step 1: with init_gain=1 its first
+    # step is ~100x (384 wide) to ~1200x (4096) LoRA's first step, in proportion to init_gain
+    # (test below)
+    kw = {"init_gain": 0.0} if method == "qpa" else {}
+    ratio = one_step_change(METHODS[method](**kw), *shape) / lora_steps[shape]
     assert BAND[0] <= ratio <= BAND[1], f"{method} {shape}: step ratio to LoRA {ratio:.3f}"
+
+
+@pytest.mark.parametrize("shape", WIDTHS[:2], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_qpa_offset_start_first_step_scales_with_init_gain(shape, lora_steps) -> None:
+    """The offset start's first AdamW step moves every generated number (Adam: ~lr each), so
+    its output change is proportional to the start gain g0 and far above LoRA's first step
+    (which moves B from zero only): what the docs' numbers say (docs/methods/qpa.md)."""
+    def ratio(init_gain: float) -> float:
+        config = qpeft.QPAConfig(target_modules=["layer"], init_gain=init_gain)
+        return one_step_change(config, *shape) / lora_steps[shape]
+
+    unit, tenth = ratio(1.0), ratio(0.1)
+    assert unit > 30 * BAND[1], unit
+    torch.testing.assert_close(unit / tenth, 10.0, rtol=0.15, atol=0)
 
 
 @pytest.mark.parametrize("shape", WIDTHS[:3], ids=lambda s: f"{s[0]}x{s[1]}")
@@ -126,6 +145,13 @@ def test_identity_at_init_is_exact(method, lr_scale) -> None:
     x = torch.randn(5, 40)
     expected = base(x).detach().clone()
     model = get_peft_model(base, METHODS[method](**kw))
+    if method == "qpa" and model.peft_config["default"].offset_start:
+        # QPA's offset start (the default with lr_scale "lora"): g B A - g0 B0 A0 cancels to
+        # round-off at init; its zero start (init_gain=0) is exact
+        torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=0)
+        torch.manual_seed(0)
+        base = Wrap(24, 40)
+        model = get_peft_model(base, METHODS[method](init_gain=0.0, **kw))
     assert torch.equal(model(x), expected)
 
 
@@ -201,7 +227,9 @@ def test_config_saved_without_lr_scale_loads_with_the_old_outputs(method, tmp_pa
     assert torch.equal(loaded(x), expected)
 
     # the same tensors read with the new default would give other outputs: the test can fail
-    new = get_peft_model(small_base(), LEGACY_CONFIGS[method]()).eval()
+    # (QPA: without the offset start, whose frozen start the old tensors do not hold)
+    same_tensors = {"init_gain": 0.0} if method == "qpa" else {}
+    new = get_peft_model(small_base(), LEGACY_CONFIGS[method](**same_tensors)).eval()
     new.load_state_dict(old.state_dict())
     assert (new(x) - expected).abs().max() > 1e-3
 

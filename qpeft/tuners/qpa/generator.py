@@ -334,7 +334,9 @@ class QPAGenerator(nn.Module):
                 start_mlp = draw_mlp()
         self.out_multiplier = float(out_multiplier)
         self.gain = nn.Parameter(torch.full((1,), float(gain_init))) if output_gain else None
-        self.start_gain = float(start_gain)
+        # g0 as the float32 gain parameter holds it (0.1 is not a float32): the start cancels
+        # the gain's own start value, also after the generator is cast to float64
+        self.start_gain = float(torch.tensor(float(start_gain), dtype=torch.float32))
         if self.start_gain != 0:
             # persistent buffers: saved with the adapter (keys ``qpa_generator.start_*``), loaded
             # by peft like the parameters, never trained nor counted

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from qpeft import count_trainable
 from qpeft.tuners.qpa import QPAConfig, export_lora
+from qpeft.tuners.qpa.config import DEFAULT_INIT_GAIN
 from tests.tuners.qpa.test_qpa import Stack, _slow_generation, stack_model
 
 LAYERS = ["a", "b", "c", "d"]
@@ -54,8 +55,8 @@ def _start_copy(gen):
 @pytest.mark.parametrize(
     ("kw", "resolved"),
     [
-        ({}, 1.0),
-        ({"init_weights": False}, 1.0),
+        ({}, DEFAULT_INIT_GAIN),
+        ({"init_weights": False}, DEFAULT_INIT_GAIN),
         ({"lr_scale": "paper"}, 0.0),
         ({"output_gain": False}, 0.0),
         ({"preset": "reference"}, 0.0),
@@ -101,7 +102,7 @@ def test_the_offset_start_is_the_base_model_at_init_in_float64():
     reference = Stack().double()(x)
     model = stack_model(torch.float64)
     gen = model.base_model.generator()
-    assert gen.has_start and gen.gain.item() == 1.0
+    assert gen.has_start and gen.gain.item() == pytest.approx(DEFAULT_INIT_GAIN)
     for mode in (model.train, model.eval):
         mode()
         torch.testing.assert_close(model(x), reference, atol=1e-12, rtol=0)
@@ -121,8 +122,9 @@ def test_delta_weight_equals_the_slow_reference(init_weights):
     with torch.no_grad():
         gen.gain.fill_(0.7)
     flat, flat0 = _slow_generation(gen), _slow_generation(_start_copy(gen))
-    g, g0, r, pos = 0.7, model.peft_config["default"].init_gain, 3, 0
-    assert g0 == 1.0
+    # g0: init_gain as the float32 gain parameter holds it (0.1 is no float32)
+    g, g0, r, pos = 0.7, gen.start_gain, 3, 0
+    assert g0 == float(torch.tensor(DEFAULT_INIT_GAIN, dtype=torch.float32))
     for layer in _layers(model):
         d_out, d_in = layer.out_features, layer.in_features
         x = torch.randn(5, d_in, dtype=torch.float64)
@@ -205,7 +207,8 @@ def test_save_load_round_trip_carries_the_start(tmp_path):
     model.save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     assert "base_model.qpa_generator.start_theta" in tensors
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["init_gain"] == 1.0
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["init_gain"] == DEFAULT_INIT_GAIN
     gen = model.base_model.generator()
     for low in (False, True):
         torch.manual_seed(0)
