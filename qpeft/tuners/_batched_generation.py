@@ -342,7 +342,9 @@ class KeptConstant:
         if kept is not None and kept[1] == state and len(kept[0]) == len(tensors) and all(
                 stamp.holds(t) for stamp, t in zip(kept[0], tensors, strict=True)):
             return kept[2]
-        with torch.no_grad():
+        # ordinary tensors even under torch.inference_mode(): a kept value may be read later by
+        # a forward that autograd records
+        with torch.inference_mode(False), torch.no_grad():
             value = build()
         self._kept = ([_Stamp(t) for t in tensors], state, value)
         return value

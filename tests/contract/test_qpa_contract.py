@@ -31,7 +31,9 @@ def qpa(case: str, **kw) -> QPAConfig:
 
 @pytest.mark.parametrize("case", sorted(h.TINY_MODELS))
 def test_qpa_passes_the_contract(case):
-    h.check_identity_at_init(case, qpa(case))
+    # the offset start (default) is the base model to round-off, the zero start bit for bit
+    h.check_identity_at_init(case, qpa(case), exact=False)
+    h.check_identity_at_init(case, qpa(case, init_gain=0.0))
     h.check_only_adapter_params_change(case, qpa(case), prefix="qpa_")
     h.check_merge_equivalence(case, qpa(case))
     h.check_disable_adapter(case, qpa(case))
@@ -115,6 +117,8 @@ def test_exported_lora_matches_in_process(case, tmp_path):
     export_lora(tmp_path / "qpa", tmp_path / "lora")
     lora = PeftModel.from_pretrained(h.build_tiny(case), tmp_path / "lora")
     assert type(lora.base_model).__name__ == "LoraModel"
-    torch.testing.assert_close(h.run(lora, case), expected, atol=1e-6, rtol=1e-6)
+    # (rank 2r with the offset start: its two halves cancel in another order than in QPA's
+    # forward; float32 round-off of the B A terms, 6e-6 on the cnn's outputs of ~2)
+    torch.testing.assert_close(h.run(lora, case), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h.run(lora.merge_and_unload(), case), expected, atol=1e-5,
                                rtol=1e-5)

@@ -154,7 +154,8 @@ def test_wrap_shapes_identity_and_training_match_dequantized_float(method, quant
     for key in sq:
         assert sq[key].dtype == torch.float32, key
         assert torch.equal(sq[key], sf[key]), key
-    # identity at init (Quantum-PEFT's offset start: its two halves cancel to float rounding)
+    # identity at init (the offset starts, Quantum-PEFT's and QPA's: their two halves cancel to
+    # float rounding)
     with torch.no_grad():
         if getattr(pq.peft_config["default"], "offset_start", False):
             torch.testing.assert_close(pq(x), base_out, atol=1e-5, rtol=0)

@@ -26,6 +26,12 @@ REFERENCE_N_MLP = 2048
 #: the paper's down to one narrow layer, and chunk sizes, largest first
 SIZING_HIDDEN: list[list[int]] = [list(REFERENCE_HIDDEN), [32, 32], [16, 16], [8]]
 SIZING_N_MLP: list[int] = [2048, 1024, 512, 256, 128, 64, 32, 16]
+#: the offset start's gain g0 when ``init_gain`` is None (with lr_scale "lora" and a gain). Its
+#: first AdamW step moves the output ~g0 x 100 times LoRA's first step on 384-576-wide layers;
+#: measured (seed 0): 0.1 learns at SFTTrainer's 2e-4 (45 % exact match, zero start 0 %) and
+#: keeps the suite's 1e-2 (95.7 % on MiniLM BBC); 0.3 and 1 diverge at 1e-2, 0.01 stalls at
+#: 2e-4 (docs/methods/qpa.md, "Identity at init")
+DEFAULT_INIT_GAIN = 0.1
 # peft's BaseTuner marks the biases trainable: "all" biases of the model, or those of the
 # adapted layers only ("qpa_only", like LoRA's "lora_only")
 BIAS_OPTIONS = ("none", "all", "qpa_only")
@@ -38,8 +44,11 @@ class QPAConfig(LrScaledConfig):
     One model-wide generator (QNN angles + MLP, see ``generator.py``) produces the LoRA factors
     ``lora_A`` (r x d_in) and ``lora_B`` (d_out x r) of every targeted layer;
     ``delta_W = (lora_alpha / r) * lora_B @ lora_A``. Trainable: the angles, the MLP and (default)
-    one zero-initialised output gain on every ``lora_B``, which makes the wrapped model the base
-    model exactly at init. ``preset="reference"`` reproduces the paper's generator: its MLP widths,
+    one output gain on every ``lora_B``. Identity at init (default, ``lr_scale="lora"``): the
+    offset start, gain from ``init_gain`` = 0.1 and ``delta_W = scaling * (g B(phi) A(phi) - g0
+    B(phi0) A(phi0))`` with the frozen init ``phi0`` saved with the adapter (every generator
+    parameter learns from step 1); ``init_gain=0`` (and ``lr_scale="paper"``): the zero start,
+    gain from 0 (see docs/methods/qpa.md, "Start"). ``preset="reference"`` reproduces the paper's generator: its MLP widths,
     no activation, its probability transform, mean-centred output and no gain (random start).
     """
 
@@ -69,13 +78,29 @@ class QPAConfig(LrScaledConfig):
     )
     output_gain: bool = field(
         default=True,
-        metadata={"help": "zero-initialised scalar gain on lora_B: identity at init (+1 trainable)"},
+        metadata={"help": "a trainable scalar gain on lora_B, starting at init_gain (offset "
+                  "start) or 0: identity at init (+1 trainable)"},
     )
     init_weights: bool = field(
         default=True,
         metadata={
-            "help": "True: the output gain starts at 0 (the wrapped model is the base model); "
-            "False: at 1, a random start from the generator's init (tests). No effect without a gain"
+            "help": "True: the wrapped model is the base model at init (offset or zero start, "
+            "see init_gain); False: a random start (tests): with the offset start phi0 is a "
+            "second, independent draw, with the zero start the gain starts at 1. No effect "
+            "without a gain"
+        },
+    )
+    init_gain: float | None = field(
+        default=None,
+        metadata={
+            "help": "the output gain's start value g0 of the offset start: nonzero -> the gain "
+            "starts at g0 and the frozen start g0 * B(phi0) A(phi0) is subtracted (phi0: the "
+            "generator's init, saved with the adapter), so the model is the base model at init "
+            "and every generator parameter gets gradient from step 1 (the zero start gives them "
+            "gradient proportional to the gain, 0 at init); 0 -> the zero start (the gain starts "
+            "at 0, or at 1 with init_weights=False). None -> 0.1 (DEFAULT_INIT_GAIN) with "
+            "lr_scale='lora' and output_gain, else 0.0; adapters saved before this field load "
+            "as 0.0"
         },
     )
     preset: str | None = field(
@@ -129,6 +154,18 @@ class QPAConfig(LrScaledConfig):
             self.output_gain = False
             self.lr_scale = "paper"
         check_choice("lr_scale", self.lr_scale, LR_SCALES)
+        if self.init_gain is None:
+            self.init_gain = (DEFAULT_INIT_GAIN if self.lr_scale == "lora" and self.output_gain
+                              else 0.0)
+        if isinstance(self.init_gain, bool) or not isinstance(self.init_gain, (int, float)) or (
+                not math.isfinite(self.init_gain)):
+            raise ValueError(f"init_gain must be a finite number or None, got {self.init_gain!r}")
+        self.init_gain = float(self.init_gain)
+        if self.init_gain != 0 and not self.output_gain:
+            raise ValueError(
+                f"init_gain={self.init_gain} needs output_gain=True: the offset start trains the "
+                "output gain from init_gain (use init_gain=0 or None without a gain, e.g. with "
+                "preset='reference')")
         check_positive_int("r", self.r)
         if self.n_mlp is not None:
             check_positive_int("n_mlp", self.n_mlp)
@@ -148,6 +185,20 @@ class QPAConfig(LrScaledConfig):
             raise ValueError("layers_to_transform cannot be used when target_modules is a str")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern needs layers_to_transform")
+
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """As :class:`LrScaledConfig`, and a config saved before ``init_gain`` existed gets 0.0:
+        the zero start, no frozen start subtracted and none in its checkpoint, so it loads the
+        outputs it was trained with."""
+        kwargs = super().check_kwargs(**kwargs)
+        kwargs.setdefault("init_gain", 0.0)
+        return kwargs
+
+    @property
+    def offset_start(self) -> bool:
+        """Whether ΔW subtracts the frozen start (``init_gain`` resolved nonzero)."""
+        return bool(self.output_gain) and bool(self.init_gain)
 
     def out_multiplier(self, shapes: list[tuple[int, int]], n_mlp: int, hidden: list[int]) -> float:
         """The multiplier on the generator's output layer for layers of these ``(d_out, d_in)``
@@ -236,6 +287,16 @@ def build_generator(config: QPAConfig, shapes: list[tuple[int, int]]) -> QPAGene
         center_output=config.center_output,
         output_gain=config.output_gain,
         init_seed=config.init_seed,
-        gain_init=0.0 if config.init_weights else 1.0,
+        gain_init=_gain_start(config),
         out_multiplier=config.out_multiplier(shapes, n_mlp, hidden),
+        start_gain=config.init_gain if config.offset_start else 0.0,
+        start_from_init=bool(config.init_weights),
     )
+
+
+def _gain_start(config: QPAConfig) -> float:
+    """The output gain's value at init: ``init_gain`` with the offset start; else 0 (the zero
+    start) or, with ``init_weights=False``, 1 (a random start)."""
+    if config.offset_start:
+        return float(config.init_gain)
+    return 0.0 if config.init_weights else 1.0

@@ -2,6 +2,8 @@
 
 LoRA (``qpeft export-lora``): the generator runs once; its factors become ``lora_A`` /
 ``lora_B`` tensors with ``lora_alpha / r`` equal to QPA's scaling, so ``delta_W`` is identical.
+With the offset start (``init_gain`` nonzero) the factors are rank 2r, ``[g B, -g0 B0]`` and
+``[A; A0]``, so the exported LoRA has ``r = 2 r_QPA`` and ``lora_alpha = 2 alpha_QPA``.
 Needs only the adapter folder (the layer layout is recorded in ``adapter_config.json`` at
 injection), not the base model; stock peft loads the result without qpeft.
 
@@ -96,7 +98,7 @@ def lora_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Tensor
                          ) -> tuple[Any, dict[str, torch.Tensor]]:
     """``(LoraConfig, tensors)``: the saved QPA adapter as the plain LoRA adapter it is. The
     generator runs once in its saved dtype; ``lora_alpha / r`` equals QPA's scaling, so
-    ``delta_W`` is identical; ``modules_to_save`` copies are carried over as they are. Needs the
+    ``delta_W`` is identical (rank 2r with the offset start); ``modules_to_save`` copies are carried over as they are. Needs the
     folder only (the layer layout is recorded at injection). O(generation + m)."""
     from peft import LoraConfig
 
@@ -107,9 +109,11 @@ def lora_from_checkpoint(config: dict[str, Any], tensors: dict[str, torch.Tensor
     qpa_config, generator = generator_from_checkpoint(config, tensors)
     lora = lora_tensors(generator, qpa_config.layout)
     kinds = {row[1] for row in qpa_config.layout}
+    # the offset start doubles the factors' rank: alpha doubles with it, the scaling is kept
+    rank_factor = 2 if generator.has_start else 1
     lora_config = LoraConfig(
-        r=qpa_config.r,
-        lora_alpha=qpa_config.effective_alpha,
+        r=rank_factor * qpa_config.r,
+        lora_alpha=rank_factor * qpa_config.effective_alpha,
         lora_dropout=float(qpa_config.lora_dropout),
         target_modules=[row[0] for row in qpa_config.layout],
         fan_in_fan_out=kinds == {"conv1d"},

@@ -13,9 +13,21 @@ LoRA export. Pipeline (papers.md section 3), for ``m`` target numbers in total:
    ``lora_B`` (d_out x r, first d_out*r numbers, row-major) then ``lora_A`` (r x d_in).
    ``delta_W = (alpha / r) * lora_B @ lora_A``.
 
-Identity at init: with ``output_gain`` a scalar gain, initialised to 0, multiplies every
-``lora_B`` (like LoRA's zero B): delta_W = 0 exactly, the gain gets gradient at once and theta/MLP
-from the first step on. ``output_gain=False`` (the reference preset) starts from a random delta_W.
+Identity at init, two ways (``output_gain``: a trainable scalar gain ``g`` multiplies every
+``lora_B``):
+
+- zero start (``start_gain=0``): ``g`` starts at 0, like LoRA's zero B: delta_W = 0 exactly. But
+  ``d delta_W / d phi`` is proportional to ``g`` for every generator parameter ``phi`` (theta, MLP),
+  so at the first step only the gain learns, and the rest follows only as fast as ``g`` grows.
+- offset start (``start_gain=g0 != 0``): ``g`` starts at ``g0`` and the frozen start is subtracted,
+  ``delta_W = (alpha / r) * (g * B(phi) A(phi) - g0 * B(phi0) A(phi0))`` with ``phi0`` a frozen copy
+  of the parameters at init (persistent buffers ``start_*``, saved with the adapter, never
+  trained): delta_W = 0 at init and every parameter gets gradient ``g0 * ...`` from step 1. A
+  layer's factors are then rank 2r: ``[g B, -g0 B0]`` and ``[A; A0]``; the start factors are
+  generated from ``phi0`` once and kept (not saved) while ``phi0`` is unchanged. At init the two
+  halves cancel to round-off (the zero start: bit for bit).
+
+``output_gain=False`` (the reference preset) starts from a random delta_W.
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ from torch import nn
 
 from qpeft.circuits._checks import check_positive_int
 from qpeft.circuits.statevector import MAX_QUBITS, qnn_num_params, qnn_probabilities
-from qpeft.tuners._batched_generation import BatchedGeneration, same_values
+from qpeft.tuners._batched_generation import BatchedGeneration, KeptConstant, same_values
 
 REFERENCE_HIDDEN = (32, 64, 128, 128, 64, 32, 32)
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "none")
@@ -91,6 +103,28 @@ class _KeptSlot:
 
     def __getstate__(self) -> dict[str, Any]:
         return {"entry": None}
+
+
+class _AppendStart(torch.autograd.Function):
+    """``(lora_B, lora_A, -g0 B0, A0) -> ([lora_B, -g0 B0], [lora_A; A0])``: the offset start
+    appended to one layer's factors. The start is a constant (no gradient), so the backward
+    only slices the current factors' part of each gradient: one operation per factor, where
+    ``torch.cat``'s backward slices every input (a training step dispatches this once per
+    adapted layer; ``python -m benchmarks.dispatch``)."""
+
+    @staticmethod
+    def forward(ctx: Any, lora_b: torch.Tensor, lora_a: torch.Tensor, neg_b0: torch.Tensor,
+                a0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.r = lora_a.shape[0]
+        ctx.set_materialize_grads(False)
+        return torch.cat((lora_b, neg_b0), dim=1), torch.cat((lora_a, a0), dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad_b: torch.Tensor | None,
+                 grad_a: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        r = ctx.r
+        return (None if grad_b is None else grad_b[:, :r],
+                None if grad_a is None else grad_a[:r], None, None)
 
 
 def target_size(shapes: Sequence[tuple[int, int]], r: int) -> int:
@@ -214,6 +248,8 @@ class QPAGenerator(nn.Module):
         init_seed: int | None = None,
         gain_init: float = 0.0,
         out_multiplier: float = 1.0,
+        start_gain: float = 0.0,
+        start_from_init: bool = True,
     ) -> None:
         super().__init__()
         check_positive_int("r", r)
@@ -251,18 +287,51 @@ class QPAGenerator(nn.Module):
         # component of a checkpoint key, which only round-trips for one level below it.
         self.activation = activation
         self.n_mlp_layers = len(widths) - 1
-        with torch.random.fork_rng(devices=[], enabled=init_seed is not None):
-            if init_seed is not None:
-                torch.manual_seed(init_seed)
+        if not (isinstance(start_gain, (int, float)) and math.isfinite(start_gain)):
+            raise ValueError(f"start_gain must be a finite number, got {start_gain!r}")
+        if start_gain != 0 and not output_gain:
+            raise ValueError(
+                f"start_gain={start_gain} needs output_gain=True (the offset start subtracts "
+                "g0 * B(phi0) A(phi0) and trains the gain from g0)")
+
+        def draw_mlp() -> list[tuple[torch.Tensor, torch.Tensor]]:
+            layers = []
             for k, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
                 linear = nn.Linear(a, b)  # nn.Linear's default init, then flattened
                 # the output layer is stored divided by its multiplier: the generated numbers at
                 # init are nn.Linear's whatever the multiplier (it only speeds up their steps)
                 div = float(out_multiplier) if k == len(widths) - 2 else 1.0
-                self.register_parameter(f"mlp_weight_{k}", nn.Parameter(linear.weight.data / div))
-                self.register_parameter(f"mlp_bias_{k}", nn.Parameter(linear.bias.data / div))
+                layers.append((linear.weight.data / div, linear.bias.data / div))
+            return layers
+
+        with torch.random.fork_rng(devices=[], enabled=init_seed is not None):
+            if init_seed is not None:
+                torch.manual_seed(init_seed)
+            for k, (weight, bias) in enumerate(draw_mlp()):
+                self.register_parameter(f"mlp_weight_{k}", nn.Parameter(weight))
+                self.register_parameter(f"mlp_bias_{k}", nn.Parameter(bias))
+            # the offset start's phi0: a frozen copy of the init (identity at init), or with
+            # start_from_init=False a second, independent draw (a random start that still
+            # subtracts a start: tests of every path through the offset)
+            if start_gain != 0 and start_from_init:
+                start = [(self.theta.data.clone(),)]
+                start_mlp = [(w.data.clone(), b.data.clone()) for w, b in self.mlp_params()]
+            elif start_gain != 0:
+                start = [((torch.rand(depth, self.n_qubits, generator=gen) * 2 - 1) * math.pi,)]
+                start_mlp = draw_mlp()
         self.out_multiplier = float(out_multiplier)
         self.gain = nn.Parameter(torch.full((1,), float(gain_init))) if output_gain else None
+        # g0 as the float32 gain parameter holds it (0.1 is not a float32): the start cancels
+        # the gain's own start value, also after the generator is cast to float64
+        self.start_gain = float(torch.tensor(float(start_gain), dtype=torch.float32))
+        if self.start_gain != 0:
+            # persistent buffers: saved with the adapter (keys ``qpa_generator.start_*``), loaded
+            # by peft like the parameters, never trained nor counted
+            self.register_buffer("start_theta", start[0][0])
+            for k, (weight, bias) in enumerate(start_mlp):
+                self.register_buffer(f"start_mlp_weight_{k}", weight)
+                self.register_buffer(f"start_mlp_bias_{k}", bias)
+        self._start = KeptConstant()  # the offset start's factors (constants)
         # while training, the first layer's forward generates every layer's numbers (circuit and
         # MLP, one call) and the others read their slices (qpeft.tuners._batched_generation: why that is
         # safe under any wrapper); where that cannot batch (a sharded or offloaded generator),
@@ -426,16 +495,68 @@ class QPAGenerator(nn.Module):
         (the same products as :meth:`_split`'s ``lora_B * gain``; ``lora_A * 1`` is exact). A
         layer's forward then reads its factors as they are (no slice, reshape or gain product
         per layer and step), and its gradient arrives at its own outputs (a slice of one flat
-        output would send each layer a gradient the size of the whole vector). O(m) beyond the
-        generation, one view per layer."""
+        output would send each layer a gradient the size of the whole vector). With the offset
+        start each layer's pair is rank 2r (:meth:`_with_start`). O(m) beyond the generation, one
+        view per layer (and two concatenations with the offset start)."""
         rows = self._generate_from(params).view(-1, self.r)  # [m / r, r]
         if self.gain is not None:
             rows = rows * torch.where(self.b_rows, params[-1], 1.0)
         pieces = rows.split(self._row_sizes)
         out: list[torch.Tensor] = []
         for index, (_, d_in) in enumerate(self.shapes):
-            out += [pieces[2 * index], pieces[2 * index + 1].view(self.r, d_in)]
+            out += self._with_start(index, pieces[2 * index], pieces[2 * index + 1].view(self.r, d_in))
         return tuple(out)
+
+    @property
+    def has_start(self) -> bool:
+        """Whether the offset start is on: a nonzero ``start_gain`` g0 and its frozen ``phi0``."""
+        return self.start_gain != 0
+
+    def start_buffers(self) -> list[torch.Tensor]:
+        """The frozen start ``phi0`` in :meth:`_shared_params`' order without the gain: the
+        ``start_theta`` buffer, then each MLP layer's ``start_mlp_weight_k`` /
+        ``start_mlp_bias_k`` (as stored: the output layer divided by ``out_multiplier``). Empty
+        without the offset start."""
+        if not self.has_start:
+            return []
+        return [self.start_theta, *(
+            getattr(self, f"start_mlp_{part}_{k}")
+            for k in range(self.n_mlp_layers) for part in ("weight", "bias"))]
+
+    def start_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``[(-g0 * B0 [d_out, r], A0 [r, d_in]), ...]`` per layer: the subtracted start,
+        generated from :meth:`start_buffers` outside autograd. Kept while the buffers are the
+        same tensors with the same storage and version counter (a load, hot-swap or ``.to()``
+        regenerates it; so does reading them under ``torch.compile``, which traces the plain
+        generation). O(1) when kept, else one generation (circuit + MLP, no backward); holds
+        m numbers, like LoRA's factors, and is never saved."""
+        start = self.start_buffers()
+        if not start:
+            raise ValueError("this QPA generator has no offset start (start_gain is 0)")
+
+        def build() -> list[tuple[torch.Tensor, torch.Tensor]]:
+            rows = self._generate_from(tuple(start)).view(-1, self.r)
+            pieces = rows.split(self._row_sizes)
+            return [(pieces[2 * index] * -self.start_gain, pieces[2 * index + 1].view(self.r, d_in))
+                    for index, (_, d_in) in enumerate(self.shapes)]
+
+        if torch.compiler.is_compiling():
+            with torch.no_grad():
+                return build()
+        return self._start.get(start, build)
+
+    def _with_start(self, index: int, lora_b: torch.Tensor,
+                    lora_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s factors with the offset start appended: ``[g B, -g0 B0]`` [d_out,
+        2r] and ``[A; A0]`` [2r, d_in], so ``B' A' = g B A - g0 B0 A0`` (a rank-2r LoRA on the
+        token path). At init the two halves cancel to round-off, not bit for bit (a fused
+        multiply-add keeps the first product's rounding error): float32 outputs move by ~1e-7
+        of the ``B A`` terms, float64 by ~1e-16. The factors as they are without the offset.
+        Two concatenations (:class:`_AppendStart`), O(r (d_out + d_in))."""
+        if not self.has_start:
+            return lora_b, lora_a
+        neg_b0, a0 = self.start_factors()[index]
+        return _AppendStart.apply(lora_b, lora_a, neg_b0.to(lora_b.dtype), a0.to(lora_a.dtype))
 
     def _generate_all_from(self, params: list[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
         return [self._layer_factors_from(ps) for ps in params]
@@ -452,17 +573,20 @@ class QPAGenerator(nn.Module):
         return self.generate()
 
     def _split(self, flat: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(lora_B, lora_A)`` of layer ``index`` from its ``r·(d_out + d_in)`` numbers."""
+        """``(lora_B, lora_A)`` of layer ``index`` from its ``r·(d_out + d_in)`` numbers (gain
+        applied; the offset start appended, :meth:`_with_start`)."""
         d_out, d_in = self.shapes[index]
         lora_b = flat[: d_out * self.r].view(d_out, self.r)
         lora_a = flat[d_out * self.r :].view(self.r, d_in)
         if self.gain is not None:
             lora_b = lora_b * self.gain
-        return lora_b, lora_a
+        return self._with_start(index, lora_b, lora_a)
 
     def factors(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(lora_B [d_out, r], lora_A [r, d_in])`` of layer ``index`` (gain applied to lora_B),
-        generated for this layer alone (see the class docstring). O(circuit + MLP on
+        """``(lora_B [d_out, k], lora_A [k, d_in])`` of layer ``index`` (gain applied to lora_B;
+        k = r, or 2r with the offset start: ``[g B, -g0 B0]``, ``[A; A0]``,
+        :meth:`_with_start`), generated for this
+        layer alone (see the class docstring). O(circuit + MLP on
         ⌈r(d_out + d_in) / n_mlp⌉ + 1 chunks), plus the MLP body on every chunk when centring
         through a nonlinear MLP."""
         if not 0 <= index < len(self.shapes):
@@ -516,7 +640,7 @@ class QPAGenerator(nn.Module):
         entry = self._kept.entry  # read once: a concurrent reader replaces the whole entry
         if entry is not None and scope is not None and entry.scope is scope:
             return entry.factors[index]
-        params = list(self.parameters())
+        params = [*self.parameters(), *self.start_buffers()]
         if entry is not None and same_values(entry.snapshot, params):
             entry.scope = scope
             return entry.factors[index]
@@ -535,5 +659,5 @@ class QPAGenerator(nn.Module):
             f"mlp={[w.shape[1] for w, _ in self.mlp_layers()] + [self.n_mlp]}, "
             f"activation={self.activation!r}, prob_transform={self.prob_transform!r}, "
             f"center_output={self.center_output}, gain={self.gain is not None}, "
-            f"out_multiplier={self.out_multiplier:g}"
+            f"out_multiplier={self.out_multiplier:g}, start_gain={self.start_gain:g}"
         )

@@ -72,7 +72,8 @@ class QPALayer(WeightMergeLayer):
         return generator.kept_factors(index)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``scaling * lora_B @ lora_A`` in the base weight's layout and dtype (a quantized
+        """``scaling * lora_B @ lora_A`` (with the offset start ``scaling * (g B A - g0 B0 A0)``,
+        the factors being rank 2r) in the base weight's layout and dtype (a quantized
         base's integer storage is no dtype for it: then the generator's). O(d_out d_in r)."""
         lora_b, lora_a = self._factors(adapter_name)
         delta = self.qpa_scaling[adapter_name] * (lora_b @ lora_a)
@@ -81,7 +82,8 @@ class QPALayer(WeightMergeLayer):
         return matrix_to_weight(self.get_base_layer(), delta).to(dtype)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        """peft's ``convert_to_lora``: ΔW is exactly rank r (peft converts linear layers only)."""
+        """peft's ``convert_to_lora``: ΔW is rank r (rank 2r with the offset start: ``g B A - g0
+        B0 A0``); peft converts linear layers only."""
         return self.kind != "conv2d"
 
     def _owns_adapter(self, adapter_name: str) -> bool:

@@ -102,14 +102,9 @@ def limitation(test: str, params: dict[str, Any]) -> str | None:
 
 
 def known_failure(test: str, params: dict[str, Any]) -> str | None:
-    """A diagnosed failure not fixed yet (xfail, not strict: it shows as XPASS once fixed)."""
-    if (test == "test_only_params_are_updated"
-            and params.get("test_name") == "Embedding + transformers Conv1D 1 QPA"):
-        return (
-            "QPA's zero-initialised output gain: the first SGD step moves only the gain, and "
-            "the circuit angles get gradient through gain * dMLP/dp * dp/dtheta; on EmbConv1D's "
-            "small activations theta moves ~1e-4 in 3 steps, at this test's tolerance (issue 13)"
-        )
+    """A diagnosed failure not fixed yet (xfail, not strict: it shows as XPASS once fixed).
+    None now: the zero start's slow angles on EmbConv1D (issue 13) are trained from step 1 by
+    the offset start (``init_gain``)."""
     return None
 
 
