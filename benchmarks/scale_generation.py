@@ -51,7 +51,8 @@ GENERATED: dict[str, str | None] = {
             "uses them: base matrices A = Cayley(skew(θ)) (forward_matrices), and C_k(A) formed "
             "for the orders where the cost model picks the explicit form",
     "qpa": "lora_B [d_out, r], lora_A [r, d_in] of every module from the shared generator, one "
-           "QPAGenerator.factors(index) call per module as each layer's forward does",
+           "QPAGenerator.factors(index) call per module as each layer's forward does (with the "
+           "offset start, the default, each with the start's kept r columns appended: rank 2r)",
 }
 NOT_GENERATED = "nothing: its forward uses the trainable tensors directly"
 #: methods whose generation materialises a dense d_out x d_in matrix per module

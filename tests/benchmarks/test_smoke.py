@@ -258,7 +258,7 @@ def test_scale_generation_quick_counts_and_coverage():
         assert rows[method]["generated"] == G.NOT_GENERATED and "median_s" not in rows[method]
     expected = {
         "quantum_peft": lora_count + 7 * 8,  # U, V (K = 8 columns) and λ per module
-        "qpa": lora_count,  # lora_B, lora_A at r = 8
+        "qpa": 2 * lora_count,  # lora_B, lora_A at r = 8, the offset start's r columns appended
         "oft": 32 * sum(i for _, i in shapes.values()),  # in/32 blocks of 32 x 32
         "fourierft": sum(o * i for o, i in shapes.values()),  # dense ΔW
     }

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from qpeft import count_trainable
 from qpeft.tuners.qpa import QPAConfig, export_lora
 from qpeft.tuners.qpa.config import DEFAULT_INIT_GAIN
-from tests.tuners.qpa.test_qpa import Stack, _slow_generation, stack_model
+from tests.tuners.qpa.test_qpa import Stack, _slow_generation, stack_model, trained_stack
 
 LAYERS = ["a", "b", "c", "d"]
 
@@ -189,14 +189,7 @@ def test_the_start_is_frozen_and_not_counted():
 
 
 def _trained(seed: int = 0, **kw):
-    model = stack_model(init_seed=seed, **kw)
-    x = torch.randn(3, 64)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        opt.zero_grad()
-        model(x).pow(2).mean().backward()
-        opt.step()
-    return model.eval()
+    return trained_stack(init_seed=seed, **kw)
 
 
 def test_save_load_round_trip_carries_the_start(tmp_path):

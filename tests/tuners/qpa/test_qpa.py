@@ -446,15 +446,22 @@ def test_export_of_a_non_qpa_adapter_is_refused(tmp_path):
 # save/load, export
 
 
-def test_save_load_round_trip_and_low_cpu_mem_usage(tmp_path):
-    model = stack_model()
-    h_x = torch.randn(3, 64)
+def trained_stack(**kw):
+    """:func:`stack_model` after three Adam steps on a quadratic loss (a non-identity adapter),
+    in eval mode."""
+    model = stack_model(**kw)
+    x = torch.randn(3, 64)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
         opt.zero_grad()
-        model(h_x).pow(2).mean().backward()
+        model(x).pow(2).mean().backward()
         opt.step()
-    model.eval()
+    return model.eval()
+
+
+def test_save_load_round_trip_and_low_cpu_mem_usage(tmp_path):
+    model = trained_stack()
+    h_x = torch.randn(3, 64)
     with torch.no_grad():
         expected = model(h_x)
     model.save_pretrained(tmp_path)
