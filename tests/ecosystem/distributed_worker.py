@@ -94,9 +94,10 @@ def run(method: str, wrapper: str, report: dict, out_dir: Path) -> None:
     elif wrapper == "fsdp1":
         # (torch's FSDP1 full state dict with cpu_offload crashes on CPU, for LoRA too: read the
         # unsharded original parameters instead)
+        # (buffers too: the offset starts' frozen start is saved with the adapter)
         with FullyShardedDataParallel.summon_full_params(wrapped):
             full = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
-                    for n, p in wrapped.named_parameters()}
+                    for n, p in [*wrapped.named_parameters(), *wrapped.named_buffers()]}
         state = _select(full, ref_state)
     else:
         state = get_peft_model_state_dict(model)

@@ -49,7 +49,8 @@ def test_minilm_quantum_peft(tmp_path):
     config = qpeft.QuantumPEFTConfig(target_modules=QV, r=8, depth=1, task_type="SEQ_CLS",
                                      circuit_dtype="float64", init_weights=False)
     model, out, man = _export(tmp_path, config)
-    assert len(man["circuits"]) == 24 and not man["skipped"]  # 12 modules x (U, V)
+    # 12 modules x (U, V, and the offset start's U0, V0)
+    assert len(man["circuits"]) == 48 and not man["skipped"]
     for e in man["circuits"]:
         assert (e["num_qubits"], e["depth"], e["gate_counts"]) == (9, 84, {"ccz": 20, "cry": 64})
     layer = model.base_model.model.get_submodule(MODULE)
