@@ -337,6 +337,9 @@ class KeptConstant:
 
     def get(self, tensors: Sequence[torch.Tensor], build: Callable[[], T]) -> T:
         """``build()`` (run without autograd) for ``tensors``, or the value kept for them."""
+        if any(t.is_inference() for t in tensors):  # no version counter to stamp: not kept
+            with torch.no_grad():
+                return build()
         state = _autocast_state(tensors[0].device.type) if tensors else None
         kept = self._kept
         if kept is not None and kept[1] == state and len(kept[0]) == len(tensors) and all(

@@ -323,3 +323,20 @@ def test_a_mixed_batch_uses_each_adapters_start():
             rows = [i for i, a in enumerate(routing) if a == name]
             # (a batch of two rows multiplies in another order than one of four: round-off)
             torch.testing.assert_close(mixed[rows], model(x)[rows], atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_built_under_inference_mode_runs() -> None:
+    """Buffers made under ``torch.inference_mode()`` have no version counter: the kept start
+    factors are then regenerated at each call instead of stamped (QPA's eval path keeps them)."""
+    from peft import get_peft_model
+
+    from tests.tuners.tower import Tower
+
+    x = torch.randn(2, 24)
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        model = get_peft_model(Tower(), QPAConfig(target_modules=["q", "v", "o"], r=2,
+                                                        n_mlp=64, init_weights=False))
+        model.eval()
+        first = model(x)
+        torch.testing.assert_close(model(x), first, atol=0, rtol=0)

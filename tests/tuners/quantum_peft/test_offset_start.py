@@ -192,3 +192,4 @@ def test_stiefel_many_appends_constant_columns() -> None:
         torch.testing.assert_close(out, torch.cat([p, e], dim=1), atol=0, rtol=0)
     sum(out.sum() for out in got).backward()
     assert all(a.grad is not None for a in angles) and all(e.grad is None for e in extra)
+
