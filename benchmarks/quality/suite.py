@@ -63,12 +63,42 @@ def _metric(results: dict[str, Any], task: Task) -> float:
     return float(results[task.metric])
 
 
+# fields of a peft config that say where it is applied or which versions wrote it, not how the
+# method trains
+_PLACEMENT = frozenset({"target_modules", "modules_to_save", "task_type", "auto_mapping",
+                        "base_model_name_or_path", "peft_version", "revision", "inference_mode"})
+
+
+def method_settings(entry: Entry) -> dict[str, Any]:
+    """The entry's peft config fields as this code resolves them (its options over the method's
+    current defaults), as JSON values: what a stored run must match to be reused. A run's
+    fingerprint records only the options given, so without this check a changed default
+    (say a new ``init_gain``) would silently reuse runs made with the old one. Fields left None
+    here are resolved from the model when the adapter is built (QPA's sizes, IA3's
+    feed-forward modules) and are not compared. O(1)."""
+    from qpeft.train.methods import build_peft_config
+
+    import qpeft.tuners  # noqa: F401  (registers qpeft's configs)
+
+    config = build_peft_config(entry.method, ["_"], options=dict(entry.options)).to_dict()
+    return json.loads(json.dumps({k: v for k, v in config.items()
+                                  if k not in _PLACEMENT and v is not None}, default=str))
+
+
+def is_current(stored_config: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """Whether a stored run's ``peft_config`` has every setting of :func:`method_settings`
+    (a field missing from it, e.g. one added since, counts as different)."""
+    missing = object()
+    return all(stored_config.get(k, missing) == v for k, v in settings.items())
+
+
 def run_one(task: Task, entry: Entry, seed: int, out: Path, root: Path, lr: float | None = None,
             progress: bool = False, stored_only: bool = False) -> dict[str, Any] | None:
     """One run's results.json: read back when the same run (same fingerprint) is stored in
     ``out`` or, for seed 0, in the other place the suite keeps it (the suite's ``seed0`` and
     the sweep's folder at that rate are the same run); with ``stored_only`` None instead of
-    running it. ``lr_source`` is this call's (a default or the suite entry's rate). A chat
+    running it. A stored run counts only when its peft config still has the method's current
+    settings (:func:`is_current`). ``lr_source`` is this call's (a default or the suite entry's rate). A chat
     task's data files live under ``root/data`` (one copy for the suite and the sweep)."""
     from qpeft.train.finetune import FinetuneSpec, run_finetune, with_default_learning_rate
     from qpeft.train.loop import TrainConfig
@@ -88,11 +118,14 @@ def run_one(task: Task, entry: Entry, seed: int, out: Path, root: Path, lr: floa
     if seed == 0:
         places += [root / task.name / entry.name / "seed0",
                    root / "sweep" / task.name / entry.name / f"lr{spec.train.lr:g}"]
+    settings = method_settings(entry)
     for place in places:
         done, run = place / "results.json", place / "run.json"
         if done.is_file() and run.is_file():
             if json.loads(run.read_text()).get("fingerprint") == fingerprint:
-                return {**json.loads(done.read_text()), "lr_source": spec.lr_source}
+                stored = json.loads(done.read_text())
+                if is_current(stored.get("peft_config") or {}, settings):
+                    return {**stored, "lr_source": spec.lr_source}
     if stored_only:
         return None
     results = run_finetune(spec, command=[sys.argv[0], "benchmarks.quality", task.name,
@@ -350,6 +383,6 @@ def dump(obj: Any, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=1, default=str) + "\n")
 
 
-__all__ = ["ENTRIES", "Entry", "pareto_plots", "render", "render_sweep",
+__all__ = ["ENTRIES", "Entry", "is_current", "method_settings", "pareto_plots", "render", "render_sweep",
            "replace_section", "run_one", "run_suite", "run_sweep", "select", "summarise",
            "sweep_plot", "tasks_for"]

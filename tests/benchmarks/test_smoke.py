@@ -366,6 +366,34 @@ def test_quality_suite_quick(tmp_path):
     assert not (tmp_path / "minilm-bbc" / "quic").exists()
     assert not (tmp_path / "minilm-bbc" / "lora" / "seed2").exists()
     assert len(json.loads((tmp_path / "sweep.json").read_text())["rows"]) == 6
+    # a run made under another default of the method (here: a stored init_lambda the current
+    # default does not give) is stale, not reused: its fingerprint holds only the options given
+    stored = tmp_path / "minilm-bbc" / "quantum-peft" / "seed1" / "results.json"
+    record = json.loads(stored.read_text())
+    record["peft_config"]["init_lambda"] = 0.0
+    stored.write_text(json.dumps(record))
+    assert quality_main(["--quick", "--tasks", "minilm-bbc", "--entries", "quantum-peft",
+                         "--seeds", "2", "--render-only", "--out", str(tmp_path),
+                         "--threads", "1"]) == 0
+    rendered = json.loads((tmp_path / "quality.json").read_text())
+    assert [(r["entry"], r["seed"]) for r in rendered["rows"]] == [("quantum-peft", 0)]
+
+
+def test_quality_reuse_compares_resolved_defaults():
+    """What a stored run must match: the entry's config fields as the code resolves them now;
+    a field missing from the stored config (added since) differs; fields resolved from the
+    model at build time (None in a fresh config: QPA's sizes) are not compared."""
+    from benchmarks.quality import suite
+
+    qpa = next(e for e in suite.ENTRIES if e.name == "qpa")
+    settings = suite.method_settings(qpa)
+    assert settings["init_gain"] == 0.1 and "n_mlp" not in settings
+    assert "target_modules" not in settings and "peft_version" not in settings
+    assert suite.is_current({**settings, "n_mlp": 2048, "target_modules": ["q"]}, settings)
+    assert not suite.is_current({**settings, "init_gain": 0.0}, settings)
+    assert not suite.is_current({k: v for k, v in settings.items() if k != "init_gain"}, settings)
+    lora_r1 = next(e for e in suite.ENTRIES if e.name == "lora-r1")
+    assert suite.method_settings(lora_r1)["r"] == 1
 
 
 def test_trainer_check_quick(tmp_path):
