@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.quality import baseline
 from benchmarks.quality.tasks import TASKS, Task, quick
 
 RESULTS_ROOT = Path(__file__).resolve().parents[1] / "results" / "quality"
@@ -49,6 +50,10 @@ ENTRIES: tuple[Entry, ...] = (
     # LoRA at its best rate of the sweep on each model's tuning task (MiniLM BBC: 1e-2, where the
     # CLI's 2e-3 reached 90.7 % at 3e-3; SmolLM2 BBC chats: 3e-3)
     Entry("lora", "peft LoRA r=8", "lora", lr={"minilm": 1e-2, "smollm2": 3e-3}),
+    # no adapter: the fresh head alone on classification (at its best rate of the MiniLM
+    # sweep), the base model evaluated without training on causal-LM data
+    Entry("head-only", "no adapter (head only; base model)", baseline.METHOD,
+          lr={"minilm": 1e-2}),
     Entry("lora-r1", "peft LoRA r=1", "lora", {"rank": 1, "alpha": 2.0}, lr={"minilm": 1e-2}),
     Entry("vera", "peft VeRA", "vera"),
     Entry("fourierft", "peft FourierFT", "fourierft"),
@@ -76,9 +81,8 @@ def method_settings(entry: Entry) -> dict[str, Any]:
     (say a new ``init_gain``) would silently reuse runs made with the old one. Fields left None
     here are resolved from the model when the adapter is built (QPA's sizes, IA3's
     feed-forward modules) and are not compared. O(1)."""
-    from qpeft.train.methods import build_peft_config
-
     import qpeft.tuners  # noqa: F401  (registers qpeft's configs)
+    from qpeft.train.methods import build_peft_config
 
     config = build_peft_config(entry.method, ["_"], options=dict(entry.options)).to_dict()
     return json.loads(json.dumps({k: v for k, v in config.items()
@@ -104,21 +108,30 @@ def run_one(task: Task, entry: Entry, seed: int, out: Path, root: Path, lr: floa
     from qpeft.train.loop import TrainConfig
     from qpeft.train.methods import default_learning_rate
 
+    no_adapter = entry.method == baseline.METHOD
     lr = lr if lr is not None else entry.rate_for(task)
-    lr, source = (lr, "suite entry") if lr is not None else default_learning_rate(entry.method)
+    if lr is None and no_adapter:  # the base model, evaluated only: no rate
+        lr, source = 0.0, "no training"
+    else:
+        lr, source = (lr, "suite entry") if lr is not None else default_learning_rate(entry.method)
     spec = with_default_learning_rate(FinetuneSpec(
-        method=entry.method, output_dir=str(out), seed=seed, data_seed=0,
-        method_options=dict(entry.options), eval_before=entry.name == "lora",
+        # the no-adapter run reads the spec's data, model and budget only (the method is a
+        # placeholder that keeps the spec valid; its fingerprint names the entry's method)
+        method="lora" if no_adapter else entry.method, output_dir=str(out), seed=seed,
+        data_seed=0, method_options={} if no_adapter else dict(entry.options),
+        eval_before=entry.name == "lora",
         train=TrainConfig(lr=lr, seed=seed, progress=progress, checkpoint_every=0,
                           warmup_ratio=0.06, **task.train),
         lr_source=source, overwrite=True,
         **{**task.spec, **task.data_files(root)}))
     fingerprint = json.loads(json.dumps(spec.fingerprint(), default=str))
+    if no_adapter:
+        fingerprint.update(method=entry.method, method_options={})
     places = [out]
     if seed == 0:
         places += [root / task.name / entry.name / "seed0",
                    root / "sweep" / task.name / entry.name / f"lr{spec.train.lr:g}"]
-    settings = method_settings(entry)
+    settings = {} if no_adapter else method_settings(entry)
     for place in places:
         done, run = place / "results.json", place / "run.json"
         if done.is_file() and run.is_file():
@@ -128,8 +141,13 @@ def run_one(task: Task, entry: Entry, seed: int, out: Path, root: Path, lr: floa
                     return {**stored, "lr_source": spec.lr_source}
     if stored_only:
         return None
-    results = run_finetune(spec, command=[sys.argv[0], "benchmarks.quality", task.name,
-                                          entry.name, f"seed{seed}"])
+    command = [sys.argv[0], "benchmarks.quality", task.name, entry.name, f"seed{seed}"]
+    if no_adapter:
+        results = {**baseline.run_baseline(spec, task.metric), "command": command}
+        dump({"fingerprint": fingerprint, "command": command}, out / "run.json")
+        dump(results, out / "results.json")
+    else:
+        results = run_finetune(spec, command=command)
     gc.collect()
     return results
 
@@ -138,10 +156,10 @@ def run_suite(tasks: Sequence[Task], entries: Sequence[Entry], seeds: int, root:
               log=print, stored_only: bool = False) -> list[dict[str, Any]]:
     """Every (task, entry, seed): the rows :func:`summarise` reads. ``stored_only``: run
     nothing, collect the runs already stored for the current settings (render-only)."""
-    rows, total, i = [], len(tasks) * len(entries) * seeds, 0
+    rows, total, i = [], sum(_seeds(t, e, seeds) for t in tasks for e in entries), 0
     for task in tasks:
         for entry in entries:
-            for seed in range(seeds):
+            for seed in range(_seeds(task, entry, seeds)):
                 i += 1
                 t0 = time.perf_counter()
                 r = run_one(task, entry, seed, root / task.name / entry.name / f"seed{seed}", root,
@@ -152,6 +170,13 @@ def run_suite(tasks: Sequence[Task], entries: Sequence[Entry], seeds: int, root:
                 log(f"[{i}/{total}] {task.name} {entry.name} seed {seed}: "
                     f"{task.metric} {rows[-1]['metric']:.4f} ({time.perf_counter() - t0:.0f} s)")
     return rows
+
+
+def _seeds(task: Task, entry: Entry, seeds: int) -> int:
+    """Seeds to run: one for the no-adapter entry where it only evaluates the base model
+    (deterministic), else ``seeds``."""
+    evaluates_only = entry.method == baseline.METHOD and not baseline.trains_head(task.metric)
+    return 1 if evaluates_only else seeds
 
 
 def _row(task: Task, entry: Entry, seed: int, r: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -170,6 +195,8 @@ def run_sweep(tasks: Sequence[Task], entries: Sequence[Entry], lrs: Iterable[flo
     rows = []
     for task in tasks:
         for entry in entries:
+            if _seeds(task, entry, 2) == 1:  # the base model without training: no rate
+                continue
             for lr in lrs:
                 out = root / "sweep" / task.name / entry.name / f"lr{lr:g}"
                 t0 = time.perf_counter()
@@ -257,7 +284,8 @@ def render(summary: list[dict[str, Any]], tasks: Sequence[Task], command: str,
         lines = ["| method | trainable | " + task.metric + " | vs LoRA | lr | seeds | s / run |",
                  "|---|---|---|---|---|---|---|"]
         for s in rows:
-            lr = f"{s['lr']:g} ({'default' if s['lr_source'].startswith('default') else s['lr_source']})"
+            lr = ("none (evaluated only)" if s["lr_source"] == "no training" else
+                  f"{s['lr']:g} ({'default' if s['lr_source'].startswith('default') else s['lr_source']})")
             lines.append(f"| {s['label']} | {s['trainable']:,} | {_fmt(s)} | {_vs(s)} | {lr} | "
                          f"{s['seeds']} | {s['seconds']:.0f} |")
         parts.append(head + "\n".join(lines))
@@ -281,6 +309,9 @@ def pareto_plots(summary: list[dict[str, Any]], tasks: Sequence[Task], path: Pat
         rows = [s for s in summary if s["task"] == task.name]
         scale = 1.0 if task.metric == "perplexity" else 100.0
         for s in rows:
+            if not s["trainable"]:  # the base model, nothing trained: a level, not a point
+                ax.axhline(scale * s["mean"], ls=":", lw=1.0, color="black", label=s["label"])
+                continue
             ax.errorbar(s["trainable"], scale * s["mean"], yerr=scale * s["std"], fmt="o",
                         mfc=None if s["ours"] else "none", capsize=3)
             ax.annotate(s["entry"], (s["trainable"], scale * s["mean"]), fontsize=7,
@@ -288,6 +319,7 @@ def pareto_plots(summary: list[dict[str, Any]], tasks: Sequence[Task], path: Pat
         before = next((s["before"] for s in rows if s["before"] is not None), None)
         if before is not None:
             ax.axhline(scale * before, ls="--", lw=0.8, color="gray", label="untrained")
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())

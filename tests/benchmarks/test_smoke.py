@@ -379,6 +379,36 @@ def test_quality_suite_quick(tmp_path):
     assert [(r["entry"], r["seed"]) for r in rendered["rows"]] == [("quantum-peft", 0)]
 
 
+def test_quality_no_adapter_point(tmp_path):
+    """The suite's no-adapter entry: on classification the fresh head alone trains (only its
+    numbers trainable, the base frozen, the metric above an untrained head's chance level is not
+    asserted at toy budgets); on causal-LM data the base model is evaluated once (one seed, no
+    training, nothing trainable); both stored and read back like any run."""
+    import json
+
+    import torch
+
+    from benchmarks.quality import baseline, suite
+
+    entry = next(e for e in suite.ENTRIES if e.method == baseline.METHOD)
+    tasks = suite.tasks_for(["minilm-bbc", "smollm2-shakespeare"], True)
+    rows = suite.run_suite(tasks, [entry], 2, tmp_path, log=lambda s: None)
+    assert [(r["task"], r["seed"]) for r in rows] == [
+        ("minilm-bbc", 0), ("minilm-bbc", 1), ("smollm2-shakespeare", 0)]
+    head, base = rows[0], rows[2]
+    assert head["trainable"] == 384 * 5 + 5 and head["adapter"] == 0 and head["lr"] == 1e-2
+    assert len(json.loads((tmp_path / "minilm-bbc" / "head-only" / "seed0" / "results.json")
+                          .read_text())["losses"]) == 2
+    assert base["trainable"] == 0 and base["lr_source"] == "no training"
+    assert 1.0 < base["metric"] < 1e4  # a perplexity
+    again = suite.run_suite(tasks, [entry], 2, tmp_path, log=lambda s: None, stored_only=True)
+    assert [r["metric"] for r in again] == [r["metric"] for r in rows]
+    layer = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    assert baseline.freeze_all_but(layer, ["1"]) == 8
+    with pytest.raises(ValueError, match="nothing to train"):
+        baseline.freeze_all_but(layer, ["classifier"])
+
+
 def test_quality_reuse_compares_resolved_defaults():
     """What a stored run must match: the entry's config fields as the code resolves them now;
     a field missing from the stored config (added since) differs; fields resolved from the
