@@ -16,6 +16,12 @@ kernels by device (``qpeft.circuits._device``: QuIC's order-2 action and its cos
 accelerator's choice, forced on CPU tensors with ``force_accelerator_path()``; peft's methods
 have one path.
 
+Also measured, exactly: the activations each method keeps for the backward (bytes of the
+distinct storages autograd saves in one training step, the model's own parameters and buffers
+left out; ``torch.autograd.graph.saved_tensors_hooks``), on MiniLM- and SmolLM2-shaped models
+(their real widths, random weights, query/value adapted): the step's activation memory, where
+QuIC's target is peft OFT's.
+
 Run alone: ``python -m benchmarks.dispatch [--quick]``.
 """
 
@@ -93,6 +99,70 @@ def count_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> OpCoun
     return counter
 
 
+def saved_activation_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """Bytes autograd keeps for the backward of one training step of ``model`` (after a
+    warm-up optimizer step): the distinct storages of every saved tensor that is not one of the
+    model's parameters or buffers (a frozen weight saved costs no extra memory). Exact; O(one
+    step)."""
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    M.make_step(model, batch)()
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+    loss.backward()
+    return sum(saved.values())
+
+
+def _profile_model(shape: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor], tuple[str, ...], str]:
+    """``(model, batch, targets, peft task type)`` of a saved-activation profile shape."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    if shape == "minilm":  # all-MiniLM-L6: 6 layers of 384, batch 16 x 96 (the suite's)
+        model = BertForSequenceClassification(BertConfig(
+            hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+            num_labels=5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+        ids = torch.randint(0, 1000, (16, 96), generator=g)
+        return model.train(), {"input_ids": ids, "labels": ids[:, 0] % 5}, ("query", "value"), "SEQ_CLS"
+    # SmolLM2-135M's widths (576, GQA 9 / 3 heads, intermediate 1536), 4 of its 30 layers,
+    # batch 8 x 64
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=1000, hidden_size=576, intermediate_size=1536, num_hidden_layers=4,
+        num_attention_heads=9, num_key_value_heads=3))
+    ids = torch.randint(0, 1000, (8, 64), generator=g)
+    return model.train(), {"input_ids": ids, "labels": ids}, ("q_proj", "v_proj"), "CAUSAL_LM"
+
+
+PROFILE_SHAPES = ("minilm", "smollm2")
+
+
+def measure_saved(shape: str, methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
+    """:func:`saved_activation_bytes` of every method on the ``shape``-shaped model."""
+    import peft
+
+    import qpeft  # noqa: F401  (registers the qpeft methods)
+
+    base, batch, targets, task_type = _profile_model(shape)
+    out = {m: saved_activation_bytes(peft.get_peft_model(
+        M.clone_sharing(base), M.method_config(m, targets, task_type)), batch) for m in methods}
+    return {m: {"bytes": b, "over_lora": b / out["lora"], "over_oft": b / out["oft"]}
+            for m, b in out.items()}
+
+
 def _path(path: str) -> Any:
     from contextlib import nullcontext
 
@@ -136,7 +206,8 @@ def bench(quick: bool) -> dict[str, Any]:
     runs = {f"{path}/{layers}": measure(layers, path) for path in PATHS for layers in layer_counts}
     out: dict[str, Any] = {"layers": list(layer_counts), "paths": list(PATHS),
                            "targets": list(TARGETS), "batch": BATCH, "seq_len": SEQ_LEN,
-                           "runs": runs}
+                           "runs": runs,
+                           "saved": {shape: measure_saved(shape) for shape in PROFILE_SHAPES}}
     if len(layer_counts) > 1:  # operations each further decoder layer adds
         lo, hi = layer_counts[0], layer_counts[-1]
         out["per_layer"] = {
@@ -163,6 +234,10 @@ def targets(result: dict[str, Any]) -> list[list[Any]]:
             syncs = sum(block[method]["syncs"].values())
             rows.append([f"{layers} layers, {path} path: {M.METHOD_LABELS[method]}: no host "
                          "read-back in a step", str(syncs), syncs == 0])
+    for shape, saved in result.get("saved", {}).items():
+        r = saved["quic"]["over_oft"]
+        rows.append([f"{shape} shape: QuIC's activations saved for the backward ≤ peft OFT's",
+                     C.fmt(r), r <= 1.0])
     return rows
 
 
@@ -195,6 +270,17 @@ def render(result: dict[str, Any]) -> str:
         ["method", "operations (count)"],
         [[top[m]["label"], ", ".join(f"{name} {n}" for name, n in top[m]["top"])]
          for m in METHODS]))
+    if "saved" in result:
+        parts.append("Activations saved for the backward in one training step (MiB; distinct "
+                     "storages, the model's parameters and buffers left out), query/value "
+                     "adapted, random weights at the real widths: MiniLM-shaped (6 x 384, batch "
+                     "16 x 96), SmolLM2-shaped (4 of its 30 layers of 576, batch 8 x 64):\n\n"
+                     + C.md_table(
+                         ["method", *[f"{shape} MiB, / LoRA, / OFT" for shape in result["saved"]]],
+                         [[M.METHOD_LABELS[m] if m in M.METHOD_LABELS else m,
+                           *[f"{v[m]['bytes'] / 2**20:.1f}, {v[m]['over_lora']:.3f}, "
+                             f"{v[m]['over_oft']:.3f}" for v in result["saved"].values()]]
+                          for m in METHODS]))
     parts.append(f"One step = forward + backward of batch {result['batch']} x "
                  f"{result['seq_len']} after a warm-up optimizer step, on LLaMA-shaped models "
                  "(hidden 64, 4 heads, 2 KV heads, intermediate 128) with "

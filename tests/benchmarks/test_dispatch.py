@@ -56,9 +56,38 @@ def test_counts_repeat_exactly() -> None:
 def test_targets_and_report_section(quick_result, tmp_path) -> None:
     result, out = quick_result
     rows = dispatch.targets(result)
-    assert len(rows) == 2 * len(result["paths"]) * len(M.QPEFT_METHODS)
+    assert len(rows) == 2 * len(result["paths"]) * len(M.QPEFT_METHODS) + len(result["saved"])
     assert all(isinstance(ok, bool) for *_, ok in rows)
     doc = report.write_doc(out, tmp_path / "benchmarks.md")
     text = doc.read_text()
     section = text[text.index("## 9. Operations dispatched per training step"):]
     assert "**accelerator path**" in section and "Most dispatched operations" in section
+    assert "Activations saved for the backward" in section
+
+
+def test_saved_activation_bytes_counts_what_autograd_keeps() -> None:
+    """On a toy step whose saved tensors are known: the float copy of the input (kept by the
+    matmul for the weight's gradient) and the matmul's output (kept by pow), 2 x 4 float32
+    each; the trainable weight is the model's own and not counted."""
+    from types import SimpleNamespace
+
+    class Toy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> SimpleNamespace:
+            return SimpleNamespace(loss=(input_ids.float() @ self.w).pow(2).sum())
+
+    ids = torch.arange(8).view(2, 4)
+    assert dispatch.saved_activation_bytes(Toy(), {"input_ids": ids, "labels": ids}) == 2 * 32
+
+
+def test_saved_profile(quick_result) -> None:
+    """Every method's saved activations on both real-width shapes, as ratios to LoRA and OFT."""
+    result, _ = quick_result
+    assert list(result["saved"]) == list(dispatch.PROFILE_SHAPES)
+    for shape in result["saved"].values():
+        assert list(shape) == list(dispatch.METHODS)
+        assert shape["lora"]["over_lora"] == 1.0 and shape["oft"]["over_oft"] == 1.0
+        assert all(row["bytes"] > 0 for row in shape.values())
