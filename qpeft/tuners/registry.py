@@ -78,12 +78,13 @@ LoraFromCheckpoint = Callable[[dict, dict, Callable[[], Any]], tuple[Any, dict]]
 OftFromCheckpoint = LoraFromCheckpoint
 
 
-def causal_lm_rate(name: str, lr: float) -> dict[str, tuple[float, str]]:
-    """``learning_rate_by_kind`` for a method whose SFT / language-modelling default is ``lr``:
-    LoRA's best rate on the quality suite's SmolLM2 tuning task (the method's learning-rate
-    scale makes it learn at LoRA's rates)."""
-    return {"causal-lm": (lr, f"default for {name} on causal-LM data: LoRA's best rate on the "
-                              "quality suite's SmolLM2 tuning task (docs/results.md)")}
+def causal_lm_rate(name: str, lr: float, why: str = "LoRA's best rate") -> dict[str, tuple[float, str]]:
+    """``learning_rate_by_kind`` for a method whose SFT / language-modelling default is ``lr``,
+    ``why`` it is: LoRA's best rate on the quality suite's SmolLM2 tuning task (the method's
+    learning-rate scale makes it learn at LoRA's rates), unless the method's own is better
+    there."""
+    return {"causal-lm": (lr, f"default for {name} on causal-LM data: {why} on the quality "
+                              "suite's SmolLM2 tuning task (docs/results.md)")}
 
 
 @dataclass(frozen=True)

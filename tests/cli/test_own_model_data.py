@@ -465,7 +465,7 @@ def test_count_reports_the_lora_count_on_the_same_modules(cli, assets):
 
 def test_default_learning_rate_follows_the_kind_of_data(cli, tmp_path, assets):
     """Without --lr a qpeft method trains a classifier at its general default and SFT data at
-    its causal-LM default (LoRA's and its own best on the suite's SmolLM2 task); --lr wins."""
+    its causal-LM default (its own best on the suite's SmolLM2 task, 1e-3); --lr wins."""
     from qpeft.train.methods import default_learning_rate
 
     runs = {"cls": ("table", []), "lm": ("sft", []), "given": ("sft", ["--lr", "5e-4"])}
@@ -477,11 +477,11 @@ def test_default_learning_rate_follows_the_kind_of_data(cli, tmp_path, assets):
     cls, lm, given = (read_json(tmp_path / n / "results.json") for n in runs)
     assert (cls["lr"], cls["lr_source"]) == default_learning_rate("quic")
     assert (lm["lr"], lm["lr_source"]) == default_learning_rate("quic", "causal-lm")
-    assert lm["lr"] == 3e-3 and cls["lr"] == 1e-2 and "causal-LM" in lm["lr_source"]
+    assert lm["lr"] == 1e-3 and cls["lr"] == 1e-2 and "causal-LM" in lm["lr_source"]
     assert (given["lr"], given["lr_source"]) == (5e-4, "--lr")
     status, _, err = cli("compare", "--methods", "quic,lora", "--model", assets["llama"],
                          "--train-file", assets["sft"], *SFT_BUDGET,
                          "--output-dir", tmp_path / "cmp")
     assert status == 0, err
     rows = {r["method"]: r for r in read_json(tmp_path / "cmp" / "compare.json")["runs"]}
-    assert rows["quic"]["lr"] == 3e-3 and rows["lora"]["lr"] == 2e-3
+    assert rows["quic"]["lr"] == 1e-3 and rows["lora"]["lr"] == 2e-3

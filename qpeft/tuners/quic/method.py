@@ -45,7 +45,8 @@ METHOD = MethodSpec(
     learning_rate_note=("default for quic: LoRA's best rate on the quality suite's tuning task; "
                         "with lr_scale 'lora' (parameters read x3) QuIC learns at LoRA's rates "
                         "(docs/methods/quic.md, 'Learning-rate scale')"),
-    learning_rate_by_kind=causal_lm_rate("quic", 3e-3),
+    # QuIC's own best there (3 seeds: 73.9 % exact match at 1e-3, 68.3 % at LoRA's 3e-3)
+    learning_rate_by_kind=causal_lm_rate("quic", 1e-3, "its own best rate (3 seeds)"),
     benchmark_config=lambda targets, task_type: QuICConfig(
         num_blocks=3, orders=[1, 2], target_modules=targets, task_type=task_type),
     benchmark_label="QuIC C1⊕C2, N=3",
