@@ -396,7 +396,7 @@ def test_quality_no_adapter_point(tmp_path):
     assert [(r["task"], r["seed"]) for r in rows] == [
         ("minilm-bbc", 0), ("minilm-bbc", 1), ("smollm2-shakespeare", 0)]
     head, base = rows[0], rows[2]
-    assert head["trainable"] == 384 * 5 + 5 and head["adapter"] == 0 and head["lr"] == 1e-2
+    assert head["trainable"] == 384 * 5 + 5 and head["adapter"] == 0 and head["lr"] == entry.lr["minilm"]
     assert len(json.loads((tmp_path / "minilm-bbc" / "head-only" / "seed0" / "results.json")
                           .read_text())["losses"]) == 2
     assert base["trainable"] == 0 and base["lr_source"] == "no training"
