@@ -252,9 +252,11 @@ def _against_lora(s: dict[str, Any], lora: dict[str, Any] | None) -> tuple[float
 
 
 def _fmt(s: dict[str, Any]) -> str:
-    if s["metric_name"] == "perplexity":
-        return f"{s['mean']:.2f} ± {s['std']:.2f}"
-    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f} %"
+    """Mean ± std of the metric (just the value for a single run: no spread was measured)."""
+    pp = s["metric_name"] == "perplexity"
+    mean = f"{s['mean']:.2f}" if pp else f"{100 * s['mean']:.1f}"
+    spread = "" if s["seeds"] == 1 else (f" ± {s['std']:.2f}" if pp else f" ± {100 * s['std']:.1f}")
+    return mean + spread + ("" if pp else " %")
 
 
 def _vs(s: dict[str, Any]) -> str:
