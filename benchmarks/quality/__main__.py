@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         tuning = [t for t in tasks if t.role == "tuning"
                   or (a.render_only and (root / "sweep" / t.name).is_dir())]
         lrs = a.sweep_lrs or (suite.SWEEP_LRS[:3] if a.quick else suite.SWEEP_LRS)
+        if a.render_only and not a.sweep_lrs:  # also the rates a sweep was widened to
+            lrs = sorted(set(lrs) | suite.stored_rates(root))
         rows = suite.run_sweep(tuning, entries, lrs, root, log, stored_only=a.render_only)
         suite.dump({"command": command, "rows": rows}, root / "sweep.json")
         plot = suite.sweep_plot(rows, docs / "quality_lr.png")

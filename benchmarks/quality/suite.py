@@ -213,6 +213,19 @@ def run_sweep(tasks: Sequence[Task], entries: Sequence[Entry], lrs: Iterable[flo
     return rows
 
 
+def stored_rates(root: Path) -> set[float]:
+    """Every learning rate a stored sweep run was made at (its ``sweep/<task>/<entry>/lr<rate>``
+    folder): what rendering shows beside :data:`SWEEP_LRS`, e.g. an edge widened for one method.
+    O(#folders)."""
+    rates = set()
+    for folder in (root / "sweep").glob("*/*/lr*"):
+        try:
+            rates.add(float(folder.name[2:]))
+        except ValueError:
+            continue
+    return rates
+
+
 # ------------------------------------------------------------------------------------ summary
 
 
@@ -422,5 +435,5 @@ def dump(obj: Any, path: Path) -> None:
 
 
 __all__ = ["ENTRIES", "Entry", "is_current", "method_settings", "pareto_plots", "render", "render_sweep",
-           "replace_section", "run_one", "run_suite", "run_sweep", "select", "summarise",
+           "replace_section", "run_one", "run_suite", "run_sweep", "select", "stored_rates", "summarise",
            "sweep_plot", "tasks_for"]

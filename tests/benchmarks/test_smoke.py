@@ -352,6 +352,9 @@ def test_quality_suite_quick(tmp_path):
             assert (tmp_path / "minilm-bbc" / entry / f"seed{seed}" / "results.json").is_file()
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     assert {r["sweep_lr"] for r in sweep["rows"]} == {1e-3, 3e-3, 1e-2}
+    from benchmarks.quality import suite
+
+    assert suite.stored_rates(tmp_path) == {1e-3, 3e-3, 1e-2}  # what rendering shows
     doc = (tmp_path / "results.md").read_text()
     assert "<!-- quality-suite -->" in doc and "<!-- quality-sweep -->" in doc
     assert (tmp_path / "quality_pareto.png").stat().st_size > 0
