@@ -6,7 +6,10 @@ dispatches, seen by a ``TorchDispatchMode``. On a GPU each dispatched operation 
 launch (views and other metadata-only operations launch none; they are counted apart), so
 where the arithmetic is small, as in an adapter's, the step's time follows this count. Also
 counted: operations that read a value back to the host (``.item()``, ``torch.equal``,
-``nonzero``, ...), each a device sync on a GPU.
+``nonzero``, ...), each a device sync on a GPU. A read made inside an operator's own C++
+kernel (``torch.linalg.lu_solve`` on CPU reads values this way) never reaches the Python
+dispatch level and is not counted here; ``benchmarks/gpu_check.py``'s profiler summary sees
+those too.
 
 Models: LLaMA-shaped (``transformers.LlamaConfig``: hidden 64, 4 heads, 2 KV heads,
 intermediate 128; the count does not grow with the width), 8 and 32 decoder layers, all 7
