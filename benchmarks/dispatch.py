@@ -126,12 +126,7 @@ def saved_activation_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor
 
 def _profile_model(shape: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor], tuple[str, ...], str]:
     """``(model, batch, targets, peft task type)`` of a saved-activation profile shape."""
-    from transformers import (
-        BertConfig,
-        BertForSequenceClassification,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
+    from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -141,13 +136,10 @@ def _profile_model(shape: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]
             num_labels=5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
         ids = torch.randint(0, 1000, (16, 96), generator=g)
         return model.train(), {"input_ids": ids, "labels": ids[:, 0] % 5}, ("query", "value"), "SEQ_CLS"
-    # SmolLM2-135M's widths (576, GQA 9 / 3 heads, intermediate 1536), 4 of its 30 layers,
-    # batch 8 x 64
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=1000, hidden_size=576, intermediate_size=1536, num_hidden_layers=4,
-        num_attention_heads=9, num_key_value_heads=3))
+    # SmolLM2-135M's widths, 4 of its 30 layers, a 1,000-token vocabulary, batch 8 x 64
+    model = M.smollm2_shaped(4, vocab_size=1000)
     ids = torch.randint(0, 1000, (8, 64), generator=g)
-    return model.train(), {"input_ids": ids, "labels": ids}, ("q_proj", "v_proj"), "CAUSAL_LM"
+    return model, {"input_ids": ids, "labels": ids}, ("q_proj", "v_proj"), "CAUSAL_LM"
 
 
 PROFILE_SHAPES = ("minilm", "smollm2")

@@ -50,17 +50,6 @@ HOST_READ = "aten::_local_scalar_dense"
 TOP = 8
 
 
-def smollm2_shaped(layers: int = 30) -> torch.nn.Module:
-    """SmolLM2-135M's architecture with random weights (``layers`` of its 30)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-        tie_word_embeddings=True)).train()
-
-
 def _reader(event: Any) -> str:
     """Who read a value on the host: the nearest ``aten::`` operator above the read (one that
     reads inside its C++ kernel, e.g. ``aten::linalg_lu_solve``), else ``python .item()``."""
@@ -107,7 +96,7 @@ def profile_methods(device: str, layers: int, tokens: int, batch: int, steps: in
 
     on_gpu = device.startswith("cuda")
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    base = smollm2_shaped(layers).to(device, dtype)
+    base = M.smollm2_shaped(layers).to(device, dtype)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, base.config.vocab_size, (batch, tokens), generator=g).to(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])

@@ -38,6 +38,18 @@ class ModelSpec:
     num_labels: int | None
 
 
+def smollm2_shaped(layers: int = 30, vocab_size: int = 49152) -> nn.Module:
+    """SmolLM2-135M's architecture (576 wide, intermediate 1536, GQA 9 / 3 heads, tied
+    embeddings) with random weights (seed 0) and ``layers`` of its 30 decoder layers, in train
+    mode: its shapes where its weights are not needed (or cannot travel, as to a GPU machine)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab_size, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+        num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)).train()
+
+
 def model_spec(kind: str, quick: bool) -> ModelSpec:
     """Batch 16 x 128 on MiniLM (query, value), 4 x 128 on SmolLM2 (q_proj, v_proj); quick: 2 x 16."""
     if kind == "minilm":
