@@ -97,7 +97,8 @@ def base_matrices(
         # I + S in one gather; I - S = (I + S)ᵀ, and (I - S)(I + S)^-1 = (I + S)^-1 (I - S)
         # (the factors commute). S is skew by construction, so I + S is invertible (eigenvalues
         # 1 + iλ): solve_ex skips the singularity check that torch.linalg.solve reads back on
-        # the host (one sync per layer forward on accelerators; lu_solve's pivot check remains)
+        # the host (on CUDA it syncs only with check_errors=True, as documented; on CPU its
+        # LAPACK call reads info in host memory, which costs nothing)
         eye_plus_s = _skew_embedding(params, n, 1.0)
         return torch.linalg.solve_ex(eye_plus_s, eye_plus_s.mT)[0]
     if base_map == "exp":
