@@ -1,4 +1,5 @@
-"""``python -m benchmarks.quality [--quick] [--seeds N] [--tasks ...] [--entries ...] [--sweep]``.
+"""``python -m benchmarks.quality [--quick] [--seeds N] [--tasks ...] [--entries ...] [--sweep]
+[--jobs N]``.
 
 Runs the suite (and, with ``--sweep``, the learning-rate sweep on the tuning tasks), writes
 ``<out>/quality.json`` (+ ``sweep.json``) and renders the section of ``docs/results.md`` and its
@@ -35,8 +36,16 @@ def main(argv: list[str] | None = None) -> int:
                         "for the current settings (missing runs are left out, seeds counted)")
     p.add_argument("--out", type=Path, default=None,
                    help="results root (default benchmarks/results/quality; --quick: a temp dir)")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("QPEFT_BENCH_THREADS", 2)))
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (default: 2 with --jobs 1, else 1)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, each in its own process (2 on 2 cores: small batches do "
+                        "not split well over threads)")
     a = p.parse_args(argv)
+    if a.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {a.jobs}")
+    if a.threads is None:
+        a.threads = int(os.environ.get("QPEFT_BENCH_THREADS", 2 if a.jobs == 1 else 1))
     import torch
 
     torch.set_num_threads(a.threads)
@@ -49,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if not a.sweep_only:
-        rows = suite.run_suite(tasks, entries, a.seeds, root, log, stored_only=a.render_only)
+        rows = suite.run_suite(tasks, entries, a.seeds, root, log, stored_only=a.render_only,
+                               jobs=a.jobs, threads=a.threads)
         summary = suite.summarise(rows)
         suite.dump({"command": command, "rows": rows, "summary": summary,
                     "seconds": time.perf_counter() - t0}, root / "quality.json")
@@ -64,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         lrs = a.sweep_lrs or (suite.SWEEP_LRS[:3] if a.quick else suite.SWEEP_LRS)
         if a.render_only and not a.sweep_lrs:  # also the rates a sweep was widened to
             lrs = sorted(set(lrs) | suite.stored_rates(root))
-        rows = suite.run_sweep(tuning, entries, lrs, root, log, stored_only=a.render_only)
+        rows = suite.run_sweep(tuning, entries, lrs, root, log, stored_only=a.render_only,
+                               jobs=a.jobs, threads=a.threads)
         suite.dump({"command": command, "rows": rows}, root / "sweep.json")
         plot = suite.sweep_plot(rows, docs / "quality_lr.png")
         suite.replace_section(docs / "results.md", "quality-sweep",

@@ -9,6 +9,7 @@ out exactly the texts its classification twin holds out.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +55,18 @@ def chats(task: str, seed: int, max_train: int, max_eval: int) -> tuple[list[dic
 
 def write_chats(task: str, folder: Path, seed: int, max_train: int, max_eval: int,
                 ) -> tuple[Path, Path]:
-    """``folder/train.jsonl`` and ``folder/eval.jsonl`` of :func:`chats`; returns the paths."""
+    """``folder/train.jsonl`` and ``folder/eval.jsonl`` of :func:`chats`; returns the paths.
+    A file already holding the same records is left alone, and a new one replaces the old in
+    one step (written beside it, then renamed), so a run reading it never sees half a file."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, records in zip(("train", "eval"), chats(task, seed, max_train, max_eval),
                              strict=True):
         path = folder / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        if not path.is_file() or path.read_text() != text:
+            scratch = path.with_name(f".{path.name}.{os.getpid()}")
+            scratch.write_text(text)
+            os.replace(scratch, path)
         paths.append(path)
     return paths[0], paths[1]

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import gc
 import json
+import multiprocessing
 import statistics
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,24 +158,99 @@ def run_one(task: Task, entry: Entry, seed: int, out: Path, root: Path, lr: floa
     return results
 
 
+@dataclass(frozen=True)
+class Planned:
+    """One run the suite or the sweep asks for: where it is stored and at which rate (None: the
+    entry's own); ``sweep_lr`` marks a sweep row."""
+
+    task: Task
+    entry: Entry
+    seed: int
+    out: Path
+    lr: float | None = None
+    sweep_lr: float | None = None
+
+
 def run_suite(tasks: Sequence[Task], entries: Sequence[Entry], seeds: int, root: Path,
-              log=print, stored_only: bool = False) -> list[dict[str, Any]]:
+              log=print, stored_only: bool = False, jobs: int = 1,
+              threads: int = 1) -> list[dict[str, Any]]:
     """Every (task, entry, seed): the rows :func:`summarise` reads. ``stored_only``: run
-    nothing, collect the runs already stored for the current settings (render-only)."""
-    rows, total, i = [], sum(_seeds(t, e, seeds) for t in tasks for e in entries), 0
-    for task in tasks:
-        for entry in entries:
-            for seed in range(_seeds(task, entry, seeds)):
-                i += 1
-                t0 = time.perf_counter()
-                r = run_one(task, entry, seed, root / task.name / entry.name / f"seed{seed}", root,
-                            stored_only=stored_only)
-                if r is None:
-                    continue
-                rows.append(_row(task, entry, seed, r))
-                log(f"[{i}/{total}] {task.name} {entry.name} seed {seed}: "
-                    f"{task.metric} {rows[-1]['metric']:.4f} ({time.perf_counter() - t0:.0f} s)")
-    return rows
+    nothing, collect the runs already stored for the current settings (render-only). ``jobs``
+    > 1 runs the missing ones in that many processes of ``threads`` threads each."""
+    plan = [Planned(task, entry, seed, root / task.name / entry.name / f"seed{seed}")
+            for task in tasks for entry in entries for seed in range(_seeds(task, entry, seeds))]
+    return _execute(plan, root, log, stored_only, jobs, threads)
+
+
+def run_sweep(tasks: Sequence[Task], entries: Sequence[Entry], lrs: Iterable[float],
+              root: Path, log=print, stored_only: bool = False, jobs: int = 1,
+              threads: int = 1) -> list[dict[str, Any]]:
+    """Seed 0 of every (task, entry, lr): the learning-rate sensitivity curves
+    (``stored_only``, ``jobs`` and ``threads`` as in :func:`run_suite`)."""
+    lrs = list(lrs)
+    plan = [Planned(task, entry, 0, root / "sweep" / task.name / entry.name / f"lr{lr:g}", lr, lr)
+            for task in tasks for entry in entries
+            if _seeds(task, entry, 2) > 1  # the base model without training: no rate
+            for lr in lrs]
+    return _execute(plan, root, log, stored_only, jobs, threads)
+
+
+def _execute(plan: list[Planned], root: Path, log, stored_only: bool, jobs: int,
+             threads: int) -> list[dict[str, Any]]:
+    """The rows of ``plan``, in its order: stored runs read back, the others run one after the
+    other in this process (``jobs`` 1) or in ``jobs`` worker processes (each with ``threads``
+    torch threads; on 2 cores two 1-thread runs finish sooner than one 2-thread run after
+    another, since small batches do not split well over threads). Runs are independent: each
+    writes its own folder, and a chat task's data files are written here first, once."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    results: dict[int, dict[str, Any]] = {}
+    todo = list(range(len(plan)))
+    if jobs > 1 or stored_only:
+        for i, p in enumerate(plan):
+            r = run_one(p.task, p.entry, p.seed, p.out, root, lr=p.lr, stored_only=True)
+            if r is not None:
+                results[i] = r
+        todo = [] if stored_only else [i for i in range(len(plan)) if i not in results]
+
+    def finished(i: int, r: dict[str, Any], seconds: float) -> None:
+        results[i] = r
+        p = plan[i]
+        what = f"sweep {p.task.name} {p.entry.name} lr {p.sweep_lr:g}" if p.sweep_lr is not None \
+            else f"{p.task.name} {p.entry.name} seed {p.seed}"
+        log(f"[{len(results)}/{len(plan)}] {what}: {p.task.metric} "
+            f"{_metric(r, p.task):.4f} ({seconds:.0f} s)")
+
+    if jobs == 1:
+        for i in todo:
+            p, t0 = plan[i], time.perf_counter()
+            finished(i, run_one(p.task, p.entry, p.seed, p.out, root, lr=p.lr),
+                     time.perf_counter() - t0)
+    elif todo:
+        for task in {id(plan[i].task): plan[i].task for i in todo}.values():
+            task.data_files(root)  # written once here, read by the workers
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_threads,
+                                 initargs=(threads,)) as pool:
+            started = {pool.submit(run_one, plan[i].task, plan[i].entry, plan[i].seed,
+                                   plan[i].out, root, plan[i].lr): (i, time.perf_counter())
+                       for i in todo}
+            try:
+                for future in as_completed(started):
+                    i, t0 = started[future]
+                    finished(i, future.result(), time.perf_counter() - t0)
+            except BaseException:  # a failed run stops the suite: drop the runs not started
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    return [_row(p.task, p.entry, p.seed, results[i],
+                 **({} if p.sweep_lr is None else {"sweep_lr": p.sweep_lr}))
+            for i, p in enumerate(plan) if i in results]
+
+
+def _worker_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _seeds(task: Task, entry: Entry, seeds: int) -> int:
@@ -190,27 +267,6 @@ def _row(task: Task, entry: Entry, seed: int, r: dict[str, Any], **extra: Any) -
             "trainable": r["trainable_params"], "adapter": r["adapter_params"],
             "lr": r["lr"], "lr_source": r["lr_source"], "seconds": r["train_seconds"],
             "final_train_loss": r["final_train_loss"], **extra}
-
-
-def run_sweep(tasks: Sequence[Task], entries: Sequence[Entry], lrs: Iterable[float],
-              root: Path, log=print, stored_only: bool = False) -> list[dict[str, Any]]:
-    """Seed 0 of every (task, entry, lr): the learning-rate sensitivity curves
-    (``stored_only`` as in :func:`run_suite`)."""
-    rows = []
-    for task in tasks:
-        for entry in entries:
-            if _seeds(task, entry, 2) == 1:  # the base model without training: no rate
-                continue
-            for lr in lrs:
-                out = root / "sweep" / task.name / entry.name / f"lr{lr:g}"
-                t0 = time.perf_counter()
-                r = run_one(task, entry, 0, out, root, lr=lr, stored_only=stored_only)
-                if r is None:
-                    continue
-                rows.append(_row(task, entry, 0, r, sweep_lr=lr))
-                log(f"sweep {task.name} {entry.name} lr {lr:g}: {task.metric} "
-                    f"{rows[-1]['metric']:.4f} ({time.perf_counter() - t0:.0f} s)")
-    return rows
 
 
 def stored_rates(root: Path) -> set[float]:

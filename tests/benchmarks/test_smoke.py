@@ -456,3 +456,38 @@ def test_trainer_check_quick(tmp_path):
     assert "| qpa |" not in doc and doc.count("| quantum-peft |") == 2
     assert not (tmp_path / "minilm-bbc" / "qpa").exists()
     assert not (tmp_path / "minilm-bbc" / "lora" / "seed1.json").exists()
+
+
+def test_quality_jobs_match_one_process(tmp_path):
+    """``--jobs 2``: the missing runs go to two worker processes and come back as the same rows,
+    in the same order, as one process running them one after the other (1 thread each, so the
+    arithmetic is the same); a stored run is read back, not handed to a worker; a chat task's
+    data files are written once, before the workers start."""
+    from benchmarks.quality import suite
+
+    tasks = suite.tasks_for(["minilm-bbc", "smollm2-bbc-sft"], True)
+    entry = next(e for e in suite.ENTRIES if e.name == "quantum-peft")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = suite.run_suite(tasks[:1], [entry], 2, tmp_path / "one", log=lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
+    logged = []
+    (tmp_path / "two").mkdir()
+    # seed 1 already stored: only seed 0 (and the chat task's run) go to the workers
+    import shutil
+
+    shutil.copytree(tmp_path / "one" / "minilm-bbc" / "quantum-peft" / "seed1",
+                    tmp_path / "two" / "minilm-bbc" / "quantum-peft" / "seed1")
+    two = suite.run_suite(tasks, [entry], 2, tmp_path / "two", log=logged.append, jobs=2)
+    drop = {"seconds"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in two[:2]] == [
+        {k: v for k, v in r.items() if k not in drop} for r in one]
+    assert [(r["task"], r["seed"]) for r in two] == [
+        ("minilm-bbc", 0), ("minilm-bbc", 1), ("smollm2-bbc-sft", 0), ("smollm2-bbc-sft", 1)]
+    assert len(logged) == 3 and all(line.startswith("[") for line in logged)
+    assert sorted(p.name for p in (tmp_path / "two" / "data" / "smollm2-bbc-sft").iterdir()) == [
+        "eval.jsonl", "train.jsonl"]
+    with pytest.raises(ValueError, match="jobs must be >= 1"):
+        suite.run_suite(tasks, [entry], 1, tmp_path / "two", jobs=0)
