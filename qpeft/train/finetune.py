@@ -44,6 +44,8 @@ from qpeft.train.methods import (
     check_method,
     config_class,
     default_learning_rate,
+    default_target_modules,
+    normalize_targets,
     resolve_options,
 )
 from qpeft.train.results import (
@@ -118,6 +120,8 @@ class FinetuneSpec:
         except ValueError:
             pass
         d["method_options"] = resolve_options(self.method, self.method_options)
+        if self.target_modules is None and (own := method_targets(self)) is not None:
+            d["target_modules"] = own[0]  # the method's own default: a new default is a new run
         return d
 
 
@@ -170,6 +174,27 @@ def default_rate(spec: FinetuneSpec, method: str | None = None) -> tuple[float, 
     except (ValueError, OSError):  # RunError / AssetError included
         kind = None
     return default_learning_rate(method or spec.method, kind)
+
+
+def method_targets(spec: FinetuneSpec) -> tuple[str | list[str], str] | None:
+    """``(targets, why)`` where ``spec.method`` has its own default target modules for
+    ``spec``'s kind of data (None: the model's default applies, also when the data cannot be
+    read: the run reports that)."""
+    try:
+        return default_target_modules(spec.method, data_kind(spec))
+    except (ValueError, OSError):  # RunError / AssetError included; an unknown method too
+        return None
+
+
+def resolve_targets(spec: FinetuneSpec, model_default: list[str]) -> tuple[str | list[str], str]:
+    """``(target modules, where they come from)``: the ones given, else the method's own
+    default for the kind of data, else the model's default (peft's for its architecture)."""
+    if spec.target_modules:
+        return normalize_targets(spec.target_modules), "given"
+    own = method_targets(spec)
+    if own is not None:
+        return own
+    return list(model_default or []), "the model's default"
 
 
 def with_default_learning_rate(spec: FinetuneSpec) -> FinetuneSpec:
@@ -378,7 +403,7 @@ def wrap_model(spec: FinetuneSpec, loaded: Any) -> tuple[Any, Any]:
 
     import qpeft.tuners  # noqa: F401  (registers our methods with peft)
 
-    targets = spec.target_modules or loaded.default_target_modules
+    targets, _ = resolve_targets(spec, loaded.default_target_modules)
     if not targets:
         model_type = getattr(getattr(loaded.model, "config", None), "model_type", "?")
         raise RunError(f"peft has no default target modules for {spec.model!r} (model_type "

@@ -25,7 +25,9 @@ __all__ = [
     "check_method",
     "config_class",
     "default_learning_rate",
+    "default_target_modules",
     "method_names",
+    "normalize_targets",
     "resolve_options",
 ]
 
@@ -49,6 +51,26 @@ def default_learning_rate(method: str, kind: str | None = None) -> tuple[float, 
     if kind in spec.learning_rate_by_kind:
         return spec.learning_rate_by_kind[kind]
     return spec.learning_rate, spec.learning_rate_note or f"default for {spec.name}"
+
+
+def normalize_targets(target_modules: Sequence[str] | str) -> list[str] | str:
+    """Target modules as peft takes them: a list of names, or a string (a regex, or peft's
+    ``"all-linear"``, which peft expands only in its string form: ``--target-modules
+    all-linear`` gives it)."""
+    if isinstance(target_modules, str):
+        return target_modules
+    names = list(target_modules)
+    return "all-linear" if [n.lower() for n in names] == ["all-linear"] else names
+
+
+def default_target_modules(method: str, kind: str | None) -> tuple[str | list[str], str] | None:
+    """``(target modules, why)`` where ``method`` has its own default targets on data of
+    ``kind`` (a module-name list, or peft's ``"all-linear"``); None: the model's default applies."""
+    spec = get_method(check_method(method))
+    if kind not in spec.targets_by_kind:
+        return None
+    targets, why = spec.targets_by_kind[kind]
+    return (targets if isinstance(targets, str) else list(targets)), why
 
 
 def _check_applies(spec: MethodSpec, name: str) -> None:
@@ -105,8 +127,7 @@ def build_peft_config(
     if spec.build_config is not None:
         given = {k for k, v in (options or {}).items() if v is not None}
         kwargs = spec.build_config(kwargs, given)
-    kwargs["target_modules"] = (list(target_modules) if not isinstance(target_modules, str)
-                                else target_modules)
+    kwargs["target_modules"] = normalize_targets(target_modules)
     if modules_to_save:
         kwargs["modules_to_save"] = list(modules_to_save)
     if task_type is not None:

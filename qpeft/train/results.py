@@ -118,6 +118,18 @@ def _skipped_records(task: Any, *parts: Any) -> list[Any]:
     return skipped
 
 
+def _targets_record(spec: Any, run: Any) -> dict[str, Any]:
+    """``target_modules`` (the module names the adapter was applied to: peft's ``"all-linear"``
+    stands for the names it expanded to) and ``target_source`` (given, the method's own default
+    for the data and why, or the model's default)."""
+    from qpeft.train.finetune import resolve_targets
+
+    targets, source = resolve_targets(spec, run.loaded.default_target_modules)
+    if isinstance(targets, str):  # expanded by peft into the config
+        targets = sorted(run.config.target_modules)
+    return {"target_modules": list(targets), "target_source": source}
+
+
 def results_record(spec: Any, result: Any, model: torch.nn.Module, run: Any, *,
                    context: dict[str, Any], metric_before: float | None,
                    generation: dict[str, Any] | None, command: list[str] | None,
@@ -154,7 +166,7 @@ def results_record(spec: Any, result: Any, model: torch.nn.Module, run: Any, *,
         "train_size": len(train), "eval_size": len(eval_),
         "split": getattr(run.task, "split", None),
         "label_names": getattr(run.task, "label_names", None),
-        "target_modules": list(spec.target_modules or run.loaded.default_target_modules),
+        **_targets_record(spec, run),
         "method_options": context["method_options"],
         "peft_config": run.config.to_dict(),
         "train_config": dataclasses.asdict(spec.train),

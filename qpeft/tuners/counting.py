@@ -13,6 +13,7 @@ the trainable ``modules_to_save`` (e.g. a classifier head). Tests check its tota
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -123,6 +124,12 @@ def count_trainable(config: Any, model_or_config: Any, auto_class: Any = None) -
     model = model_or_config
     if not isinstance(model, nn.Module):
         model = model_from_config(model_or_config, auto_class)
+    if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+        # peft's own expansion (every linear but the output embedding / classifier head), as
+        # get_peft_model applies it; on a copy, so the caller's config keeps "all-linear"
+        from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+        config = _maybe_include_all_linear_layers(copy.copy(config), model)
 
     result = ParameterCount()
     for name, module in model.named_modules():

@@ -88,6 +88,47 @@ def test_target_modules_override(cli, tmp_path, assets):
     assert res["trainable_params"] == 2 * (2 * (64 + 64) + 2 * (128 + 64))
 
 
+def test_method_default_targets_follow_the_kind_of_data(cli, tmp_path, assets):
+    """Without --target-modules Quantum-PEFT adapts every linear layer on causal-LM data (its
+    own default, peft's "all-linear": 7 per LLaMA layer, not lm_head) and the model's default
+    (q_proj, v_proj) on a classification table; --target-modules wins, also as "all-linear"
+    for LoRA. results.json names the modules and where they came from; ``count`` agrees."""
+    from qpeft.train.finetune import FinetuneSpec
+    from qpeft.train.methods import default_target_modules
+
+    linears = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    runs = {"lm": ("quantum-peft", "sft", []), "cls": ("quantum-peft", "table", []),
+            "given": ("quantum-peft", "sft", ["--target-modules", "q_proj"]),
+            "lora": ("lora", "sft", []),
+            "lora-all": ("lora", "sft", ["--target-modules", "all-linear", "--rank", "2"])}
+    for name, (method, data, extra) in runs.items():
+        status, _, err = cli("finetune", "--method", method, "--model", assets["llama"],
+                             "--train-file", assets[data], *SFT_BUDGET, *extra,
+                             "--output-dir", tmp_path / name)
+        assert status == 0, err
+    lm, cls, given, lora, lora_all = (read_json(tmp_path / n / "results.json") for n in runs)
+    own, why = default_target_modules("quantum-peft", "causal-lm")
+    assert own == "all-linear" and lm["target_source"] == why and "causal-LM" in why
+    assert sorted({m.rsplit(".", 1)[-1] for m in lm["target_modules"]}) == linears
+    assert len(lm["target_modules"]) == 2 * 7 and not any("lm_head" in m for m in lm["target_modules"])
+    assert (cls["target_modules"], cls["target_source"]) == (["q_proj", "v_proj"], "the model's default")
+    assert (given["target_modules"], given["target_source"]) == (["q_proj"], "given")
+    assert lora["target_modules"] == ["q_proj", "v_proj"] and default_target_modules("lora", "causal-lm") is None
+    assert len(lora_all["target_modules"]) == 2 * 7
+    # r=2 on every linear of 2 layers (hidden 64: q, k, v, o 64 x 64; intermediate 128)
+    assert lora_all["trainable_params"] == 2 * 2 * (4 * (64 + 64) + 3 * (64 + 128))
+    status, out, err = cli("count", "--model", assets["llama"], "--method", "quantum-peft", "--json")
+    assert status == 0, err
+    counted = json.loads(out)
+    assert counted["total"] == lm["trainable_params"] and counted["closed_form_total"] == counted["total"]
+    # a new method default is a new run: the fingerprint names it (the model's default does not)
+    spec = FinetuneSpec(method="quantum-peft", model=assets["llama"], train_file=assets["sft"],
+                        output_dir=str(tmp_path / "x"))
+    assert spec.fingerprint()["target_modules"] == "all-linear"
+    assert FinetuneSpec(method="lora", model=assets["llama"], train_file=assets["sft"],
+                        output_dir=str(tmp_path / "x")).fingerprint()["target_modules"] is None
+
+
 def test_gguf_file_finetunes_and_counts(cli, tmp_path):
     gguf_path = tiny.write_tiny_gguf(tmp_path / "tiny.gguf")
     letters = "abcdefghijklmnopqrstuvwxyz"
@@ -445,11 +486,13 @@ def test_quantized_base_flags_are_exclusive(cli, tmp_path, assets, capsys):
 
 
 def test_count_reports_the_lora_count_on_the_same_modules(cli, assets):
-    status, lora_out, err = cli("count", "--model", assets["llama"], "--method", "lora")
-    assert status == 0, err
-    lora_total = int(next(line for line in lora_out.splitlines()
-                          if line.startswith("total trainable")).split()[-1].replace(",", ""))
-    for method in ("qpa", "quantum-peft"):
+    # QPA adapts the model's default modules; Quantum-PEFT every linear layer of a causal LM
+    for method, targets in (("qpa", []), ("quantum-peft", ["--target-modules", "all-linear"])):
+        status, lora_out, err = cli("count", "--model", assets["llama"], "--method", "lora",
+                                    *targets)
+        assert status == 0, err
+        lora_total = int(next(line for line in lora_out.splitlines()
+                              if line.startswith("total trainable")).split()[-1].replace(",", ""))
         status, out, err = cli("count", "--model", assets["llama"], "--method", method)
         assert status == 0, err
         line = next(x for x in out.splitlines() if x.startswith("LoRA r=8 on the same modules"))

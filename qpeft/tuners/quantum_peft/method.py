@@ -32,6 +32,10 @@ METHOD = MethodSpec(
                         "tuning task; with the angle gain the method learns at LoRA's rates "
                         "(docs/methods/quantum_peft.md, 'Learning-rate scale')"),
     learning_rate_by_kind=causal_lm_rate("quantum-peft", 3e-3),
+    targets_by_kind={"causal-lm": (
+        "all-linear", "default for quantum-peft on causal-LM data: every linear layer (peft's "
+        "'all-linear'), where q_proj, v_proj alone limited it on the quality suite's SmolLM2 "
+        "tuning task (docs/results.md)")},
     benchmark_config=lambda targets, task_type: QuantumPEFTConfig(
         r=8, depth=1, target_modules=targets, task_type=task_type),
     benchmark_label="Quantum-PEFT K=8, L=1",
