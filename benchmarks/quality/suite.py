@@ -223,28 +223,29 @@ def _execute(plan: list[Planned], root: Path, log, stored_only: bool, jobs: int,
 
     if jobs == 1:
         for i in todo:
-            p, t0 = plan[i], time.perf_counter()
-            finished(i, run_one(p.task, p.entry, p.seed, p.out, root, lr=p.lr),
-                     time.perf_counter() - t0)
+            finished(i, *_timed_run(plan[i], root))
     elif todo:
         for task in {id(plan[i].task): plan[i].task for i in todo}.values():
             task.data_files(root)  # written once here, read by the workers
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_threads,
                                  initargs=(threads,)) as pool:
-            started = {pool.submit(run_one, plan[i].task, plan[i].entry, plan[i].seed,
-                                   plan[i].out, root, plan[i].lr): (i, time.perf_counter())
-                       for i in todo}
+            started = {pool.submit(_timed_run, plan[i], root): i for i in todo}
             try:
                 for future in as_completed(started):
-                    i, t0 = started[future]
-                    finished(i, future.result(), time.perf_counter() - t0)
+                    finished(started[future], *future.result())
             except BaseException:  # a failed run stops the suite: drop the runs not started
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
     return [_row(p.task, p.entry, p.seed, results[i],
                  **({} if p.sweep_lr is None else {"sweep_lr": p.sweep_lr}))
             for i, p in enumerate(plan) if i in results]
+
+
+def _timed_run(p: Planned, root: Path) -> tuple[dict[str, Any], float]:
+    """(:func:`run_one`'s results, seconds it took where it ran: loading, training, evaluation)."""
+    t0 = time.perf_counter()
+    return run_one(p.task, p.entry, p.seed, p.out, root, lr=p.lr), time.perf_counter() - t0
 
 
 def _worker_threads(threads: int) -> None:
