@@ -598,7 +598,8 @@ def run_finetune(spec: FinetuneSpec, *, command: list[str] | None = None,
                                      device=accelerator.device)
     context = {"model_source": dataclasses.asdict(model_source(spec.model)),
                "task": spec.task or ("sft" if is_sft(run.task) else "table"),
-               "method_options": resolve_options(spec.method, spec.method_options)}
+               "method_options": resolve_options(spec.method, spec.method_options),
+               "targets": resolve_targets(spec, run.loaded.default_target_modules)}
     results = results_record(spec, result, unwrapped, run, context=context,
                              metric_before=metric_before, generation=generation,
                              command=command)

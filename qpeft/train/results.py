@@ -118,15 +118,12 @@ def _skipped_records(task: Any, *parts: Any) -> list[Any]:
     return skipped
 
 
-def _targets_record(spec: Any, run: Any) -> dict[str, Any]:
+def _targets_record(targets: str | list[str], source: str, config: Any) -> dict[str, Any]:
     """``target_modules`` (the module names the adapter was applied to: peft's ``"all-linear"``
-    stands for the names it expanded to) and ``target_source`` (given, the method's own default
-    for the data and why, or the model's default)."""
-    from qpeft.train.finetune import resolve_targets
-
-    targets, source = resolve_targets(spec, run.loaded.default_target_modules)
+    stands for the names it expanded to in ``config``) and ``target_source`` (given, the
+    method's own default for the data and why, or the model's default)."""
     if isinstance(targets, str):  # expanded by peft into the config
-        targets = sorted(run.config.target_modules)
+        targets = sorted(config.target_modules)
     return {"target_modules": list(targets), "target_source": source}
 
 
@@ -138,7 +135,7 @@ def results_record(spec: Any, result: Any, model: torch.nn.Module, run: Any, *,
     the command), what it trained (counts), how it did (``result``: metric, losses, time) and on
     what data. ``run``: the run's prepared state (data, loaded model, peft config, memory kind,
     load time); ``context``: what only the run knows how to name (``model_source``, ``task``,
-    ``method_options``)."""
+    ``method_options``, ``targets``: the target modules and where they came from)."""
     trainable, total = count_parameters(model)
     head = _head_params(model)
     skipped = _skipped_records(run.task, run.train_data, run.eval_data)
@@ -166,7 +163,7 @@ def results_record(spec: Any, result: Any, model: torch.nn.Module, run: Any, *,
         "train_size": len(train), "eval_size": len(eval_),
         "split": getattr(run.task, "split", None),
         "label_names": getattr(run.task, "label_names", None),
-        **_targets_record(spec, run),
+        **_targets_record(*context["targets"], run.config),
         "method_options": context["method_options"],
         "peft_config": run.config.to_dict(),
         "train_config": dataclasses.asdict(spec.train),

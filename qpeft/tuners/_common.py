@@ -281,7 +281,14 @@ class WeightMergeLayer(BaseTunerLayer):
     merge in the order given and unmerge last-first; ``safe_merge`` refuses non-finite results
     before writing.
 
-    A layer implements :meth:`_owns_adapter`, :meth:`_merged_weight` and :meth:`_unmerged_weight`."""
+    A layer implements :meth:`_owns_adapter`, :meth:`_merged_weight`, :meth:`_unmerged_weight`
+    and ``get_delta_weight`` (W' − W in the base weight's layout, for either kind of update)."""
+
+    def _get_additive_delta(self, adapter_name: str = "default") -> torch.Tensor:
+        """W' − W: what peft (0.22 on) reads through ``get_additive_delta`` for
+        ``convert_to_lora`` (which checks first that no adapter is merged). Exact for the
+        additive methods and for QuIC's rotation alike: ``get_delta_weight``."""
+        return self.get_delta_weight(adapter_name)
 
     def _init_base_layer(self, base_layer: nn.Module, **kwargs: Any) -> None:
         """Wrap ``base_layer``: nothing merged, adapters enabled; ``kind`` and the weight's
