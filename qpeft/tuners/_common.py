@@ -197,7 +197,9 @@ class QpeftTuner(BaseTuner):
             layer_kind(target)
             new_module = self._new_layer(target, adapter_name, config, current_key)
         except ValueError as err:
-            raise ValueError(f"{self.method_label} cannot adapt module {current_key!r}: {err}") from err
+            # peft's own wording ("Target module ... not supported"), which its test matrix matches
+            raise ValueError(f"Target module {current_key!r} is not supported by "
+                             f"{self.method_label}: {err}") from err
         if adapter_name not in self.active_adapters:
             # an additional adapter is not trainable until set_adapter() selects it
             new_module.requires_grad_(False)
@@ -285,9 +287,10 @@ class WeightMergeLayer(BaseTunerLayer):
     and ``get_delta_weight`` (W' − W in the base weight's layout, for either kind of update)."""
 
     def _get_additive_delta(self, adapter_name: str = "default") -> torch.Tensor:
-        """W' − W: what peft (0.22 on) reads through ``get_additive_delta`` for
-        ``convert_to_lora`` (which checks first that no adapter is merged). Exact for the
-        additive methods and for QuIC's rotation alike: ``get_delta_weight``."""
+        """W' − W in the adapter's dtype: what peft (0.22 on) reads through
+        ``get_additive_delta`` for ``convert_to_lora`` (which checks first that no adapter is
+        merged). Here ``get_delta_weight`` (Quantum-PEFT's is in the circuit dtype already);
+        QPA and QuIC override it to skip their cast to the base weight's dtype."""
         return self.get_delta_weight(adapter_name)
 
     def _init_base_layer(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -465,8 +468,8 @@ class WeightMergeLayer(BaseTunerLayer):
                 new_weight = self._merged_weight(name, weight)
                 if safe_merge and not torch.isfinite(new_weight).all():
                     raise ValueError(
-                        f"NaN/inf in the merged weights: adapter {name!r} seems to be broken; "
-                        "nothing was merged into this layer"
+                        f"NaNs detected in the merged weights (NaN or inf): adapter {name!r} "
+                        "seems to be broken; nothing was merged into this layer"
                     )
                 # contiguous: a rotation computed through transposed views (QuIC) would
                 # otherwise leave a strided weight that safetensors refuses to save

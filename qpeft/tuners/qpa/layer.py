@@ -75,11 +75,16 @@ class QPALayer(WeightMergeLayer):
         """``scaling * lora_B @ lora_A`` (with the offset start ``scaling * (g B A - g0 B0 A0)``,
         the factors being rank 2r) in the base weight's layout and dtype (a quantized
         base's integer storage is no dtype for it: then the generator's). O(d_out d_in r)."""
+        delta = self._get_additive_delta(adapter_name)
+        weight = self.get_base_layer().weight
+        return delta.to(weight.dtype if weight.is_floating_point() else delta.dtype)
+
+    def _get_additive_delta(self, adapter_name: str = "default") -> torch.Tensor:
+        """delta_W in the base weight's layout and the generator's dtype (peft's
+        ``get_additive_delta``: the adapter's dtype, e.g. fp32 over a bf16 base)."""
         lora_b, lora_a = self._factors(adapter_name)
         delta = self.qpa_scaling[adapter_name] * (lora_b @ lora_a)
-        weight = self.get_base_layer().weight
-        dtype = weight.dtype if weight.is_floating_point() else delta.dtype
-        return matrix_to_weight(self.get_base_layer(), delta).to(dtype)
+        return matrix_to_weight(self.get_base_layer(), delta)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """peft's ``convert_to_lora``: ΔW is rank r (rank 2r with the offset start: ``g B A - g0

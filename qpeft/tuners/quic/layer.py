@@ -379,10 +379,16 @@ class QuICLayer(WeightMergeLayer):
         return matrix_to_weight(base, new)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """W' − W in the base weight's layout (additive view of the multiplicative update)."""
+        """W' − W in the base weight's layout and dtype (additive view of the multiplicative
+        update)."""
+        return self._get_additive_delta(adapter_name).to(self._read_base_weight().dtype)
+
+    def _get_additive_delta(self, adapter_name: str = "default") -> torch.Tensor:
+        """W' − W in the base weight's layout and the rotation's compute dtype (peft's
+        ``get_additive_delta``: the adapter's dtype)."""
         weight = self._read_base_weight()
         rotated = self._rotate_weight(weight, adapter_name, self.block_matrices(adapter_name))
-        return (rotated - weight).to(weight.dtype)
+        return rotated - weight.to(rotated.dtype)
 
     # ---- merge / unmerge ------------------------------------------------------------------------
     def _owns_adapter(self, adapter_name: str) -> bool:
