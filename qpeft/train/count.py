@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from qpeft.train.errors import RunError
-from qpeft.train.methods import build_peft_config, check_method, default_target_modules
+from qpeft.train.methods import build_peft_config, check_method, choose_targets
 
 
 def _auto_class(config: Any, num_labels: int | None = None) -> tuple[Any, str | None]:
@@ -197,9 +197,9 @@ def count_for_cli(method: str, *, model: str | None = None, config_file: str | N
     else:
         base = _bundled_base(model, num_labels, target_modules)
     total_base = sum(p.numel() for p in base.model.parameters())
-    own = default_target_modules(method, "causal-lm") if base.task_type == "CAUSAL_LM" else None
-    if target_modules is None and own is not None:  # the method's own default, as finetune
-        base.targets = own[0]
+    # the method's own default where it has one, as finetune chooses
+    base.targets, _ = choose_targets(method, "causal-lm" if base.task_type == "CAUSAL_LM" else None,
+                                     target_modules, base.targets)
     try:
         config = build_peft_config(method, base.targets, base.modules_to_save,
                                    task_type=base.task_type, options=options)

@@ -42,10 +42,10 @@ from qpeft.train.loop import TrainConfig, TrainResult, check_data_sizes, evaluat
 from qpeft.train.methods import (
     build_peft_config,
     check_method,
+    choose_targets,
     config_class,
     default_learning_rate,
     default_target_modules,
-    normalize_targets,
     resolve_options,
 )
 from qpeft.train.results import (
@@ -189,12 +189,11 @@ def method_targets(spec: FinetuneSpec) -> tuple[str | list[str], str] | None:
 def resolve_targets(spec: FinetuneSpec, model_default: list[str]) -> tuple[str | list[str], str]:
     """``(target modules, where they come from)``: the ones given, else the method's own
     default for the kind of data, else the model's default (peft's for its architecture)."""
-    if spec.target_modules:
-        return normalize_targets(spec.target_modules), "given"
-    own = method_targets(spec)
-    if own is not None:
-        return own
-    return list(model_default or []), "the model's default"
+    try:
+        kind = None if spec.target_modules else data_kind(spec)
+    except (ValueError, OSError):  # RunError / AssetError included: the run reports it
+        kind = None
+    return choose_targets(spec.method, kind, spec.target_modules, model_default)
 
 
 def with_default_learning_rate(spec: FinetuneSpec) -> FinetuneSpec:

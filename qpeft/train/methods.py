@@ -23,6 +23,7 @@ from qpeft.tuners.registry import (
 __all__ = [
     "build_peft_config",
     "check_method",
+    "choose_targets",
     "config_class",
     "default_learning_rate",
     "default_target_modules",
@@ -71,6 +72,18 @@ def default_target_modules(method: str, kind: str | None) -> tuple[str | list[st
         return None
     targets, why = spec.targets_by_kind[kind]
     return (targets if isinstance(targets, str) else list(targets)), why
+
+
+def choose_targets(method: str, kind: str | None, given: Sequence[str] | str | None,
+                   model_default: Sequence[str] | None) -> tuple[str | list[str], str]:
+    """``(target modules, where they come from)``: the ones ``given``, else ``method``'s own
+    default for data of ``kind``, else the model's default (peft's for its architecture)."""
+    if given:
+        return normalize_targets(given), "given"
+    own = default_target_modules(method, kind)
+    if own is not None:
+        return own
+    return list(model_default or []), "the model's default"
 
 
 def _check_applies(spec: MethodSpec, name: str) -> None:
