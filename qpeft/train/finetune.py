@@ -165,34 +165,36 @@ def data_kind(spec: FinetuneSpec) -> str:
         raise RunError(str(exc)) from None
 
 
+def readable_kind(spec: FinetuneSpec) -> str | None:
+    """:func:`data_kind`, or None when the data cannot be read (the run reports that when it
+    loads them): what the per-kind defaults (learning rate, target modules) read."""
+    try:
+        return data_kind(spec)
+    except (ValueError, OSError):  # RunError / AssetError included
+        return None
+
+
 def default_rate(spec: FinetuneSpec, method: str | None = None) -> tuple[float, str]:
     """``(lr, why)``: the default learning rate of ``method`` (default ``spec.method``) for
-    ``spec``'s kind of data (the general default when the data cannot be read: the run reports
-    that). O(file) for a ``--train-file`` (it is read once)."""
-    try:
-        kind = data_kind(spec)
-    except (ValueError, OSError):  # RunError / AssetError included
-        kind = None
-    return default_learning_rate(method or spec.method, kind)
+    ``spec``'s kind of data (the general default when the data cannot be read). O(file) for a
+    ``--train-file`` (it is read once)."""
+    return default_learning_rate(method or spec.method, readable_kind(spec))
 
 
 def method_targets(spec: FinetuneSpec) -> tuple[str | list[str], str] | None:
     """``(targets, why)`` where ``spec.method`` has its own default target modules for
-    ``spec``'s kind of data (None: the model's default applies, also when the data cannot be
-    read: the run reports that)."""
+    ``spec``'s kind of data (None: the model's default applies, also for unreadable data or
+    an unknown method, which the run reports)."""
     try:
-        return default_target_modules(spec.method, data_kind(spec))
-    except (ValueError, OSError):  # RunError / AssetError included; an unknown method too
+        return default_target_modules(spec.method, readable_kind(spec))
+    except ValueError:  # an unknown method
         return None
 
 
 def resolve_targets(spec: FinetuneSpec, model_default: list[str]) -> tuple[str | list[str], str]:
     """``(target modules, where they come from)``: the ones given, else the method's own
     default for the kind of data, else the model's default (peft's for its architecture)."""
-    try:
-        kind = None if spec.target_modules else data_kind(spec)
-    except (ValueError, OSError):  # RunError / AssetError included: the run reports it
-        kind = None
+    kind = None if spec.target_modules else readable_kind(spec)
     return choose_targets(spec.method, kind, spec.target_modules, model_default)
 
 
