@@ -80,17 +80,22 @@ _PLACEMENT = frozenset({"target_modules", "modules_to_save", "task_type", "auto_
                         "base_model_name_or_path", "peft_version", "revision", "inference_mode"})
 
 
-def method_settings(entry: Entry) -> dict[str, Any]:
+def method_settings(entry: Entry, placement: dict[str, Any] | None = None) -> dict[str, Any]:
     """The entry's peft config fields as this code resolves them (its options over the method's
     current defaults), as JSON values: what a stored run must match to be reused. A run's
     fingerprint records only the options given, so without this check a changed default
-    (say a new ``init_gain``) would silently reuse runs made with the old one. Fields left None
-    here are resolved from the model when the adapter is built (QPA's sizes, IA3's
-    feed-forward modules) and are not compared. O(1)."""
+    (say a new ``init_gain``) would silently reuse runs made with the old one. ``placement``:
+    the stored run's ``modules_to_save`` and ``task_type``, from which some defaults resolve
+    (QPA's ``init_gain`` is smaller beside a fresh head). Fields left None here are resolved
+    from the model when the adapter is built (QPA's sizes, IA3's feed-forward modules) and are
+    not compared. O(1)."""
     import qpeft.tuners  # noqa: F401  (registers qpeft's configs)
     from qpeft.train.methods import build_peft_config
 
-    config = build_peft_config(entry.method, ["_"], options=dict(entry.options)).to_dict()
+    placement = placement or {}
+    config = build_peft_config(entry.method, ["_"], placement.get("modules_to_save"),
+                               task_type=placement.get("task_type"),
+                               options=dict(entry.options)).to_dict()
     return json.loads(json.dumps({k: v for k, v in config.items()
                                   if k not in _PLACEMENT and v is not None}, default=str))
 
@@ -137,13 +142,14 @@ def run_one(task: Task, entry: Entry, seed: int, out: Path, root: Path, lr: floa
     if seed == 0:
         places += [root / task.name / entry.name / "seed0",
                    root / "sweep" / task.name / entry.name / f"lr{spec.train.lr:g}"]
-    settings = {} if no_adapter else method_settings(entry)
     for place in places:
         done, run = place / "results.json", place / "run.json"
         if done.is_file() and run.is_file():
             if json.loads(run.read_text()).get("fingerprint") == fingerprint:
                 stored = json.loads(done.read_text())
-                if is_current(stored.get("peft_config") or {}, settings):
+                config = stored.get("peft_config") or {}
+                settings = {} if no_adapter else method_settings(entry, config)
+                if is_current(config, settings):
                     return {**stored, "lr_source": spec.lr_source}
     if stored_only:
         return None

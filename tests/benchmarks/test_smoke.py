@@ -417,12 +417,16 @@ def test_quality_no_adapter_point(tmp_path):
 def test_quality_reuse_compares_resolved_defaults():
     """What a stored run must match: the entry's config fields as the code resolves them now;
     a field missing from the stored config (added since) differs; fields resolved from the
-    model at build time (None in a fresh config: QPA's sizes) are not compared."""
+    model at build time (None in a fresh config: QPA's sizes) are not compared; defaults that
+    follow the run's placement (QPA's start beside a fresh head) resolve from the stored one."""
     from benchmarks.quality import suite
 
     qpa = next(e for e in suite.ENTRIES if e.name == "qpa")
     settings = suite.method_settings(qpa)
-    assert settings["init_gain"] == 0.1 and "n_mlp" not in settings
+    assert settings["init_gain"] == 0.3 and "n_mlp" not in settings
+    beside_head = suite.method_settings(qpa, {"modules_to_save": ["classifier"], "task_type": "SEQ_CLS"})
+    assert beside_head["init_gain"] == 0.1
+    assert not suite.is_current({**settings, "init_gain": 0.1}, settings)
     assert "target_modules" not in settings and "peft_version" not in settings
     assert suite.is_current({**settings, "n_mlp": 2048, "target_modules": ["q"]}, settings)
     assert not suite.is_current({**settings, "init_gain": 0.0}, settings)

@@ -26,12 +26,19 @@ REFERENCE_N_MLP = 2048
 #: the paper's down to one narrow layer, and chunk sizes, largest first
 SIZING_HIDDEN: list[list[int]] = [list(REFERENCE_HIDDEN), [32, 32], [16, 16], [8]]
 SIZING_N_MLP: list[int] = [2048, 1024, 512, 256, 128, 64, 32, 16]
-#: the offset start's gain g0 when ``init_gain`` is None (with lr_scale "lora" and a gain). Its
-#: first AdamW step moves the output ~g0 x 100 times LoRA's first step on 384-576-wide layers;
-#: measured (seed 0): 0.1 learns at SFTTrainer's 2e-4 (45 % exact match, zero start 0 %) and
-#: keeps the suite's 1e-2 (95.7 % on MiniLM BBC); 0.3 and 1 diverge at 1e-2, 0.01 stalls at
-#: 2e-4 (docs/methods/qpa.md, "Identity at init")
-DEFAULT_INIT_GAIN = 0.1
+#: the offset start's gain g0 when ``init_gain`` is None (with lr_scale "lora" and a gain) and
+#: no module trains in full beside the adapter (causal-LM fine-tuning). Its first AdamW step
+#: moves the output ~g0 x 100 times LoRA's first step on 384-576-wide layers; measured: 0.3
+#: learns at SFTTrainer's 2e-4 (55.8 % exact match over 2 seeds, 0.1: 44.2 %, LoRA 51.7 %)
+#: and keeps the suite's causal-LM tasks at 3e-3 (docs/methods/qpa.md, "Identity at init")
+DEFAULT_INIT_GAIN = 0.3
+#: g0 when a module trains in full beside the adapter (a fresh classification head:
+#: ``modules_to_save``, or a task type for which peft adds one): that module learns from a
+#: random start at the same rate, and at the rates it needs (1e-3 to 1e-2) a larger start
+#: outruns it (MiniLM at 1e-2: 0.2 and 0.3 stall or diverge, 0.1 keeps 92-96 %)
+DEFAULT_INIT_GAIN_WITH_HEAD = 0.1
+#: peft task types whose PeftModel adds a fresh head to ``modules_to_save``
+HEAD_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 # peft's BaseTuner marks the biases trainable: "all" biases of the model, or those of the
 # adapted layers only ("qpa_only", like LoRA's "lora_only")
 BIAS_OPTIONS = ("none", "all", "qpa_only")
@@ -45,7 +52,8 @@ class QPAConfig(LrScaledConfig):
     ``lora_A`` (r x d_in) and ``lora_B`` (d_out x r) of every targeted layer;
     ``delta_W = (lora_alpha / r) * lora_B @ lora_A``. Trainable: the angles, the MLP and (default)
     one output gain on every ``lora_B``. Identity at init (default, ``lr_scale="lora"``): the
-    offset start, gain from ``init_gain`` = 0.1 and ``delta_W = scaling * (g B(phi) A(phi) - g0
+    offset start, gain from ``init_gain`` (0.3; 0.1 beside a fresh head: :meth:`default_init_gain`)
+    and ``delta_W = scaling * (g B(phi) A(phi) - g0
     B(phi0) A(phi0))`` with the frozen init ``phi0`` saved with the adapter (every generator
     parameter learns from step 1); ``init_gain=0`` (and ``lr_scale="paper"``): the zero start,
     gain from 0 (see docs/methods/qpa.md, "Start"). ``preset="reference"`` reproduces the paper's generator: its MLP widths,
@@ -98,9 +106,10 @@ class QPAConfig(LrScaledConfig):
             "generator's init, saved with the adapter), so the model is the base model at init "
             "and every generator parameter gets gradient from step 1 (the zero start gives them "
             "gradient proportional to the gain, 0 at init); 0 -> the zero start (the gain starts "
-            "at 0, or at 1 with init_weights=False). None -> 0.1 (DEFAULT_INIT_GAIN) with "
-            "lr_scale='lora' and output_gain, else 0.0; adapters saved before this field load "
-            "as 0.0"
+            "at 0, or at 1 with init_weights=False). None -> with lr_scale='lora' and "
+            "output_gain: 0.1 when a module trains in full beside the adapter (modules_to_save, "
+            "or task_type SEQ_CLS / TOKEN_CLS / QUESTION_ANS), else 0.3; otherwise 0.0 "
+            "(recorded); adapters saved before this field load as 0.0"
         },
     )
     preset: str | None = field(
@@ -154,9 +163,8 @@ class QPAConfig(LrScaledConfig):
             self.output_gain = False
             self.lr_scale = "paper"
         check_choice("lr_scale", self.lr_scale, LR_SCALES)
-        if self.init_gain is None:
-            self.init_gain = (DEFAULT_INIT_GAIN if self.lr_scale == "lora" and self.output_gain
-                              else 0.0)
+        if self.init_gain is None:  # resolved here and recorded, so a saved config keeps it
+            self.init_gain = self.default_init_gain()
         if isinstance(self.init_gain, bool) or not isinstance(self.init_gain, (int, float)) or (
                 not math.isfinite(self.init_gain)):
             raise ValueError(f"init_gain must be a finite number or None, got {self.init_gain!r}")
@@ -194,6 +202,19 @@ class QPAConfig(LrScaledConfig):
         kwargs = super().check_kwargs(**kwargs)
         kwargs.setdefault("init_gain", 0.0)
         return kwargs
+
+    def default_init_gain(self) -> float:
+        """What ``init_gain=None`` resolves to: :data:`DEFAULT_INIT_GAIN_WITH_HEAD` when a
+        module trains in full beside the adapter (``modules_to_save`` given, or a task type in
+        :data:`HEAD_TASK_TYPES`, for which peft adds the fresh head), else
+        :data:`DEFAULT_INIT_GAIN`; 0.0 (the zero start) with ``lr_scale="paper"`` or without an
+        output gain. O(1)."""
+        if self.lr_scale != "lora" or not self.output_gain:
+            return 0.0
+        task_type = getattr(self.task_type, "value", self.task_type)
+        if self.modules_to_save or task_type in HEAD_TASK_TYPES:
+            return DEFAULT_INIT_GAIN_WITH_HEAD
+        return DEFAULT_INIT_GAIN
 
     @property
     def offset_start(self) -> bool:

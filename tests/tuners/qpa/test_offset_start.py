@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from qpeft import count_trainable
 from qpeft.tuners.qpa import QPAConfig, export_lora
-from qpeft.tuners.qpa.config import DEFAULT_INIT_GAIN
+from qpeft.tuners.qpa.config import DEFAULT_INIT_GAIN, DEFAULT_INIT_GAIN_WITH_HEAD
 from tests.tuners.qpa.test_qpa import Stack, _slow_generation, stack_model, trained_stack
 
 LAYERS = ["a", "b", "c", "d"]
@@ -62,6 +62,14 @@ def _start_copy(gen):
         ({"preset": "reference"}, 0.0),
         ({"init_gain": 0}, 0.0),
         ({"init_gain": 0.5, "lr_scale": "paper"}, 0.5),
+        # a module trained in full beside the adapter (a fresh head) gets the smaller start
+        ({"modules_to_save": ["classifier"]}, DEFAULT_INIT_GAIN_WITH_HEAD),
+        ({"task_type": "SEQ_CLS"}, DEFAULT_INIT_GAIN_WITH_HEAD),
+        ({"task_type": "TOKEN_CLS"}, DEFAULT_INIT_GAIN_WITH_HEAD),
+        ({"task_type": "QUESTION_ANS"}, DEFAULT_INIT_GAIN_WITH_HEAD),
+        ({"task_type": "CAUSAL_LM"}, DEFAULT_INIT_GAIN),
+        ({"task_type": "SEQ_CLS", "init_gain": 0.3}, 0.3),
+        ({"task_type": "SEQ_CLS", "lr_scale": "paper"}, 0.0),
     ],
 )
 def test_init_gain_resolves_and_is_recorded(kw, resolved):
@@ -122,7 +130,7 @@ def test_delta_weight_equals_the_slow_reference(init_weights):
     with torch.no_grad():
         gen.gain.fill_(0.7)
     flat, flat0 = _slow_generation(gen), _slow_generation(_start_copy(gen))
-    # g0: init_gain as the float32 gain parameter holds it (0.1 is no float32)
+    # g0: init_gain as the float32 gain parameter holds it (0.3 is no float32)
     g, g0, r, pos = 0.7, gen.start_gain, 3, 0
     assert g0 == float(torch.tensor(DEFAULT_INIT_GAIN, dtype=torch.float32))
     for layer in _layers(model):
