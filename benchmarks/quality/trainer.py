@@ -172,12 +172,26 @@ def run(task: str, method: str, seed: int, quick: bool) -> dict[str, Any]:
 
 def _config_record(method: str, check: Check) -> dict[str, Any]:
     """The config as saved (JSON types, sets as sorted lists): a stored run is reused only when
-    it matches."""
+    it matches (:func:`same_config`)."""
     def plain(value: Any) -> Any:
         return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
 
     return json.loads(json.dumps(peft_config(method, check).to_dict(), default=plain,
                                  sort_keys=True))
+
+
+#: config fields that say which peft wrote it, not how the method trains
+_PROVENANCE = ("peft_version",)
+
+
+def same_config(stored: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a stored run's config is the current one, up to the peft version that wrote it
+    and fields left None (a peft upgrade that only adds an unset field, as 0.22 added LoRA's
+    ``astra_config``, does not make every stored run stale)."""
+    def strip(config: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in config.items() if k not in _PROVENANCE and v is not None}
+
+    return strip(stored) == strip(current)
 
 
 def render(rows: list[dict[str, Any]], command: str) -> str:
@@ -236,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 path = root / task / method / f"seed{seed}.json"
                 if path.is_file() and not a.quick:  # an interrupted check continues
                     stored = json.loads(path.read_text())
-                    if stored.get("config") == _config_record(method, TASKS[task]):
+                    if same_config(stored.get("config") or {}, _config_record(method, TASKS[task])):
                         rows.append(stored)
                         continue
                 if a.render_only:

@@ -462,6 +462,19 @@ def test_trainer_check_quick(tmp_path):
     assert not (tmp_path / "minilm-bbc" / "lora" / "seed1.json").exists()
 
 
+def test_trainer_check_reuses_runs_across_peft_versions():
+    """A stored run of the swap-the-config check stays current when only the peft version that
+    wrote its config differs (a peft upgrade dropped every stored row from the docs before);
+    any training field differing still makes it stale."""
+    from benchmarks.quality.trainer import TASKS, _config_record, same_config
+
+    current = _config_record("qpa", TASKS["smollm2-bbc-sft"])
+    assert same_config({**current, "peft_version": "0.0.1"}, current)
+    assert same_config(current, {**current, "a_field_added_since": None})
+    assert not same_config({**current, "init_gain": 0.1}, current)
+    assert not same_config({k: v for k, v in current.items() if k != "init_gain"}, current)
+
+
 def test_quality_jobs_match_one_process(tmp_path):
     """``--jobs 2``: the missing runs go to two worker processes and come back as the same rows,
     in the same order, as one process running them one after the other (1 thread each, so the
