@@ -23,6 +23,7 @@ only (:mod:`qpeft.train.sft`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import sys
@@ -156,11 +157,25 @@ def task_kind(name: str) -> str:
 
 def data_kind(spec: FinetuneSpec) -> str:
     """Kind of ``spec``'s data: the task's, or of the ``--train-file`` (a JSONL file without the
-    label column is causal-LM data; CSV/TSV and labelled JSONL are classification tables)."""
+    label column is causal-LM data; CSV/TSV and labelled JSONL are classification tables).
+    O(file) the first time for a file; repeated calls (the learning rate, the target modules,
+    the fingerprint, the record) reuse the answer while the file is unchanged."""
     if spec.train_file is None:
         return task_kind(spec.task)
     try:
-        return jsonl_kind(spec.train_file, spec.label_column)
+        stat = os.stat(spec.train_file)
+        version = (stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        version = None  # jsonl_kind raises for the missing file (an exception is not cached)
+    return _file_kind(str(spec.train_file), spec.label_column, version)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_kind(path: str, label_column: str, version: tuple[int, int] | None) -> str:
+    """:func:`jsonl_kind` of ``path``, cached per (path, label column, modification time and
+    size)."""
+    try:
+        return jsonl_kind(path, label_column)
     except ValueError as exc:
         raise RunError(str(exc)) from None
 

@@ -207,3 +207,24 @@ def test_epochs_set_the_number_of_steps() -> None:
     assert TrainConfig(batch_size=8, epochs=2).total_steps(100) == 24  # 12 full batches/epoch
     assert TrainConfig(batch_size=8, epochs=2, grad_accum=5).total_steps(100) == 5
     assert TrainConfig(batch_size=8, epochs=0.5, max_steps=7).total_steps(100) == 7
+
+
+def test_data_kind_reads_a_train_file_once_while_it_is_unchanged(tmp_path, monkeypatch):
+    """The per-kind defaults (rate, targets), the fingerprint and the record all ask for the
+    data's kind: a ``--train-file`` is read for it once, and again only when it changes."""
+    import json
+
+    from qpeft.train import finetune
+
+    reads = []
+    real = finetune.jsonl_kind
+    monkeypatch.setattr(finetune, "jsonl_kind", lambda *a: (reads.append(a), real(*a))[1])
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    spec = FinetuneSpec(method="lora", model="smollm2", train_file=str(path))
+    assert [finetune.data_kind(spec) for _ in range(3)] == ["causal-lm"] * 3
+    assert len(reads) == 1
+    path.write_text(json.dumps({"text": "a long labelled line", "label": 1}) + "\n")
+    assert finetune.data_kind(spec) == "text-classification" and len(reads) == 2
+    assert finetune.readable_kind(FinetuneSpec(method="lora", model="smollm2",
+                                               train_file=str(tmp_path / "missing.jsonl"))) is None
