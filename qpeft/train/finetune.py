@@ -193,7 +193,8 @@ def default_rate(spec: FinetuneSpec, method: str | None = None) -> tuple[float, 
     """``(lr, why)``: the default learning rate of ``method`` (default ``spec.method``) for
     ``spec``'s kind of data (the general default when the data cannot be read). O(file) for a
     ``--train-file`` (it is read once)."""
-    return default_learning_rate(method or spec.method, readable_kind(spec))
+    return default_learning_rate(method or spec.method, readable_kind(spec),
+                                 targets=spec.target_modules)
 
 
 def method_targets(spec: FinetuneSpec) -> tuple[str | list[str], str] | None:

@@ -45,10 +45,17 @@ def config_class(method: str) -> type:
     return get_method(check_method(method)).config_cls
 
 
-def default_learning_rate(method: str, kind: str | None = None) -> tuple[float, str]:
+def default_learning_rate(method: str, kind: str | None = None,
+                          targets: Sequence[str] | str | None = None) -> tuple[float, str]:
     """``(lr, why)``: the learning rate the CLI uses for ``method`` when ``--lr`` is not given,
-    on data of ``kind`` ("text-classification", "causal-lm", ...; None: the general default)."""
+    on data of ``kind`` ("text-classification", "causal-lm", ...; None: the general default).
+    ``targets``: the target modules the user named (None: none), so that the rate that goes
+    with the method's own default targets applies only to those targets."""
     spec = get_method(check_method(method))
+    own = default_target_modules(method, kind)
+    if (kind in spec.own_targets_rate_by_kind and own is not None
+            and (not targets or normalize_targets(targets) == own[0])):
+        return spec.own_targets_rate_by_kind[kind]
     if kind in spec.learning_rate_by_kind:
         return spec.learning_rate_by_kind[kind]
     return spec.learning_rate, spec.learning_rate_note or f"default for {spec.name}"

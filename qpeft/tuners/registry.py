@@ -104,7 +104,9 @@ class MethodSpec:
     with a fresh head learns best at a higher rate than SFT of a causal LM, LoRA too).
     ``targets_by_kind``: ``{data kind: (target modules, note)}`` where the method adapts other
     modules than the model's default when the user names none (peft's ``"all-linear"`` is
-    allowed); the note says why (recorded in results.json).
+    allowed); the note says why (recorded in results.json). ``own_targets_rate_by_kind``:
+    ``{data kind: (lr, note)}``, the default rate that goes with those own targets where it
+    differs from ``learning_rate_by_kind`` (which then applies to targets the user names).
     ``benchmark_config(targets, task_type)``:
     the configuration ``benchmarks/`` compares, described by ``benchmark_label``.
     ``circuits_from_model`` / ``circuits_from_checkpoint``: circuit export (``qpeft
@@ -127,6 +129,7 @@ class MethodSpec:
     learning_rate_note: str = ""
     learning_rate_by_kind: Mapping[str, tuple[float, str]] = field(default_factory=dict)
     targets_by_kind: Mapping[str, tuple[str | tuple[str, ...], str]] = field(default_factory=dict)
+    own_targets_rate_by_kind: Mapping[str, tuple[float, str]] = field(default_factory=dict)
     benchmark_config: Callable[[list[str], str | None], Any] | None = None
     benchmark_label: str = ""
     circuits_from_model: CircuitsFromModel | None = None

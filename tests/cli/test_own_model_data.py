@@ -508,23 +508,32 @@ def test_count_reports_the_lora_count_on_the_same_modules(cli, assets):
 
 def test_default_learning_rate_follows_the_kind_of_data(cli, tmp_path, assets):
     """Without --lr a qpeft method trains a classifier at its general default and SFT data at
-    its causal-LM default (its own best on the suite's SmolLM2 task, 1e-3); --lr wins."""
+    its causal-LM default; QuIC's there goes with its own default targets (every linear layer,
+    3e-4), and targets the user names get its rate for them (1e-3), also when named in
+    another order; naming its own targets ("all-linear") keeps their rate; --lr wins."""
     from qpeft.train.methods import default_learning_rate
 
-    runs = {"cls": ("table", []), "lm": ("sft", []), "given": ("sft", ["--lr", "5e-4"])}
+    runs = {"cls": ("table", []), "lm": ("sft", []), "given": ("sft", ["--lr", "5e-4"]),
+            "qv": ("sft", ["--target-modules", "v_proj,q_proj"]),
+            "all": ("sft", ["--target-modules", "all-linear"])}
     for name, (data, extra) in runs.items():
         status, _, err = cli("finetune", "--method", "quic", "--model", assets["llama"],
                              "--train-file", assets[data], *SFT_BUDGET, *extra,
                              "--output-dir", tmp_path / name)
         assert status == 0, err
-    cls, lm, given = (read_json(tmp_path / n / "results.json") for n in runs)
+    cls, lm, given, qv, every = (read_json(tmp_path / n / "results.json") for n in runs)
     assert (cls["lr"], cls["lr_source"]) == default_learning_rate("quic")
     assert (lm["lr"], lm["lr_source"]) == default_learning_rate("quic", "causal-lm")
-    assert lm["lr"] == 1e-3 and cls["lr"] == 1e-2 and "causal-LM" in lm["lr_source"]
+    assert lm["lr"] == 3e-4 and cls["lr"] == 1e-2 and "every linear layer" in lm["lr_source"]
+    assert len(lm["target_modules"]) == 2 * 7 and "quic" in lm["target_source"]
+    assert (qv["lr"], qv["target_modules"]) == (1e-3, ["v_proj", "q_proj"])
+    assert qv["lr_source"] == default_learning_rate("quic", "causal-lm", ["q_proj"])[1]
+    assert "target modules you name" in qv["lr_source"]
+    assert (every["lr"], every["lr_source"]) == (lm["lr"], lm["lr_source"])
     assert (given["lr"], given["lr_source"]) == (5e-4, "--lr")
     status, _, err = cli("compare", "--methods", "quic,lora", "--model", assets["llama"],
                          "--train-file", assets["sft"], *SFT_BUDGET,
                          "--output-dir", tmp_path / "cmp")
     assert status == 0, err
     rows = {r["method"]: r for r in read_json(tmp_path / "cmp" / "compare.json")["runs"]}
-    assert rows["quic"]["lr"] == 1e-3 and rows["lora"]["lr"] == 2e-3
+    assert rows["quic"]["lr"] == 3e-4 and rows["lora"]["lr"] == 2e-3

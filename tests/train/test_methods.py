@@ -66,3 +66,17 @@ def test_defaults_are_options_of_the_method(method: str) -> None:
     assert set(spec.defaults) <= {o.name for o in spec.options} <= set(all_options())
     lr, why = default_learning_rate(method)
     assert lr > 0 and why
+
+
+def test_a_rate_for_own_default_targets_applies_only_to_those_targets() -> None:
+    """QuIC's causal-LM default rate goes with its own default targets (every linear layer);
+    targets the user names get its rate for them, unless they are the same targets; data
+    without own targets, and methods without an own-targets rate, are unaffected."""
+    own = default_learning_rate("quic", "causal-lm")
+    named = default_learning_rate("quic", "causal-lm", ["q_proj", "v_proj"])
+    assert own[0] == 3e-4 and named[0] == 1e-3 and own[1] != named[1]
+    assert default_learning_rate("quic", "causal-lm", "all-linear") == own
+    assert default_learning_rate("quic", "causal-lm", ["all-linear"]) == own
+    assert default_learning_rate("quic", "text-classification") == default_learning_rate("quic")
+    assert (default_learning_rate("quantum-peft", "causal-lm", ["q_proj"])
+            == default_learning_rate("quantum-peft", "causal-lm"))
