@@ -166,10 +166,28 @@ def test_peft_s_own_conversion_gives_the_same_lora(method, case, tmp_path):
     torch.testing.assert_close(h.run(lora, case), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_quic_does_not_claim_a_lora_form():
+@pytest.mark.parametrize("case", ["mlp", "gpt2"])
+def test_quic_converts_through_peft_as_peft_oft_does(case, tmp_path):
+    """QuIC's W' − W = (Q − I)·W is full rank, so peft's ``convert_to_lora`` (which peft's OFT
+    and BOFT also accept) is exact only when it keeps every singular value: at energy threshold
+    1.0 the LoRA reproduces the adapter, at rank 1 it does not (an approximation the caller
+    chose)."""
+    from peft import get_peft_model, set_peft_model_state_dict
     from peft.tuners.lora.conversion import convert_to_lora
 
-    c = h.TINY_MODELS["mlp"]
-    model, _ = h.wrap("mlp", build_peft_config("quic", list(c.target_modules)))
-    with pytest.raises(TypeError, match="do not support LoRA conversion"):
-        convert_to_lora(model, 4)
+    c = h.TINY_MODELS[case]
+    model, base_out = h.wrap(case, build_peft_config("quic", list(c.target_modules),
+                                                     c.modules_to_save))
+    h.train_steps(model, case)
+    expected = h.run(model, case)
+    assert not torch.allclose(expected, base_out)
+    assert model.supports_lora_conversion()
+
+    def converted(rank: int | float) -> torch.Tensor:
+        lora_config, state = convert_to_lora(model, rank)
+        lora = get_peft_model(h.build_tiny(case), lora_config)
+        set_peft_model_state_dict(lora, state)
+        return h.run(lora, case)
+
+    torch.testing.assert_close(converted(1.0), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(converted(1), expected, atol=1e-5, rtol=1e-5)

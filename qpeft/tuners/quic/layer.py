@@ -390,6 +390,14 @@ class QuICLayer(WeightMergeLayer):
         rotated = self._rotate_weight(weight, adapter_name, self.block_matrices(adapter_name))
         return rotated - weight.to(rotated.dtype)
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """peft's ``convert_to_lora`` (linear layers only), as for peft's own OFT and BOFT: an
+        SVD of W' − W = (Q − I)·W at the rank or energy threshold the caller picks. The
+        rotation's delta is generally full rank, so a rank below min(d_out, d_in) is an
+        approximation; ``qpeft export-lora``, which promises an exact export, still refuses
+        QuIC."""
+        return self.kind != "conv2d"
+
     # ---- merge / unmerge ------------------------------------------------------------------------
     def _owns_adapter(self, adapter_name: str) -> bool:
         return adapter_name in self.quic_params
