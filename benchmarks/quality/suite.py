@@ -90,12 +90,16 @@ def method_settings(entry: Entry, placement: dict[str, Any] | None = None) -> di
     from the model when the adapter is built (QPA's sizes, IA3's feed-forward modules) and are
     not compared. O(1)."""
     import qpeft.tuners  # noqa: F401  (registers qpeft's configs)
-    from qpeft.train.methods import build_peft_config
+    from qpeft.train.methods import build_peft_config, choose_targets
 
     placement = placement or {}
-    config = build_peft_config(entry.method, ["_"], placement.get("modules_to_save"),
+    # the suite names no targets: a method runs on its own default for the kind of data, with
+    # the options that go with it (QuIC's block count on causal-LM data)
+    kind = "causal-lm" if placement.get("task_type") == "CAUSAL_LM" else None
+    targets, _ = choose_targets(entry.method, kind, None, ["_"])
+    config = build_peft_config(entry.method, targets, placement.get("modules_to_save"),
                                task_type=placement.get("task_type"),
-                               options=dict(entry.options)).to_dict()
+                               options=dict(entry.options), kind=kind).to_dict()
     return json.loads(json.dumps({k: v for k, v in config.items()
                                   if k not in _PLACEMENT and v is not None}, default=str))
 

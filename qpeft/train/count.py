@@ -198,11 +198,11 @@ def count_for_cli(method: str, *, model: str | None = None, config_file: str | N
         base = _bundled_base(model, num_labels, target_modules)
     total_base = sum(p.numel() for p in base.model.parameters())
     # the method's own default where it has one, as finetune chooses
-    base.targets, _ = choose_targets(method, "causal-lm" if base.task_type == "CAUSAL_LM" else None,
-                                     target_modules, base.targets)
+    kind = "causal-lm" if base.task_type == "CAUSAL_LM" else None
+    base.targets, _ = choose_targets(method, kind, target_modules, base.targets)
     try:
         config = build_peft_config(method, base.targets, base.modules_to_save,
-                                   task_type=base.task_type, options=options)
+                                   task_type=base.task_type, options=options, kind=kind)
     except ValueError as exc:
         raise RunError(str(exc)) from None
     closed_form, lora = _closed_form(config, base.model)

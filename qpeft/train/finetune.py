@@ -120,7 +120,9 @@ class FinetuneSpec:
             d["model"] = resolve_model_source(self.model).location
         except ValueError:
             pass
-        d["method_options"] = resolve_options(self.method, self.method_options)
+        d["method_options"] = resolve_options(self.method, self.method_options,
+                                              kind=readable_kind(self),
+                                              targets=self.target_modules)
         if self.target_modules is None and (own := method_targets(self)) is not None:
             d["target_modules"] = own[0]  # the method's own default: a new default is a new run
         return d
@@ -429,7 +431,7 @@ def wrap_model(spec: FinetuneSpec, loaded: Any) -> tuple[Any, Any]:
     try:
         config = build_peft_config(spec.method, targets, loaded.modules_to_save,
                                    task_type=PEFT_TASK_TYPES[loaded.kind],
-                                   options=spec.method_options)
+                                   options=spec.method_options, kind=readable_kind(spec))
         model = peft.get_peft_model(loaded.model, config)
     except ValueError as exc:
         raise RunError(f"cannot apply {spec.method} to {spec.model}: {exc}") from None
@@ -615,7 +617,9 @@ def run_finetune(spec: FinetuneSpec, *, command: list[str] | None = None,
                                      device=accelerator.device)
     context = {"model_source": dataclasses.asdict(model_source(spec.model)),
                "task": spec.task or ("sft" if is_sft(run.task) else "table"),
-               "method_options": resolve_options(spec.method, spec.method_options),
+               "method_options": resolve_options(spec.method, spec.method_options,
+                                                 kind=readable_kind(spec),
+                                                 targets=spec.target_modules),
                "targets": resolve_targets(spec, run.loaded.default_target_modules)}
     results = results_record(spec, result, unwrapped, run, context=context,
                              metric_before=metric_before, generation=generation,

@@ -30,6 +30,7 @@ __all__ = [
     "method_names",
     "normalize_targets",
     "resolve_options",
+    "uses_own_targets",
 ]
 
 
@@ -52,13 +53,19 @@ def default_learning_rate(method: str, kind: str | None = None,
     ``targets``: the target modules the user named (None: none), so that the rate that goes
     with the method's own default targets applies only to those targets."""
     spec = get_method(check_method(method))
-    own = default_target_modules(method, kind)
-    if (kind in spec.own_targets_rate_by_kind and own is not None
-            and (not targets or normalize_targets(targets) == own[0])):
+    if kind in spec.own_targets_rate_by_kind and uses_own_targets(method, kind, targets):
         return spec.own_targets_rate_by_kind[kind]
     if kind in spec.learning_rate_by_kind:
         return spec.learning_rate_by_kind[kind]
     return spec.learning_rate, spec.learning_rate_note or f"default for {spec.name}"
+
+
+def uses_own_targets(method: str, kind: str | None,
+                     targets: Sequence[str] | str | None) -> bool:
+    """Whether ``method`` runs on its own default target modules for data of ``kind``: it has
+    some, and ``targets`` (what the user named; None: nothing) are none or exactly those."""
+    own = default_target_modules(method, kind)
+    return own is not None and (not targets or normalize_targets(targets) == own[0])
 
 
 def normalize_targets(target_modules: Sequence[str] | str) -> list[str] | str:
@@ -102,10 +109,14 @@ def _check_applies(spec: MethodSpec, name: str) -> None:
             + ", ".join(o.flag for o in spec.options))
 
 
-def resolve_options(method: str, options: dict[str, Any] | None) -> dict[str, Any]:
+def resolve_options(method: str, options: dict[str, Any] | None, *, kind: str | None = None,
+                    targets: Sequence[str] | str | None = None) -> dict[str, Any]:
     """The method's CLI defaults updated with the options given (``None`` = not given), each
-    parsed by its option's parser: ``{option name: value}``. ValueError names an unknown option,
-    or one that does not apply to ``method`` and the methods it applies to. O(#options)."""
+    parsed by its option's parser: ``{option name: value}``. On data of ``kind`` where the
+    method runs on its own default targets (``targets``: those the user named, or the ones
+    chosen; :func:`uses_own_targets`), the options that go with them come between the two.
+    ValueError names an unknown option, or one that does not apply to ``method`` and the
+    methods it applies to. O(#options)."""
     spec = get_method(check_method(method))
     given = {k: v for k, v in (options or {}).items() if v is not None}
     unknown = sorted(set(given) - set(all_options()))
@@ -114,6 +125,8 @@ def resolve_options(method: str, options: dict[str, Any] | None) -> dict[str, An
     for name in given:
         _check_applies(spec, name)
     resolved = dict(spec.defaults)
+    if kind in spec.own_targets_options_by_kind and uses_own_targets(method, kind, targets):
+        resolved.update(spec.own_targets_options_by_kind[kind])
     resolved.update(given)
     return {name: spec.option(name).parse(value) for name, value in resolved.items()}
 
@@ -125,16 +138,18 @@ def build_peft_config(
     *,
     task_type: str | None = None,
     options: dict[str, Any] | None = None,
+    kind: str | None = None,
 ) -> Any:
     """Build the peft config of ``method`` for the given targets.
 
     ``target_modules``: names (or a regex string) peft matches; ``modules_to_save``: extra fully
     trained modules (a fresh classifier head). ``task_type``: peft's task type ("SEQ_CLS",
-    "CAUSAL_LM") or None for a plain ``PeftModel``. ValueError for an unknown method, an option
+    "CAUSAL_LM") or None for a plain ``PeftModel``. ``kind``: the kind of data, for the options
+    that go with the method's own default targets (:func:`resolve_options`). ValueError for an unknown method, an option
     that does not apply, or a value the config rejects (message names the option). O(1).
     """
     spec = get_method(check_method(method))
-    resolved = resolve_options(method, options)
+    resolved = resolve_options(method, options, kind=kind, targets=target_modules)
     cls = spec.config_cls
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}

@@ -107,6 +107,9 @@ class MethodSpec:
     allowed); the note says why (recorded in results.json). ``own_targets_rate_by_kind``:
     ``{data kind: (lr, note)}``, the default rate that goes with those own targets where it
     differs from ``learning_rate_by_kind`` (which then applies to targets the user names).
+    ``own_targets_options_by_kind``: ``{data kind: {option: value}}``, CLI option values that go
+    with those own targets (and the rate) where the user sets neither the option nor other
+    targets.
     ``benchmark_config(targets, task_type)``:
     the configuration ``benchmarks/`` compares, described by ``benchmark_label``.
     ``circuits_from_model`` / ``circuits_from_checkpoint``: circuit export (``qpeft
@@ -130,6 +133,7 @@ class MethodSpec:
     learning_rate_by_kind: Mapping[str, tuple[float, str]] = field(default_factory=dict)
     targets_by_kind: Mapping[str, tuple[str | tuple[str, ...], str]] = field(default_factory=dict)
     own_targets_rate_by_kind: Mapping[str, tuple[float, str]] = field(default_factory=dict)
+    own_targets_options_by_kind: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     benchmark_config: Callable[[list[str], str | None], Any] | None = None
     benchmark_label: str = ""
     circuits_from_model: CircuitsFromModel | None = None

@@ -68,6 +68,24 @@ def test_defaults_are_options_of_the_method(method: str) -> None:
     assert lr > 0 and why
 
 
+def test_options_for_own_default_targets_apply_only_to_those_targets() -> None:
+    """QuIC's 12 blocks go with its own causal-LM targets (every linear layer), as its rate
+    does: not with targets the user names, not where an option is given, not on classifiers;
+    and the config the CLI builds carries them."""
+    from qpeft.train.methods import resolve_options
+
+    assert resolve_options("quic", {}, kind="causal-lm")["num_blocks"] == 12
+    assert resolve_options("quic", {}, kind="causal-lm", targets="all-linear")["num_blocks"] == 12
+    assert "num_blocks" not in resolve_options("quic", {}, kind="causal-lm",
+                                               targets=["q_proj", "v_proj"])
+    assert resolve_options("quic", {"num_blocks": 5}, kind="causal-lm")["num_blocks"] == 5
+    assert "num_blocks" not in resolve_options("quic", {}, kind="text-classification")
+    assert build_peft_config("quic", "all-linear", kind="causal-lm").num_blocks == 12
+    assert build_peft_config("quic", ["q_proj", "v_proj"], kind="causal-lm").num_blocks == 3
+    assert resolve_options("quantum-peft", {}, kind="causal-lm") == resolve_options(
+        "quantum-peft", {})
+
+
 def test_a_rate_for_own_default_targets_applies_only_to_those_targets() -> None:
     """QuIC's causal-LM default rate goes with its own default targets (every linear layer);
     targets the user names get its rate for them, unless they are the same targets; data
