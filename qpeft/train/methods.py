@@ -145,8 +145,9 @@ def build_peft_config(
     ``target_modules``: names (or a regex string) peft matches; ``modules_to_save``: extra fully
     trained modules (a fresh classifier head). ``task_type``: peft's task type ("SEQ_CLS",
     "CAUSAL_LM") or None for a plain ``PeftModel``. ``kind``: the kind of data, for the options
-    that go with the method's own default targets (:func:`resolve_options`). ValueError for an unknown method, an option
-    that does not apply, or a value the config rejects (message names the option). O(1).
+    that go with the method's own default targets (:func:`resolve_options`). ValueError for an
+    unknown method, an option that does not apply, or a value the config rejects (message names
+    the option). O(1).
     """
     spec = get_method(check_method(method))
     resolved = resolve_options(method, options, kind=kind, targets=target_modules)
