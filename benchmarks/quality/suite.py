@@ -90,12 +90,13 @@ def method_settings(entry: Entry, placement: dict[str, Any] | None = None) -> di
     from the model when the adapter is built (QPA's sizes, IA3's feed-forward modules) and are
     not compared. O(1)."""
     import qpeft.tuners  # noqa: F401  (registers qpeft's configs)
+    from qpeft.train.finetune import kind_of_task_type
     from qpeft.train.methods import build_peft_config, choose_targets
 
     placement = placement or {}
     # the suite names no targets: a method runs on its own default for the kind of data, with
     # the options that go with it (QuIC's block count on causal-LM data)
-    kind = "causal-lm" if placement.get("task_type") == "CAUSAL_LM" else None
+    kind = kind_of_task_type(placement.get("task_type"))
     targets, _ = choose_targets(entry.method, kind, None, ["_"])
     config = build_peft_config(entry.method, targets, placement.get("modules_to_save"),
                                task_type=placement.get("task_type"),

@@ -186,7 +186,7 @@ def count_for_cli(method: str, *, model: str | None = None, config_file: str | N
     import peft
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from qpeft.train.finetune import model_source
+    from qpeft.train.finetune import kind_of_task_type, model_source
 
     try:
         check_method(method)
@@ -198,7 +198,7 @@ def count_for_cli(method: str, *, model: str | None = None, config_file: str | N
         base = _bundled_base(model, num_labels, target_modules)
     total_base = sum(p.numel() for p in base.model.parameters())
     # the method's own default where it has one, as finetune chooses
-    kind = "causal-lm" if base.task_type == "CAUSAL_LM" else None
+    kind = kind_of_task_type(base.task_type)
     base.targets, _ = choose_targets(method, kind, target_modules, base.targets)
     try:
         config = build_peft_config(method, base.targets, base.modules_to_save,

@@ -69,6 +69,13 @@ PEFT_TASK_TYPES: dict[str, str | None] = {"text-classification": "SEQ_CLS",
 OWNED_NAMES: tuple[str, ...] = (RUN_NAME, RESULTS_NAME, CHECKPOINT_NAME, "adapter")
 
 
+def kind_of_task_type(task_type: str | None) -> str | None:
+    """The kind of data a peft ``task_type`` stands for ("CAUSAL_LM" -> "causal-lm"), the
+    inverse of :data:`PEFT_TASK_TYPES`; None where it names none (a plain ``PeftModel``)."""
+    kinds = [kind for kind, tt in PEFT_TASK_TYPES.items() if tt is not None and tt == task_type]
+    return kinds[0] if kinds else None
+
+
 @dataclasses.dataclass
 class FinetuneSpec:
     """Everything that defines a run (the CLI's ``finetune`` options)."""
