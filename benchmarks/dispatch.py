@@ -22,8 +22,8 @@ have one path.
 Also measured, exactly: the activations each method keeps for the backward (bytes of the
 distinct storages autograd saves in one training step, the model's own parameters and buffers
 left out; ``torch.autograd.graph.saved_tensors_hooks``), on MiniLM- and SmolLM2-shaped models
-(their real widths, random weights, query/value adapted): the step's activation memory, where
-QuIC's target is peft OFT's.
+(their real widths, random weights, query/value adapted), on both paths: the step's activation
+memory, where QuIC's target is peft OFT's.
 
 Run alone: ``python -m benchmarks.dispatch [--quick]``.
 """
@@ -145,15 +145,20 @@ def _profile_model(shape: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]
 PROFILE_SHAPES = ("minilm", "smollm2")
 
 
-def measure_saved(shape: str, methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
-    """:func:`saved_activation_bytes` of every method on the ``shape``-shaped model."""
+def measure_saved(shape: str, path: str = "cpu", methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
+    """:func:`saved_activation_bytes` of every method on the ``shape``-shaped model along
+    ``path`` (on these widths QuIC's accelerator path applies its order-2 blocks as their
+    action, its CPU path forms them)."""
     import peft
 
     import qpeft  # noqa: F401  (registers the qpeft methods)
 
     base, batch, targets, task_type = _profile_model(shape)
-    out = {m: saved_activation_bytes(peft.get_peft_model(
-        M.clone_sharing(base), M.method_config(m, targets, task_type)), batch) for m in methods}
+    out = {}
+    for m in methods:
+        with _path(path):
+            out[m] = saved_activation_bytes(peft.get_peft_model(
+                M.clone_sharing(base), M.method_config(m, targets, task_type)), batch)
     return {m: {"bytes": b, "over_lora": b / out["lora"], "over_oft": b / out["oft"]}
             for m, b in out.items()}
 
@@ -202,7 +207,8 @@ def bench(quick: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"layers": list(layer_counts), "paths": list(PATHS),
                            "targets": list(TARGETS), "batch": BATCH, "seq_len": SEQ_LEN,
                            "runs": runs,
-                           "saved": {shape: measure_saved(shape) for shape in PROFILE_SHAPES}}
+                           "saved": {f"{shape}/{path}": measure_saved(shape, path)
+                                     for shape in PROFILE_SHAPES for path in PATHS}}
     if len(layer_counts) > 1:  # operations each further decoder layer adds
         lo, hi = layer_counts[0], layer_counts[-1]
         out["per_layer"] = {
@@ -229,10 +235,11 @@ def targets(result: dict[str, Any]) -> list[list[Any]]:
             syncs = sum(block[method]["syncs"].values())
             rows.append([f"{layers} layers, {path} path: {M.METHOD_LABELS[method]}: no host "
                          "read-back in a step", str(syncs), syncs == 0])
-    for shape, saved in result.get("saved", {}).items():
+    for key, saved in result.get("saved", {}).items():
+        shape, path = key.split("/")
         r = saved["quic"]["over_oft"]
-        rows.append([f"{shape} shape: QuIC's activations saved for the backward ≤ peft OFT's",
-                     C.fmt(r), r <= 1.0])
+        rows.append([f"{shape} shape, {path} path: QuIC's activations saved for the backward "
+                     "≤ peft OFT's", C.fmt(r), r <= 1.0])
     return rows
 
 
@@ -269,9 +276,12 @@ def render(result: dict[str, Any]) -> str:
         parts.append("Activations saved for the backward in one training step (MiB; distinct "
                      "storages, the model's parameters and buffers left out), query/value "
                      "adapted, random weights at the real widths: MiniLM-shaped (6 x 384, batch "
-                     "16 x 96), SmolLM2-shaped (4 of its 30 layers of 576, batch 8 x 64):\n\n"
+                     "16 x 96), SmolLM2-shaped (4 of its 30 layers of 576, batch 8 x 64); on "
+                     "these widths QuIC's accelerator path applies its order-2 blocks as their "
+                     "action, its CPU path forms them:\n\n"
                      + C.md_table(
-                         ["method", *[f"{shape} MiB, / LoRA, / OFT" for shape in result["saved"]]],
+                         ["method", *[f"{key.replace('/', ', ')} path: MiB, / LoRA, / OFT"
+                                      for key in result["saved"]]],
                          [[M.METHOD_LABELS[m] if m in M.METHOD_LABELS else m,
                            *[f"{v[m]['bytes'] / 2**20:.1f}, {v[m]['over_lora']:.3f}, "
                              f"{v[m]['over_oft']:.3f}" for v in result["saved"].values()]]

@@ -544,19 +544,26 @@ def _unit_inner(x: torch.Tensor) -> torch.Tensor:
 
 
 class _SecondCompoundApply(torch.autograd.Function):
-    """y_t = C_2(a)·x_t for a [B, n, n], x [B, T, C(n,2)], never forming C_2(a).
+    """y_t = C_2(a)·x_t for a [B, n, n], x [B, T, C(n,2)], never forming C_2(a); only a and x
+    are saved on either path (an explicit compound keeps its C(n,2)² matrix, autograd through
+    A·X·Aᵀ would keep [T, n, n] tensors, twice the per-token size of x).
 
-    Forward: :func:`_second_apply_chunk` (1.5n³ per token), in token chunks so that the
-    [B, n, t, n] temporaries stay in cache; only a and x are saved (an explicit compound keeps
-    its C(n,2)² matrix, autograd through A·X·Aᵀ would keep [T, n, n] tensors).
-    Backward: grad x = C_2(a)ᵀ g = C_2(aᵀ) g and grad a = Σ_t Ĝ_tᵀ·(A·X_t) (Ĝ_t the
-    antisymmetric embedding of g_t), sharing Ĝ_t·A (:func:`_second_apply_backward_chunk`,
-    3n³ per token). When the backward is itself recorded (double backward) it is built from
-    differentiable ops instead (:func:`_second_apply_backward_differentiable`)."""
+    CPU path: forward :func:`_second_apply_chunk` (1.5n³ per token) in token chunks so that the
+    [B, n, t, n] temporaries stay in cache; backward :func:`_second_apply_backward_chunk`
+    (3n³ per token). Accelerator path (:func:`~qpeft.circuits._device.accelerator_path`): a few
+    large kernels each way, :func:`_mode_products` and :func:`_second_apply_backward_batched`
+    (2n³ forward, 4n³ backward per token, [B, T, n, n] temporaries freed when the call
+    returns).
+    Backward: grad x = C_2(a)ᵀ g = C_2(aᵀ) g and grad a = Σ_t Ĝ_tᵀ·(A·X_t) (Ĝ_t, X_t the
+    antisymmetric embeddings of g_t, x_t). When the backward is itself recorded (double
+    backward) it is built from differentiable ops instead
+    (:func:`_second_apply_backward_differentiable`)."""
 
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(a, x)
+        if accelerator_path(a.device):  # outside autograd here: nothing of it is saved
+            return _mode_products(a, x, 2)
         return _second_apply(a, x)
 
     @staticmethod
@@ -565,6 +572,8 @@ class _SecondCompoundApply(torch.autograd.Function):
         need_a, need_x = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():
             return _second_apply_backward_differentiable(a, x, grad, need_a, need_x)
+        if accelerator_path(a.device):
+            return _second_apply_backward_batched(a, x, grad, need_a, need_x)
         bsz, n = a.shape[0], a.shape[-1]
         grad, x = _unit_inner(grad), _unit_inner(x)
         grad_x = grad.new_empty(grad.shape) if need_x else None
@@ -575,6 +584,25 @@ class _SecondCompoundApply(torch.autograd.Function):
             if need_a:
                 grad_a += part
         return grad_a, grad_x
+
+
+def _second_apply_backward_batched(
+    a: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, need_a: bool, need_x: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The backward of :class:`_SecondCompoundApply` on the accelerator path, outside autograd:
+    grad x = C_2(aᵀ)·g (the forward's kernels on aᵀ) and grad a = −Σ_t (Ĝ_t·A)·X_t (Ĝ_tᵀ = −Ĝ_t)
+    as one batched product of n x n matrices per token and a sum over the tokens — not one
+    product contracting all T·n rows into n x n, which a GPU's matrix kernels run slowly (see
+    :func:`_token_pieces`). 2n³ multiply-adds per token for each gradient."""
+    grad_x = _mode_products(a.mT, grad, 2) if need_x else None
+    if not need_a:
+        return None, grad_x
+    bsz, t, c = grad.shape
+    n = a.shape[-1]
+    g_hat = _embed_antisymmetric(grad.reshape(-1, c), n, 2).view(bsz, t * n, n)
+    x_hat = _embed_antisymmetric(x.reshape(-1, c), n, 2).view(bsz, t, n, n)
+    s = torch.bmm(g_hat, a).view(bsz, t, n, n)  # Ĝ_t·A
+    return torch.matmul(s, x_hat).sum(1).neg(), grad_x
 
 
 def _embed_pairs_columns(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -653,9 +681,9 @@ def compound_apply(a: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
     [B, T, C(n,k)] equal to ``x @ compound(a, k).mT``. Real floating dtypes.
 
     k = 1: x·Aᵀ; k = 2: A·X·Aᵀ on the antisymmetric n x n matrix X of each vector (2n³
-    multiply-adds instead of C(n,2)²; on the CPU a cache-blocked kernel whose hand-written
-    backward saves only a and x; on an accelerator, where a kernel launch costs more than
-    the arithmetic, as the mode products below: a few large kernels, [B, T, n²] saved);
+    multiply-adds instead of C(n,2)²; on the CPU a cache-blocked kernel, on an accelerator,
+    where a kernel launch costs more than the arithmetic, the mode products below as a few
+    large kernels; a hand-written backward on both, which saves only a and x);
     3 <= k < n: k mode products on the antisymmetric n^k tensor (k·n^(k+1), autograd); k = n:
     det(a)·x.
     Cost per vector: :func:`compound_apply_cost`. Differentiable in a and x."""
@@ -676,6 +704,8 @@ def compound_apply(a: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
         return torch.bmm(x, a.mT)
     if k == n:
         return x * _det(a)[:, None, None]
+    if k == 2:
+        return _SecondCompoundApply.apply(a, x)
     if not accelerator_path(a.device):
-        return _SecondCompoundApply.apply(a, x) if k == 2 else _mode_products(a, x, k)
+        return _mode_products(a, x, k)
     return _mode_products(a, x, k, _token_pieces(x.shape[1], x.shape[1] * n ** (k - 1)))

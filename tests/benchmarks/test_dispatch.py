@@ -84,9 +84,11 @@ def test_saved_activation_bytes_counts_what_autograd_keeps() -> None:
 
 
 def test_saved_profile(quick_result) -> None:
-    """Every method's saved activations on both real-width shapes, as ratios to LoRA and OFT."""
+    """Every method's saved activations on both real-width shapes and both paths, as ratios to
+    LoRA and OFT."""
     result, _ = quick_result
-    assert list(result["saved"]) == list(dispatch.PROFILE_SHAPES)
+    assert list(result["saved"]) == [f"{shape}/{path}" for shape in dispatch.PROFILE_SHAPES
+                                     for path in dispatch.PATHS]
     for shape in result["saved"].values():
         assert list(shape) == list(dispatch.METHODS)
         assert shape["lora"]["over_lora"] == 1.0 and shape["oft"]["over_oft"] == 1.0

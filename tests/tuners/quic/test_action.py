@@ -9,9 +9,12 @@ from __future__ import annotations
 import math
 import sys
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
+from qpeft.circuits._device import force_accelerator_path
 from qpeft.circuits.compound import compound_apply
 from tests.circuits.reference import minors_compound
 
@@ -28,11 +31,18 @@ def _segments(tokens: int, blocks: int, c: int, seed: int) -> torch.Tensor:
     return act[:, : blocks * (c + 3)].unflatten(-1, (blocks, c + 3))[..., 3:].transpose(0, 1)
 
 
+def _path(accelerator: bool):
+    return force_accelerator_path() if accelerator else nullcontext()
+
+
 @pytest.mark.parametrize("n", [2, 3, 6, 11])
 @pytest.mark.parametrize("chunk", [None, 150])
 @pytest.mark.parametrize("strided", [False, True])
-def test_order_two_action_forward_and_gradients_equal_minors(n, chunk, strided, monkeypatch):
+@pytest.mark.parametrize("accelerator", [False, True], ids=["cpu-path", "accelerator-path"])
+def test_order_two_action_forward_and_gradients_equal_minors(n, chunk, strided, accelerator,
+                                                             monkeypatch):
     mod = sys.modules["qpeft.circuits.compound"]
+    monkeypatch.setattr(mod, "accelerator_path", lambda device: accelerator)
     if chunk:  # several token chunks (1 token per chunk at n = 11)
         monkeypatch.setattr(mod, "_APPLY_CHUNK_ELEMENTS", chunk)
     blocks, tokens, c = 3, 7, math.comb(n, 2)
@@ -55,13 +65,35 @@ def test_order_two_action_forward_and_gradients_equal_minors(n, chunk, strided, 
     torch.testing.assert_close(gx, w @ explicit, rtol=0, atol=1e-10)
 
 
-def test_order_two_action_gradcheck_strided_and_chunked(monkeypatch):
+@pytest.mark.parametrize("accelerator", [False, True], ids=["cpu-path", "accelerator-path"])
+def test_order_two_action_gradcheck_strided_and_chunked(accelerator, monkeypatch):
     mod = sys.modules["qpeft.circuits.compound"]
     monkeypatch.setattr(mod, "_APPLY_CHUNK_ELEMENTS", 100)
     a = _rand(2, 5, 5, seed=1).requires_grad_()
     x = _segments(4, 2, 10, seed=2).requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, x: compound_apply(a, x, 2), (a, x))
-    assert torch.autograd.gradgradcheck(lambda a, x: compound_apply(a, x, 2), (a, x))
+    with _path(accelerator):
+        assert torch.autograd.gradcheck(lambda a, x: compound_apply(a, x, 2), (a, x))
+        assert torch.autograd.gradgradcheck(lambda a, x: compound_apply(a, x, 2), (a, x))
+
+
+@pytest.mark.parametrize("accelerator", [False, True], ids=["cpu-path", "accelerator-path"])
+def test_order_two_action_saves_only_its_inputs(accelerator):
+    """The backward keeps a and x alive and nothing else: no [T, n, n] embedding or product
+    per token, which autograd through A·X·Aᵀ would save (twice x's size per token)."""
+    a = _rand(3, 11, 11, seed=3).requires_grad_()
+    x = _segments(40, 3, math.comb(11, 2), seed=4).requires_grad_()
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with _path(accelerator), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = compound_apply(a, x, 2)
+    storages = {t.untyped_storage().data_ptr() for t in saved}
+    assert storages == {a.untyped_storage().data_ptr(), x.untyped_storage().data_ptr()}
+    y.sum().backward()  # and the saved pair is enough for the gradients
+    assert a.grad is not None and x.grad is not None
 
 
 def test_order_two_action_float32_matches_float64():
