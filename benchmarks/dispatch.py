@@ -22,8 +22,9 @@ have one path.
 Also measured, exactly: the activations each method keeps for the backward (bytes of the
 distinct storages autograd saves in one training step, the model's own parameters and buffers
 left out; ``torch.autograd.graph.saved_tensors_hooks``), on MiniLM- and SmolLM2-shaped models
-(their real widths, random weights, query/value adapted), on both paths: the step's activation
-memory, where QuIC's target is peft OFT's.
+(their real widths, random weights, query/value adapted) and on one LLaMA-7B-shaped layer with
+a bfloat16 base (``benchmarks.scale_cuda``'s GPU configuration), on both paths: the step's
+activation memory, where QuIC's target is peft OFT's (and the GPU step memory's, 1.10x LoRA).
 
 Run alone: ``python -m benchmarks.dispatch [--quick]``.
 """
@@ -34,6 +35,7 @@ import argparse
 import collections
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -124,9 +126,24 @@ def saved_activation_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor
     return sum(saved.values())
 
 
-def _profile_model(shape: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor], tuple[str, ...], str]:
+class _MeanSquareLoss(torch.nn.Module):
+    """``model(hidden)`` with ``benchmarks.scale``'s loss, mean(out²), as a ``.loss`` (the call
+    convention of :func:`saved_activation_bytes`)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, hidden: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(loss=self.model(hidden).float().pow(2).mean())
+
+
+def _profile_model(shape: str, quick: bool = False
+                   ) -> tuple[torch.nn.Module, dict[str, torch.Tensor], tuple[str, ...], str | None]:
     """``(model, batch, targets, peft task type)`` of a saved-activation profile shape."""
     from transformers import BertConfig, BertForSequenceClassification
+
+    from benchmarks import scale as S
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -136,29 +153,37 @@ def _profile_model(shape: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]
             num_labels=5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
         ids = torch.randint(0, 1000, (16, 96), generator=g)
         return model.train(), {"input_ids": ids, "labels": ids[:, 0] % 5}, ("query", "value"), "SEQ_CLS"
+    if shape == "llama7b-bf16":  # benchmarks.scale_cuda's 1 layer x 128 tokens, on the CPU
+        base = S.build_layer(quick).to(torch.bfloat16)
+        hidden = torch.randn(1, 128, base.config.hidden_size, generator=g).to(torch.bfloat16)
+        return base, {"hidden": hidden}, TARGETS, None
     # SmolLM2-135M's widths, 4 of its 30 layers, a 1,000-token vocabulary, batch 8 x 64
     model = M.smollm2_shaped(4, vocab_size=1000)
     ids = torch.randint(0, 1000, (8, 64), generator=g)
     return model, {"input_ids": ids, "labels": ids}, ("q_proj", "v_proj"), "CAUSAL_LM"
 
 
-PROFILE_SHAPES = ("minilm", "smollm2")
+#: saved-activation profiles: MiniLM- and SmolLM2-shaped models in float32; one LLaMA-7B-shaped
+#: decoder layer with a bfloat16 base and float32 adapters, as ``benchmarks.scale_cuda`` runs it
+#: on a GPU (its step-memory row, seen here as what autograd keeps)
+PROFILE_SHAPES = ("minilm", "smollm2", "llama7b-bf16")
 
 
-def measure_saved(shape: str, path: str = "cpu", methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
+def measure_saved(shape: str, path: str = "cpu", methods: tuple[str, ...] = METHODS,
+                  quick: bool = False) -> dict[str, Any]:
     """:func:`saved_activation_bytes` of every method on the ``shape``-shaped model along
     ``path`` (on these widths QuIC's accelerator path applies its order-2 blocks as their
-    action, its CPU path forms them)."""
+    action, its CPU path forms them); ``quick``: the 7B-shaped layer at toy widths."""
     import peft
 
     import qpeft  # noqa: F401  (registers the qpeft methods)
 
-    base, batch, targets, task_type = _profile_model(shape)
+    base, batch, targets, task_type = _profile_model(shape, quick)
     out = {}
     for m in methods:
         with _path(path):
-            out[m] = saved_activation_bytes(peft.get_peft_model(
-                M.clone_sharing(base), M.method_config(m, targets, task_type)), batch)
+            model = peft.get_peft_model(M.clone_sharing(base), M.method_config(m, targets, task_type))
+            out[m] = saved_activation_bytes(model if task_type else _MeanSquareLoss(model), batch)
     return {m: {"bytes": b, "over_lora": b / out["lora"], "over_oft": b / out["oft"]}
             for m, b in out.items()}
 
@@ -207,7 +232,7 @@ def bench(quick: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"layers": list(layer_counts), "paths": list(PATHS),
                            "targets": list(TARGETS), "batch": BATCH, "seq_len": SEQ_LEN,
                            "runs": runs,
-                           "saved": {f"{shape}/{path}": measure_saved(shape, path)
+                           "saved": {f"{shape}/{path}": measure_saved(shape, path, quick=quick)
                                      for shape in PROFILE_SHAPES for path in PATHS}}
     if len(layer_counts) > 1:  # operations each further decoder layer adds
         lo, hi = layer_counts[0], layer_counts[-1]
@@ -276,9 +301,12 @@ def render(result: dict[str, Any]) -> str:
         parts.append("Activations saved for the backward in one training step (MiB; distinct "
                      "storages, the model's parameters and buffers left out), query/value "
                      "adapted, random weights at the real widths: MiniLM-shaped (6 x 384, batch "
-                     "16 x 96), SmolLM2-shaped (4 of its 30 layers of 576, batch 8 x 64); on "
-                     "these widths QuIC's accelerator path applies its order-2 blocks as their "
-                     "action, its CPU path forms them:\n\n"
+                     "16 x 96), SmolLM2-shaped (4 of its 30 layers of 576, batch 8 x 64), both "
+                     "float32; and one LLaMA-7B-shaped decoder layer (4,096 / 11,008) with a "
+                     "bfloat16 base and float32 adapters on all 7 linear layers, 128 tokens, as "
+                     "`benchmarks.scale_cuda` runs it on a GPU. On these widths QuIC's "
+                     "accelerator path applies its order-2 blocks as their action, its CPU path "
+                     "forms them:\n\n"
                      + C.md_table(
                          ["method", *[f"{key.replace('/', ', ')} path: MiB, / LoRA, / OFT"
                                       for key in result["saved"]]],
