@@ -589,20 +589,25 @@ class _SecondCompoundApply(torch.autograd.Function):
 def _second_apply_backward_batched(
     a: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, need_a: bool, need_x: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The backward of :class:`_SecondCompoundApply` on the accelerator path, outside autograd:
-    grad x = C_2(aᵀ)·g (the forward's kernels on aᵀ) and grad a = −Σ_t (Ĝ_t·A)·X_t (Ĝ_tᵀ = −Ĝ_t)
-    as one batched product of n x n matrices per token and a sum over the tokens — not one
-    product contracting all T·n rows into n x n, which a GPU's matrix kernels run slowly (see
-    :func:`_token_pieces`). 2n³ multiply-adds per token for each gradient."""
-    grad_x = _mode_products(a.mT, grad, 2) if need_x else None
-    if not need_a:
-        return None, grad_x
+    """The backward of :class:`_SecondCompoundApply` on the accelerator path, outside autograd,
+    from R_t = Ĝ_tᵀ·A = Ĝ_t·(−A) (one product over all tokens): grad x_t = upper(Aᵀ·Ĝ_t·A) =
+    upper(R_tᵀ·A) and grad a = Σ_t Ĝ_tᵀ·A·X_t = Σ_t R_t·X_t, the latter as one batched product
+    of n x n matrices per token and a sum over the tokens — not one product contracting all
+    T·n rows into n x n, which a GPU's matrix kernels run slowly (see :func:`_token_pieces`).
+    About ten kernels; 2n³ multiply-adds per token for R and for each gradient."""
     bsz, t, c = grad.shape
     n = a.shape[-1]
     g_hat = _embed_antisymmetric(grad.reshape(-1, c), n, 2).view(bsz, t * n, n)
-    x_hat = _embed_antisymmetric(x.reshape(-1, c), n, 2).view(bsz, t, n, n)
-    s = torch.bmm(g_hat, a).view(bsz, t, n, n)  # Ĝ_t·A
-    return torch.matmul(s, x_hat).sum(1).neg(), grad_x
+    r = torch.bmm(g_hat, a.neg()).view(bsz, t, n, n)
+    grad_x = grad_a = None
+    if need_x:
+        sorted_at = _antisymmetric_tables(n, 2, str(a.device))[2]
+        z = torch.bmm(r.mT.reshape(bsz, t * n, n), a)  # [B, T·n, n]: Aᵀ·Ĝ_t·A per token
+        grad_x = z.view(bsz, t, n * n).index_select(-1, sorted_at)
+    if need_a:
+        x_hat = _embed_antisymmetric(x.reshape(-1, c), n, 2).view(bsz, t, n, n)
+        grad_a = torch.matmul(r, x_hat).sum(1)
+    return grad_a, grad_x
 
 
 def _embed_pairs_columns(x: torch.Tensor, n: int) -> torch.Tensor:
