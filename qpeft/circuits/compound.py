@@ -544,8 +544,9 @@ def _unit_inner(x: torch.Tensor) -> torch.Tensor:
 
 
 class _SecondCompoundApply(torch.autograd.Function):
-    """y_t = C_2(a)·x_t for a [B, n, n], x [B, T, C(n,2)], never forming C_2(a); only a and x
-    are saved on either path (an explicit compound keeps its C(n,2)² matrix, autograd through
+    """y_t = C_2(a)·x_t for a [B, n, n], x [B, T, C(n,2)] (a's dtype), never forming C_2(a);
+    only a and x are saved on either path, or instead of x ``kept``, the same values in a lower
+    precision (the bf16 layer output that x was cast from: half the bytes) (an explicit compound keeps its C(n,2)² matrix, autograd through
     A·X·Aᵀ would keep [T, n, n] tensors, twice the per-token size of x).
 
     CPU path: forward :func:`_second_apply_chunk` (1.5n³ per token) in token chunks so that the
@@ -560,20 +561,22 @@ class _SecondCompoundApply(torch.autograd.Function):
     (:func:`_second_apply_backward_differentiable`)."""
 
     @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(a, x)
+    def forward(ctx: Any, a: torch.Tensor, x: torch.Tensor,
+                kept: torch.Tensor | None = None) -> torch.Tensor:
+        ctx.save_for_backward(a, x if kept is None else kept)
         if accelerator_path(a.device):  # outside autograd here: nothing of it is saved
             return _mode_products(a, x, 2)
         return _second_apply(a, x)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         a, x = ctx.saved_tensors
+        x = x.to(a.dtype)
         need_a, need_x = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():
-            return _second_apply_backward_differentiable(a, x, grad, need_a, need_x)
+            return (*_second_apply_backward_differentiable(a, x, grad, need_a, need_x), None)
         if accelerator_path(a.device):
-            return _second_apply_backward_batched(a, x, grad, need_a, need_x)
+            return (*_second_apply_backward_batched(a, x, grad, need_a, need_x), None)
         bsz, n = a.shape[0], a.shape[-1]
         grad, x = _unit_inner(grad), _unit_inner(x)
         grad_x = grad.new_empty(grad.shape) if need_x else None
@@ -583,7 +586,7 @@ class _SecondCompoundApply(torch.autograd.Function):
                                                 grad_x[:, s] if need_x else None)
             if need_a:
                 grad_a += part
-        return grad_a, grad_x
+        return grad_a, grad_x, None
 
 
 def _second_apply_backward_batched(

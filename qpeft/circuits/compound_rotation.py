@@ -28,6 +28,7 @@ from qpeft.circuits._cache import tensor_table_cache
 from qpeft.circuits._device import accelerator_path
 from qpeft.circuits.compound import (
     _mode_products,
+    _SecondCompoundApply,
     compound,
     compound_apply,
     compound_apply_cost,
@@ -393,20 +394,21 @@ class BlockRotate(torch.autograd.Function):
     transposed blocks), grad block = :func:`_block_grads`, grad fixed = (I − Q)ᵀ Σ_t g_t. One
     autograd node instead of a split, transposes, a matmul per block and a concatenation.
     Backward built from differentiable ops (double backward works). Cost: T·N·b² each way, 2x
-    for the backward.
+    for the backward. Computes in ``block``'s dtype; v may be in a lower one (a bf16 layer's
+    output): cast inside and kept for the backward as given, half the bytes of its upcast.
 
     Arguments ``(v, plan, block[, fixed])``: the optional tensor rides at the end."""
 
     @staticmethod
     def forward(ctx: Any, v: torch.Tensor, plan: BlockPlan, block: torch.Tensor,
                 *fixed: torch.Tensor) -> torch.Tensor:
-        point = fixed[0].to(v.dtype) if fixed else None
+        point = fixed[0].to(block.dtype) if fixed else None
         add = None
         if point is not None:  # Q(v − f) + f = Q·v + (f − Q·f)
             add = point - _apply_blocks(point[None], block, plan)[0]
         ctx.plan = plan
         ctx.save_for_backward(v, block, *([] if point is None else [point]))
-        return _apply_blocks(v, block, plan, add)
+        return _apply_blocks(v.to(block.dtype), block, plan, add)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -415,8 +417,9 @@ class BlockRotate(torch.autograd.Function):
         point = fixed[0] if fixed else None
         grad = grad.contiguous()
         needs = ctx.needs_input_grad
-        grad_v = _rotate_rows(grad, block.mT, plan) if needs[0] else None
-        grad_block = _block_grads(grad, v, plan, block.shape[0], point) if needs[2] else None
+        grad_v = _rotate_rows(grad, block.mT, plan).to(v.dtype) if needs[0] else None
+        grad_block = (_block_grads(grad, v.to(block.dtype), plan, block.shape[0], point)
+                      if needs[2] else None)
         if point is None:
             return grad_v, None, grad_block
         grad_fixed = None
@@ -468,6 +471,38 @@ class RotatedLinear(torch.autograd.Function):
         return grad_x, None, None, grad_block, grad.sum(0) if needs[4] else None
 
 
+class _KeptBmm(torch.autograd.Function):
+    """``x·m`` (+ ``shift``) for x [B, T, c], m [B, c, c'] (shift [B, 1, c'] or None), one dtype,
+    as a bmm whose backward keeps ``kept`` (if given) instead of x: the same values in a lower
+    precision (the bf16 layer output x was cast from: half the bytes of x). Backward from
+    differentiable ops (double backward works): a bmm per gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, m: torch.Tensor, shift: torch.Tensor | None,
+                kept: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x if kept is None else kept, m)
+        return torch.bmm(x, m) if shift is None else torch.baddbmm(shift, x, m)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, m = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_x = grad @ m.mT if needs[0] else None
+        grad_m = x.to(m.dtype).mT @ grad if needs[1] else None
+        grad_shift = grad.sum(1, keepdim=True) if needs[2] else None
+        return grad_x, grad_m, grad_shift, None
+
+
+def _order_action(a: torch.Tensor, x: torch.Tensor, kept: torch.Tensor | None, k: int) -> torch.Tensor:
+    """``compound_apply(a, x, k)``, its backward keeping ``kept`` (x's values in a lower
+    precision) instead of x where the node allows it: orders 1 and 2, the common ones."""
+    if k == 1:
+        return _KeptBmm.apply(x, a.mT, None, kept)
+    if k == 2:
+        return _SecondCompoundApply.apply(a, x, kept)
+    return compound_apply(a, x, k)
+
+
 def explicit_cheaper(mats: list[torch.Tensor | CompoundOperator | OrderShape], tokens: int,
                      n_blocks: int) -> bool:
     """Whether :func:`order_costs` counts every order cheaper formed explicitly than applied as
@@ -492,21 +527,33 @@ def block_rotate(
     :func:`order_costs` counts cheaper for this many vectors. All orders explicit: one
     :class:`BlockRotate` node on the block matrices. Otherwise one batched matmul (or action)
     per order (``fixed`` folded in as a per-block shift) and one concatenation; no d x d
-    matrix. Cost per vector: O(N · b²) explicit, O(N · Σ_j min(c_j², action_j)) otherwise."""
+    matrix. Cost per vector: O(N · b²) explicit, O(N · Σ_j min(c_j², action_j)) otherwise.
+
+    Computes and returns in the matrices' dtype. ``v`` may be in a lower precision (a bf16
+    layer's output under float32 adapters): it is cast once, and the nodes keep v's own values
+    for the backward, half the bytes of the upcast copy (orders above 2 keep the upcast)."""
     n_blk, b = plan.num_blocks, plan.block_size
     flat = v.reshape(-1, plan.d)
+    dtype = mats.dtype if isinstance(mats, torch.Tensor) else mats[0].dtype
     if isinstance(mats, torch.Tensor) or explicit_cheaper(mats, flat.shape[0], n_blk):
         block = mats if isinstance(mats, torch.Tensor) else block_matrix(
             [as_matrix(m) for m in mats], plan)
         tensors = [block] if fixed is None else [block, fixed]
         return BlockRotate.apply(flat, plan, *tensors).view(*v.shape[:-1], plan.d)
     sizes = [*plan.dims, plan.pad] if plan.pad else list(plan.dims)
-    # split (not slices): its backward is one concatenation instead of a zero-filled
-    # full-size gradient per slice
-    head = flat[:, : n_blk * b] if plan.leftover else flat  # no no-op slice (one op per call)
-    segs = head.unflatten(-1, (n_blk, b)).split(sizes, dim=-1)  # [T, N, c_j]
+
+    def segments(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """[T, d] -> per order (and pad) [T, N, c_j]. split, not slices: its backward is one
+        concatenation instead of a zero-filled full-size gradient per slice."""
+        head = rows[:, : n_blk * b] if plan.leftover else rows  # no no-op slice (one op per call)
+        return head.unflatten(-1, (n_blk, b)).split(sizes, dim=-1)
+
+    # cast once; the nodes keep a lower-precision v's own segments for the backward
+    kept = segments(flat) if flat.dtype != dtype else [None] * len(sizes)
+    flat = flat.to(dtype)
+    segs = segments(flat)
     if fixed is not None:
-        f_head = fixed.to(v.dtype)
+        f_head = fixed.to(dtype)
         f_head = f_head[: n_blk * b] if plan.leftover else f_head
         fixed_segs = f_head.view(n_blk, b).split(sizes, dim=-1)
     parts = []
@@ -515,7 +562,8 @@ def block_rotate(
         if "action" in costs and costs["action"] < costs["explicit"]:
             a = mat.base
             a = a if a.dim() == 3 and a.shape[0] == n_blk else a.expand(n_blk, *a.shape[-2:])
-            out = compound_apply(a, seg.transpose(0, 1), mat.k)  # [N, T, c]
+            keep = None if kept[j] is None else kept[j].transpose(0, 1)
+            out = _order_action(a, seg.transpose(0, 1), keep, mat.k)  # [N, T, c]
             if fixed is not None:
                 f = fixed_segs[j]
                 out = out + (f - compound_apply(a, f[:, None, :], mat.k)[:, 0])[:, None, :]
@@ -523,12 +571,12 @@ def block_rotate(
             continue
         mat = as_matrix(mat)
         mat = mat if mat.shape[0] == n_blk else mat.expand(n_blk, *mat.shape[1:])
-        if fixed is None:
-            out = torch.bmm(seg.transpose(0, 1), mat.mT)  # [N, T, c]
-        else:
+        shift = None
+        if fixed is not None:
             f = fixed_segs[j]
-            shift = f - (mat @ f[..., None])[..., 0]  # (I − M) f: [N, c]
-            out = torch.baddbmm(shift[:, None, :], seg.transpose(0, 1), mat.mT)
+            shift = (f - (mat @ f[..., None])[..., 0])[:, None, :]  # (I − M) f: [N, 1, c]
+        keep = None if kept[j] is None else kept[j].transpose(0, 1)
+        out = _KeptBmm.apply(seg.transpose(0, 1), mat.mT, shift, keep)  # [N, T, c]
         parts.append(out.transpose(0, 1))
     if plan.pad:
         parts.append(segs[-1])

@@ -422,10 +422,13 @@ class QuICLayer(WeightMergeLayer):
         transpose: bool = False, fixed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Q·v (Qᵀ·v with ``transpose``; about the point ``fixed`` if given) in the compute dtype,
-        Q given by this forward's ``mats`` of adapter ``name``."""
+        Q given by this forward's ``mats`` of adapter ``name``. A lower-precision v (a bf16
+        base's output) is cast inside the rotation's nodes, which keep it as given."""
         if transpose:
             mats = mats.mT if isinstance(mats, torch.Tensor) else [m.mT for m in mats]
-        return block_rotate(v.to(_dtype(mats)), mats, self.quic_plan[name], fixed)
+        dtype = _dtype(mats)
+        lower = v.is_floating_point() and torch.finfo(v.dtype).bits < torch.finfo(dtype).bits
+        return block_rotate(v if lower else v.to(dtype), mats, self.quic_plan[name], fixed)
 
     def _apply_one(self, x: torch.Tensor, base_out: torch.Tensor, adapter_name: str,
                    *args: Any, **kwargs: Any) -> torch.Tensor:

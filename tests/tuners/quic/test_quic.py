@@ -693,6 +693,71 @@ def test_block_rotate_node_double_backward():
         lambda v, f, *m: block_rotate(v, list(m), plan, f), (v, f, *mats))
 
 
+@pytest.mark.parametrize("form", ["explicit", "action"])
+@pytest.mark.parametrize("with_fixed", [False, True])
+def test_block_rotate_keeps_a_lower_precision_input_and_gives_the_upcast_result(
+        form, with_fixed, monkeypatch):
+    """A float32 v under float64 matrices (a bf16 layer output under float32 adapters, exactly
+    representable one precision up): the values and the gradients in v, every matrix and f
+    equal block_rotate on v's float64 upcast, on the explicit path (one BlockRotate node) and
+    the per-order path (orders 1 and 2 keep v, order 3 its upcast); v's gradient in float32."""
+    import qpeft.circuits.compound_rotation as rotation
+    from qpeft.circuits.compound_rotation import CompoundOperator
+
+    if form == "action":  # every order above 1 as its action (n = 5 here would form it)
+        real_costs = rotation.order_costs
+        monkeypatch.setattr(rotation, "order_costs", lambda op, t, nb: {
+            **real_costs(op, t, nb), **({"action": 0} if "action" in real_costs(op, t, nb) else {})})
+    plan = block_plan(53, 2, [1, 2, 3])  # b = 26, n = 5: 5 + 10 + 10, a pad and a leftover row
+    assert (plan.n, plan.pad, plan.leftover) == (5, 1, 1)
+    gen = torch.Generator().manual_seed(7)
+    bases = torch.randn(2, 5, 5, generator=gen, dtype=torch.float64).requires_grad_()
+    f = torch.randn(plan.d, generator=gen, dtype=torch.float64).requires_grad_() if with_fixed else None
+    v = torch.randn(6, plan.d, generator=gen).requires_grad_()  # float32
+    v64 = v.detach().double().requires_grad_()
+
+    def ops():
+        return [CompoundOperator(bases, k) for k in plan.orders]
+
+    got, want = block_rotate(v, ops(), plan, f), block_rotate(v64, ops(), plan, f)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    inputs = [bases] + ([f] if with_fixed else [])
+    g_got, g_want = _grads(got, [v, *inputs]), _grads(want, [v64, *inputs])
+    assert g_got[0].dtype == torch.float32
+    torch.testing.assert_close(g_got[0], g_want[0].float(), atol=1e-6, rtol=0)
+    for a, b in zip(g_got[1:], g_want[1:], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("form", ["explicit", "action"])
+def test_block_rotate_on_a_bf16_input_keeps_no_float32_copy_of_it(form, monkeypatch):
+    """What the backward keeps of a bf16 v [T, d] under float32 matrices: v's own storage and
+    the matrices, never a float32 copy of v (which a cast before the rotation would keep)."""
+    import qpeft.circuits.compound_rotation as rotation
+    from qpeft.circuits.compound_rotation import CompoundOperator
+
+    if form == "action":
+        real_costs = rotation.order_costs
+        monkeypatch.setattr(rotation, "order_costs", lambda op, t, nb: {
+            **real_costs(op, t, nb), **({"action": 0} if "action" in real_costs(op, t, nb) else {})})
+    plan = block_plan(64, 2, [1, 2])
+    bases = torch.randn(2, plan.n, plan.n).requires_grad_()
+    v = torch.randn(200, 64).to(torch.bfloat16).requires_grad_()
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = block_rotate(v, [CompoundOperator(bases, k) for k in plan.orders], plan)
+    big = [t for t in saved if t.numel() >= v.numel() // 2]
+    assert big and all(t.untyped_storage().data_ptr() == v.untyped_storage().data_ptr() for t in big)
+    out.float().sum().backward()
+    assert v.grad.dtype == torch.bfloat16 and bases.grad is not None
+
+
 @pytest.mark.parametrize("tokens", [5, 40])  # fewer / more tokens than d_in: both grad x forms
 @pytest.mark.parametrize("bias,shared", [(True, False), (False, True)])
 def test_rotated_linear_node_matches_dense_q_with_gradients(tokens, bias, shared):
