@@ -693,6 +693,19 @@ def test_block_rotate_node_double_backward():
         lambda v, f, *m: block_rotate(v, list(m), plan, f), (v, f, *mats))
 
 
+def _force_action(monkeypatch) -> None:
+    """Make QuIC's cost model count every order above 1 cheaper as its action."""
+    import qpeft.circuits.compound_rotation as rotation
+
+    real_costs = rotation.order_costs
+
+    def costs(op, tokens, n_blocks):
+        out = real_costs(op, tokens, n_blocks)
+        return {**out, "action": 0} if "action" in out else out
+
+    monkeypatch.setattr(rotation, "order_costs", costs)
+
+
 @pytest.mark.parametrize("form", ["explicit", "action"])
 @pytest.mark.parametrize("with_fixed", [False, True])
 def test_block_rotate_keeps_a_lower_precision_input_and_gives_the_upcast_result(
@@ -701,13 +714,10 @@ def test_block_rotate_keeps_a_lower_precision_input_and_gives_the_upcast_result(
     representable one precision up): the values and the gradients in v, every matrix and f
     equal block_rotate on v's float64 upcast, on the explicit path (one BlockRotate node) and
     the per-order path (orders 1 and 2 keep v, order 3 its upcast); v's gradient in float32."""
-    import qpeft.circuits.compound_rotation as rotation
     from qpeft.circuits.compound_rotation import CompoundOperator
 
-    if form == "action":  # every order above 1 as its action (n = 5 here would form it)
-        real_costs = rotation.order_costs
-        monkeypatch.setattr(rotation, "order_costs", lambda op, t, nb: {
-            **real_costs(op, t, nb), **({"action": 0} if "action" in real_costs(op, t, nb) else {})})
+    if form == "action":  # every order above 1 as its action (these small n would form it)
+        _force_action(monkeypatch)
     plan = block_plan(53, 2, [1, 2, 3])  # b = 26, n = 5: 5 + 10 + 10, a pad and a leftover row
     assert (plan.n, plan.pad, plan.leftover) == (5, 1, 1)
     gen = torch.Generator().manual_seed(7)
@@ -734,13 +744,10 @@ def test_block_rotate_keeps_a_lower_precision_input_and_gives_the_upcast_result(
 def test_block_rotate_on_a_bf16_input_keeps_no_float32_copy_of_it(form, monkeypatch):
     """What the backward keeps of a bf16 v [T, d] under float32 matrices: v's own storage and
     the matrices, never a float32 copy of v (which a cast before the rotation would keep)."""
-    import qpeft.circuits.compound_rotation as rotation
     from qpeft.circuits.compound_rotation import CompoundOperator
 
-    if form == "action":
-        real_costs = rotation.order_costs
-        monkeypatch.setattr(rotation, "order_costs", lambda op, t, nb: {
-            **real_costs(op, t, nb), **({"action": 0} if "action" in real_costs(op, t, nb) else {})})
+    if form == "action":  # every order above 1 as its action (these small n would form it)
+        _force_action(monkeypatch)
     plan = block_plan(64, 2, [1, 2])
     bases = torch.randn(2, plan.n, plan.n).requires_grad_()
     v = torch.randn(200, 64).to(torch.bfloat16).requires_grad_()
