@@ -135,12 +135,29 @@ def clone_sharing(model: nn.Module, keep: Callable[[str], bool] = lambda name: T
     return copy.deepcopy(model, memo)
 
 
-def wrap(method: str, base: nn.Module, spec: ModelSpec) -> nn.Module:
-    """``peft.get_peft_model`` of a weight-sharing clone of ``base`` for ``method``."""
+def wrap(method: str, base: nn.Module, spec: ModelSpec, cli_defaults: bool = False) -> nn.Module:
+    """``peft.get_peft_model`` of a weight-sharing clone of ``base`` for ``method``: its
+    benchmark configuration on ``spec.targets`` (:func:`method_config`), or with
+    ``cli_defaults`` what ``qpeft finetune`` builds (:func:`cli_default_config`)."""
     import peft
 
-    cfg = method_config(method, spec.targets, spec.task_type)
+    cfg = (cli_default_config(method, spec) if cli_defaults
+           else method_config(method, spec.targets, spec.task_type))
     return peft.get_peft_model(clone_sharing(base), cfg)
+
+
+def cli_default_config(method: str, spec: ModelSpec) -> Any:
+    """The config ``qpeft finetune`` builds for ``method`` on ``spec``'s model when the user
+    names no targets and no options: the method's own targets for that kind of data and the
+    options that go with them (QuIC in 12 blocks on every linear layer of a causal LM), else
+    the model's (``spec.targets``)."""
+    from qpeft.train.finetune import kind_of_task_type
+    from qpeft.train.methods import build_peft_config, choose_targets
+
+    name = get_method(method).name
+    kind = kind_of_task_type(spec.task_type)
+    targets, _ = choose_targets(name, kind, None, spec.targets)
+    return build_peft_config(name, targets, task_type=spec.task_type, kind=kind)
 
 
 def trainable_count(model: nn.Module) -> int:

@@ -11,7 +11,14 @@ minus the RSS before the first step (gradients, optimizer state, activations, ad
 glibc is told to serve allocations >= 128 KiB with mmap (``MALLOC_MMAP_THRESHOLD_``) so freed
 tensors leave the RSS at once and the high-water mark follows live tensors.
 
-Run alone: ``python -m benchmarks.train_step [--quick] [--models minilm smollm2]``.
+Configurations: each method's benchmark configuration on the model's usual targets (query and
+value; ``benchmarks/models.py``), or with ``--cli-defaults`` what ``qpeft finetune`` builds when
+no targets or options are named (each method's own targets for the kind of data: Quantum-PEFT
+and QuIC on every linear layer of a causal LM, QuIC there in 12 blocks), written to
+``train_step_cli.json`` / ``.md``: the step a user of the command-line defaults gets.
+
+Run alone: ``python -m benchmarks.train_step [--quick] [--models minilm smollm2]
+[--cli-defaults]``.
 """
 
 from __future__ import annotations
@@ -24,31 +31,34 @@ from typing import Any
 
 from benchmarks import _common as C
 from benchmarks import models as M
+from qpeft.tuners.registry import get_method
 
-NAME = "train_step"
+NAME, NAME_CLI = "train_step", "train_step_cli"
 
 
-def memory_worker(kind: str, method: str, quick: bool, steps: int) -> dict[str, Any]:
+def memory_worker(kind: str, method: str, quick: bool, steps: int,
+                  cli_defaults: bool = False) -> dict[str, Any]:
     """Runs inside the subprocess: load, wrap, reset the RSS high-water mark, run ``steps``
     optimizer steps, report peak RSS and its increase over the pre-step RSS (MiB)."""
     C.setup_torch()
     spec = M.model_spec(kind, quick)
     base = M.load_base(kind, quick)
-    model = M.wrap(method, base, spec)
+    model = M.wrap(method, base, spec, cli_defaults)
     del base
     batch = M.make_batch(spec, model.get_base_model().config.vocab_size)
     return C.peak_rss_of_steps(M.make_step(model, batch), steps)
 
 
-def measure_memory(kind: str, method: str, quick: bool) -> dict[str, Any]:
+def measure_memory(kind: str, method: str, quick: bool, cli_defaults: bool = False) -> dict[str, Any]:
     """Run :func:`memory_worker` in a fresh interpreter; returns its dict or {'error': ...}."""
     steps = 2 if quick else (2 if kind == "smollm2" else 3)
     return C.run_memory_worker("benchmarks.train_step", [kind, method, "--steps", str(steps)]
-                               + (["--quick"] if quick else []), timeout=900)
+                               + (["--quick"] if quick else [])
+                               + (["--cli-defaults"] if cli_defaults else []), timeout=900)
 
 
 def measure_time(kind: str, methods: list[str], quick: bool,
-                 rounds: int | None = None) -> dict[str, Any]:
+                 rounds: int | None = None, cli_defaults: bool = False) -> dict[str, Any]:
     """Round-robin step timings of ``methods`` on one model (``rounds`` timed rounds, default
     11, 4 for SmolLM2); per-method errors are recorded."""
     spec = M.model_spec(kind, quick)
@@ -58,8 +68,11 @@ def measure_time(kind: str, methods: list[str], quick: bool,
     steps = {}
     for method in methods:
         try:
-            model = M.wrap(method, base, spec)
-            out[method] = {"trainable": M.trainable_count(model)}
+            model = M.wrap(method, base, spec, cli_defaults)
+            targets = model.peft_config["default"].target_modules  # peft expands all-linear
+            names = [targets] if isinstance(targets, str) else targets  # into full module names
+            out[method] = {"trainable": M.trainable_count(model),
+                           "targets": sorted({t.rsplit(".", 1)[-1] for t in names})}
             steps[method] = M.make_step(model, batch)
         except Exception as err:  # a method that cannot be built is reported, not fatal
             out[method] = {"error": f"{type(err).__name__}: {err}"}
@@ -75,24 +88,29 @@ def measure_time(kind: str, methods: list[str], quick: bool,
 
 def run(quick: bool = False, out_dir: Path = C.RESULTS_DIR,
         models: tuple[str, ...] = M.MODEL_KINDS, methods: tuple[str, ...] = M.METHODS,
-        memory: bool = True, rounds: int | None = None) -> dict[str, Any]:
-    """Time and memory for every model x method; writes ``train_step.json`` / ``.md``."""
+        memory: bool = True, rounds: int | None = None,
+        cli_defaults: bool = False) -> dict[str, Any]:
+    """Time and memory for every model x method; writes ``train_step.json`` / ``.md`` (with
+    ``cli_defaults``: ``train_step_cli``)."""
     C.setup_torch()
     use = list(methods)
-    result: dict[str, Any] = {"benchmark": NAME, "quick": quick, "machine": C.machine_facts(),
-                              "models": {}}
+    name = NAME_CLI if cli_defaults else NAME
+    result: dict[str, Any] = {"benchmark": name, "quick": quick, "machine": C.machine_facts(),
+                              "cli_defaults": cli_defaults, "models": {}}
     for kind in models:
         spec = M.model_spec(kind, quick)
-        rows = measure_time(kind, use, quick, rounds)
+        rows = measure_time(kind, use, quick, rounds, cli_defaults)
         gc.collect()
         if memory:
             for method in use:
                 if "error" not in rows[method]:
-                    rows[method]["memory"] = measure_memory(kind, method, quick)
+                    rows[method]["memory"] = measure_memory(kind, method, quick, cli_defaults)
         ref = rows.get("lora", {})
         ref_mem = ref.get("memory", {})
-        for method, row in rows.items():
-            row["label"] = M.METHOD_LABELS[method]
+        for method, row in rows.items():  # the benchmark labels name the benchmark configurations
+            spec_m = get_method(method)
+            row["label"] = (f"{spec_m.label} (`--method {spec_m.name}`)" if cli_defaults
+                            else M.METHOD_LABELS[method])
             row["time_ratio"] = row.get("lora_paired_ratio")
             row["ratio_of_medians"] = C.ratio(row.get("median_s"), ref.get("median_s"))
             mem = row.get("memory", {})
@@ -100,7 +118,7 @@ def run(quick: bool = False, out_dir: Path = C.RESULTS_DIR,
             row["step_mem_ratio"] = C.ratio(mem.get("step_mem_mib"), ref_mem.get("step_mem_mib"))
         result["models"][kind] = {"targets": list(spec.targets), "batch": spec.batch,
                                   "seq_len": spec.seq_len, "methods": rows}
-    C.write_result(NAME, result, render(result), out_dir)
+    C.write_result(name, result, render(result), out_dir)
     return result
 
 
@@ -112,28 +130,33 @@ TARGETS = {  # method: (max step ratio to LoRA, max peak-memory ratio to LoRA)
 
 
 def render(result: dict[str, Any]) -> str:
-    """Markdown tables, one per model."""
+    """Markdown tables, one per model (with the CLI defaults, each method's targets too)."""
+    cli = result.get("cli_defaults", False)
     parts = []
     for kind, block in result["models"].items():
         rows = []
         for method, row in block["methods"].items():
             mem = row.get("memory", {})
+            targets = row.get("targets", "-")
+            where = [targets if isinstance(targets, str) else ", ".join(targets)] if cli else []
             if "error" in row:
-                rows.append([row.get("label", method), "error: " + row["error"][:120],
+                rows.append([row.get("label", method), *where, "error: " + row["error"][:120],
                              "-", "-", "-", "-", "-", "-", "-"])
                 continue
             rows.append([
-                row["label"], row["trainable"], row.get("median_s"), row.get("time_ratio"),
+                row["label"], *where, row["trainable"], row.get("median_s"), row.get("time_ratio"),
                 row.get("oft_paired_ratio"),
                 mem.get("peak_rss_mib") if "error" not in mem else "error: " + mem["error"][:80],
                 row.get("peak_ratio"), mem.get("step_mem_mib"), row.get("step_mem_ratio"),
             ])
+        placed = ("each method at `qpeft finetune`'s defaults" if cli
+                  else f"targets {', '.join(block['targets'])}")
         parts.append(
-            f"**{kind}** (targets {', '.join(block['targets'])}; batch {block['batch']} x "
-            f"{block['seq_len']})\n\n" + C.md_table(
-                ["method", "trainable", "step median (s)", "step / LoRA", "step / OFT",
-                 "peak RSS (MiB)",
-                 "peak / LoRA", "step memory (MiB)", "step mem / LoRA"], rows))
+            f"**{kind}** ({placed}; batch {block['batch']} x {block['seq_len']})\n\n"
+            + C.md_table(
+                ["method", *(["targets"] if cli else []), "trainable", "step median (s)",
+                 "step / LoRA", "step / OFT", "peak RSS (MiB)", "peak / LoRA",
+                 "step memory (MiB)", "step mem / LoRA"], rows))
     parts.append("Step ratios are medians of per-round ratios: each round runs every method "
                  "once, interleaved, so a method and its reference are timed moments apart.")
     return "\n\n".join(parts)
@@ -149,13 +172,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the per-method subprocesses")
     p.add_argument("--rounds", type=int, default=None,
                    help="timed rounds per model (default 11; 4 for SmolLM2, whose steps are long)")
+    p.add_argument("--cli-defaults", action="store_true",
+                   help="each method as `qpeft finetune` builds it with no targets or options "
+                        "named (writes train_step_cli.json / .md)")
     p.add_argument("--memory-worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.memory_worker:
-        print(json.dumps(memory_worker(a.memory_worker[0], a.memory_worker[1], a.quick, a.steps)))
+        print(json.dumps(memory_worker(a.memory_worker[0], a.memory_worker[1], a.quick, a.steps,
+                                       a.cli_defaults)))
         return
-    result = run(a.quick, a.out, tuple(a.models), tuple(a.methods), not a.no_memory, a.rounds)
+    result = run(a.quick, a.out, tuple(a.models), tuple(a.methods), not a.no_memory, a.rounds,
+                 a.cli_defaults)
     print(render(result))
 
 

@@ -99,6 +99,28 @@ def test_train_step_quick(tmp_path):
     assert rows["lora"]["trainable"] == 2 * 2 * 8 * (64 + 64) + 64 * 5 + 5
 
 
+def test_train_step_at_the_cli_defaults_quick(tmp_path):
+    """``--cli-defaults``: each method as ``qpeft finetune`` builds it with nothing named — on
+    a causal LM LoRA on the model's q_proj, v_proj, Quantum-PEFT on every linear layer, QuIC
+    there in 12 blocks (too many for the tiny model's 32-wide projections: not run here) —
+    written apart from the benchmark configurations' results."""
+    from benchmarks import models as M
+
+    spec = M.model_spec("smollm2", quick=True)
+    assert M.cli_default_config("quic", spec).num_blocks == 12
+    assert M.method_config("quic", spec.targets, spec.task_type).num_blocks != 12
+    train_step.run(quick=True, out_dir=tmp_path, models=("smollm2",),
+                   methods=("lora", "quantum_peft"), memory=False, cli_defaults=True)
+    assert not (tmp_path / "train_step.json").exists()
+    data = json.loads((tmp_path / "train_step_cli.json").read_text())
+    rows = data["models"]["smollm2"]["methods"]
+    assert rows["lora"]["targets"] == ["q_proj", "v_proj"]
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+            "down_proj"} <= set(rows["quantum_peft"]["targets"])
+    assert rows["quantum_peft"]["trainable"] > 0 and rows["lora"]["time_ratio"] == 1.0
+    assert "qpeft finetune" in (tmp_path / "train_step_cli.md").read_text()
+
+
 def test_merged_quick(tmp_path):
     methods = ("lora",) + _qpeft_methods()
     merged.run(quick=True, out_dir=tmp_path, models=("minilm",), methods=methods)
