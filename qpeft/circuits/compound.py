@@ -453,10 +453,13 @@ def _antisymmetric_tables(n: int, k: int, device: str) -> tuple[torch.Tensor, to
     return rank.to(dev), sign.to(dev), torch.tensor(sorted_at, dtype=torch.long, device=dev)
 
 
-def _embed_antisymmetric(x: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """x [R, C(n,k)] -> the antisymmetric tensors [R, n^k] whose sorted entries are x."""
+def _embed_antisymmetric(x: torch.Tensor, n: int, k: int,
+                         dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [..., C(n,k)] (any strides) -> the antisymmetric tensors [..., n^k] whose sorted entries
+    are x, in ``dtype`` (default x's; a higher one is exact: the signs are ±1, 0). One gather
+    and one multiply."""
     rank, sign, _ = _antisymmetric_tables(n, k, str(x.device))
-    return x.index_select(-1, rank) * sign.to(x.dtype)
+    return x.index_select(-1, rank) * sign.to(dtype or x.dtype)
 
 
 @tensor_table_cache(maxsize=64)
@@ -571,12 +574,12 @@ class _SecondCompoundApply(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         a, x = ctx.saved_tensors
-        x = x.to(a.dtype)
         need_a, need_x = ctx.needs_input_grad[:2]
+        if accelerator_path(a.device) and not torch.is_grad_enabled():  # x cast as embedded
+            return (*_second_apply_backward_batched(a, x, grad, need_a, need_x), None)
+        x = x.to(a.dtype)
         if torch.is_grad_enabled():
             return (*_second_apply_backward_differentiable(a, x, grad, need_a, need_x), None)
-        if accelerator_path(a.device):
-            return (*_second_apply_backward_batched(a, x, grad, need_a, need_x), None)
         bsz, n = a.shape[0], a.shape[-1]
         grad, x = _unit_inner(grad), _unit_inner(x)
         grad_x = grad.new_empty(grad.shape) if need_x else None
@@ -597,10 +600,11 @@ def _second_apply_backward_batched(
     upper(R_tᵀ·A) and grad a = Σ_t Ĝ_tᵀ·A·X_t = Σ_t R_t·X_t, the latter as one batched product
     of n x n matrices per token and a sum over the tokens — not one product contracting all
     T·n rows into n x n, which a GPU's matrix kernels run slowly (see :func:`_token_pieces`).
-    About ten kernels; 2n³ multiply-adds per token for R and for each gradient."""
+    x may be kept in a lower precision (cast as it is embedded). About ten kernels; 2n³
+    multiply-adds per token for R and for each gradient."""
     bsz, t, c = grad.shape
     n = a.shape[-1]
-    g_hat = _embed_antisymmetric(grad.reshape(-1, c), n, 2).view(bsz, t * n, n)
+    g_hat = _embed_antisymmetric(grad, n, 2).view(bsz, t * n, n)
     r = torch.bmm(g_hat, a.neg()).view(bsz, t, n, n)
     grad_x = grad_a = None
     if need_x:
@@ -608,7 +612,7 @@ def _second_apply_backward_batched(
         z = torch.bmm(r.mT.reshape(bsz, t * n, n), a)  # [B, T·n, n]: Aᵀ·Ĝ_t·A per token
         grad_x = z.view(bsz, t, n * n).index_select(-1, sorted_at)
     if need_a:
-        x_hat = _embed_antisymmetric(x.reshape(-1, c), n, 2).view(bsz, t, n, n)
+        x_hat = _embed_antisymmetric(x, n, 2, a.dtype).view(bsz, t, n, n)
         grad_a = torch.matmul(r, x_hat).sum(1)
     return grad_a, grad_x
 
@@ -661,7 +665,7 @@ def _mode_products(a: torch.Tensor, x: torch.Tensor, k: int, pieces: int = 1) ->
     bsz, t, c = x.shape
     n = a.shape[-1]
     sorted_at = _antisymmetric_tables(n, k, str(a.device))[2]
-    cur = _embed_antisymmetric(x.reshape(-1, c), n, k).view(bsz, t, n**k)
+    cur = _embed_antisymmetric(x, n, k).view(bsz, t, n**k)
     a_t = a.mT[:, None]  # [B, 1, n, n], broadcast over the token pieces
     for _ in range(k):
         cur = torch.matmul(cur.view(bsz, pieces, -1, n), a_t).view(bsz, t, n ** (k - 1), n)
