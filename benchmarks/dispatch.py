@@ -104,10 +104,11 @@ def count_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> OpCoun
     return counter
 
 
-def saved_activation_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    """Bytes autograd keeps for the backward of one training step of ``model`` (after a
-    warm-up optimizer step): the distinct storages of every saved tensor that is not one of the
-    model's parameters or buffers (a frozen weight saved costs no extra memory). Exact; O(one
+def profile_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """``(bytes, kernels)`` of one training step of ``model`` (after a warm-up optimizer step):
+    the bytes autograd keeps for the backward — the distinct storages of every saved tensor
+    that is not one of the model's parameters or buffers (a frozen weight saved costs no extra
+    memory) — and the non-view operations the forward + backward dispatch. Exact; O(one
     step)."""
     own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     saved: dict[int, int] = {}
@@ -120,10 +121,16 @@ def saved_activation_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor
 
     M.make_step(model, batch)()
     model.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**batch).loss
-    loss.backward()
-    return sum(saved.values())
+    with OpCounter() as counter:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(**batch).loss
+        loss.backward()
+    return sum(saved.values()), counter.total - counter.views
+
+
+def saved_activation_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """The bytes of :func:`profile_step`."""
+    return profile_step(model, batch)[0]
 
 
 class _MeanSquareLoss(torch.nn.Module):
@@ -183,9 +190,11 @@ def measure_saved(shape: str, path: str = "cpu", methods: tuple[str, ...] = METH
     for m in methods:
         with _path(path):
             model = peft.get_peft_model(M.clone_sharing(base), M.method_config(m, targets, task_type))
-            out[m] = saved_activation_bytes(model if task_type else _MeanSquareLoss(model), batch)
-    return {m: {"bytes": b, "over_lora": b / out["lora"], "over_oft": b / out["oft"]}
-            for m, b in out.items()}
+            out[m] = profile_step(model if task_type else _MeanSquareLoss(model), batch)
+    (lora_bytes, lora_kernels), (oft_bytes, _) = out["lora"], out["oft"]
+    return {m: {"bytes": b, "over_lora": b / lora_bytes, "over_oft": b / oft_bytes,
+                "kernels": k, "kernels_over_lora": k / lora_kernels}
+            for m, (b, k) in out.items()}
 
 
 def _path(path: str) -> Any:
@@ -304,15 +313,23 @@ def render(result: dict[str, Any]) -> str:
                      "16 x 96), SmolLM2-shaped (4 of its 30 layers of 576, batch 8 x 64), both "
                      "float32; and one LLaMA-7B-shaped decoder layer (4,096 / 11,008) with a "
                      "bfloat16 base and float32 adapters on all 7 linear layers, 128 tokens, as "
-                     "`benchmarks.scale_cuda` runs it on a GPU. On these widths QuIC's "
-                     "accelerator path applies its order-2 blocks as their action, its CPU path "
-                     "forms them:\n\n"
+                     "`benchmarks.scale_cuda` runs it on a GPU. On the MiniLM and SmolLM2 "
+                     "widths QuIC's accelerator path applies its order-2 blocks as their action "
+                     "and its CPU path forms them; on the 7B layer both apply the action:\n\n"
                      + C.md_table(
                          ["method", *[f"{key.replace('/', ', ')} path: MiB, / LoRA, / OFT"
                                       for key in result["saved"]]],
                          [[M.METHOD_LABELS[m] if m in M.METHOD_LABELS else m,
                            *[f"{v[m]['bytes'] / 2**20:.1f}, {v[m]['over_lora']:.3f}, "
                              f"{v[m]['over_oft']:.3f}" for v in result["saved"].values()]]
+                          for m in METHODS]))
+        parts.append("Kernels (non-view operations dispatched) in the same steps, and / LoRA — "
+                     "on a GPU, where these models' steps are short, each one a launch:\n\n"
+                     + C.md_table(
+                         ["method", *[f"{key.replace('/', ', ')} path" for key in result["saved"]]],
+                         [[M.METHOD_LABELS[m] if m in M.METHOD_LABELS else m,
+                           *[f"{v[m]['kernels']:,}, {v[m]['kernels_over_lora']:.2f}"
+                             if "kernels" in v[m] else "-" for v in result["saved"].values()]]
                           for m in METHODS]))
     parts.append(f"One step = forward + backward of batch {result['batch']} x "
                  f"{result['seq_len']} after a warm-up optimizer step, on LLaMA-shaped models "

@@ -92,4 +92,5 @@ def test_saved_profile(quick_result) -> None:
     for shape in result["saved"].values():
         assert list(shape) == list(dispatch.METHODS)
         assert shape["lora"]["over_lora"] == 1.0 and shape["oft"]["over_oft"] == 1.0
-        assert all(row["bytes"] > 0 for row in shape.values())
+        assert all(row["bytes"] > 0 and row["kernels"] > 0 for row in shape.values())
+        assert shape["lora"]["kernels_over_lora"] == 1.0
