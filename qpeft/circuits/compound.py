@@ -95,6 +95,14 @@ def _check_matrix(a: object) -> int:
 
 _SLICED_FROM_DIM = 512  # C(n,k) from which slicing beats gathers (measured, 1 thread)
 _CHUNK_ELEMENTS = 1 << 18  # per-chunk temporaries of the order-2 kernels (1 MiB in float32)
+#: on an accelerator (256 MiB in float32): chunks there only bound memory, and each chunk is a
+#: few more kernel launches, which cost more than the arithmetic of a small chunk
+_ACCELERATOR_CHUNK_ELEMENTS = 1 << 26
+
+
+def _chunk_elements(device: torch.device) -> int:
+    """The per-chunk element budget of the order-2 compound kernels on ``device``."""
+    return _ACCELERATOR_CHUNK_ELEMENTS if accelerator_path(device) else _CHUNK_ELEMENTS
 
 
 @tensor_table_cache(maxsize=64)
@@ -116,10 +124,11 @@ def _pair_tables(n: int, device: str) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(dev) for t in tables)
 
 
-def _row_chunks(rows: int, n: int) -> Iterator[slice]:
-    """Slices of at most _CHUNK_ELEMENTS / n^2 rows: the [rows, n, n] temporaries of the
-    order-2 kernels stay small (fresh multi-MiB buffers cost page faults every call)."""
-    step = max(1, _CHUNK_ELEMENTS // (n * n))
+def _row_chunks(rows: int, n: int, device: torch.device) -> Iterator[slice]:
+    """Slices of at most :func:`_chunk_elements` / n^2 rows: on the CPU the [rows, n, n]
+    temporaries of the order-2 kernels stay small (fresh multi-MiB buffers cost page faults
+    every call); on an accelerator usually one chunk."""
+    step = max(1, _chunk_elements(device) // (n * n))
     return (slice(s, s + step) for s in range(0, rows, step))
 
 
@@ -149,7 +158,7 @@ class _SecondCompound(torch.autograd.Function):
         upper, lower = _pair_tables(n, str(a.device))[2:4]
         r0, r1 = _second_compound_rows(a)
         out = a.new_empty(r0.shape[0], upper.numel())
-        for rows in _row_chunks(r0.shape[0], n):
+        for rows in _row_chunks(r0.shape[0], n, a.device):
             outer = (r0[rows, :, None] * r1[rows, None, :]).view(-1, n * n)
             torch.sub(outer.index_select(-1, upper), outer.index_select(-1, lower), out=out[rows])
         return out.view(a.shape[0], -1, upper.numel())
@@ -163,7 +172,7 @@ class _SecondCompound(torch.autograd.Function):
         flat = grad.reshape(-1, grad.shape[-1])
         sign = sign.to(grad.dtype)
         g0, g1 = [], []
-        for rows in _row_chunks(flat.shape[0], n):
+        for rows in _row_chunks(flat.shape[0], n, a.device):
             # gathers on 2-D views: on 3-D ones they are ~4x slower
             g_hat = (flat[rows].index_select(-1, rank) * sign).view(-1, n, n)
             g0.append((g_hat * r1[rows, None, :].conj()).sum(-1))
@@ -184,9 +193,10 @@ def _pair_columns(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return at.index_select(-1, first), at.index_select(-1, second)
 
 
-def _block_chunks(blocks: int, n: int) -> Iterator[slice]:
-    """Slices of blocks whose [b, n, n, C(n,2)] temporaries hold at most _CHUNK_ELEMENTS."""
-    step = max(1, _CHUNK_ELEMENTS // (n * n * math.comb(n, 2)))
+def _block_chunks(blocks: int, n: int, device: torch.device) -> Iterator[slice]:
+    """Slices of blocks whose [b, n, n, C(n,2)] temporaries hold at most
+    :func:`_chunk_elements`."""
+    step = max(1, _chunk_elements(device) // (n * n * math.comb(n, 2)))
     return (slice(s, s + step) for s in range(0, blocks, step))
 
 
@@ -213,7 +223,7 @@ class _SecondCompoundColumns(torch.autograd.Function):
         upper, lower = _pair_tables(n, str(a.device))[2:4]
         r0, r1 = _pair_columns(a)
         out = a.new_empty(bsz, upper.numel(), upper.numel())
-        for blk in _block_chunks(bsz, n):
+        for blk in _block_chunks(bsz, n, a.device):
             outer = (r0[blk, :, None, :] * r1[blk, None, :, :]).flatten(1, 2)  # [b, n*n, C]
             torch.sub(outer.index_select(1, upper), outer.index_select(1, lower), out=out[blk])
         return out
@@ -227,7 +237,7 @@ class _SecondCompoundColumns(torch.autograd.Function):
         neg_sign = -sign.to(grad.dtype)
         a_conj = a.conj()
         parts = []
-        for blk in _block_chunks(bsz, n):
+        for blk in _block_chunks(bsz, n, a.device):
             g = grad[blk]
             rows = torch.cat([g, -g, g.new_zeros(g.shape[0], 1, g.shape[-1])], dim=1)
             g_hat = rows.index_select(1, table).view(g.shape[0], n, -1)  # [b, q, (p, I)]

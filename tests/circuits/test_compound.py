@@ -196,6 +196,30 @@ def test_order_two_gradient_matches_minors_reference(chunk, monkeypatch):
     torch.testing.assert_close(g_fast, g_ref, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("n", [12, 30])  # the column kernel (n <= 24) and the row kernel
+def test_order_two_kernels_on_an_accelerator_take_one_chunk_and_the_same_values(n):
+    """On an accelerator the order-2 compound kernels chunk only to bound memory (each chunk is
+    a few more kernel launches): a 7B-sized batch of blocks is one chunk there, many on the
+    CPU; values and gradients still equal the minors (run on the CPU's tensors)."""
+    from qpeft.circuits._device import force_accelerator_path
+
+    mod = sys.modules["qpeft.circuits.compound"]
+    cpu = torch.device("cpu")
+    rows = 3 * math.comb(51, 2)  # LLaMA-7B's n = 51, three blocks
+    assert len(list(mod._row_chunks(rows, 51, cpu))) > 10
+    a = _rand(4, n, n, seed=n).requires_grad_()
+    w = _rand(4, math.comb(n, 2), math.comb(n, 2), seed=n + 1)
+    with force_accelerator_path():
+        assert len(list(mod._row_chunks(rows, 51, cpu))) == 1
+        assert len(list(mod._block_chunks(4, n, cpu))) == 1
+        got = compound(a, 2)
+        (g_got,) = torch.autograd.grad((got * w).sum(), a)
+    want = minors_compound(a, 2)
+    (g_want,) = torch.autograd.grad((want * w).sum(), a)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-10)
+
+
 def test_compound_of_givens_circuit_is_differentiable_end_to_end():
     for layout in GIVENS_LAYOUTS:
         angles = _rand(givens_num_params(5, layout), seed=4).requires_grad_()
