@@ -215,6 +215,17 @@ _ACTION_FLOP_WEIGHT = 7
 _ACTION_MOVES_PER_N2 = 250
 _FORM_WEIGHT = 256
 
+#: On an accelerator, where arithmetic is cheap and every kernel costs a launch: a launch counted
+#: as 2^27 multiply-adds (about 4 µs of host-side dispatch at a GPU's ~30 T float32
+#: multiply-adds per second), and the kernels the order-2 action adds per layer call over the
+#: formed compound (forward and backward; 15-20 per adapted layer in ``benchmarks.dispatch``'s
+#: 7B- and SmolLM2-shaped profiles). Estimates, not fitted on a GPU: they only decide where the
+#: arithmetic is small either way (MiniLM's and SmolLM2's widths: formed, with 3x / 1.3x fewer
+#: kernels per step); at 7B widths the formed compounds would outweigh the activations, which
+#: :func:`order_costs` rules out on memory first.
+_LAUNCH_MACS = 1 << 27
+_ACTION_EXTRA_LAUNCHES = 16
+
 
 @dataclass(frozen=True)
 class OrderShape:
@@ -241,16 +252,18 @@ class OrderShape:
 
 
 def order_costs(op: torch.Tensor | CompoundOperator | OrderShape, tokens: int,
-                n_blocks: int) -> dict[str, int]:
+                n_blocks: int) -> dict[str, float]:
     """Estimated cost (multiply-add equivalents, forward) of one order on ``tokens`` vectors of
     ``n_blocks`` blocks: ``explicit`` = forming C_k (k·C² per distinct block, weighted 256 on
     the CPU, as the Laplace recursion) + tokens·C² per block; ``action`` = tokens·(7·
     compound_apply_cost + 250·n²) per block on the CPU (the weights: see
     ``_ACTION_FLOP_WEIGHT``), tokens·compound_apply_cost on an accelerator. On an accelerator
-    both are unweighted: the action runs as a few large kernels, and the compounds of all
-    layers of one block plan are formed in one batched call per training step
-    (``qpeft/tuners/quic/layer.py``, :class:`~qpeft.tuners.quic.layer.QuICGroup`). An explicit
-    tensor has only ``explicit`` (tokens·C²). O(1)."""
+    both are unweighted (the action runs as a few large kernels, and the compounds of all
+    layers of one block plan are formed in one batched call per training step:
+    ``qpeft/tuners/quic/layer.py``, :class:`~qpeft.tuners.quic.layer.QuICGroup`), the action
+    pays for the launches it adds (``_LAUNCH_MACS``), and forming is ruled out (infinite cost)
+    where the compounds (N_A·C² numbers, kept for the backward) would outnumber the vectors
+    they rotate (tokens·N·C). An explicit tensor has only ``explicit`` (tokens·C²). O(1)."""
     shape = OrderShape.of(op)
     if shape.formed:
         return {"explicit": tokens * n_blocks * shape.n ** 2}
@@ -262,16 +275,19 @@ def order_costs(op: torch.Tensor | CompoundOperator | OrderShape, tokens: int,
     if 1 < k < n:
         if not accelerator:
             apply = _ACTION_FLOP_WEIGHT * compound_apply_cost(n, k) + _ACTION_MOVES_PER_N2 * n * n
+            costs["action"] = tokens * n_blocks * apply
         else:  # an accelerator runs the action as a few large kernels at full rate
-            apply = compound_apply_cost(n, k)
-        costs["action"] = tokens * n_blocks * apply
+            costs["action"] = (tokens * n_blocks * compound_apply_cost(n, k)
+                               + _ACTION_EXTRA_LAUNCHES * _LAUNCH_MACS)
+            if shape.n_a * c > tokens * n_blocks:
+                costs["explicit"] = math.inf
     return costs
 
 
 def rotation_costs(
     ops: list[torch.Tensor | CompoundOperator | OrderShape], plan: BlockPlan, tokens: int, other_dim: int,
     needs_grad: bool,
-) -> dict[str, int]:
+) -> dict[str, float]:
     """Counted multiply-adds of Q on a layer call with ``tokens`` vectors, per path:
     ``activations`` — rotate the tokens (each order explicit or action, whichever is cheaper);
     ``weight`` — rotate the ``other_dim`` columns of W once, then x·W'ᵀ replaces x·Wᵀ (same

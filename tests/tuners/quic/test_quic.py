@@ -600,14 +600,25 @@ def test_cost_model_choices():
         costs = order_costs(op(n, 2), tokens, 3)
         assert costs["explicit"] < costs["action"], (n, tokens)
     assert set(order_costs(op(5, 1), 10, 3)) == {"explicit"}
-    # off the CPU (a meta tensor stands in for an accelerator's) the action is unweighted: it
-    # runs as a few large kernels, so it wins wherever it has fewer multiply-adds
-    accel = order_costs(CompoundOperator(torch.zeros(3, 51, 51, device="meta"), 2), 2048, 3)
-    assert accel["action"] == 2048 * 3 * 2 * 51**3 < accel["explicit"]
-    # and so is forming there (the compounds of all layers of a block plan: one batched call per
-    # step): the LLaMA-shaped benchmark's n = 8 at 64 tokens is formed, as on the CPU
-    formed = order_costs(CompoundOperator(torch.zeros(3, 8, 8, device="meta"), 2), 64, 3)
-    assert formed["explicit"] == 2 * 28**2 * 3 + 64 * 3 * 28**2 < formed["action"]
+    # off the CPU (a meta tensor stands in for an accelerator's) the arithmetic is unweighted,
+    # the action pays for the kernel launches it adds, and forming is ruled out where the
+    # compounds would outnumber the vectors they rotate
+    import qpeft.circuits.compound_rotation as rotation
+
+    def accel(n, tokens):
+        return order_costs(CompoundOperator(torch.zeros(3, n, n, device="meta"), 2), tokens, 3)
+
+    launches = rotation._ACTION_EXTRA_LAUNCHES * rotation._LAUNCH_MACS
+    at_7b = accel(51, 2048)  # LLaMA-7B's n = 51: the action, on arithmetic
+    assert at_7b["action"] == 2048 * 3 * 2 * 51**3 + launches < at_7b["explicit"]
+    assert accel(51, 128)["explicit"] == math.inf  # 3 x 1,275² numbers for 128 tokens
+    # small n, where every form's arithmetic is small: formed, its fewer kernels decide —
+    # MiniLM's n = 15 at 16 x 96 tokens, SmolLM2's n = 19 at 8 x 64 and 8 x 2,048, the
+    # LLaMA-shaped dispatch benchmark's n = 8 at 64 tokens
+    for n, tokens in ((15, 1536), (19, 512), (19, 16384), (8, 64)):
+        costs = accel(n, tokens)
+        c = math.comb(n, 2)
+        assert costs["explicit"] == 2 * c**2 * 3 + tokens * 3 * c**2 < costs["action"], (n, tokens)
     plan = block_plan(4096, 3, [1, 2])
     ops = [op(plan.n, 1), op(plan.n, 2)]
     train = rotation_costs(ops, plan, 2048, 4096, needs_grad=True)
