@@ -557,16 +557,18 @@ def _unit_inner(x: torch.Tensor) -> torch.Tensor:
 
 
 class _SecondCompoundApply(torch.autograd.Function):
-    """y_t = C_2(a)·x_t for a [B, n, n], x [B, T, C(n,2)] (a's dtype), never forming C_2(a);
-    only a and x are saved on either path, or instead of x ``kept``, the same values in a lower
-    precision (the bf16 layer output that x was cast from: half the bytes) (an explicit compound keeps its C(n,2)² matrix, autograd through
-    A·X·Aᵀ would keep [T, n, n] tensors, twice the per-token size of x).
+    """y_t = C_2(a)·x_t for a [B, n, n], x [B, T, C(n,2)] (a's dtype), never forming C_2(a).
+
+    Only a and x are saved on either path (an explicit compound keeps its C(n,2)² matrix;
+    autograd through A·X·Aᵀ would keep [T, n, n] tensors, twice x's size per token), or instead
+    of x ``kept``: the same values in a lower precision (the bf16 layer output x was cast from,
+    half the bytes).
 
     CPU path: forward :func:`_second_apply_chunk` (1.5n³ per token) in token chunks so that the
     [B, n, t, n] temporaries stay in cache; backward :func:`_second_apply_backward_chunk`
     (3n³ per token). Accelerator path (:func:`~qpeft.circuits._device.accelerator_path`): a few
     large kernels each way, :func:`_mode_products` and :func:`_second_apply_backward_batched`
-    (2n³ forward, 4n³ backward per token, [B, T, n, n] temporaries freed when the call
+    (2n³ forward, 6n³ backward per token, [B, T, n, n] temporaries freed when the call
     returns).
     Backward: grad x = C_2(a)ᵀ g = C_2(aᵀ) g and grad a = Σ_t Ĝ_tᵀ·(A·X_t) (Ĝ_t, X_t the
     antisymmetric embeddings of g_t, x_t). When the backward is itself recorded (double
