@@ -152,12 +152,10 @@ def cli_default_config(method: str, spec: ModelSpec) -> Any:
     options that go with them (QuIC in 12 blocks on every linear layer of a causal LM), else
     the model's (``spec.targets``)."""
     from qpeft.train.finetune import kind_of_task_type
-    from qpeft.train.methods import build_peft_config, choose_targets
+    from qpeft.train.methods import config_at_defaults
 
-    name = get_method(method).name
-    kind = kind_of_task_type(spec.task_type)
-    targets, _ = choose_targets(name, kind, None, spec.targets)
-    return build_peft_config(name, targets, task_type=spec.task_type, kind=kind)
+    return config_at_defaults(get_method(method).name, kind_of_task_type(spec.task_type),
+                              list(spec.targets), task_type=spec.task_type)
 
 
 def trainable_count(model: nn.Module) -> int:

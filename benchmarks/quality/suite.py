@@ -91,16 +91,15 @@ def method_settings(entry: Entry, placement: dict[str, Any] | None = None) -> di
     not compared. O(1)."""
     import qpeft.tuners  # noqa: F401  (registers qpeft's configs)
     from qpeft.train.finetune import kind_of_task_type
-    from qpeft.train.methods import build_peft_config, choose_targets
+    from qpeft.train.methods import config_at_defaults
 
     placement = placement or {}
     # the suite names no targets: a method runs on its own default for the kind of data, with
     # the options that go with it (QuIC's block count on causal-LM data)
-    kind = kind_of_task_type(placement.get("task_type"))
-    targets, _ = choose_targets(entry.method, kind, None, ["_"])
-    config = build_peft_config(entry.method, targets, placement.get("modules_to_save"),
-                               task_type=placement.get("task_type"),
-                               options=dict(entry.options), kind=kind).to_dict()
+    config = config_at_defaults(entry.method, kind_of_task_type(placement.get("task_type")),
+                                ["_"], task_type=placement.get("task_type"),
+                                modules_to_save=placement.get("modules_to_save"),
+                                options=dict(entry.options)).to_dict()
     return json.loads(json.dumps({k: v for k, v in config.items()
                                   if k not in _PLACEMENT and v is not None}, default=str))
 

@@ -131,6 +131,18 @@ def resolve_options(method: str, options: dict[str, Any] | None, *, kind: str | 
     return {name: spec.option(name).parse(value) for name, value in resolved.items()}
 
 
+def config_at_defaults(method: str, kind: str | None, model_default: Sequence[str], *,
+                       task_type: str | None = None,
+                       modules_to_save: Sequence[str] | None = None,
+                       options: dict[str, Any] | None = None) -> Any:
+    """The peft config of ``method`` when no target modules are named: its own default targets
+    for data of ``kind`` with the options that go with them (:func:`choose_targets`), else
+    ``model_default``; the rest as :func:`build_peft_config`. O(1)."""
+    targets, _ = choose_targets(method, kind, None, model_default)
+    return build_peft_config(method, targets, modules_to_save, task_type=task_type,
+                             options=options, kind=kind)
+
+
 def build_peft_config(
     method: str,
     target_modules: Sequence[str] | str,
