@@ -135,7 +135,7 @@ def saved_activation_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor
 
 class _MeanSquareLoss(torch.nn.Module):
     """``model(hidden)`` with ``benchmarks.scale``'s loss, mean(out²), as a ``.loss`` (the call
-    convention of :func:`saved_activation_bytes`)."""
+    convention of :func:`profile_step`)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
@@ -178,9 +178,8 @@ PROFILE_SHAPES = ("minilm", "smollm2", "llama7b-bf16")
 
 def measure_saved(shape: str, path: str = "cpu", methods: tuple[str, ...] = METHODS,
                   quick: bool = False) -> dict[str, Any]:
-    """:func:`saved_activation_bytes` of every method on the ``shape``-shaped model along
-    ``path`` (on these widths QuIC's accelerator path applies its order-2 blocks as their
-    action, its CPU path forms them); ``quick``: the 7B-shaped layer at toy widths."""
+    """:func:`profile_step` of every method on the ``shape``-shaped model along ``path``, as
+    ratios to LoRA and OFT; ``quick``: the 7B-shaped layer at toy widths."""
     import peft
 
     import qpeft  # noqa: F401  (registers the qpeft methods)
@@ -313,9 +312,9 @@ def render(result: dict[str, Any]) -> str:
                      "16 x 96), SmolLM2-shaped (4 of its 30 layers of 576, batch 8 x 64), both "
                      "float32; and one LLaMA-7B-shaped decoder layer (4,096 / 11,008) with a "
                      "bfloat16 base and float32 adapters on all 7 linear layers, 128 tokens, as "
-                     "`benchmarks.scale_cuda` runs it on a GPU. On the MiniLM and SmolLM2 "
-                     "widths QuIC's accelerator path applies its order-2 blocks as their action "
-                     "and its CPU path forms them; on the 7B layer both apply the action:\n\n"
+                     "`benchmarks.scale_cuda` runs it on a GPU. QuIC forms its order-2 blocks "
+                     "on the MiniLM and SmolLM2 widths and applies them as their action on the "
+                     "7B layer, on both paths (its kernels differ by path):\n\n"
                      + C.md_table(
                          ["method", *[f"{key.replace('/', ', ')} path: MiB, / LoRA, / OFT"
                                       for key in result["saved"]]],
