@@ -108,8 +108,14 @@ def profile_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     """``(bytes, kernels)`` of one training step of ``model`` (after a warm-up optimizer step):
     the bytes autograd keeps for the backward — the distinct storages of every saved tensor
     that is not one of the model's parameters or buffers (a frozen weight saved costs no extra
-    memory) — and the non-view operations the forward + backward dispatch. Exact; O(one
-    step)."""
+    memory), the shared generation's own graph included (``qpeft.tuners._batched_generation``
+    records it under saved-tensor hooks of its own, which an outer hook never sees; here that
+    hook counts too) — and the non-view operations the forward + backward dispatch. Exact;
+    O(one step)."""
+    from unittest import mock
+
+    from qpeft.tuners import _batched_generation as shared
+
     own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     saved: dict[int, int] = {}
 
@@ -122,7 +128,8 @@ def profile_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     M.make_step(model, batch)()
     model.zero_grad(set_to_none=True)
     with OpCounter() as counter:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+              mock.patch.object(shared, "_keep", pack)):
             loss = model(**batch).loss
         loss.backward()
     return sum(saved.values()), counter.total - counter.views

@@ -83,6 +83,29 @@ def test_saved_activation_bytes_counts_what_autograd_keeps() -> None:
     assert dispatch.saved_activation_bytes(Toy(), {"input_ids": ids, "labels": ids}) == 2 * 32
 
 
+def test_saved_activation_bytes_counts_the_shared_generations_own_graph() -> None:
+    """A generation shared through ``BatchedGeneration`` keeps its graph under hooks of its own:
+    here ``exp`` keeps its 4 x 4 float32 output there (64 bytes), the outer matmul the float
+    copy of the input (32 bytes); both are memory the step holds until its backward."""
+    from types import SimpleNamespace
+
+    from qpeft.tuners._batched_generation import BatchedGeneration
+
+    class Toy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.randn(4, 4))
+            self.shared = BatchedGeneration(lambda params: [(ps[0].exp(),) for ps in params],
+                                            lambda m, own: (own[0].exp(),), n_outputs=1)
+
+        def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> SimpleNamespace:
+            (w,) = self.shared.outputs(0, (self.p,), lambda: [(self.p,)])
+            return SimpleNamespace(loss=(input_ids.float() @ w).sum())
+
+    ids = torch.arange(8).view(2, 4)
+    assert dispatch.saved_activation_bytes(Toy(), {"input_ids": ids, "labels": ids}) == 32 + 64
+
+
 def test_saved_profile(quick_result) -> None:
     """Every method's saved activations on both real-width shapes and both paths, as ratios to
     LoRA and OFT."""
