@@ -131,22 +131,29 @@ class _Lifetime:
     a backward runs through their node; outputs generated inside a backward (recomputation of
     a checkpointed layer) when that backward ends, so the recomputation of every other layer in
     the same backward reuses them, also where each recomputed layer runs a backward of its own
-    (reentrant checkpointing)."""
+    (reentrant checkpointing). On expiry the entry lets go of its outputs, and with them (their
+    ``grad_fn``) of the generation's graph: it lives on only while some step's graph uses it,
+    never between steps. ``entry``: a weak reference (no cycle with the entry's own
+    reference to this object, so a replaced entry is freed at once)."""
 
-    __slots__ = ("live", "in_backward")
+    __slots__ = ("live", "in_backward", "entry")
 
     def __init__(self) -> None:
         self.live = True
+        self.entry: weakref.ReferenceType[_Entry] | None = None
         self.in_backward = torch._C._current_graph_task_id() != -1
         if self.in_backward:
             Variable._execution_engine.queue_callback(self.expire)
 
     def expire(self) -> None:
         self.live = False
+        entry = None if self.entry is None else self.entry()
+        if entry is not None:
+            entry.outputs = []
 
     def backward_ran(self) -> None:
         if not self.in_backward:
-            self.live = False
+            self.expire()
 
 
 def _keep(tensor: torch.Tensor) -> torch.Tensor:
@@ -295,6 +302,7 @@ class BatchedGeneration:
         k = self.n_outputs
         outputs = [tuple(flat_outputs[m * k:(m + 1) * k]) for m in range(len(params))]
         self._entry = _Entry(stamps, state, writes, lifetime, outputs)
+        lifetime.entry = weakref.ref(self._entry)
         return outputs[member]
 
     def clear(self) -> None:
@@ -310,7 +318,7 @@ class BatchedGeneration:
 class _Entry:
     """Every member's kept outputs and what the host knew when they were generated."""
 
-    __slots__ = ("stamps", "state", "writes", "lifetime", "outputs")
+    __slots__ = ("stamps", "state", "writes", "lifetime", "outputs", "__weakref__")
 
     def __init__(self, stamps: list[tuple[_Stamp, ...]], state: tuple[str, bool, torch.dtype],
                  writes: int, lifetime: _Lifetime, outputs: list[Outputs]) -> None:
