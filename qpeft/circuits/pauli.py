@@ -32,7 +32,8 @@ matrix per group; the odd CZ layers (pairs across boundaries) are a +-1 scaling 
 
 The engine (``run_program``) runs a straight-line program of such circuits and of the
 cosine-sine steps of ``qsd.py`` on row blocks of one state, as one autograd node with a
-hand-written backward.
+hand-written backward that keeps only the output: every step is orthogonal, so the backward
+recomputes each step's input from its output (its transpose applied) as it goes.
 """
 
 from __future__ import annotations
@@ -351,34 +352,37 @@ def _from_groups(y: torch.Tensor, lead: tuple[int, ...], big_n: int, m: int, d0:
     return y.view(*lead, big_n // d0, m, d0).transpose(-1, -2).reshape(*lead, big_n, m)
 
 
+def _product(kind: int, mat: torch.Tensor, mat_t: torch.Tensor, y: torch.Tensor, batched: bool,
+             transposed: bool) -> torch.Tensor:
+    """One group step on the state ``y`` (in that group's view): its matrix ``mat``
+    (``transposed``: ``mat^T``, the step's inverse, as the matrices are orthogonal) on the
+    group's axis, the layout's ``kind`` deciding the product (see ``_Layout``). One mm/bmm."""
+    if kind == 0:
+        return (torch.bmm if batched else torch.mm)(y, mat if transposed else mat_t)
+    left = mat_t if transposed else mat
+    if kind == 1:
+        return (torch.bmm if batched else torch.mm)(left, y)
+    return torch.matmul(left.unsqueeze(1) if batched else left, y)
+
+
 def _circuit_forward(
     block: torch.Tensor,
     mats: tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]],
     n_qubits: int,
-    saved: list[torch.Tensor],
 ) -> torch.Tensor:
     """The circuit on ``block (*B, 2**n, m)`` (``*B``: no dimension, or one of size B > 1);
     ``mats = (M, M^T)``, ``M[s][j]`` the ``(*B, d_j, d_j)`` matrix of group ``j`` in stage
-    ``s``.  Appends every group step's input to ``saved``.  One mm/bmm per group and stage
-    (O(N m d_j) each), a sign scaling between stages."""
+    ``s``.  One mm/bmm per group and stage (O(N m d_j) each), a sign scaling between
+    stages."""
     *lead, big_n, m = block.shape
     layout = _layout(n_qubits, m, block.dtype, block.device)
     d0 = layout.shapes[0][1]
     y = _to_groups(block, d0)
-    batched = bool(lead)
-    mm = torch.bmm if batched else torch.mm
     for s, (row, row_t) in enumerate(zip(*mats, strict=True)):
         if s:
             y = y * layout.signs_last
         for shape, kind, mat, mat_t in zip(layout.shapes, layout.kinds, row, row_t, strict=True):
-            y = y.view(*lead, *shape)
-            saved.append(y)
-            if kind == 0:
-                y = mm(y, mat_t)
-            elif kind == 1:
-                y = mm(mat, y)
-            else:
-                y = torch.matmul(mat.unsqueeze(1) if batched else mat, y)
+            y = _product(kind, mat, mat_t, y.view(*lead, *shape), bool(lead), transposed=False)
     return _from_groups(y, tuple(lead), big_n, m, d0)
 
 
@@ -386,34 +390,37 @@ def _circuit_backward(
     grad: torch.Tensor,
     mats: tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]],
     n_qubits: int,
-    saved: list[torch.Tensor],
     mat_grads: list[list[torch.Tensor | None]],
-) -> torch.Tensor:
-    """Backward of ``_circuit_forward``: the gradient of its input from ``grad (*B, 2**n, m)``
-    (the transposed steps in reverse, popping the saved inputs); group matrix ``[s][j]``'s
-    gradient goes to ``mat_grads[s][j]``."""
+    output: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of ``_circuit_forward``: ``(gradient of its input, its input)`` from ``grad``
+    and its ``output`` (both ``(*B, 2**n, m)``), the transposed steps in reverse; group matrix
+    ``[s][j]``'s gradient goes to ``mat_grads[s][j]``. Each step's input is recomputed from
+    its output: every step is orthogonal, so its input is its transposed matrix applied to its
+    output, the product the gradient takes too (one more mm/bmm per step; nothing kept from
+    the forward but the output)."""
     *lead, big_n, m = grad.shape
     layout = _layout(n_qubits, m, grad.dtype, grad.device)
     d0 = layout.shapes[0][1]
-    g = _to_groups(grad, d0)
     batched = bool(lead)
-    mm = torch.bmm if batched else torch.mm
+    g = _to_groups(grad, d0)
+    y = _to_groups(output, d0)
     for s in range(len(mats[0]) - 1, -1, -1):
         for j in range(len(layout.kinds) - 1, -1, -1):
-            g = g.view(*lead, *layout.shapes[j])
-            y, mat, mat_t, kind = saved.pop(), mats[0][s][j], mats[1][s][j], layout.kinds[j]
+            shape, mat, mat_t, kind = layout.shapes[j], mats[0][s][j], mats[1][s][j], layout.kinds[j]
+            g = g.view(*lead, *shape)
+            y = x = _product(kind, mat, mat_t, y.view(*lead, *shape), batched, transposed=True)
             if kind == 0:
-                mat_grads[s][j] = mm(g.mT, y)
-                g = mm(g, mat)
+                mat_grads[s][j] = (torch.bmm if batched else torch.mm)(g.mT, x)
             elif kind == 1:
-                mat_grads[s][j] = mm(g, y.mT)
-                g = mm(mat_t, g)
+                mat_grads[s][j] = (torch.bmm if batched else torch.mm)(g, x.mT)
             else:
-                mat_grads[s][j] = torch.matmul(g, y.mT).sum(-3)
-                g = torch.matmul(mat_t.unsqueeze(1) if batched else mat_t, g)
+                mat_grads[s][j] = torch.matmul(g, x.mT).sum(-3)
+            g = _product(kind, mat, mat_t, g, batched, transposed=True)
         if s:
             g = g * layout.signs_first
-    return _from_groups(g, tuple(lead), big_n, m, d0)
+            y = y * layout.signs_first
+    return _from_groups(g, tuple(lead), big_n, m, d0), _from_groups(y, tuple(lead), big_n, m, d0)
 
 
 class _Program(torch.autograd.Function):
@@ -421,12 +428,17 @@ class _Program(torch.autograd.Function):
     autograd node (``*B``: no dimension, or a batch of programs with their own angles).
     Forward: every group matrix of every circuit from one gather and one product per group
     size (``_plan``, ``ry_groups.gather_rotations``), merged into stage matrices, then the steps
-    in order, saving each group step's input and each cosine-sine step's output.  Backward:
-    the steps in reverse with the transposed matrices (orthogonal: the inverse), each group
-    matrix's gradient from one mm, back through the stage merge, the half angles' gradient
-    from those (``ry_groups``), one scatter-add per group size into the angles; ``d/dphi`` of
-    a cosine-sine step's output pair ``(top, bottom)`` is ``(-bottom, top)``.  First-order only
-    (a second derivative raises)."""
+    in order.  Backward: the steps in reverse with the transposed matrices (orthogonal: the
+    inverse), each group matrix's gradient from one mm, back through the stage merge, the half
+    angles' gradient from those (``ry_groups``), one scatter-add per group size into the
+    angles; ``d/dphi`` of a cosine-sine step's output pair ``(top, bottom)`` is
+    ``(-bottom, top)``.  First-order only (a second derivative raises).
+
+    Kept for the backward: the matrices and the output, not one state per step. The backward
+    walks the state back from the output, each step's input recomputed as its inverse (the
+    transpose: an orthogonal step) applied to its output, one more product per step, rounding
+    at the level of the forward's own (circuits run in float32 or float64). Saving every
+    step's input instead kept ~24 MiB per 7B-shaped layer's circuits."""
 
     @staticmethod
     def forward(ctx, angles, x, program, depth):  # type: ignore[override]
@@ -446,13 +458,12 @@ class _Program(torch.autograd.Function):
         if plan.phis is not None:  # (*B, levels, 1, 1)
             cs = _cos_sin(angles.index_select(-1, plan.phis)[..., None, None])
         y = x.clone(memory_format=torch.contiguous_format)
-        saved: list[torch.Tensor] = []
         circuit, level = 0, 0
         for step in program:
             if step[0] == "circuit":
                 _, n_qubits, _, row = step
                 rows = slice(row, row + (1 << n_qubits))
-                y[..., rows, :] = _circuit_forward(y[..., rows, :], mats[circuit], n_qubits, saved)
+                y[..., rows, :] = _circuit_forward(y[..., rows, :], mats[circuit], n_qubits)
                 circuit += 1
             else:
                 _, _, row, n1, n2 = step
@@ -462,19 +473,18 @@ class _Program(torch.autograd.Function):
                 new_top, new_bottom = c * top - s * bottom, s * top + c * bottom
                 top.copy_(new_top)
                 bottom.copy_(new_bottom)
-                saved += [new_top, new_bottom]
                 level += 1
         ctx.program, ctx.depth, ctx.total = program, depth, total
         tables = [t for m in merged for t in m]  # stages, outer, inner per group size
         ctx.n_tables = len(tables) + len(rotations) + len(cs)
-        ctx.save_for_backward(*tables, *rotations, *cs, *saved)
+        ctx.save_for_backward(*tables, *rotations, *cs, y)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
         program, tensors = ctx.program, ctx.saved_tensors
-        tables, saved = tensors[: ctx.n_tables], list(tensors[ctx.n_tables :])
+        tables, output = tensors[: ctx.n_tables], tensors[ctx.n_tables]
         plan = _plan(program, ctx.depth, ctx.total, grad.device)
         u = len(plan.buckets)
         stages = tables[0 : 3 * u : 3]
@@ -486,23 +496,29 @@ class _Program(torch.autograd.Function):
             cos, sin = tables[4 * u :]
             phi_grads: list[torch.Tensor | None] = [None] * cos.shape[-3]
         g = grad.clone(memory_format=torch.contiguous_format)
+        state = output.clone()  # walked back to the program's input, step by step
         circuit, level = len(plan.stages), 0 if plan.phis is None else plan.phis.shape[0]
         for step in reversed(program):
             if step[0] == "circuit":
                 circuit -= 1
                 _, n_qubits, _, row = step
                 rows = slice(row, row + (1 << n_qubits))
-                g[..., rows, :] = _circuit_backward(
-                    g[..., rows, :], mats[circuit], n_qubits, saved, mat_grads[circuit]
+                g[..., rows, :], state[..., rows, :] = _circuit_backward(
+                    g[..., rows, :], mats[circuit], n_qubits, mat_grads[circuit], state[..., rows, :]
                 )
             else:
                 level -= 1
                 _, _, row, n1, n2 = step
-                new_bottom, new_top = saved.pop(), saved.pop()
+                c, s = cos[..., level, :, :], sin[..., level, :, :]
+                new_top = state[..., row : row + n2, :]  # the step's output pair
+                new_bottom = state[..., row + n1 : row + n1 + n2, :]
                 g_top = g[..., row : row + n2, :]
                 g_bottom = g[..., row + n1 : row + n1 + n2, :]
                 phi_grads[level] = (g_bottom * new_top - g_top * new_bottom).sum((-2, -1))
-                c, s = cos[..., level, :, :], sin[..., level, :, :]
+                # the state back to the step's input (the inverse rotation), then the gradient
+                top_in, bottom_in = c * new_top + s * new_bottom, c * new_bottom - s * new_top
+                new_top.copy_(top_in)
+                new_bottom.copy_(bottom_in)
                 top_in, bottom_in = c * g_top + s * g_bottom, c * g_bottom - s * g_top
                 g_top.copy_(top_in)
                 g_bottom.copy_(bottom_in)
@@ -558,7 +574,8 @@ def run_program(
     """The steps of ``program`` (circuits of depth ``depth``) applied to ``x (B, rows, m)``, each
     batch element reading its own angle vector ``angles (B, T)``; differentiable in both.
     Returns ``(B, rows, m)``.  O(sum over circuits of S N m sqrt N) in O(steps S g)
-    mm/bmm; O(B rows m) memory per saved step."""
+    mm/bmm, twice that in the backward; keeps one ``(B, rows, m)`` state for the backward (the
+    output: the backward recomputes each step's input from it)."""
     if angles.shape[0] == 1:  # plain matrix products, no batch dimension
         return _Program.apply(angles[0], x[0], program, depth)[None]
     return _Program.apply(angles, x, program, depth)
