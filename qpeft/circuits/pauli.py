@@ -352,19 +352,6 @@ def _from_groups(y: torch.Tensor, lead: tuple[int, ...], big_n: int, m: int, d0:
     return y.view(*lead, big_n // d0, m, d0).transpose(-1, -2).reshape(*lead, big_n, m)
 
 
-def _product(kind: int, mat: torch.Tensor, mat_t: torch.Tensor, y: torch.Tensor, batched: bool,
-             transposed: bool) -> torch.Tensor:
-    """One group step on the state ``y`` (in that group's view): its matrix ``mat``
-    (``transposed``: ``mat^T``, the step's inverse, as the matrices are orthogonal) on the
-    group's axis, the layout's ``kind`` deciding the product (see ``_Layout``). One mm/bmm."""
-    if kind == 0:
-        return (torch.bmm if batched else torch.mm)(y, mat if transposed else mat_t)
-    left = mat_t if transposed else mat
-    if kind == 1:
-        return (torch.bmm if batched else torch.mm)(left, y)
-    return torch.matmul(left.unsqueeze(1) if batched else left, y)
-
-
 def _circuit_forward(
     block: torch.Tensor,
     mats: tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]],
@@ -378,49 +365,61 @@ def _circuit_forward(
     layout = _layout(n_qubits, m, block.dtype, block.device)
     d0 = layout.shapes[0][1]
     y = _to_groups(block, d0)
+    batched = bool(lead)
+    mm = torch.bmm if batched else torch.mm
     for s, (row, row_t) in enumerate(zip(*mats, strict=True)):
         if s:
             y = y * layout.signs_last
         for shape, kind, mat, mat_t in zip(layout.shapes, layout.kinds, row, row_t, strict=True):
-            y = _product(kind, mat, mat_t, y.view(*lead, *shape), bool(lead), transposed=False)
+            y = y.view(*lead, *shape)
+            if kind == 0:
+                y = mm(y, mat_t)
+            elif kind == 1:
+                y = mm(mat, y)
+            else:
+                y = torch.matmul(mat.unsqueeze(1) if batched else mat, y)
     return _from_groups(y, tuple(lead), big_n, m, d0)
 
 
 def _circuit_backward(
-    grad: torch.Tensor,
+    pair: torch.Tensor,
     mats: tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]],
     n_qubits: int,
     mat_grads: list[list[torch.Tensor | None]],
-    output: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward of ``_circuit_forward``: ``(gradient of its input, its input)`` from ``grad``
-    and its ``output`` (both ``(*B, 2**n, m)``), the transposed steps in reverse; group matrix
-    ``[s][j]``'s gradient goes to ``mat_grads[s][j]``. Each step's input is recomputed from
-    its output: every step is orthogonal, so its input is its transposed matrix applied to its
-    output, the product the gradient takes too (one more mm/bmm per step; nothing kept from
-    the forward but the output)."""
-    *lead, big_n, m = grad.shape
-    layout = _layout(n_qubits, m, grad.dtype, grad.device)
+) -> torch.Tensor:
+    """Backward of ``_circuit_forward`` on ``pair (*B, 2, 2**n, m)``: ``[..., 0, :, :]`` the
+    gradient of the circuit's output and ``[..., 1, :, :]`` that output -> the same pair for its
+    input, the transposed steps in reverse; group matrix ``[s][j]``'s gradient goes to
+    ``mat_grads[s][j]``. Each step's input is recomputed from its output rather than kept from
+    the forward: the step is orthogonal, so its input is its transposed matrix applied to its
+    output — the product the gradient takes, so one mm/bmm on the pair carries both."""
+    *lead, _, big_n, m = pair.shape
+    layout = _layout(n_qubits, m, pair.dtype, pair.device)
     d0 = layout.shapes[0][1]
     batched = bool(lead)
-    g = _to_groups(grad, d0)
-    y = _to_groups(output, d0)
+    mm = torch.bmm if batched else torch.mm
+    pairs = pair.flatten(0, len(lead))  # (2B, N, m): a 4-dim layout change is a fast copy
+    z = _to_groups(pairs, d0)
     for s in range(len(mats[0]) - 1, -1, -1):
         for j in range(len(layout.kinds) - 1, -1, -1):
-            shape, mat, mat_t, kind = layout.shapes[j], mats[0][s][j], mats[1][s][j], layout.kinds[j]
-            g = g.view(*lead, *shape)
-            y = x = _product(kind, mat, mat_t, y.view(*lead, *shape), batched, transposed=True)
+            shape, kind = layout.shapes[j], layout.kinds[j]
+            mat, mat_t = mats[0][s][j], mats[1][s][j]
+            out = z.view(*lead, 2, *shape)
+            if kind == 0:  # (*B, 2 rows, d_0) @ M: the pair axis folds into the rows
+                z = mm(out.flatten(len(lead), len(lead) + 1), mat)
+            else:  # M^T @ (*B, 2 above, d_j, rest): into the batch of the product
+                z = torch.matmul(mat_t.unsqueeze(1) if batched else mat_t,
+                                 out.flatten(len(lead), -3) if kind == 2 else out)
+            g, x = out.select(len(lead), 0), z.view(*lead, 2, *shape).select(len(lead), 1)
             if kind == 0:
-                mat_grads[s][j] = (torch.bmm if batched else torch.mm)(g.mT, x)
+                mat_grads[s][j] = mm(g.mT, x)
             elif kind == 1:
-                mat_grads[s][j] = (torch.bmm if batched else torch.mm)(g, x.mT)
+                mat_grads[s][j] = mm(g, x.mT)
             else:
                 mat_grads[s][j] = torch.matmul(g, x.mT).sum(-3)
-            g = _product(kind, mat, mat_t, g, batched, transposed=True)
         if s:
-            g = g * layout.signs_first
-            y = y * layout.signs_first
-    return _from_groups(g, tuple(lead), big_n, m, d0), _from_groups(y, tuple(lead), big_n, m, d0)
+            z = z.view(*lead, 2, *layout.shapes[0]) * layout.signs_first
+    return _from_groups(z, (pairs.shape[0],), big_n, m, d0).view(pair.shape)
 
 
 class _Program(torch.autograd.Function):
@@ -495,33 +494,30 @@ class _Program(torch.autograd.Function):
         if plan.phis is not None:
             cos, sin = tables[4 * u :]
             phi_grads: list[torch.Tensor | None] = [None] * cos.shape[-3]
-        g = grad.clone(memory_format=torch.contiguous_format)
-        state = output.clone()  # walked back to the program's input, step by step
+        # the gradient and the state, walked back together from the output to the input
+        pair = torch.stack((grad, output), dim=-3)  # (*B, 2, rows, m)
         circuit, level = len(plan.stages), 0 if plan.phis is None else plan.phis.shape[0]
         for step in reversed(program):
             if step[0] == "circuit":
                 circuit -= 1
                 _, n_qubits, _, row = step
                 rows = slice(row, row + (1 << n_qubits))
-                g[..., rows, :], state[..., rows, :] = _circuit_backward(
-                    g[..., rows, :], mats[circuit], n_qubits, mat_grads[circuit], state[..., rows, :]
+                pair[..., rows, :] = _circuit_backward(
+                    pair[..., rows, :], mats[circuit], n_qubits, mat_grads[circuit]
                 )
             else:
                 level -= 1
                 _, _, row, n1, n2 = step
-                c, s = cos[..., level, :, :], sin[..., level, :, :]
-                new_top = state[..., row : row + n2, :]  # the step's output pair
-                new_bottom = state[..., row + n1 : row + n1 + n2, :]
-                g_top = g[..., row : row + n2, :]
-                g_bottom = g[..., row + n1 : row + n1 + n2, :]
+                top = pair[..., row : row + n2, :]
+                bottom = pair[..., row + n1 : row + n1 + n2, :]
+                g_top, new_top = top.unbind(-3)
+                g_bottom, new_bottom = bottom.unbind(-3)
                 phi_grads[level] = (g_bottom * new_top - g_top * new_bottom).sum((-2, -1))
-                # the state back to the step's input (the inverse rotation), then the gradient
-                top_in, bottom_in = c * new_top + s * new_bottom, c * new_bottom - s * new_top
-                new_top.copy_(top_in)
-                new_bottom.copy_(bottom_in)
-                top_in, bottom_in = c * g_top + s * g_bottom, c * g_bottom - s * g_top
-                g_top.copy_(top_in)
-                g_bottom.copy_(bottom_in)
+                # both back through the rotation (for the state: its inverse)
+                c, s = cos[..., level, None, :, :], sin[..., level, None, :, :]
+                top_in, bottom_in = c * top + s * bottom, c * bottom - s * top
+                top.copy_(top_in)
+                bottom.copy_(bottom_in)
         angles_grad = grad.new_zeros(*grad.shape[:-2], ctx.total + 1)
         per_bucket = _gather_by_bucket(plan.stages, mat_grads, [r.shape[-3] for r in stages])
         for bucket, rotation, (outer, inner), grads in zip(
@@ -532,7 +528,7 @@ class _Program(torch.autograd.Function):
             angles_grad.index_add_(-1, bucket.angles, half_grad.flatten(-2) * 0.5)
         if plan.phis is not None:
             angles_grad.index_add_(-1, plan.phis, torch.stack(phi_grads, dim=-1))
-        x_grad = g if ctx.needs_input_grad[1] else None
+        x_grad = pair.select(-3, 0) if ctx.needs_input_grad[1] else None
         return angles_grad[..., :-1], x_grad, None, None
 
 
