@@ -57,11 +57,15 @@ SYNCING = frozenset({"_local_scalar_dense", "item", "equal", "is_nonzero", "nonz
                      "_linalg_check_errors", "masked_select", "_unique2", "unique_consecutive",
                      "unique_dim"})
 TOP = 10
+#: operations that launch no kernel though ATen does not mark them as views: ``_unsafe_view``
+#: (``reshape`` / ``flatten`` of a tensor whose layout allows it, ``matmul``'s folding) only
+#: writes new sizes and strides on fresh metadata
+METADATA_ONLY = frozenset({"_unsafe_view"})
 
 
 class OpCounter(TorchDispatchMode):
     """Counts every ATen operation dispatched inside it, by name (``aten.mm``, ...); ``views``:
-    those whose result aliases an input (no kernel)."""
+    those that launch no kernel — whose result aliases an input, or :data:`METADATA_ONLY`."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -71,7 +75,7 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
         self.ops[func.overloadpacket.__name__] += 1
-        self.views += bool(func.is_view)
+        self.views += bool(func.is_view) or func.overloadpacket.__name__ in METADATA_ONLY
         return func(*args, **(kwargs or {}))
 
     @property
@@ -110,7 +114,8 @@ def profile_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     that is not one of the model's parameters or buffers (a frozen weight saved costs no extra
     memory), the shared generation's own graph included (``qpeft.tuners._batched_generation``
     records it under saved-tensor hooks of its own, which an outer hook never sees; here that
-    hook counts too) — and the non-view operations the forward + backward dispatch. Exact;
+    hook counts too) — and the operations that launch a kernel (views and
+    :data:`METADATA_ONLY` left out) the forward + backward dispatch. Exact;
     O(one step)."""
     from unittest import mock
 
@@ -343,7 +348,8 @@ def render(result: dict[str, Any]) -> str:
                  f"{', '.join(result['targets'])} adapted in every layer. Accelerator path: "
                  "the kernels qpeft picks on a GPU (QuIC's order-2 action and cost model), "
                  "forced on CPU tensors (`qpeft.circuits._device.force_accelerator_path`); "
-                 "peft's methods have one path. 'non-view' leaves out views (no kernel); host "
+                 "peft's methods have one path. 'non-view' leaves out views and `_unsafe_view` "
+                 "(metadata only: no kernel); host "
                  "read-backs: operations that read a value to the host (each a device sync on "
                  "a GPU). Counts are exact and repeat run to run.")
     return "\n\n".join(parts)
