@@ -127,6 +127,47 @@ class _AppendStart(torch.autograd.Function):
                 None if grad_a is None else grad_a[:r], None, None)
 
 
+class _GainedRows(torch.autograd.Function):
+    """The generator's output layer and its gain as one node: ``(hidden [n_ch, h], W [n_mlp,
+    h], b [n_mlp], g, b_rows [m / r, 1] bool) -> rows [m / r, r]``, the first ``m`` numbers of
+    ``hidden·Wᵀ + b`` read as rows of ``r``, each lora_B row (``b_rows``) times ``g``. Autograd
+    would keep the rows for the gain's gradient: as many numbers as the LoRA factors they are
+    (2.4 MiB on one 7B-shaped layer's 7 linears). This node keeps what the output layer keeps
+    anyway (hidden, W) and recomputes the rows in its backward: one more addmm
+    (O(n_ch · h · n_mlp)), the same values and gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                gain: torch.Tensor, b_rows: torch.Tensor, r: int) -> torch.Tensor:
+        ctx.save_for_backward(hidden, weight, bias, gain, b_rows)
+        ctx.r = r
+        return _output_rows(hidden, weight, bias, b_rows, r) * torch.where(b_rows, gain, 1.0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, bias, gain, b_rows = ctx.saved_tensors
+        grad_gain = None
+        if ctx.needs_input_grad[3]:
+            rows = _output_rows(hidden, weight, bias, b_rows, ctx.r)
+            grad_gain = torch.where(b_rows, grad * rows, 0.0).sum().reshape(gain.shape)
+        grad_rows = (grad * torch.where(b_rows, gain, 1.0)).reshape(-1)
+        full = hidden.shape[0] * weight.shape[0]  # the last chunk's unused outputs: no gradient
+        if grad_rows.numel() < full:
+            grad_rows = torch.cat((grad_rows, grad_rows.new_zeros(full - grad_rows.numel())))
+        grad_out = grad_rows.view(hidden.shape[0], weight.shape[0])
+        return (grad_out @ weight if ctx.needs_input_grad[0] else None,
+                grad_out.mT @ hidden if ctx.needs_input_grad[1] else None,
+                grad_out.sum(0) if ctx.needs_input_grad[2] else None,
+                grad_gain, None, None)
+
+
+def _output_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 b_rows: torch.Tensor, r: int) -> torch.Tensor:
+    """The first ``b_rows.shape[0] · r`` outputs of ``hidden·Wᵀ + b`` as rows of ``r``."""
+    return torch.addmm(bias, hidden, weight.mT).view(-1)[: b_rows.shape[0] * r].view(-1, r)
+
+
 def target_size(shapes: Sequence[tuple[int, int]], r: int) -> int:
     """``m = sum r * (d_out + d_in)``: numbers of the LoRA factors of all ``(d_out, d_in)`` layers.
     O(#layers)."""
@@ -484,10 +525,29 @@ class QPAGenerator(nn.Module):
         """The flat vector [m] (gain not applied) from ``params`` (as :meth:`_shared_params`
         orders them) in place of the generator's own: the pure function
         :class:`BatchedGeneration` runs."""
+        return self._generate_span(0, self.m, *self._inputs_from(params))
+
+    def _inputs_from(self, params: tuple[torch.Tensor, ...]
+                     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """``(p~, effective MLP layers)`` from ``params`` (as :meth:`_shared_params` orders
+        them). O(circuit)."""
         theta, *rest = params
         mlp = rest[: 2 * self.n_mlp_layers]
         layers = self._effective(list(zip(mlp[0::2], mlp[1::2], strict=True)))
-        return self._generate_span(0, self.m, self._transform(_circuit_probabilities(theta)), layers)
+        return self._transform(_circuit_probabilities(theta)), layers
+
+    def _gained_rows_from(self, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """``[m / r, r]``: the generated numbers as rows of ``r`` with the gain applied to every
+        lora_B row, from ``params``. Without output centring the output layer and the gain are
+        one node that keeps no row-sized tensor (:class:`_GainedRows`); with it, the rows are
+        centred first and multiplied as they are. O(circuit + MLP on every chunk)."""
+        if self.center_output:
+            rows = self._generate_from(params).view(-1, self.r)
+            return rows * torch.where(self.b_rows, params[-1], 1.0)
+        pt, layers = self._inputs_from(params)
+        hidden = self._hidden(self._mlp_input(pt, 0, self.n_chunks), layers)
+        weight, bias = layers[-1]
+        return _GainedRows.apply(hidden, weight, bias, params[-1], self.b_rows, self.r)
 
     def _layer_factors_from(self, params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """``(lora_B_0 [d_out, r], lora_A_0 [r, d_in], lora_B_1, ...)``: every layer's factors
@@ -498,9 +558,10 @@ class QPAGenerator(nn.Module):
         output would send each layer a gradient the size of the whole vector). With the offset
         start each layer's pair is rank 2r (:meth:`_with_start`). O(m) beyond the generation, one
         view per layer (and two concatenations with the offset start)."""
-        rows = self._generate_from(params).view(-1, self.r)  # [m / r, r]
-        if self.gain is not None:
-            rows = rows * torch.where(self.b_rows, params[-1], 1.0)
+        if self.gain is None:
+            rows = self._generate_from(params).view(-1, self.r)  # [m / r, r]
+        else:
+            rows = self._gained_rows_from(params)
         pieces = rows.split(self._row_sizes)
         out: list[torch.Tensor] = []
         for index, (_, d_in) in enumerate(self.shapes):

@@ -915,3 +915,43 @@ def test_a_deep_copy_keeps_nothing_and_serves_its_own_parameters():
     with torch.no_grad():
         assert torch.equal(model(x), first)
         assert (twin(x) - first).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("gain", [0.0, 0.7])
+@pytest.mark.parametrize("n_mlp", [100, 231])
+def test_output_layer_and_gain_node_matches_autograd_and_keeps_no_rows(gain, n_mlp):
+    """The output layer + gain node (it recomputes the rows in its backward) against autograd
+    through the plain product, in float64: values and every parameter's gradient, at the zero
+    start (g = 0: the MLP's gradient is zero, the gain's is not) and away from it, with a
+    partly used last chunk (n_mlp = 100) and exactly full chunks (231: m = 462). What it keeps
+    for the backward: nothing as large as the m generated numbers, which the plain product
+    keeps for the gain's gradient."""
+    gen = QPAGenerator([(16, 24), (40, 8), (8, 8), (33, 17)], r=3, n_mlp=n_mlp, depth=2,
+                       hidden=(5, 7), init_seed=3).double()
+    with torch.no_grad():
+        gen.gain.fill_(gain)
+    params = tuple(p.detach().clone().requires_grad_() for p in gen._shared_params())
+    cotangent = torch.randn(gen.m // 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def plain(ps):
+        return gen._generate_from(ps).view(-1, 3) * torch.where(gen.b_rows, ps[-1], 1.0)
+
+    sizes: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        got = gen._gained_rows_from(params)
+    assert gen.m not in sizes and gen.n_chunks * n_mlp not in sizes
+    sizes.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        want = plain(params)
+    assert gen.m in sizes  # the plain product keeps the rows
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    got_grads = torch.autograd.grad((got * cotangent).sum(), params)
+    want_grads = torch.autograd.grad((want * cotangent).sum(), params)
+    for g1, g2 in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g1, g2, atol=1e-12, rtol=0)
+    assert got_grads[-1].abs().item() > 0
