@@ -435,9 +435,10 @@ class _Program(torch.autograd.Function):
 
     Kept for the backward: the matrices and the output, not one state per step. The backward
     walks the state back from the output, each step's input recomputed as its inverse (the
-    transpose: an orthogonal step) applied to its output, one more product per step, rounding
-    at the level of the forward's own (circuits run in float32 or float64). Saving every
-    step's input instead kept ~24 MiB per 7B-shaped layer's circuits."""
+    transpose: an orthogonal step) applied to its output, in the product the gradient takes
+    anyway (stacked with it: twice the columns, no more kernels), rounding at the level of the
+    forward's own (circuits run in float32 or float64). Saving every step's input instead kept
+    ~24 MiB per 7B-shaped layer's circuits."""
 
     @staticmethod
     def forward(ctx, angles, x, program, depth):  # type: ignore[override]
@@ -570,8 +571,8 @@ def run_program(
     """The steps of ``program`` (circuits of depth ``depth``) applied to ``x (B, rows, m)``, each
     batch element reading its own angle vector ``angles (B, T)``; differentiable in both.
     Returns ``(B, rows, m)``.  O(sum over circuits of S N m sqrt N) in O(steps S g)
-    mm/bmm, twice that in the backward; keeps one ``(B, rows, m)`` state for the backward (the
-    output: the backward recomputes each step's input from it)."""
+    mm/bmm, about twice that in the backward; keeps one ``(B, rows, m)`` state for the backward
+    (the output: the backward recomputes each step's input from it)."""
     if angles.shape[0] == 1:  # plain matrix products, no batch dimension
         return _Program.apply(angles[0], x[0], program, depth)[None]
     return _Program.apply(angles, x, program, depth)
