@@ -436,7 +436,7 @@ class _Program(torch.autograd.Function):
     Kept for the backward: the matrices and the output, not one state per step. The backward
     walks the state back from the output, each step's input recomputed as its inverse (the
     transpose: an orthogonal step) applied to its output, in the product the gradient takes
-    anyway (stacked with it: twice the columns, no more kernels), rounding at the level of the
+    anyway (stacked with it: twice the columns, a few more kernels), rounding at the level of the
     forward's own (circuits run in float32 or float64). Saving every step's input instead kept
     ~24 MiB per 7B-shaped layer's circuits."""
 
