@@ -347,21 +347,23 @@ def _to_groups(block: torch.Tensor, d0: int) -> torch.Tensor:
     )
 
 
-def _from_groups(y: torch.Tensor, lead: tuple[int, ...], big_n: int, m: int, d0: int) -> torch.Tensor:
-    """Inverse of ``_to_groups`` for the state in any of its group views: ``(*B, N, m)``."""
-    return y.view(*lead, big_n // d0, m, d0).transpose(-1, -2).reshape(*lead, big_n, m)
+def _write_back(block: torch.Tensor, y: torch.Tensor, d0: int) -> None:
+    """Inverse of ``_to_groups``: the state ``y`` (in any of its group views) written into
+    ``block (*B, N, m)`` (a view of the program's state, any strides), one copy."""
+    *lead, big_n, m = block.shape
+    block.view(*lead, big_n // d0, d0, m).copy_(y.view(*lead, big_n // d0, m, d0).transpose(-1, -2))
 
 
 def _circuit_forward(
     block: torch.Tensor,
     mats: tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]],
     n_qubits: int,
-) -> torch.Tensor:
-    """The circuit on ``block (*B, 2**n, m)`` (``*B``: no dimension, or one of size B > 1);
-    ``mats = (M, M^T)``, ``M[s][j]`` the ``(*B, d_j, d_j)`` matrix of group ``j`` in stage
-    ``s``.  One mm/bmm per group and stage (O(N m d_j) each), a sign scaling between
+) -> None:
+    """The circuit on ``block (*B, 2**n, m)`` (``*B``: no dimension, or one of size B > 1), in
+    place; ``mats = (M, M^T)``, ``M[s][j]`` the ``(*B, d_j, d_j)`` matrix of group ``j`` in
+    stage ``s``.  One mm/bmm per group and stage (O(N m d_j) each), a sign scaling between
     stages."""
-    *lead, big_n, m = block.shape
+    *lead, _, m = block.shape
     layout = _layout(n_qubits, m, block.dtype, block.device)
     d0 = layout.shapes[0][1]
     y = _to_groups(block, d0)
@@ -378,7 +380,7 @@ def _circuit_forward(
                 y = mm(mat, y)
             else:
                 y = torch.matmul(mat.unsqueeze(1) if batched else mat, y)
-    return _from_groups(y, tuple(lead), big_n, m, d0)
+    _write_back(block, y, d0)
 
 
 def _circuit_backward(
@@ -386,19 +388,20 @@ def _circuit_backward(
     mats: tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]],
     n_qubits: int,
     mat_grads: list[list[torch.Tensor | None]],
-) -> torch.Tensor:
-    """Backward of ``_circuit_forward`` on ``pair (*B, 2, 2**n, m)``: ``[..., 0, :, :]`` the
-    gradient of the circuit's output and ``[..., 1, :, :]`` that output -> the same pair for its
-    input, the transposed steps in reverse; group matrix ``[s][j]``'s gradient goes to
+) -> None:
+    """Backward of ``_circuit_forward`` on ``pair (*B, 2, 2**n, m)``, in place: ``[..., 0, :,
+    :]`` the gradient of the circuit's output and ``[..., 1, :, :]`` that output -> the same
+    pair for its input, the transposed steps in reverse; group matrix ``[s][j]``'s gradient goes to
     ``mat_grads[s][j]``. Each step's input is recomputed from its output rather than kept from
     the forward: the step is orthogonal, so its input is its transposed matrix applied to its
     output — the product the gradient takes, so one mm/bmm on the pair carries both."""
-    *lead, _, big_n, m = pair.shape
+    *lead, _, _, m = pair.shape
     layout = _layout(n_qubits, m, pair.dtype, pair.device)
     d0 = layout.shapes[0][1]
     batched = bool(lead)
     mm = torch.bmm if batched else torch.mm
-    pairs = pair.flatten(0, len(lead))  # (2B, N, m): a 4-dim layout change is a fast copy
+    # (2B, N, m), a view (written back at the end): a 4-dim layout change is a fast copy
+    pairs = pair.view(-1, *pair.shape[-2:])
     z = _to_groups(pairs, d0)
     for s in range(len(mats[0]) - 1, -1, -1):
         for j in range(len(layout.kinds) - 1, -1, -1):
@@ -419,7 +422,7 @@ def _circuit_backward(
                 mat_grads[s][j] = torch.matmul(g, x.mT).sum(-3)
         if s:
             z = z.view(*lead, 2, *layout.shapes[0]) * layout.signs_first
-    return _from_groups(z, (pairs.shape[0],), big_n, m, d0).view(pair.shape)
+    _write_back(pairs, z, d0)
 
 
 class _Program(torch.autograd.Function):
@@ -463,7 +466,7 @@ class _Program(torch.autograd.Function):
             if step[0] == "circuit":
                 _, n_qubits, _, row = step
                 rows = slice(row, row + (1 << n_qubits))
-                y[..., rows, :] = _circuit_forward(y[..., rows, :], mats[circuit], n_qubits)
+                _circuit_forward(y[..., rows, :], mats[circuit], n_qubits)
                 circuit += 1
             else:
                 _, _, row, n1, n2 = step
@@ -503,9 +506,7 @@ class _Program(torch.autograd.Function):
                 circuit -= 1
                 _, n_qubits, _, row = step
                 rows = slice(row, row + (1 << n_qubits))
-                pair[..., rows, :] = _circuit_backward(
-                    pair[..., rows, :], mats[circuit], n_qubits, mat_grads[circuit]
-                )
+                _circuit_backward(pair[..., rows, :], mats[circuit], n_qubits, mat_grads[circuit])
             else:
                 level -= 1
                 _, _, row, n1, n2 = step
