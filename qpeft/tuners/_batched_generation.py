@@ -35,7 +35,9 @@ invisible to every wrapper a layer may run in:
   (``p.data.add_``, an optimizer writing raw memory, FSDP's unsharding); also when any
   ``torch.optim`` optimizer steps, and on :func:`parameters_written`. The one write not seen: an in-place ``.data`` write between
   two recorded forwards with no backward or optimizer step between them (call
-  :func:`parameters_written` after such a write).
+  :func:`parameters_written` after such a write). An expired entry lets go of its outputs,
+  and so of the generation's graph: that lives as long as some step's graph uses it, never
+  between steps.
 - **Batched only over plain parameters on one device**: when any member's parameters are
   tensor subclasses (FSDP2's DTensor shards of other blocks), FSDP1-flattened or DeepSpeed
   parameters, on another device or dtype, or on the meta device (offloaded), the asking layer
