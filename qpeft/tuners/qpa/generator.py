@@ -536,14 +536,15 @@ class QPAGenerator(nn.Module):
         layers = self._effective(list(zip(mlp[0::2], mlp[1::2], strict=True)))
         return self._transform(_circuit_probabilities(theta)), layers
 
-    def _gained_rows_from(self, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """``[m / r, r]``: the generated numbers as rows of ``r`` with the gain applied to every
-        lora_B row, from ``params``. Without output centring the output layer and the gain are
-        one node that keeps no row-sized tensor (:class:`_GainedRows`); with it, the rows are
-        centred first and multiplied as they are. O(circuit + MLP on every chunk)."""
-        if self.center_output:
+    def _rows_from(self, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """``[m / r, r]``: the generated numbers as rows of ``r``, the gain (if any) applied to
+        every lora_B row, from ``params``. With a gain and no output centring, the output layer
+        and the gain are one node that keeps no row-sized tensor (:class:`_GainedRows`);
+        otherwise the rows (centred first, if configured) are multiplied as they are.
+        O(circuit + MLP on every chunk)."""
+        if self.gain is None or self.center_output:
             rows = self._generate_from(params).view(-1, self.r)
-            return rows * torch.where(self.b_rows, params[-1], 1.0)
+            return rows if self.gain is None else rows * torch.where(self.b_rows, params[-1], 1.0)
         pt, layers = self._inputs_from(params)
         hidden = self._hidden(self._mlp_input(pt, 0, self.n_chunks), layers)
         weight, bias = layers[-1]
@@ -558,11 +559,7 @@ class QPAGenerator(nn.Module):
         output would send each layer a gradient the size of the whole vector). With the offset
         start each layer's pair is rank 2r (:meth:`_with_start`). O(m) beyond the generation, one
         view per layer (and two concatenations with the offset start)."""
-        if self.gain is None:
-            rows = self._generate_from(params).view(-1, self.r)  # [m / r, r]
-        else:
-            rows = self._gained_rows_from(params)
-        pieces = rows.split(self._row_sizes)
+        pieces = self._rows_from(params).split(self._row_sizes)
         out: list[torch.Tensor] = []
         for index, (_, d_in) in enumerate(self.shapes):
             out += self._with_start(index, pieces[2 * index], pieces[2 * index + 1].view(self.r, d_in))

@@ -943,7 +943,7 @@ def test_output_layer_and_gain_node_matches_autograd_and_keeps_no_rows(gain, n_m
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        got = gen._gained_rows_from(params)
+        got = gen._rows_from(params)
     assert gen.m not in sizes and gen.n_chunks * n_mlp not in sizes
     sizes.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
